@@ -1,0 +1,303 @@
+"""Fixed class anchors: unit-norm vectors a_1..a_C in R^d with large pairwise angles.
+
+``make_anchors`` builds them; ``anchor_certificate`` says how good they are and what loss
+floor they impose. Every method is deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ncmcli.errors import UsageError
+
+METHODS = ("auto", "orthogonal", "polar", "simplex", "orthoplex", "optimized", "random")
+
+
+def make_anchors(method: str, num_classes: int, dim: int, *, seed: int = 0) -> torch.Tensor:
+    """(C, d) float32 anchors with unit rows. ``method`` is one of ``METHODS`` or a path to
+    a ``.safetensors`` (key ``anchors``) or ``.csv`` file with one row per class."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise UsageError(f"classes must be an integer >= 2, got {num_classes!r}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise UsageError(f"dim must be an integer >= 1, got {dim!r}")
+    c, d = num_classes, dim
+    if method.endswith((".safetensors", ".csv")):
+        a = _from_file(Path(method), c, d)
+    elif method == "auto":
+        return make_anchors(resolve_auto(c, d), c, d, seed=seed)
+    elif method == "orthogonal":
+        if d < c:
+            raise UsageError(
+                f"orthogonal anchors need dim >= classes (got classes={c}, dim={d}); "
+                f"use simplex (classes <= dim+1), orthoplex (classes <= 2*dim), optimized or auto"
+            )
+        a = torch.eye(c, d, dtype=torch.float64)
+    elif method == "polar":
+        a = _polar(c, d)
+    elif method == "simplex":
+        if c > d + 1:
+            raise UsageError(
+                f"simplex anchors need classes <= dim+1 (got classes={c}, dim={d}); "
+                f"use orthoplex (classes <= 2*dim), optimized or auto"
+            )
+        a = _simplex(c, d)
+    elif method == "orthoplex":
+        if c > 2 * d:
+            raise UsageError(
+                f"orthoplex anchors need classes <= 2*dim (got classes={c}, dim={d}); "
+                f"use optimized or auto"
+            )
+        a = _orthoplex(c, d)
+    elif method == "optimized":
+        a = _optimized(c, d, seed)
+    elif method == "random":
+        g = torch.Generator().manual_seed(seed)
+        a = torch.randn(c, d, generator=g, dtype=torch.float64)
+    else:
+        raise UsageError(
+            f"unknown anchor method {method!r}; choose one of: {', '.join(METHODS)}, "
+            f"or a .safetensors/.csv file"
+        )
+    return _unit_rows(a).float()
+
+
+def resolve_auto(num_classes: int, dim: int) -> str:
+    """The best closed form for (C, d): simplex, then orthoplex, else the optimiser."""
+    if num_classes <= dim + 1:
+        return "simplex"
+    return "orthoplex" if num_classes <= 2 * dim else "optimized"
+
+
+def _unit_rows(a: torch.Tensor) -> torch.Tensor:
+    return a / a.norm(dim=1, keepdim=True)
+
+
+def _simplex(c: int, d: int) -> torch.Tensor:
+    # The centred basis e_i - 1/C spans a (C-1)-dim subspace; its SVD gives coordinates in
+    # an orthonormal basis of it, which fit in R^d whenever C <= d + 1.
+    centred = torch.eye(c, dtype=torch.float64) - 1.0 / c  # (C, C)
+    u, s, _ = torch.linalg.svd(centred)
+    coords = u[:, : c - 1] * s[: c - 1]  # (C, C-1)
+    out = torch.zeros(c, d, dtype=torch.float64)
+    out[:, : c - 1] = coords
+    return out
+
+
+def _orthoplex(c: int, d: int) -> torch.Tensor:
+    # +e_1, -e_1, +e_2, -e_2, ...: any two rows are 90 or 180 degrees apart.
+    out = torch.zeros(c, d, dtype=torch.float64)
+    for i in range(c):
+        out[i, i // 2] = 1.0 if i % 2 == 0 else -1.0
+    return out
+
+
+def _hyperspherical(angles: torch.Tensor) -> torch.Tensor:
+    """(N, m-1) polar angles -> (N, m) unit vectors."""
+    n, k = angles.shape
+    out = torch.ones(n, k + 1, dtype=torch.float64)
+    sin_prod = torch.ones(n, dtype=torch.float64)
+    for j in range(k):
+        out[:, j] = sin_prod * torch.cos(angles[:, j])
+        sin_prod = sin_prod * torch.sin(angles[:, j])
+    out[:, k] = sin_prod
+    return out
+
+
+def _polar(c: int, d: int) -> torch.Tensor:
+    """The paper's meshgrid over polar angles. For d = 2 exactly C equal angles 2*pi/C.
+
+    For d > 2 a plain grid repeats points at the poles and crowds them there, so the grid
+    points are de-duplicated and C of them are picked by farthest-point sampling."""
+    if d == 1:
+        if c > 2:
+            raise UsageError("polar anchors in dim 1 allow at most 2 classes; use dim >= 2")
+        return torch.tensor([[1.0], [-1.0]], dtype=torch.float64)[:c]
+    if d == 2:
+        theta = torch.arange(c, dtype=torch.float64) * (2 * math.pi / c)
+        return torch.stack([torch.cos(theta), torch.sin(theta)], 1)
+    m = min(d, 8)  # grid over the first m coordinates; the rest stay zero
+    levels = max(3, int(20000 ** (1.0 / (m - 1))))
+    while True:
+        inner = torch.linspace(0, math.pi, levels, dtype=torch.float64)
+        outer = torch.arange(levels, dtype=torch.float64) * (2 * math.pi / levels)
+        grids = torch.meshgrid(*([inner] * (m - 2) + [outer]), indexing="ij")
+        pts = _hyperspherical(torch.stack([g.reshape(-1) for g in grids], 1))
+        pts = torch.unique(torch.round(pts, decimals=9), dim=0)
+        if pts.shape[0] >= c:
+            break
+        levels *= 2
+    chosen = [0]
+    best = pts @ pts[0]  # (N,) max cosine to the chosen set so far
+    for _ in range(c - 1):
+        nxt = int(best.argmin())
+        chosen.append(nxt)
+        best = torch.maximum(best, pts @ pts[nxt])
+    out = torch.zeros(c, d, dtype=torch.float64)
+    out[:, :m] = pts[chosen]
+    return out
+
+
+def _min_angle(a: torch.Tensor) -> float:
+    return pairwise_angles(a).min().item()
+
+
+def _optimized(c: int, d: int, seed: int, steps: int = 1500) -> torch.Tensor:
+    """Maximise the minimum pairwise angle (the Tammes problem) by projected gradient
+    descent on a soft maximum of pairwise cosines, sharpened as it goes. The result is
+    never worse than the best closed form that applies, which seeds the search."""
+    g = torch.Generator().manual_seed(seed)
+    starts = [torch.randn(c, d, generator=g, dtype=torch.float64)]
+    if d == 2:
+        starts.append(_polar(c, d))
+    if c <= d + 1:
+        starts.append(_simplex(c, d))
+    elif c <= 2 * d:
+        starts.append(_orthoplex(c, d))
+    best, best_angle = None, -1.0
+    off_diag = ~torch.eye(c, dtype=torch.bool)
+    for start in starts:
+        x = _unit_rows(start.clone()).requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=0.02)
+        for step in range(steps):
+            t = 10.0 + 490.0 * step / steps  # sharpness: from smooth energy to min angle
+            xn = _unit_rows(x)
+            cos = (xn @ xn.T)[off_diag]
+            loss = torch.logsumexp(t * cos, 0) / t
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            for group in opt.param_groups:
+                group["lr"] = 0.02 * (1 - step / steps) + 1e-4
+            if step % 50 == 0 or step == steps - 1:
+                with torch.no_grad():
+                    cand = _unit_rows(x.detach())
+                    ang = _min_angle(cand)
+                    if ang > best_angle:
+                        best, best_angle = cand.clone(), ang
+        cand = _unit_rows(start)
+        if _min_angle(cand) >= best_angle:
+            best, best_angle = cand, _min_angle(cand)
+    return best
+
+
+def _from_file(path: Path, c: int, d: int) -> torch.Tensor:
+    if not path.is_file():
+        raise UsageError(f"anchor file not found: {path}")
+    try:
+        if path.suffix == ".csv":
+            rows = [
+                [float(v) for v in line.split(",")]
+                for line in path.read_text().splitlines()
+                if line.strip()
+            ]
+            a = torch.tensor(rows, dtype=torch.float64)
+        else:
+            from safetensors.torch import load_file
+
+            a = load_file(str(path))["anchors"].double()
+    except KeyError:
+        raise UsageError(f"{path}: no tensor named 'anchors'") from None
+    except Exception as exc:  # malformed CSV numbers, ragged rows, corrupt safetensors
+        raise UsageError(f"{path}: cannot read anchors ({exc})") from None
+    if a.ndim != 2 or tuple(a.shape) != (c, d):
+        raise UsageError(f"{path}: anchors have shape {tuple(a.shape)}, expected ({c}, {d})")
+    if not torch.isfinite(a).all():
+        raise UsageError(f"{path}: anchors contain NaN or Inf")
+    if (a.norm(dim=1) == 0).any():
+        raise UsageError(f"{path}: anchor rows {_zero_rows(a)} are zero")
+    dup = duplicate_pairs(_unit_rows(a))
+    if dup:
+        raise UsageError(f"{path}: duplicate anchor rows {dup[:5]}")
+    return a
+
+
+def _zero_rows(a: torch.Tensor) -> list[int]:
+    return (a.norm(dim=1) == 0).nonzero().flatten().tolist()
+
+
+def pairwise_angles(a: torch.Tensor) -> torch.Tensor:
+    """Angles in degrees between all distinct pairs of rows, as a flat tensor."""
+    an = _unit_rows(a.double())
+    cos = (an @ an.T).clamp(-1.0, 1.0)
+    i, j = torch.triu_indices(len(a), len(a), offset=1)
+    return torch.rad2deg(torch.arccos(cos[i, j]))
+
+
+def duplicate_pairs(a: torch.Tensor, tol_deg: float = 1e-6) -> list[tuple[int, int]]:
+    an = _unit_rows(a.double())
+    cos = an @ an.T
+    i, j = torch.triu_indices(len(a), len(a), offset=1)
+    close = cos[i, j] >= math.cos(math.radians(tol_deg))
+    return [(int(p), int(q)) for p, q in zip(i[close], j[close])]
+
+
+def best_known_min_angle(c: int, d: int) -> float | None:
+    """The optimal min pairwise angle (degrees) where it is known in closed form."""
+    if d == 1:
+        return 180.0 if c == 2 else None
+    if c <= d + 1:
+        return math.degrees(math.acos(-1.0 / (c - 1)))  # regular simplex
+    if c <= 2 * d:
+        return 90.0  # orthoplex (Rankin's bound)
+    if d == 2:
+        return 360.0 / c
+    return None
+
+
+def loss_floor(anchors: torch.Tensor, metric: str, scale: float = 1.0) -> float:
+    """The mean NCM loss when every feature sits exactly on its own anchor (classes
+    balanced). With unit anchors and scale 1 the softmax is flat, so this is well above 0:
+    E-NCM with 10 orthonormal anchors cannot go below log(1 + 9 e^-sqrt(2)) = 1.159 nats."""
+    from ncmcli.distances import get_distance
+
+    a = anchors.double()
+    logits = -scale * get_distance(metric)(a, a)  # (C, C): feature c sits on anchor c
+    return torch.nn.functional.cross_entropy(logits, torch.arange(len(a))).item()
+
+
+@dataclass(frozen=True)
+class AnchorCertificate:
+    classes: int
+    dim: int
+    method: str
+    min_angle_deg: float
+    mean_angle_deg: float
+    max_angle_deg: float
+    best_known_min_angle_deg: float | None
+    norm_min: float
+    norm_max: float
+    duplicates: list = field(default_factory=list)
+    metric: str = "euclidean"
+    scale: float = 1.0
+    loss_floor: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def anchor_certificate(
+    anchors: torch.Tensor, method: str, metric: str = "euclidean", scale: float = 1.0
+) -> AnchorCertificate:
+    """What users should know about a set of anchors before training on them."""
+    ang = pairwise_angles(anchors)
+    norms = anchors.double().norm(dim=1)
+    c, d = anchors.shape
+    return AnchorCertificate(
+        classes=c,
+        dim=d,
+        method=method,
+        min_angle_deg=round(ang.min().item(), 6),
+        mean_angle_deg=round(ang.mean().item(), 6),
+        max_angle_deg=round(ang.max().item(), 6),
+        best_known_min_angle_deg=best_known_min_angle(c, d),
+        norm_min=norms.min().item(),
+        norm_max=norms.max().item(),
+        duplicates=duplicate_pairs(anchors),
+        metric=metric,
+        scale=scale,
+        loss_floor=loss_floor(anchors, metric, scale),
+    )

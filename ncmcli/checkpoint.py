@@ -1,0 +1,203 @@
+"""Self-describing checkpoints: one safetensors file that rebuilds its model alone.
+
+Tensors: ``model.*`` (the feature net), ``criterion.*`` (learnable criterion parameters),
+and ``anchors`` (C, d) for NCM criteria. Metadata (JSON strings): format and version, the
+ncmcli version, the resolved config, class names, normalisation, input shape, epoch and
+metrics. Nothing here ever unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ncmcli.errors import CheckpointError, NcmError
+
+FORMAT = "ncm-checkpoint"
+FORMAT_VERSION = 1
+_ANCHOR_KEY = "anchors"
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write via ``write(tmp)`` to a temp file in the same folder, fsync, then rename, so a
+    crash at any moment leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
+        pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+@dataclass
+class Checkpoint:
+    model: torch.nn.Module
+    criterion: torch.nn.Module
+    config: object  # ncmcli.config.Config
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+    input_shape: tuple[int, int, int]
+    epoch: int
+    metrics: dict
+    path: Path
+
+
+def save(
+    path: Path, *, model, criterion, config, classes, mean, std, input_shape, epoch, metrics
+) -> None:
+    from safetensors.torch import save_file
+
+    from ncmcli import __version__
+
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for k, v in criterion.state_dict().items():
+        tensors[_ANCHOR_KEY if k == _ANCHOR_KEY else f"criterion.{k}"] = v
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "ncmcli_version": __version__,
+        "config": json.dumps(config.to_dict()),
+        "classes": json.dumps(list(classes)),
+        "normalization": json.dumps({"mean": list(mean), "std": list(std)}),
+        "input_shape": json.dumps(list(input_shape)),
+        "epoch": str(int(epoch)),
+        "metrics": json.dumps(metrics),
+    }
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def _meta_json(meta: dict, key: str, path: Path):
+    try:
+        return json.loads(meta[key])
+    except KeyError:
+        raise CheckpointError(f"{path}: checkpoint metadata lacks '{key}'") from None
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{path}: checkpoint metadata '{key}' is not valid JSON") from None
+
+
+def read_metadata(path: Path) -> dict:
+    """The metadata of a safetensors file, refusing anything that is not an ncm checkpoint."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as exc:  # SafetensorError: truncated, empty, random bytes
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: a safetensors file, but not an ncm checkpoint (no format={FORMAT})")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise CheckpointError(
+            f"{path}: checkpoint format version {meta.get('format_version')!r} is not supported "
+            f"(this ncm reads version {FORMAT_VERSION})"
+        )
+    return meta
+
+
+def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the model and criterion from the file alone, strictly."""
+    from safetensors.torch import load_file
+
+    from ncmcli import config as cfgmod
+    from ncmcli.losses import build_criterion
+    from ncmcli.models import build_net
+
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        cfg = cfgmod.from_dict(_meta_json(meta, "config", path))
+    except NcmError as exc:
+        raise CheckpointError(f"{path}: invalid config in checkpoint ({exc})") from None
+    classes = _meta_json(meta, "classes", path)
+    norm = _meta_json(meta, "normalization", path)
+    shape = _meta_json(meta, "input_shape", path)
+    if not (isinstance(classes, list) and 2 <= len(classes) <= 100_000 and all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(f"{path}: 'classes' must be a list of 2..100000 names")
+    if not (isinstance(shape, list) and len(shape) == 3 and shape[0] in (1, 3)
+            and all(isinstance(s, int) and 8 <= s <= 4096 for s in shape[1:])):
+        raise CheckpointError(f"{path}: 'input_shape' must be [1 or 3, H, W] with 8 <= H, W <= 4096")
+    try:
+        mean = [float(v) for v in norm["mean"]]
+        std = [float(v) for v in norm["std"]]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: 'normalization' must hold mean and std lists") from None
+    if len(mean) != shape[0] or len(std) != shape[0] or not all(s > 0 for s in std):
+        raise CheckpointError(f"{path}: normalisation does not match {shape[0]} channels")
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read tensors ({str(exc).splitlines()[0]})") from None
+
+    if cfg.model.feature_dim > 65536:
+        raise CheckpointError(f"{path}: feature_dim {cfg.model.feature_dim} is absurd")
+    try:
+        model = build_net(
+            cfg.model.arch, in_channels=shape[0], image_size=shape[1],
+            dropout=cfg.model.dropout, feature_dim=cfg.model.feature_dim or None,
+        )
+    except NcmError as exc:
+        raise CheckpointError(f"{path}: cannot rebuild the model ({exc})") from None
+    anchors = tensors.get(_ANCHOR_KEY)
+    if anchors is not None and tuple(anchors.shape) != (len(classes), model.feature_dim):
+        raise CheckpointError(
+            f"{path}: anchors have shape {tuple(anchors.shape)}, expected ({len(classes)}, {model.feature_dim})"
+        )
+    try:
+        criterion = build_criterion(
+            cfg.loss.name, anchors=anchors, dim=model.feature_dim,
+            num_classes=len(classes), scale=cfg.loss.scale,
+        )
+    except (ValueError, NcmError) as exc:
+        raise CheckpointError(f"{path}: cannot rebuild the criterion ({exc})") from None
+    model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    crit_sd = {k[len("criterion."):]: v for k, v in tensors.items() if k.startswith("criterion.")}
+    if anchors is not None:
+        crit_sd[_ANCHOR_KEY] = anchors
+    try:
+        model.load_state_dict(model_sd, strict=True)
+        criterion.load_state_dict(crit_sd, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])
+        raise CheckpointError(f"{path}: tensors do not match the model ({detail[:300]})") from None
+    model.to(device).eval()
+    criterion.to(device).eval()
+    epoch_text = meta.get("epoch", "0")
+    return Checkpoint(
+        model=model, criterion=criterion, config=cfg, classes=classes, mean=mean, std=std,
+        input_shape=tuple(shape), epoch=int(epoch_text) if epoch_text.isdigit() else 0,
+        metrics=_meta_json(meta, "metrics", path) if "metrics" in meta else {}, path=path,
+    )

@@ -1,0 +1,355 @@
+"""The run config: one frozen, typed record per section, presets with ``base:``
+inheritance, and strict ``--set key.sub=value`` overrides.
+
+This module imports no torch, so that ``ncm --help``, ``ncm presets`` and config errors
+are instant, and so that the schema can be tested without a framework.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ncmcli.errors import ConfigError
+
+DATASETS = ("quickstart", "mnist", "fashion-mnist", "cifar10", "cifar100", "folder")
+LOSSES = ("softmax", "encm", "cncm", "sqncm")
+ANCHOR_METHODS = ("orthogonal", "polar", "simplex", "orthoplex", "optimized", "random", "auto")
+SCHEDULES = ("plateau", "cosine", "none")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "quickstart"  # one of DATASETS; quickstart ships inside the package
+    root: str = ""  # "" = $NCM_DATA, else ~/.cache/ncm/data: one cache per user, not per run
+    augment: bool = False  # pad 4 + random 32x32 crop + h-flip: the paper's CIFAR-10+
+    download: bool = True  # torchvision downloads into root; off = fail fast offline
+    channels: int = 0  # folder only: 1 or 3; 0 = 3 (RGB), the common case for photos
+    image_size: int = 0  # folder only: square side in pixels; 0 = 32, CIFAR's size
+    limit_train: int = 0  # use the first N training images (0 = all): quick checks
+    limit_test: int = 0  # likewise for the test split
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "mnist"  # a Table 1 net (mnist2d, mnist, cifar10, cifar100) or small/small2d/tiny
+    dropout: float = 0.1  # the paper's Table 2 setting; Table 3 sweeps 0..0.5
+    feature_dim: int = 0  # 0 = the arch's d from Table 1
+
+
+@dataclass(frozen=True)
+class AnchorsConfig:
+    method: str = "orthogonal"  # the paper's default: the C standard basis vectors (d >= C)
+    seed: int = 0  # only the random and optimized methods draw random numbers
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "encm"  # the paper's main method; softmax is the baseline
+    scale: float = 1.0  # inverse temperature on -M; 1.0 is the paper (an extension otherwise)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 90  # the paper trains for about 90 epochs
+    batch_size: int = 256  # the paper's batch size
+    eval_batch_size: int = 1024  # evaluation needs no gradients, so larger batches are free
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default (all cores)
+    deterministic: bool = False  # torch.use_deterministic_algorithms; slower on GPU
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 0.1  # the paper's initial learning rate
+    momentum: float = 0.9  # the paper's SGD momentum
+    weight_decay: float = 5e-4  # the paper's weight decay
+    schedule: str = "plateau"  # the paper divides lr by 10 when the training loss plateaus
+    patience: int = 5  # plateau: epochs without a 1% drop in training loss before /10
+    lr_factor: float = 0.1  # plateau: the paper's divide-by-10
+    min_lr: float = 1e-5  # plateau: stop decaying after three drops from 0.1
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0  # seeds init, data order and augmentation
+    description: str = ""  # one line shown by `ncm presets`
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    anchors: AnchorsConfig = field(default_factory=AnchorsConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Schema: every dotted key with its type.
+
+def _schema(cls: type = Config, prefix: str = "") -> dict[str, type]:
+    out: dict[str, type] = {}
+    for name, typ in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(typ):
+            out.update(_schema(typ, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = typ
+    return out
+
+
+SCHEMA: dict[str, type] = _schema()
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(SCHEMA), n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown key '{key}'{hint}")
+
+
+def coerce(key: str, value: Any) -> Any:
+    """``value`` (from YAML or from the command line) as the type of ``key``, or an error.
+
+    PyYAML (YAML 1.1) reads ``1e-3`` as a string and ``no`` as a boolean, so strings are
+    parsed against the schema here, and a boolean where a string belongs is refused with a
+    hint to quote it rather than silently turned into 'False'."""
+    if key not in SCHEMA:
+        raise _unknown(key)
+    typ = SCHEMA[key]
+    bad = ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise bad
+    if typ is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                try:
+                    as_float = float(value.strip())
+                except ValueError:
+                    raise bad from None
+                if as_float.is_integer() and abs(as_float) < 2**53:
+                    return int(as_float)
+        raise bad
+    if typ is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            out = float(value)
+        elif isinstance(value, str):
+            try:
+                out = float(value.strip())
+            except ValueError:
+                raise bad from None
+        else:
+            raise bad
+        if out != out or out in (float("inf"), float("-inf")):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return out
+    if typ is str:
+        if isinstance(value, bool):
+            raise ConfigError(
+                f"{key}: expected a string, got the boolean {str(value).lower()} "
+                f"(YAML reads yes/no/on/off as booleans: quote the value)"
+            )
+        if isinstance(value, (int, float, str)):
+            return str(value)
+        raise bad
+    raise bad  # pragma: no cover - the schema only holds the four types above
+
+
+def _check(cfg: Config) -> None:
+    """Invariants that types alone cannot express."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(cfg.data.name in DATASETS, f"data.name: {cfg.data.name!r} is not one of {', '.join(DATASETS)}")
+    need(cfg.loss.name in LOSSES, f"loss.name: {cfg.loss.name!r} is not one of {', '.join(LOSSES)}")
+    need(
+        cfg.anchors.method in ANCHOR_METHODS or cfg.anchors.method.endswith((".safetensors", ".csv")),
+        f"anchors.method: {cfg.anchors.method!r} is not one of {', '.join(ANCHOR_METHODS)} "
+        f"or a .safetensors/.csv file",
+    )
+    need(cfg.optim.schedule in SCHEDULES, f"optim.schedule: {cfg.optim.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    need(0.0 <= cfg.model.dropout < 1.0, f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
+    need(cfg.model.feature_dim >= 0, f"model.feature_dim must be >= 0, got {cfg.model.feature_dim}")
+    need(cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}")
+    need(cfg.train.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    need(cfg.train.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {cfg.train.eval_batch_size}")
+    need(cfg.train.num_threads >= 0, f"train.num_threads must be >= 0, got {cfg.train.num_threads}")
+    need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
+    need(0.0 <= cfg.optim.momentum < 1.0, f"optim.momentum must be in [0, 1), got {cfg.optim.momentum}")
+    need(cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}")
+    need(cfg.optim.patience >= 0, f"optim.patience must be >= 0, got {cfg.optim.patience}")
+    need(0.0 < cfg.optim.lr_factor < 1.0, f"optim.lr_factor must be in (0, 1), got {cfg.optim.lr_factor}")
+    need(cfg.optim.min_lr >= 0, f"optim.min_lr must be >= 0, got {cfg.optim.min_lr}")
+    need(cfg.loss.scale > 0, f"loss.scale must be > 0, got {cfg.loss.scale}")
+    need(cfg.data.channels in (0, 1, 3), f"data.channels must be 0, 1 or 3, got {cfg.data.channels}")
+    need(cfg.data.image_size == 0 or 8 <= cfg.data.image_size <= 512,
+         f"data.image_size must be 0 or in [8, 512], got {cfg.data.image_size}")
+    need(cfg.data.limit_train >= 0 and cfg.data.limit_test >= 0, "data.limit_train/limit_test must be >= 0")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {tree!r}")
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            if v and key not in SCHEMA:
+                out.update(_flatten(v, key + "."))
+            elif key in SCHEMA:
+                raise ConfigError(f"{key}: expected {SCHEMA[key].__name__}, got a mapping")
+            # an empty mapping (e.g. 'loss:' with nothing under it) sets nothing
+        else:
+            out[key] = v
+    return out
+
+
+def build(values: dict[str, Any]) -> Config:
+    """A validated Config from flat dotted keys (unknown keys and bad values are errors)."""
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, raw in values.items():
+        val = coerce(key, raw)
+        if "." in key:
+            sec, sub = key.split(".", 1)
+            sections.setdefault(sec, {})[sub] = val
+        else:
+            top[key] = val
+    kwargs = dict(top)
+    for f in dataclasses.fields(Config):
+        if f.name in sections:
+            kwargs[f.name] = f.default_factory()  # type: ignore[misc]
+            kwargs[f.name] = dataclasses.replace(kwargs[f.name], **sections[f.name])
+    cfg = Config(**kwargs)
+    _check(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# Presets
+
+def presets_dir() -> Path:
+    """Presets ship inside the wheel as ncmcli/presets; a checkout keeps them at the root."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "presets", here.parent / "presets"):
+        if cand.is_dir():
+            return cand
+    raise ConfigError(f"no presets folder found next to {here}")  # pragma: no cover
+
+
+def list_presets() -> dict[str, str]:
+    """name -> one-line description, for every preset."""
+    out = {}
+    for path in sorted(presets_dir().glob("*.yaml")):
+        try:
+            desc = str(_resolve_tree(path.stem, ()).get("description", ""))
+        except ConfigError as exc:
+            desc = f"(broken: {exc})"
+        out[path.stem] = desc
+    return out
+
+
+def _preset_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") or os.sep in name:
+        if not p.is_file():
+            raise ConfigError(f"preset file not found: {name}")
+        return p
+    path = presets_dir() / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(q.stem for q in presets_dir().glob("*.yaml"))
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown preset '{name}'{hint}; valid presets: {', '.join(names)}")
+    return path
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{where} invalid YAML: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a preset must be a YAML mapping")
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _resolve_tree(name: str, chain: tuple[str, ...]) -> dict:
+    path = _preset_path(name)
+    key = str(path.resolve())
+    if key in chain:
+        raise ConfigError(f"preset '{name}' extends itself (cycle through {path.name})")
+    tree = _read_yaml(path)
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a preset name")
+    return _merge(_resolve_tree(base, chain + (key,)), tree)
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """'optim.lr=0.05' -> ('optim.lr', '0.05'); the value is coerced later, against the schema."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if key not in SCHEMA:
+        raise _unknown(key)
+    return key, value
+
+
+def resolve(preset: str | None, overrides: list[str] = ()) -> Config:
+    """The config of a preset (name or YAML path) with ``--set`` overrides applied."""
+    values = _flatten(_resolve_tree(preset, ())) if preset else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = value
+    return build(values)
+
+
+def from_dict(tree: dict) -> Config:
+    """A Config from a nested dict, e.g. one stored in a checkpoint."""
+    return build(_flatten(tree))
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

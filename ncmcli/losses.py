@@ -1,0 +1,109 @@
+"""Criteria: every one maps features to logits, features + targets to a loss, and
+features to a prediction. Training, evaluation and checkpoints treat them all alike.
+
+- ``NCMLoss``: the paper's loss, p(c|x) = softmax_c(-scale * M(f(x), a_c)) over fixed anchors.
+- ``SoftmaxLoss``: the SoftMax baseline, a Linear(d, C) head plus cross-entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ncmcli.distances import DISTANCES, get_distance
+
+
+class Criterion(nn.Module):
+    """Common interface. Learnable parameters (if any) are ordinary module parameters."""
+
+    #: Whether ``logits`` is ``-scale * distance`` to fixed anchors (nearest-anchor models).
+    uses_anchors = False
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, C)
+        raise NotImplementedError
+
+    def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(features), targets)
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:  # (B,)
+        return self.logits(features).argmax(1)
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    # Distances and losses run in at least float32 even under bf16/fp16 autocast; float64
+    # stays float64 so the reference tests see full precision.
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+class NCMLoss(Criterion):
+    """Anchor-based Nearest Class Mean loss (E-NCM with ``euclidean``, C-NCM with ``cosine``).
+
+    ``scale`` is an inverse temperature on the distances. The paper has none (1.0): with
+    unit anchors its softmax is flat, so the loss has a floor well above zero (see
+    ``anchors.loss_floor``); a larger scale lowers it. It is an extension, off by default.
+    """
+
+    uses_anchors = True
+
+    def __init__(self, anchors: torch.Tensor, metric: str = "euclidean", scale: float = 1.0):
+        super().__init__()
+        if anchors.ndim != 2 or anchors.shape[0] < 2:
+            raise ValueError(f"anchors must be (C >= 2, D), got {tuple(anchors.shape)}")
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.metric = metric
+        self.scale = float(scale)
+        self.distance = get_distance(metric)
+        # A buffer, not a parameter: saved in state_dict, moved by .to(), never trained.
+        self.register_buffer("anchors", anchors.detach().clone().float())
+
+    @property
+    def num_classes(self) -> int:
+        return self.anchors.shape[0]
+
+    def distances(self, features: torch.Tensor) -> torch.Tensor:
+        features = _fp32(features)  # (B, D)
+        return self.distance(features, self.anchors.to(features.dtype))  # (B, C)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return -self.scale * self.distances(features)  # (B, C)
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return self.distances(features).argmin(1)  # nearest anchor
+
+    def extra_repr(self) -> str:
+        c, d = self.anchors.shape
+        return f"metric={self.metric}, scale={self.scale}, classes={c}, dim={d}"
+
+
+class SoftmaxLoss(Criterion):
+    """The SoftMax baseline: Linear(d, C) + cross-entropy. For d = 2 this is the paper's
+    extra FC layer with C outputs on top of the 2-D feature."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, num_classes)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(_fp32(features))  # (B, C)
+
+
+NCM_METRICS = {"encm": "euclidean", "cncm": "cosine", "sqncm": "sqeuclidean"}
+LOSSES = ["softmax", *NCM_METRICS]
+assert set(NCM_METRICS.values()) <= set(DISTANCES)
+
+
+def build_criterion(
+    name: str, *, anchors: torch.Tensor | None, dim: int, num_classes: int, scale: float = 1.0
+) -> Criterion:
+    """The criterion for a ``loss.name``; NCM losses need ``anchors`` of shape (C, dim)."""
+    if name in NCM_METRICS:
+        if anchors is None or tuple(anchors.shape) != (num_classes, dim):
+            raise ValueError(f"{name} needs anchors of shape ({num_classes}, {dim})")
+        return NCMLoss(anchors, metric=NCM_METRICS[name], scale=scale)
+    if name == "softmax":
+        return SoftmaxLoss(dim, num_classes)
+    from ncmcli.errors import ConfigError
+
+    raise ConfigError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")

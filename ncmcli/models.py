@@ -1,0 +1,100 @@
+"""The paper's CNNs (Table 1), built from a short declarative spec.
+
+A spec is a list of stages ``(channels, n_convs)``. Stage 0 is Conv0; a 2x2 max-pool
+(stride 2) follows stages 1, 2 and 3, and dropout p follows pools 1 and 2. Each conv is
+3x3 with padding 1, then BatchNorm, then ReLU. A final Linear maps the flattened map to
+the feature dim d.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ncmcli.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    stages: tuple[tuple[int, int], ...]  # (channels, convs) for Conv0..Conv3
+    feature_dim: int
+    summary: str
+
+
+# Table 1 of Hao et al., plus CPU-sized nets of the same shape with fewer channels.
+ARCHS: dict[str, NetSpec] = {
+    "mnist2d": NetSpec(((64, 1), (64, 3), (64, 3), (64, 3)), 2, "paper MNIST net, 2-D features"),
+    "mnist": NetSpec(((64, 1), (64, 3), (64, 3), (64, 3)), 256, "paper MNIST net"),
+    "cifar10": NetSpec(((64, 1), (64, 4), (96, 4), (128, 4)), 256, "paper CIFAR-10 net"),
+    "cifar100": NetSpec(((96, 1), (96, 4), (192, 4), (384, 4)), 512, "paper CIFAR-100 net"),
+    "small": NetSpec(((32, 1), (32, 1), (64, 1), (64, 1)), 64, "CPU-sized net, same shape"),
+    "small2d": NetSpec(((32, 1), (32, 2), (64, 2), (64, 2)), 2, "CPU-sized net, 2-D features"),
+    "tiny": NetSpec(((16, 1), (16, 1), (32, 1), (32, 1)), 32, "quickstart net"),
+}
+
+_POOL_AFTER = {1, 2, 3}
+_DROPOUT_AFTER = {1, 2}
+
+
+class FeatureNet(nn.Module):
+    """Image (B, C_in, H, W) -> feature (B, d). The last layer has no activation, so that
+    features can reach anchors with negative coordinates."""
+
+    def __init__(
+        self,
+        spec: NetSpec,
+        *,
+        in_channels: int,
+        image_size: int,
+        dropout: float = 0.0,
+        feature_dim: int | None = None,
+    ):
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {dropout}")
+        if in_channels < 1 or image_size < 8:
+            raise ConfigError(f"input must have >= 1 channel and size >= 8, got {in_channels}x{image_size}")
+        d = feature_dim or spec.feature_dim
+        layers: list[nn.Module] = []
+        ch, size = in_channels, image_size
+        for i, (out_ch, convs) in enumerate(spec.stages):
+            for _ in range(convs):
+                layers += [
+                    nn.Conv2d(ch, out_ch, 3, padding=1, bias=False),  # BN carries the bias
+                    nn.BatchNorm2d(out_ch),
+                    nn.ReLU(inplace=True),
+                ]
+                ch = out_ch
+            if i in _POOL_AFTER:
+                layers.append(nn.MaxPool2d(2, 2))
+                size //= 2
+            if i in _DROPOUT_AFTER and dropout > 0:
+                layers.append(nn.Dropout(dropout))
+        self.body = nn.Sequential(*layers)
+        self.fc = nn.Linear(ch * size * size, d)
+        self.feature_dim = d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(x)  # (B, C_last, H/8, W/8)
+        return self.fc(torch.flatten(x, 1))  # (B, d)
+
+
+def build_net(
+    arch: str,
+    *,
+    in_channels: int,
+    image_size: int,
+    dropout: float = 0.0,
+    feature_dim: int | None = None,
+) -> FeatureNet:
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown model.arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+    return FeatureNet(
+        ARCHS[arch],
+        in_channels=in_channels,
+        image_size=image_size,
+        dropout=dropout,
+        feature_dim=feature_dim,
+    )

@@ -1,0 +1,133 @@
+import math
+
+import pytest
+import torch
+
+from ncmcli import make_anchors
+from ncmcli.anchors import anchor_certificate, best_known_min_angle, loss_floor, pairwise_angles
+from ncmcli.errors import UsageError
+
+
+def min_angle(a):
+    return pairwise_angles(a).min().item()
+
+
+@pytest.mark.parametrize(
+    "method,c,d",
+    [("orthogonal", 10, 16), ("polar", 10, 2), ("polar", 7, 3), ("polar", 20, 64), ("simplex", 10, 9),
+     ("orthoplex", 12, 6), ("optimized", 9, 3), ("random", 5, 4), ("auto", 100, 64), ("auto", 4, 8)],
+)
+def test_shape_dtype_unit_rows_and_determinism(method, c, d):
+    a = make_anchors(method, c, d, seed=3)
+    assert a.shape == (c, d) and a.dtype == torch.float32
+    assert torch.allclose(a.norm(dim=1), torch.ones(c), atol=1e-6)
+    assert torch.equal(a, make_anchors(method, c, d, seed=3))
+    assert min_angle(a) > 1.0  # distinct rows
+
+
+def test_orthogonal_is_the_standard_basis():
+    a = make_anchors("orthogonal", 10, 12)
+    assert torch.equal(a, torch.eye(10, 12))
+
+
+def test_polar_2d_has_equal_angles():
+    a = make_anchors("polar", 10, 2).double()
+    ang = torch.rad2deg(torch.atan2(a[:, 1], a[:, 0])) % 360
+    assert torch.allclose(torch.sort(ang).values, torch.arange(10).double() * 36, atol=1e-4)
+    assert min_angle(a) == pytest.approx(36.0, abs=1e-4)
+
+
+def test_polar_high_dim_is_distinct_and_reports_angle():
+    a = make_anchors("polar", 30, 5)
+    cert = anchor_certificate(a, "polar")
+    assert cert.duplicates == [] and cert.min_angle_deg > 20
+
+
+def test_simplex_has_equal_pairwise_cosines():
+    for c, d in [(10, 9), (3, 2), (5, 64)]:
+        a = make_anchors("simplex", c, d).double()
+        cos = a @ a.T
+        off = cos[~torch.eye(c, dtype=torch.bool)]
+        assert torch.allclose(off, torch.full_like(off, -1.0 / (c - 1)), atol=1e-6)
+    assert min_angle(make_anchors("simplex", 10, 9)) == pytest.approx(96.379, abs=1e-3)
+
+
+def test_orthoplex_is_90_degrees():
+    a = make_anchors("orthoplex", 100, 64)
+    assert min_angle(a) == pytest.approx(90.0, abs=1e-6)
+
+
+def test_optimized_targets():
+    assert min_angle(make_anchors("optimized", 12, 2)) >= 30.0 * 0.995
+    assert min_angle(make_anchors("optimized", 10, 3)) >= 64.0
+    assert min_angle(make_anchors("optimized", 8, 5)) >= 90.0 - 1e-6  # >= orthoplex
+    assert min_angle(make_anchors("optimized", 6, 5)) >= best_known_min_angle(6, 5) - 1e-4
+
+
+@pytest.mark.slow
+def test_optimized_100_in_2d():
+    assert min_angle(make_anchors("optimized", 100, 2)) >= 3.6 * 0.995
+
+
+@pytest.mark.parametrize(
+    "method,c,d,fragment",
+    [("orthogonal", 11, 10, "orthogonal anchors need dim >= classes"),
+     ("simplex", 12, 10, "simplex anchors need"),
+     ("orthoplex", 21, 10, "orthoplex anchors need"),
+     ("nope", 3, 3, "unknown anchor method"),
+     ("auto", 1, 3, "classes must be"),
+     ("auto", 3, 0, "dim must be")],
+)
+def test_errors_are_usage_errors(method, c, d, fragment):
+    with pytest.raises(UsageError, match=fragment):
+        make_anchors(method, c, d)
+
+
+def test_orthogonal_error_names_the_methods_that_work():
+    with pytest.raises(UsageError) as exc:
+        make_anchors("orthogonal", 11, 10)
+    for name in ("simplex", "orthoplex", "optimized", "auto"):
+        assert name in str(exc.value)
+
+
+def test_from_files(tmp_path):
+    from safetensors.torch import save_file
+
+    raw = torch.tensor([[2.0, 0.0], [0.0, -3.0], [1.0, 1.0]])
+    save_file({"anchors": raw}, str(tmp_path / "a.safetensors"))
+    a = make_anchors(str(tmp_path / "a.safetensors"), 3, 2)
+    assert torch.allclose(a, raw / raw.norm(dim=1, keepdim=True))
+    (tmp_path / "a.csv").write_text("2,0\n0,-3\n1,1\n")
+    assert torch.allclose(make_anchors(str(tmp_path / "a.csv"), 3, 2), a)
+    (tmp_path / "dup.csv").write_text("1,0\n2,0\n0,1\n")
+    with pytest.raises(UsageError, match="duplicate"):
+        make_anchors(str(tmp_path / "dup.csv"), 3, 2)
+    (tmp_path / "zero.csv").write_text("1,0\n0,0\n0,1\n")
+    with pytest.raises(UsageError, match="zero"):
+        make_anchors(str(tmp_path / "zero.csv"), 3, 2)
+    with pytest.raises(UsageError, match="shape"):
+        make_anchors(str(tmp_path / "a.csv"), 4, 2)
+    (tmp_path / "bad.csv").write_text("1,x\n")
+    with pytest.raises(UsageError, match="cannot read"):
+        make_anchors(str(tmp_path / "bad.csv"), 1 + 1, 2)
+
+
+def test_loss_floor_matches_closed_form():
+    a = make_anchors("orthogonal", 10, 10)
+    # E-NCM: on its own anchor the distance is 0, to the 9 others sqrt(2). The tolerance
+    # covers the 1e-6 that the eps inside the sqrt adds at distance 0.
+    assert loss_floor(a, "euclidean") == pytest.approx(math.log(1 + 9 * math.exp(-math.sqrt(2))), abs=2e-6)
+    assert loss_floor(a, "euclidean") == pytest.approx(1.159, abs=1e-3)
+    # C-NCM: cosine distance 1 to every other orthogonal anchor.
+    assert loss_floor(a, "cosine", 2.0) == pytest.approx(math.log(1 + 9 * math.exp(-2.0)), abs=1e-9)
+
+
+def test_certificate_fields():
+    cert = anchor_certificate(make_anchors("simplex", 10, 9), "simplex")
+    assert cert.classes == 10 and cert.dim == 9
+    assert cert.min_angle_deg == pytest.approx(96.3794, abs=1e-3)
+    assert cert.best_known_min_angle_deg == pytest.approx(96.3794, abs=1e-3)
+    assert cert.norm_min == pytest.approx(1.0) and cert.norm_max == pytest.approx(1.0)
+    assert cert.duplicates == []
+    dup = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert anchor_certificate(dup, "x").duplicates == [(0, 1)]

@@ -1,0 +1,85 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import assert_clean_error
+
+
+@pytest.mark.parametrize(
+    "args,angle",
+    [(["--classes", 10, "--dim", 2, "--method", "polar"], "36.00°"),
+     (["--classes", 10, "--dim", 9, "--method", "simplex"], "96.38°"),
+     (["--classes", 100, "--dim", 64, "--method", "auto"], "90.00°")],
+)
+def test_anchor_certificates(ncm, args, angle):
+    proc = ncm("anchors", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert f"min angle        │ {angle}" in proc.stdout
+
+
+def test_auto_names_the_method_it_chose(ncm):
+    doc = json.loads(ncm("anchors", "--classes", 100, "--dim", 64, "--json").stdout)
+    assert doc["method"] == "auto (orthoplex)" and doc["min_angle_deg"] == pytest.approx(90.0)
+
+
+@pytest.mark.slow
+def test_optimized_100_in_2d_cli(ncm):
+    doc = json.loads(ncm("anchors", "--classes", 100, "--dim", 2, "--method", "optimized", "--json").stdout)
+    assert doc["min_angle_deg"] >= 3.58
+
+
+def test_json_and_out(ncm, tmp_path):
+    out = tmp_path / "a.safetensors"
+    proc = ncm("anchors", "--classes", 100, "--dim", 512, "--method", "orthogonal", "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)  # stdout is exactly one JSON document
+    assert doc["classes"] == 100 and doc["dim"] == 512
+    assert doc["loss_floor"] == pytest.approx(3.2216, abs=1e-3)
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    t = load_file(str(out))["anchors"]
+    assert t.shape == (100, 512) and t.dtype == torch.float32
+    assert torch.equal(t, torch.eye(100, 512))
+    with safe_open(str(out), "pt") as fh:
+        assert fh.metadata()["method"] == "orthogonal"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temp file left
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [(["--classes", 11, "--dim", 10, "--method", "orthogonal"], "orthogonal anchors need dim >= classes"),
+     (["--classes", 1, "--dim", 3], "classes must be"),
+     (["--classes", 3, "--dim", 0], "dim must be"),
+     (["--classes", 3, "--dim", 3, "--method", "bogus"], "unknown anchor method"),
+     (["--classes", 3, "--dim", 3, "--metric", "manhattan"], "unknown metric"),
+     (["--classes", "x", "--dim", 3], "Invalid value for '--classes'"),
+     (["--dim", 3], "Missing option"),
+     (["--classes", 3, "--dim", 3, "--bogus"], "No such option")],
+)
+def test_bad_arguments_exit_2_with_one_line(ncm, args, fragment):
+    assert_clean_error(ncm("anchors", *args), 2, fragment)
+
+
+def test_debug_shows_traceback(ncm):
+    proc = ncm("--debug", "anchors", "--classes", 11, "--dim", 10, "--method", "orthogonal")
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from ncmcli.cli import app\n"
+        "for argv in (['--help'], ['anchors', '--help'], ['presets', '--help']):\n"
+        "    try:\n"
+        "        app(argv, standalone_mode=False)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage" in proc.stdout

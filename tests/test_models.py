@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from ncmcli import build_net
+from ncmcli.errors import ConfigError
+from ncmcli.models import ARCHS
+
+SHAPES = {"mnist2d": (1, 28), "mnist": (1, 28), "cifar10": (3, 32), "cifar100": (3, 32)}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_net_gives_features_and_every_parameter_a_gradient(arch):
+    channels, size = SHAPES.get(arch, (3, 32))
+    torch.manual_seed(0)
+    net = build_net(arch, in_channels=channels, image_size=size, dropout=0.1)
+    x = torch.randn(2, channels, size, size)
+    f = net(x)
+    assert f.shape == (2, ARCHS[arch].feature_dim)
+    f.pow(2).sum().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_table1_layout():
+    net = build_net("cifar100", in_channels=3, image_size=32, dropout=0.25)
+    convs = [m for m in net.body if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [96] * 5 + [192] * 4 + [384] * 4
+    assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) for c in convs)
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in net.body) == 3
+    assert [m.p for m in net.body if isinstance(m, torch.nn.Dropout)] == [0.25, 0.25]
+    assert net.fc.in_features == 384 * 4 * 4 and net.fc.out_features == 512
+    # The feature layer has no activation: features take negative values.
+    assert (net(torch.randn(4, 3, 32, 32)) < 0).any()
+    mnist = build_net("mnist", in_channels=1, image_size=28)
+    assert mnist.fc.in_features == 64 * 3 * 3 and mnist.fc.out_features == 256
+
+
+def test_bad_arch_and_dropout():
+    with pytest.raises(ConfigError, match="choose one of"):
+        build_net("resnet", in_channels=3, image_size=32)
+    with pytest.raises(ConfigError, match="dropout"):
+        build_net("mnist", in_channels=1, image_size=28, dropout=1.0)
