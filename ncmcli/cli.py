@@ -93,6 +93,164 @@ def _render_certificate(cert: dict, console: Console) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+@app.command()
+def presets() -> None:
+    """List the presets, each with its one-line description."""
+    from ncmcli.config import list_presets
+
+    items = list_presets()
+    width = max(map(len, items), default=0)
+    for name, desc in items.items():
+        sys.stdout.write(f"{name:<{width}}  {desc}\n")
+
+
+class _RichReporter:
+    """Progress and messages on stderr; stdout stays free for data."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.progress = None
+        self.task = None
+
+    def message(self, text: str) -> None:
+        if not self.quiet:
+            err.print(text, soft_wrap=True)
+
+    def certificate(self, cert: dict) -> None:
+        if not self.quiet:
+            _render_certificate(cert, err)
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        if self.quiet:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        if self.progress is None:
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=err, transient=True,
+            )
+            self.progress.start()
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(f"epoch {epoch}/{epochs}", total=steps, stats="")
+
+    def step(self, step, loss, acc, images_per_s) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step,
+                                 stats=f"loss {loss:.4f} acc {acc:.3f} {images_per_s:,.0f} img/s")
+
+    def epoch_end(self, m: dict) -> None:
+        if not self.quiet:
+            err.print(
+                f"epoch {m['epoch']:>3}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}  "
+                f"test loss {m['test_loss']:.4f} acc {m['test_acc']:.4f}  lr {m['lr']:.3g}  "
+                f"{m['images_per_s']:,.0f} img/s",
+                soft_wrap=True,
+            )
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+@app.command()
+def train(
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (see 'ncm presets') or a YAML file."),
+    overrides: List[str] = typer.Option([], "--set", "-s", help="Override a config key: --set optim.lr=0.05 (repeatable)."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as YAML and exit."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: a new one under --runs)."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Parent of new run folders."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps."),
+    force: bool = typer.Option(False, "--force", help="Train into an --out folder that already holds a run."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON document on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+) -> None:
+    """Train a model; writes config.yaml, metrics.jsonl, best/last.safetensors, result.json."""
+    from ncmcli import config as cfgmod
+
+    cfg = cfgmod.resolve(preset, overrides)
+    if print_config:
+        sys.stdout.write(cfgmod.to_yaml(cfg))
+        return
+    from ncmcli import engine
+
+    reporter = _RichReporter(quiet)
+    try:
+        result = engine.train_command(cfg, preset=preset, overrides=list(overrides), out=out, runs_root=runs,
+                                      device=device, force=force, reporter=reporter)
+    finally:
+        reporter.close()
+    if as_json:
+        _out(result)
+    else:
+        err.print(f"test accuracy {result['test_acc']:.4f} (best {result['best']['test_acc']:.4f} "
+                  f"at epoch {result['best']['epoch']}) in {result['wall_time_s']:.1f}s")
+        sys.stdout.write(f"{result['checkpoint']}\n")
+
+
+@app.command("eval")
+def eval_(
+    target: Path = typer.Argument(..., help="A checkpoint, or a run folder (its best.safetensors)."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Where the dataset lives, if not where it was trained."),
+    device: str = typer.Option("auto", "--device"),
+    limit: int = typer.Option(0, "--limit", help="Evaluate on the first N test images only."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document, with the confusion matrix."),
+) -> None:
+    """Accuracy, error, loss and per-class accuracy on the test split."""
+    from ncmcli import engine
+
+    res = engine.eval_command(target, data_root=data_root, device=device, limit=limit)
+    if as_json:
+        _out(res)
+        return
+    from rich.table import Table
+
+    con = Console()
+    con.print(f"{res['checkpoint']}  ({res['dataset']}, epoch {res['epoch']}, {res['n']} test images)")
+    con.print(f"accuracy {res['accuracy']:.4f}   error {res['error_pct']:.2f}%   loss {res['loss']:.4f}")
+    t = Table("class", "accuracy")
+    for name, acc in res["per_class_accuracy"].items():
+        t.add_row(name, f"{acc:.4f}")
+    con.print(t)
+
+
+@app.command()
+def predict(
+    inputs: List[Path] = typer.Argument(..., help="Image files or folders."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Default: $NCM_CHECKPOINT, else the newest runs/**/best.safetensors."),
+    top_k: int = typer.Option(3, "--top-k", "-k", help="How many classes to show per image."),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document."),
+) -> None:
+    """Classify images with a checkpoint (preprocessing comes from the checkpoint)."""
+    from ncmcli import engine
+
+    path, why = engine.find_checkpoint(checkpoint, dict(os.environ), Path.cwd())
+    if why != "--checkpoint":
+        err.print(f"using {path} ({why})")
+    res = engine.predict_command(inputs, checkpoint_path=path, device=device, top_k=top_k)
+    resized = sum(bool(r.get("resized")) for r in res["predictions"])
+    if resized:
+        c, h, w = res["input_size"]
+        err.print(f"note: {resized} image(s) resized to {h}x{w} ({'grayscale' if c == 1 else 'RGB'}), as the model expects")
+    for r in res["predictions"]:
+        if "error" in r:
+            err.print(f"[red]error:[/red] {r['error']}", soft_wrap=True)
+    if as_json:
+        _out(res)
+    else:
+        for r in res["predictions"]:
+            if "error" in r:
+                continue
+            tops = "  ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"])
+            dist = r["nearest_anchor_distance"]
+            sys.stdout.write(f"{r['path']}\t{tops}" + (f"\tdist {dist:.4f}" if dist is not None else "") + "\n")
+    if res["failed"]:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------------
 def main() -> None:
     """Console entry point: run the app, turning every failure into one line and a code."""
     try:

@@ -29,3 +29,163 @@ def anchors_command(
         meta = {"method": method, "seed": str(seed), "classes": str(classes), "dim": str(dim)}
         atomic_write(Path(out), lambda tmp: save_file({"anchors": a.contiguous()}, str(tmp), metadata=meta))
     return cert
+
+
+# ---------------------------------------------------------------------------------------
+# Shared helpers
+
+class Reporter:
+    """How the engine tells the outside world what it is doing. The default says nothing;
+    the CLI passes one that draws progress on stderr."""
+
+    def message(self, text: str) -> None: ...
+    def certificate(self, cert: dict) -> None: ...
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def step(self, step: int, loss: float | None, acc: float | None, images_per_s: float) -> None: ...
+    def epoch_end(self, metrics: dict) -> None: ...
+
+
+def pick_device(name: str = "auto"):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but no CUDA GPU is available")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps was asked for, but MPS is not available")
+    return dev
+
+
+
+
+# ---------------------------------------------------------------------------------------
+# Commands
+
+def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | None,
+                  runs_root: Path, device: str, force: bool, reporter: Reporter) -> dict:
+    from ncmcli.training import prepare_run_dir, train
+
+    dev = pick_device(device)
+    run_dir = prepare_run_dir(out, runs_root, preset and Path(preset).stem or "custom", force)
+    return train(cfg, run_dir=run_dir, device=dev, reporter=reporter, preset=preset, overrides=overrides)
+
+
+def resolve_checkpoint(target: Path) -> Path:
+    """A checkpoint file, or a run folder meaning its best.safetensors."""
+    from ncmcli.errors import CheckpointError
+
+    target = Path(target)
+    if target.is_dir():
+        for name in ("best.safetensors", "last.safetensors"):
+            if (target / name).is_file():
+                return target / name
+        raise CheckpointError(f"{target} holds no best.safetensors or last.safetensors")
+    if not target.exists():
+        raise UsageError(f"checkpoint not found: {target}")
+    return target
+
+
+def eval_command(target: Path, *, data_root: str | None, device: str, batch_size: int = 1024,
+                 limit: int = 0) -> dict:
+    import dataclasses
+
+    from ncmcli import checkpoint
+    from ncmcli.data import load_dataset
+    from ncmcli.errors import DataError
+    from ncmcli.training import evaluate
+
+    path = resolve_checkpoint(target)
+    dev = pick_device(device)
+    ck = checkpoint.load(path, dev)
+    data_cfg = ck.config.data
+    if data_root is not None:
+        data_cfg = dataclasses.replace(data_cfg, root=data_root)
+    data_cfg = dataclasses.replace(data_cfg, limit_test=limit or data_cfg.limit_test)
+    data = load_dataset(data_cfg, train=False)
+    if data.classes != ck.classes:
+        raise DataError(f"the test data has classes {data.classes[:5]}..., the checkpoint {ck.classes[:5]}...")
+    if data.input_shape != ck.input_shape:
+        raise DataError(f"the test data has input shape {data.input_shape}, the checkpoint {ck.input_shape}")
+    ev = evaluate(ck.model, ck.criterion, data.test.to(dev), mean=ck.mean, std=ck.std, device=dev,
+                  batch_size=batch_size, num_classes=len(ck.classes))
+    return {
+        "checkpoint": str(path), "dataset": data.name, "epoch": ck.epoch,
+        "accuracy": ev["accuracy"], "error_pct": ev["error_pct"], "loss": ev["loss"], "n": ev["n"],
+        "per_class_accuracy": dict(zip(ck.classes, ev["per_class_accuracy"])),
+        "classes": ck.classes, "confusion": ev["confusion"],
+    }
+
+
+def find_checkpoint(explicit: Path | None, env: dict, cwd: Path) -> tuple[Path, str]:
+    """(checkpoint, why): --checkpoint, else $NCM_CHECKPOINT, else the newest
+    runs/**/best.safetensors under the current folder."""
+    if explicit is not None:
+        return resolve_checkpoint(explicit), "--checkpoint"
+    if env.get("NCM_CHECKPOINT"):
+        return resolve_checkpoint(Path(env["NCM_CHECKPOINT"])), "$NCM_CHECKPOINT"
+    found = sorted((cwd / "runs").glob("**/best.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UsageError("no checkpoint: pass --checkpoint, set $NCM_CHECKPOINT, or train one into ./runs")
+    return found[-1], "the newest under ./runs"
+
+
+def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, top_k: int = 3) -> dict:
+    """Top-k classes for each image; unreadable files are reported, the rest go on."""
+    import torch
+
+    from ncmcli import checkpoint
+    from ncmcli.data import IMAGE_SUFFIXES, load_image, normalize
+
+    if top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {top_k}")
+    files: list[Path] = []
+    for p in inputs:
+        p = Path(p)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UsageError(f"{p} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files += found
+        elif p.exists():
+            files.append(p)
+        else:
+            raise UsageError(f"no such file or folder: {p}")
+    dev = pick_device(device)
+    ck = checkpoint.load(checkpoint_path, dev)
+    c, h, _ = ck.input_shape
+    results, good, tensors = [], [], []
+    for f in files:
+        try:
+            t, resized = load_image(f, c, h)
+        except Exception as exc:  # ImageError: report it and go on with the rest
+            results.append({"path": str(f), "error": str(exc)})
+            continue
+        results.append({"path": str(f), "resized": resized})
+        good.append(len(results) - 1)
+        tensors.append(t)
+    k = min(top_k, len(ck.classes))
+    for start in range(0, len(tensors), 256):
+        x = normalize(torch.stack(tensors[start:start + 256]).to(dev), ck.mean, ck.std)
+        with torch.no_grad():
+            feats = ck.model(x)
+            probs = torch.softmax(ck.criterion.logits(feats), 1)
+            dist = ck.criterion.distances(feats).min(1).values if ck.criterion.uses_anchors else None
+        top_p, top_i = probs.topk(k, 1)
+        for row in range(len(x)):
+            rec = results[good[start + row]]
+            rec["top"] = [{"class": ck.classes[i], "prob": round(p, 6)}
+                          for p, i in zip(top_p[row].tolist(), top_i[row].tolist())]
+            rec["label"] = rec["top"][0]["class"]
+            rec["nearest_anchor_distance"] = None if dist is None else round(dist[row].item(), 6)
+    return {"checkpoint": str(checkpoint_path), "input_size": [c, h, h], "predictions": results,
+            "failed": sum("error" in r for r in results)}

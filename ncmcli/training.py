@@ -1,0 +1,225 @@
+"""The training loop: one function, top to bottom, with small named helpers beside it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import time
+from pathlib import Path
+
+import torch
+
+from ncmcli import checkpoint
+from ncmcli.config import Config, to_yaml
+from ncmcli.errors import NcmError, UsageError
+
+
+class TrainingDiverged(NcmError):
+    """The loss became NaN or Inf."""
+
+
+def build_from_config(cfg, num_classes: int, input_shape):
+    """The feature net, its anchors (None for softmax) and its criterion, from a config."""
+    from ncmcli.anchors import make_anchors
+    from ncmcli.losses import NCM_METRICS, build_criterion
+    from ncmcli.models import build_net
+
+    model = build_net(cfg.model.arch, in_channels=input_shape[0], image_size=input_shape[1],
+                      dropout=cfg.model.dropout, feature_dim=cfg.model.feature_dim or None)
+    anchors = None
+    if cfg.loss.name in NCM_METRICS:
+        anchors = make_anchors(cfg.anchors.method, num_classes, model.feature_dim, seed=cfg.anchors.seed)
+    criterion = build_criterion(cfg.loss.name, anchors=anchors, dim=model.feature_dim,
+                                num_classes=num_classes, scale=cfg.loss.scale)
+    return model, anchors, criterion
+
+
+def evaluate(model, criterion, split, *, mean, std, device, batch_size: int, num_classes: int) -> dict:
+    """Loss, accuracy and the confusion matrix of ``split``, summed on the device."""
+    import torch
+
+    from ncmcli.data import batches
+
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    with torch.no_grad():
+        for x, y in batches(split, batch_size, mean=mean, std=std, device=device):
+            feats = model(x)
+            loss_sum += criterion(feats, y).double() * len(y)
+            pred = criterion.predict(feats)
+            confusion += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+    n = len(split)
+    conf = confusion.cpu()
+    correct = int(conf.diag().sum())
+    per_class = (conf.diag().double() / conf.sum(1).clamp_min(1)).tolist()
+    return {"loss": loss_sum.item() / n, "accuracy": correct / n, "error_pct": 100.0 * (1 - correct / n),
+            "n": n, "per_class_accuracy": per_class, "confusion": conf.tolist()}
+
+
+def make_optimizer(cfg: Config, model, criterion) -> torch.optim.Optimizer:
+    params = list(model.parameters()) + list(criterion.parameters())
+    return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                           weight_decay=cfg.optim.weight_decay)
+
+
+def make_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
+    """(scheduler, per_step): plateau steps once per epoch on the training loss."""
+    o = cfg.optim
+    if o.schedule == "plateau":
+        # "divided by 10 when the training loss plateaus": a 1% relative improvement counts.
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=o.lr_factor, patience=o.patience,
+            threshold=0.01, min_lr=o.min_lr), False
+    if o.schedule == "cosine":
+        total = max(1, cfg.train.epochs * steps_per_epoch)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))), True
+    return None, False
+
+
+def prepare_run_dir(out: Path | None, runs_root: Path, name: str, force: bool) -> Path:
+    """A fresh run folder, checked writable before any training starts. Unique even for
+    runs started in the same second: a random suffix, created with exist_ok=False."""
+    if out is not None:
+        run_dir = Path(out)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UsageError(f"--out {run_dir} exists and is not a folder")
+        if run_dir.is_dir() and any((run_dir / f).exists() for f in ("config.yaml", "last.safetensors")) and not force:
+            raise UsageError(f"{run_dir} already holds a run; use another --out, or --force to overwrite it")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create output folder {run_dir} ({exc.strerror})") from None
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name) or "run"
+        for _ in range(100):
+            run_dir = Path(runs_root) / f"{safe}-{stamp}-{secrets.token_hex(3)}"
+            try:
+                run_dir.mkdir(parents=True, exist_ok=False)
+                break
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise UsageError(f"cannot create run folder under {runs_root} ({exc.strerror})") from None
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"output folder {run_dir} is not writable ({exc.strerror})") from None
+    return run_dir
+
+
+def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset: str | None = None,
+          overrides: list[str] = ()) -> dict:
+    """Train ``cfg`` into ``run_dir`` and return the result record (also in result.json)."""
+    from ncmcli.anchors import anchor_certificate
+    from ncmcli.data import batches, channel_stats, load_dataset
+
+    t_start = time.time()
+    # -- Setup: seeds, threads, data, model, anchors, criterion, optimiser
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    torch.manual_seed(cfg.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    data = load_dataset(cfg.data)
+    num_classes, input_shape = len(data.classes), data.input_shape
+    mean, std = channel_stats(data.train.images)  # the paper's global zero-mean, unit-variance
+    model, anchors, criterion = build_from_config(cfg, num_classes, input_shape)
+    model.to(device)
+    criterion.to(device)
+    if anchors is not None:
+        reporter.certificate(anchor_certificate(anchors, cfg.anchors.method, criterion.metric, cfg.loss.scale).to_dict())
+    train_split, test_split = data.train.to(device), data.test.to(device)
+    steps_per_epoch = math.ceil(len(train_split) / cfg.train.batch_size)
+    optimizer = make_optimizer(cfg, model, criterion)
+    scheduler, per_step = make_scheduler(cfg, optimizer, steps_per_epoch)
+    gen = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation draws
+    checkpoint.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    reporter.message(f"run folder: {run_dir}")
+    reporter.message(f"data: {data.name}, {len(train_split)} train / {len(test_split)} test, "
+                     f"{num_classes} classes, input {input_shape}; device: {device}")
+
+    def save(path: Path, epoch: int, metrics: dict) -> None:
+        checkpoint.save(path, model=model, criterion=criterion, config=cfg, classes=data.classes,
+                        mean=mean, std=std, input_shape=input_shape, epoch=epoch, metrics=metrics)
+
+    best, history, global_step, train_images, train_time = None, [], 0, 0, 0.0
+    for epoch in range(1, cfg.train.epochs + 1):
+        # -- Train one epoch; loss and accuracy accumulate on the device (no per-step sync)
+        model.train()
+        criterion.train()
+        reporter.epoch_start(epoch, cfg.train.epochs, steps_per_epoch)
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        seen, t0 = 0, time.time()
+        sync_every = 1 if device.type == "cpu" else 25
+        for step, (x, y) in enumerate(batches(train_split, cfg.train.batch_size, mean=mean, std=std,
+                                               device=device, generator=gen,
+                                               augment_batches=cfg.data.augment), 1):
+            feats = model(x)
+            loss = criterion(feats, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if per_step:
+                scheduler.step()
+            global_step += 1
+            loss_sum += loss.detach().double() * len(y)
+            correct += (criterion.predict(feats.detach()) == y).sum()
+            seen += len(y)
+            if step % sync_every == 0 or step == steps_per_epoch:
+                # -- NaN guard: stop before a bad step reaches any checkpoint
+                if not math.isfinite(loss.item()):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at epoch {epoch}, step {step} (global step {global_step}); "
+                        f"try a lower learning rate than optim.lr={cfg.optim.lr:g}. "
+                        f"Checkpoints from earlier epochs in {run_dir} are untouched"
+                    )
+                reporter.step(step, loss_sum.item() / seen, correct.item() / seen, seen / max(time.time() - t0, 1e-9))
+        epoch_time = time.time() - t0
+        train_time += epoch_time
+        train_images += seen
+        train_loss = loss_sum.item() / seen
+        # -- Evaluate on the test split
+        ev = evaluate(model, criterion, test_split, mean=mean, std=std, device=device,
+                      batch_size=cfg.train.eval_batch_size, num_classes=num_classes)
+        lr = optimizer.param_groups[0]["lr"]
+        if scheduler is not None and not per_step:
+            scheduler.step(train_loss)
+        metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / seen,
+                   "test_loss": ev["loss"], "test_acc": ev["accuracy"], "test_error_pct": ev["error_pct"],
+                   "lr": lr, "epoch_time_s": round(epoch_time, 3), "images_per_s": round(seen / epoch_time, 1)}
+        history.append(metrics)
+        # -- Checkpoint: last every epoch, best on test accuracy; metrics one line per epoch
+        save(run_dir / "last.safetensors", epoch, metrics)
+        if best is None or metrics["test_acc"] > best["test_acc"]:
+            best = metrics
+            save(run_dir / "best.safetensors", epoch, metrics)
+        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+        reporter.epoch_end(metrics)
+
+    final = history[-1]
+    result = {
+        "run_dir": str(run_dir), "preset": preset, "overrides": list(overrides),
+        "dataset": data.name, "arch": cfg.model.arch, "loss": cfg.loss.name, "seed": cfg.seed,
+        "epochs": cfg.train.epochs, "device": str(device),
+        "final": {k: final[k] for k in ("epoch", "train_loss", "test_loss", "test_acc", "test_error_pct")},
+        "best": {k: best[k] for k in ("epoch", "test_acc", "test_error_pct")},
+        "test_acc": final["test_acc"], "test_error_pct": final["test_error_pct"],
+        "checkpoint": str(run_dir / "best.safetensors"), "last_checkpoint": str(run_dir / "last.safetensors"),
+        "train_images_per_s": round(train_images / max(train_time, 1e-9), 1),
+        "wall_time_s": round(time.time() - t_start, 2),
+    }
+    if anchors is not None:
+        from ncmcli.anchors import loss_floor
+
+        result["loss_floor"] = loss_floor(anchors, criterion.metric, cfg.loss.scale)
+    checkpoint.atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+    return result
