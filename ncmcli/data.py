@@ -181,6 +181,8 @@ def _cifar_class(name: str):
     base = CIFAR10 if name == "cifar10" else CIFAR100
 
     class Cifar(base):
+        meta = {**base.meta, "md5": None}  # md5=None: torchvision checks existence only
+
         def _check_integrity(self) -> bool:
             folder = Path(self.root) / self.base_folder
             return all((folder / f).is_file() for f, _ in self.train_list + self.test_list)
@@ -296,16 +298,23 @@ def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torc
     return (images.float() - m) / s
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """The CIFAR-10+ augmentation on a uint8 batch: zero-pad 4 pixels (in pixel space, as
-    torchvision's RandomCrop(padding=4) does), take a random crop of the original size,
-    and flip horizontally with probability 1/2, independently per sample."""
+def draw_augment(batch: int, generator: torch.Generator, pad: int = 4):
+    """Random draws for ``augment``: crop offsets (B,), (B,) in [0, 2*pad] and flips (B,)."""
+    oy = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
+    ox = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
+    flip = torch.rand(batch, generator=generator) < 0.5
+    return oy, ox, flip
+
+
+def augment(images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor,
+            pad: int = 4) -> torch.Tensor:
+    """The CIFAR-10+ augmentation on a uint8 batch: zero-pad ``pad`` pixels in pixel space
+    (as torchvision's RandomCrop(padding=4) does; padding after normalisation would pad with
+    the mean instead), crop the original size at (oy, ox), then flip where ``flip``."""
     b, c, h, w = images.shape
     dev = images.device
+    oy, ox, flip = oy.to(dev), ox.to(dev), flip.to(dev)
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
-    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
-    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(dev)
     rows = oy[:, None] + torch.arange(h, device=dev)  # (B, H)
     cols = ox[:, None] + torch.arange(w, device=dev)  # (B, W)
     cols = torch.where(flip[:, None], cols.flip(1), cols)
@@ -329,5 +338,5 @@ def batches(
             x, y = split.images[idx], split.labels[idx]
         x = x.to(device, non_blocking=True)
         if augment_batches:
-            x = augment(x, generator)
+            x = augment(x, *draw_augment(len(x), generator))
         yield normalize(x, mean, std), y.to(device, non_blocking=True)

@@ -75,9 +75,18 @@ def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | 
                   runs_root: Path, device: str, force: bool, reporter: Reporter) -> dict:
     from ncmcli.training import prepare_run_dir, train
 
+    import shutil
+
     dev = pick_device(device)
-    run_dir = prepare_run_dir(out, runs_root, preset and Path(preset).stem or "custom", force)
-    return train(cfg, run_dir=run_dir, device=dev, reporter=reporter, preset=preset, overrides=overrides)
+    run_dir, created = prepare_run_dir(out, runs_root, preset and Path(preset).stem or "custom", force)
+    try:
+        return train(cfg, run_dir=run_dir, device=dev, reporter=reporter, preset=preset, overrides=overrides)
+    except BaseException:
+        # A run that fails before its first checkpoint (missing data, bad anchors) leaves
+        # no empty folder behind; one with checkpoints keeps them.
+        if created and not (run_dir / "last.safetensors").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def resolve_checkpoint(target: Path) -> Path:

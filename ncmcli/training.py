@@ -80,11 +80,12 @@ def make_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
     return None, False
 
 
-def prepare_run_dir(out: Path | None, runs_root: Path, name: str, force: bool) -> Path:
+def prepare_run_dir(out: Path | None, runs_root: Path, name: str, force: bool) -> tuple[Path, bool]:
     """A fresh run folder, checked writable before any training starts. Unique even for
     runs started in the same second: a random suffix, created with exist_ok=False."""
     if out is not None:
         run_dir = Path(out)
+        created = not run_dir.exists()
         if run_dir.exists() and not run_dir.is_dir():
             raise UsageError(f"--out {run_dir} exists and is not a folder")
         if run_dir.is_dir() and any((run_dir / f).exists() for f in ("config.yaml", "last.safetensors")) and not force:
@@ -94,6 +95,7 @@ def prepare_run_dir(out: Path | None, runs_root: Path, name: str, force: bool) -
         except OSError as exc:
             raise UsageError(f"cannot create output folder {run_dir} ({exc.strerror})") from None
     else:
+        created = True
         stamp = time.strftime("%Y%m%d-%H%M%S")
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name) or "run"
         for _ in range(100):
@@ -111,7 +113,7 @@ def prepare_run_dir(out: Path | None, runs_root: Path, name: str, force: bool) -
         probe.unlink()
     except OSError as exc:
         raise UsageError(f"output folder {run_dir} is not writable ({exc.strerror})") from None
-    return run_dir
+    return run_dir, created
 
 
 def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset: str | None = None,

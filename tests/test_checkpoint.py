@@ -1,0 +1,111 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ncmcli import checkpoint
+from ncmcli.config import resolve
+from ncmcli.errors import CheckpointError
+from ncmcli.training import build_from_config
+
+
+def _save(tmp_path, preset="quickstart", name="ck.safetensors"):
+    cfg = resolve(preset)
+    torch.manual_seed(0)
+    model, anchors, crit = build_from_config(cfg, 10, (1, 28, 28))
+    path = tmp_path / name
+    checkpoint.save(path, model=model, criterion=crit, config=cfg, classes=[f"c{i}" for i in range(10)],
+                    mean=[0.3], std=[0.2], input_shape=(1, 28, 28), epoch=3, metrics={"test_acc": 0.5})
+    return path, model.eval(), crit
+
+
+@pytest.mark.parametrize("preset", ["quickstart", "quickstart-softmax", "quickstart-cncm"])
+def test_round_trip_gives_the_same_logits(tmp_path, preset):
+    path, model, crit = _save(tmp_path, preset)
+    ck = checkpoint.load(path)
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(crit.logits(model(x)), ck.criterion.logits(ck.model(x)))
+    assert ck.classes[3] == "c3" and ck.epoch == 3 and ck.input_shape == (1, 28, 28)
+    assert ck.config == resolve(preset)
+
+
+def test_plain_safetensors_reads_anchors_and_metadata(tmp_path):
+    path, _, crit = _save(tmp_path)
+    tensors = load_file(str(path))
+    assert torch.equal(tensors["anchors"], crit.anchors) and tensors["anchors"].shape == (10, 32)
+    assert all(k == "anchors" or k.startswith(("model.", "criterion.")) for k in tensors)
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    assert meta["format"] == "ncm-checkpoint"
+    assert json.loads(meta["config"])["loss"]["name"] == "encm"
+    assert json.loads(meta["normalization"]) == {"mean": [0.3], "std": [0.2]}
+    assert json.loads(meta["input_shape"]) == [1, 28, 28]
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.safetensors"]  # no temp files left
+
+
+def test_truncated_empty_random_and_foreign_files_are_refused(tmp_path):
+    path, _, _ = _save(tmp_path)
+    blob = path.read_bytes()
+    cases = {"truncated": blob[: len(blob) // 2], "empty": b"", "random": os.urandom(4096),
+             "header-only": blob[:8]}
+    for name, data in cases.items():
+        p = tmp_path / f"{name}.safetensors"
+        p.write_bytes(data)
+        with pytest.raises(CheckpointError, match="not a readable safetensors|cannot read tensors"):
+            checkpoint.load(p)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(foreign))
+    with pytest.raises(CheckpointError, match="not an ncm checkpoint"):
+        checkpoint.load(foreign)
+    with pytest.raises(CheckpointError, match="not found"):
+        checkpoint.load(tmp_path / "missing.safetensors")
+
+
+def _rewrite(path, out, *, drop=None, reshape=None, meta_update=None):
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as fh:
+        meta = dict(fh.metadata())
+    if drop:
+        tensors.pop(drop)
+    if reshape:
+        tensors[reshape] = torch.zeros(3, 3)
+    meta.update(meta_update or {})
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"drop": "model.fc.weight"}, "do not match the model"),
+    ({"reshape": "model.fc.weight"}, "do not match the model"),
+    ({"reshape": "anchors"}, "anchors have shape"),
+    ({"meta_update": {"config": "{not json"}}, "not valid JSON"),
+    ({"meta_update": {"classes": "[]"}}, "classes"),
+    ({"meta_update": {"classes": json.dumps(["a", "b"])}}, "anchors have shape"),
+    ({"meta_update": {"input_shape": "[1, 99999999, 28]"}}, "input_shape"),
+    ({"meta_update": {"input_shape": "[-1, 28, 28]"}}, "input_shape"),
+    ({"meta_update": {"config": json.dumps({"model": {"feature_dim": 10**9}})}}, "absurd"),
+    ({"meta_update": {"config": json.dumps({"loss": {"name": "evil"}})}}, "invalid config"),
+    ({"meta_update": {"format_version": "99"}}, "version"),
+])
+def test_tampered_checkpoints_are_refused(tmp_path, kwargs, fragment):
+    path, _, _ = _save(tmp_path)
+    bad = _rewrite(path, tmp_path / "bad.safetensors", **kwargs)
+    with pytest.raises(CheckpointError, match=fragment):
+        checkpoint.load(bad)
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+
+    def boom(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        checkpoint.atomic_write(target, boom)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]

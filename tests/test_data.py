@@ -1,0 +1,140 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers_data import make_cifar, make_folder, make_mnist
+from ncmcli.config import DataConfig
+from ncmcli.data import (DEBIAN_FASHION_DIR, augment, batches, channel_stats, draw_augment,
+                         load_dataset, normalize)
+from ncmcli.errors import DataError
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_mnist_idx_files(tmp_path, compress):
+    ref = make_mnist(tmp_path, compress=compress)
+    ds = load_dataset(DataConfig(name="mnist", root=str(tmp_path), download=False))
+    assert ds.train.images.shape == (30, 1, 28, 28) and ds.train.images.dtype == torch.uint8
+    assert np.array_equal(ds.train.images[:, 0].numpy(), ref["train"][0])
+    assert ds.test.labels.tolist() == ref["test"][1].tolist()
+    assert ds.classes == [str(i) for i in range(10)]
+
+
+def test_fashion_mnist_layout(tmp_path):
+    make_mnist(tmp_path, folder="FashionMNIST")
+    ds = load_dataset(DataConfig(name="fashion-mnist", root=str(tmp_path), download=False))
+    assert ds.classes[0] == "T-shirt/top" and len(ds.train) == 30
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_debian_fashion_mnist(tmp_path):
+    ds = load_dataset(DataConfig(name="fashion-mnist", root=str(tmp_path), download=False))
+    assert ds.train.images.shape == (60000, 1, 28, 28) and len(ds.test) == 10000
+    assert torch.bincount(ds.test.labels).tolist() == [1000] * 10
+
+
+@pytest.mark.parametrize("kind", ["cifar10", "cifar100"])
+def test_cifar_pickle_format(tmp_path, kind):
+    ref = make_cifar(tmp_path, kind)
+    ds = load_dataset(DataConfig(name=kind, root=str(tmp_path), download=False))
+    n_train = 20 if kind == "cifar10" else 4
+    assert ds.train.images.shape == (n_train, 3, 32, 32) and len(ds.test) == 4
+    first = ref["train"][0][0][0].reshape(3, 32, 32)  # CIFAR rows are channel-major
+    assert np.array_equal(ds.train.images[0].numpy(), first)
+    assert ds.test.labels.tolist() == ref["test"][0][1]
+    assert len(ds.classes) == (10 if kind == "cifar10" else 100) and ds.classes[1] == "class1"
+
+
+@pytest.mark.parametrize("name,files", [
+    ("mnist", "train-images-idx3-ubyte"), ("fashion-mnist", "t10k-labels-idx1-ubyte"),
+    ("cifar10", "data_batch_1..5"), ("cifar100", "meta")])
+def test_missing_data_offline_names_folder_and_files(tmp_path, name, files, monkeypatch):
+    if name == "fashion-mnist":
+        monkeypatch.setattr("ncmcli.data.DEBIAN_FASHION_DIR", tmp_path / "nowhere")
+    with pytest.raises(DataError) as exc:
+        load_dataset(DataConfig(name=name, root=str(tmp_path), download=False))
+    msg = str(exc.value)
+    assert name in msg and str(tmp_path) in msg and files in msg
+
+
+def test_failed_download_explains_what_to_do(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets.utils as tvu
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(tvu, "_urlretrieve", offline)
+    with pytest.raises(DataError) as exc:
+        load_dataset(DataConfig(name="mnist", root=str(tmp_path), download=True))
+    msg = str(exc.value)
+    assert "download failed" in msg and "Offline?" in msg and str(tmp_path / "MNIST" / "raw") in msg
+
+
+def test_image_folder(tmp_path):
+    make_folder(tmp_path, size=(20, 12))
+    ds = load_dataset(DataConfig(name="folder", root=str(tmp_path), image_size=16, channels=1))
+    assert ds.classes == ["cat", "dog", "eel"]
+    assert ds.train.images.shape == (9, 1, 16, 16) and ds.test.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    rgb = load_dataset(DataConfig(name="folder", root=str(tmp_path)))
+    assert rgb.input_shape == (3, 32, 32)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="train/<class>"):
+        load_dataset(DataConfig(name="folder", root=str(tmp_path)))
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "train" / "b").mkdir()
+    (tmp_path / "test" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="holds no images"):
+        load_dataset(DataConfig(name="folder", root=str(tmp_path)))
+
+
+def test_quickstart_is_balanced_and_small():
+    from ncmcli.data import QUICKSTART_FILE
+
+    ds = load_dataset(DataConfig(name="quickstart"))
+    assert QUICKSTART_FILE.stat().st_size <= 3_000_000
+    assert torch.bincount(ds.train.labels).tolist() == [500] * 10
+    assert torch.bincount(ds.test.labels).tolist() == [100] * 10
+    assert ds.input_shape == (1, 28, 28)
+
+
+def test_normalisation_is_zero_mean_unit_variance():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (50, 3, 8, 8), generator=g, dtype=torch.uint8)
+    mean, std = channel_stats(images)
+    x = normalize(images, mean, std).double()
+    assert torch.allclose(x.mean((0, 2, 3)), torch.zeros(3, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(x.std((0, 2, 3)), torch.ones(3, dtype=torch.float64), atol=1e-4)
+
+
+def test_batched_augmentation_equals_torchvision_per_sample():
+    import torchvision.transforms.v2.functional as TF
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8)
+    oy, ox, flip = draw_augment(16, torch.Generator().manual_seed(1))
+    assert flip.any() and (~flip).any() and (oy != 4).any()
+    out = augment(images, oy, ox, flip)
+    for i in range(16):
+        ref = TF.pad(images[i], [4], fill=0)  # torchvision's RandomCrop(32, padding=4)
+        ref = TF.crop(ref, int(oy[i]), int(ox[i]), 32, 32)
+        if flip[i]:
+            ref = TF.horizontal_flip(ref)  # RandomHorizontalFlip
+        assert torch.equal(out[i], ref), i
+
+
+def test_batches_cover_the_split_once_and_shuffle():
+    from ncmcli.data import Split
+
+    split = Split(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).clone(), torch.arange(10))
+    g = torch.Generator().manual_seed(0)
+    ys = [y for _, y in batches(split, 4, mean=[0.0], std=[1 / 255], device="cpu", generator=g)]
+    assert [len(y) for y in ys] == [4, 4, 2]
+    order = torch.cat(ys)
+    assert sorted(order.tolist()) == list(range(10)) and order.tolist() != list(range(10))
+    x, y = next(batches(split, 10, mean=[0.0], std=[1 / 255], device="cpu"))
+    assert torch.equal(x[:, 0, 0, 0], y.float())  # images stay paired with labels
