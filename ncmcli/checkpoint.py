@@ -176,10 +176,7 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
             f"{path}: anchors have shape {tuple(anchors.shape)}, expected ({len(classes)}, {model.feature_dim})"
         )
     try:
-        criterion = build_criterion(
-            cfg.loss.name, anchors=anchors, dim=model.feature_dim,
-            num_classes=len(classes), scale=cfg.loss.scale,
-        )
+        criterion = build_criterion(cfg.loss, anchors=anchors, dim=model.feature_dim, num_classes=len(classes))
     except (ValueError, NcmError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild the criterion ({exc})") from None
     model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}

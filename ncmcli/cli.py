@@ -250,6 +250,19 @@ def predict(
         raise typer.Exit(1)
 
 
+@app.command()
+def report(
+    paths: List[Path] = typer.Argument(..., help="Run folders, or folders that contain them."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, md, csv or json."),
+) -> None:
+    """Tables shaped like the paper's Tables 2 and 3 from runs' result.json and config.yaml."""
+    from ncmcli import report as rep
+
+    if fmt not in rep.FORMATS:
+        raise typer.BadParameter(f"choose one of: {', '.join(rep.FORMATS)}", param_hint="--format")
+    sys.stdout.write(rep.render(rep.collect(paths), fmt) + "\n")
+
+
 # ---------------------------------------------------------------------------------------
 def main() -> None:
     """Console entry point: run the app, turning every failure into one line and a code."""

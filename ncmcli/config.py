@@ -20,7 +20,8 @@ import yaml
 from ncmcli.errors import ConfigError
 
 DATASETS = ("quickstart", "mnist", "fashion-mnist", "cifar10", "cifar100", "folder")
-LOSSES = ("softmax", "encm", "cncm", "sqncm")
+LOSSES = ("softmax", "encm", "cncm", "sqncm", "hinge", "lsoftmax", "center")
+HINGE_FORMS = ("ova", "weston-watkins")
 ANCHOR_METHODS = ("orthogonal", "polar", "simplex", "orthoplex", "optimized", "random", "auto")
 SCHEDULES = ("plateau", "cosine", "none")
 
@@ -54,6 +55,16 @@ class AnchorsConfig:
 class LossConfig:
     name: str = "encm"  # the paper's main method; softmax is the baseline
     scale: float = 1.0  # inverse temperature on -M; 1.0 is the paper (an extension otherwise)
+    hinge_form: str = "ova"  # Caffe's one-vs-all L1 HingeLoss, what the cited Hinge rows used
+    margin: int = 2  # L-Softmax m in {1, 2, 3, 4}
+    # L-Softmax lambda = max(lambda_min, base * (1 + gamma * iter)^-power): the released
+    # Caffe models' annealing; a large lambda early is what lets L-Softmax train at all.
+    lambda_base: float = 1000.0
+    lambda_gamma: float = 0.12
+    lambda_power: float = 1.0
+    lambda_min: float = 0.0
+    center_weight: float = 0.003  # center loss lambda: Wen et al.'s main setting
+    center_alpha: float = 0.5  # center loss centre learning rate: Wen et al.'s setting
 
 
 @dataclass(frozen=True)
@@ -205,6 +216,12 @@ def _check(cfg: Config) -> None:
     need(0.0 < cfg.optim.lr_factor < 1.0, f"optim.lr_factor must be in (0, 1), got {cfg.optim.lr_factor}")
     need(cfg.optim.min_lr >= 0, f"optim.min_lr must be >= 0, got {cfg.optim.min_lr}")
     need(cfg.loss.scale > 0, f"loss.scale must be > 0, got {cfg.loss.scale}")
+    need(cfg.loss.hinge_form in HINGE_FORMS, f"loss.hinge_form: {cfg.loss.hinge_form!r} is not one of {', '.join(HINGE_FORMS)}")
+    need(cfg.loss.margin in (1, 2, 3, 4), f"loss.margin must be 1, 2, 3 or 4, got {cfg.loss.margin}")
+    need(cfg.loss.lambda_base >= 0 and cfg.loss.lambda_gamma >= 0 and cfg.loss.lambda_power >= 0
+         and cfg.loss.lambda_min >= 0, "loss.lambda_base/gamma/power/min must be >= 0")
+    need(cfg.loss.center_weight >= 0, f"loss.center_weight must be >= 0, got {cfg.loss.center_weight}")
+    need(0 <= cfg.loss.center_alpha <= 1, f"loss.center_alpha must be in [0, 1], got {cfg.loss.center_alpha}")
     need(cfg.data.channels in (0, 1, 3), f"data.channels must be 0, 1 or 3, got {cfg.data.channels}")
     need(cfg.data.image_size == 0 or 8 <= cfg.data.image_size <= 512,
          f"data.image_size must be 0 or in [8, 512], got {cfg.data.image_size}")

@@ -90,20 +90,30 @@ class SoftmaxLoss(Criterion):
 
 
 NCM_METRICS = {"encm": "euclidean", "cncm": "cosine", "sqncm": "sqeuclidean"}
-LOSSES = ["softmax", *NCM_METRICS]
+LOSSES = ["softmax", *NCM_METRICS, "hinge", "lsoftmax", "center"]
 assert set(NCM_METRICS.values()) <= set(DISTANCES)
 
 
-def build_criterion(
-    name: str, *, anchors: torch.Tensor | None, dim: int, num_classes: int, scale: float = 1.0
-) -> Criterion:
-    """The criterion for a ``loss.name``; NCM losses need ``anchors`` of shape (C, dim)."""
+def build_criterion(loss_cfg, *, anchors: torch.Tensor | None, dim: int, num_classes: int) -> Criterion:
+    """The criterion for a ``loss`` config section (``loss.name`` and its options); NCM
+    losses need ``anchors`` of shape (C, dim)."""
+    from ncmcli import baselines
+
+    name = loss_cfg.name
     if name in NCM_METRICS:
         if anchors is None or tuple(anchors.shape) != (num_classes, dim):
             raise ValueError(f"{name} needs anchors of shape ({num_classes}, {dim})")
-        return NCMLoss(anchors, metric=NCM_METRICS[name], scale=scale)
+        return NCMLoss(anchors, metric=NCM_METRICS[name], scale=loss_cfg.scale)
     if name == "softmax":
         return SoftmaxLoss(dim, num_classes)
+    if name == "hinge":
+        return baselines.HingeLoss(dim, num_classes, form=loss_cfg.hinge_form)
+    if name == "lsoftmax":
+        return baselines.LSoftmaxLoss(dim, num_classes, loss_cfg.margin, base=loss_cfg.lambda_base,
+                                      gamma=loss_cfg.lambda_gamma, power=loss_cfg.lambda_power,
+                                      lambda_min=loss_cfg.lambda_min)
+    if name == "center":
+        return baselines.CenterLoss(dim, num_classes, weight=loss_cfg.center_weight, alpha=loss_cfg.center_alpha)
     from ncmcli.errors import ConfigError
 
     raise ConfigError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")

@@ -31,8 +31,7 @@ def build_from_config(cfg, num_classes: int, input_shape):
     anchors = None
     if cfg.loss.name in NCM_METRICS:
         anchors = make_anchors(cfg.anchors.method, num_classes, model.feature_dim, seed=cfg.anchors.seed)
-    criterion = build_criterion(cfg.loss.name, anchors=anchors, dim=model.feature_dim,
-                                num_classes=num_classes, scale=cfg.loss.scale)
+    criterion = build_criterion(cfg.loss, anchors=anchors, dim=model.feature_dim, num_classes=num_classes)
     return model, anchors, criterion
 
 

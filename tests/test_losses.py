@@ -102,9 +102,11 @@ def test_softmax_head_matches_reference():
 
 
 def test_build_criterion():
+    from ncmcli.config import LossConfig
+
     a = make_anchors("orthogonal", 3, 4)
-    assert isinstance(build_criterion("encm", anchors=a, dim=4, num_classes=3), NCMLoss)
-    assert build_criterion("cncm", anchors=a, dim=4, num_classes=3).metric == "cosine"
-    assert isinstance(build_criterion("softmax", anchors=None, dim=4, num_classes=3), SoftmaxLoss)
+    assert isinstance(build_criterion(LossConfig(name="encm"), anchors=a, dim=4, num_classes=3), NCMLoss)
+    assert build_criterion(LossConfig(name="cncm"), anchors=a, dim=4, num_classes=3).metric == "cosine"
+    assert isinstance(build_criterion(LossConfig(name="softmax"), anchors=None, dim=4, num_classes=3), SoftmaxLoss)
     with pytest.raises(ValueError):
-        build_criterion("encm", anchors=a, dim=5, num_classes=3)
+        build_criterion(LossConfig(name="encm"), anchors=a, dim=5, num_classes=3)

@@ -1,0 +1,89 @@
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ncmcli.config import resolve, to_yaml
+from ncmcli.report import collect, render
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fake_run(root: Path, name: str, preset: str, error: float, overrides=()):
+    run = root / name
+    run.mkdir(parents=True)
+    cfg = resolve(preset, list(overrides))
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    (run / "result.json").write_text(json.dumps({"test_error_pct": error, "test_acc": 1 - error / 100}))
+    return run
+
+
+def test_cells_aggregate_seeds_and_mark_departures(tmp_path):
+    fake_run(tmp_path, "a", "cifar10-encm", 10.0)
+    fake_run(tmp_path, "b", "cifar10-encm", 12.0, ["seed=1"])
+    fake_run(tmp_path, "c", "cifar10-encm", 20.0, ["model.dropout=0.5", "train.epochs=5"])
+    fake_run(tmp_path, "d", "cifar100-lsoftmax4", 40.0, ["model.arch=small"])
+    cells = {(c.dataset, c.method, c.dropout): c for c in collect([tmp_path])}
+    enc = cells[("CIFAR-10", "E-NCM", 0.1)]
+    assert enc.n == 2 and enc.mean == 11.0 and enc.std == pytest.approx(statistics.stdev([10, 12]))
+    assert enc.marks == set()
+    assert cells[("CIFAR-10", "E-NCM", 0.5)].marks == {"epochs"}
+    assert cells[("CIFAR-100", "L-Softmax m=4", 0.1)].marks == {"net"}
+
+
+def test_paper_numbers_sit_beside_ours(tmp_path, monkeypatch):
+    fake_run(tmp_path, "a", "cifar10plus-cncm", 7.0)
+    paper = tmp_path / "paper.json"
+    paper.write_text(json.dumps({"source": "test", "cells": [
+        {"table": "2", "dataset": "CIFAR-10+", "method": "C-NCM", "dropout": 0.1, "error_pct": 6.5}]}))
+    monkeypatch.setattr("ncmcli.report.PAPER_FILE", paper)
+    cell = collect([tmp_path])[0]
+    assert cell.paper == 6.5 and cell.to_dict()["diff"] == pytest.approx(0.5)
+    md = render([cell], "md")
+    assert "| C-NCM | 7.00 (n=1) | 6.50 | +0.50 |" in md
+    assert "6.5" in render([cell], "csv") and json.loads(render([cell], "json"))["cells"][0]["paper"] == 6.5
+
+
+def test_table3_view_appears_when_dropout_varies(tmp_path):
+    for p in (0, 0.25):
+        fake_run(tmp_path, f"s{p}", "cifar100-softmax", 30.0 + p, [f"model.dropout={p}"])
+    text = render(collect([tmp_path]), "table")
+    assert "Table 3" in text and "p=0.25 ours" in text and "30.25 (n=1)" in text
+
+
+def test_paper_file_has_every_cell_of_tables_2_and_3():
+    doc = json.loads((REPO / "ncmcli" / "paper_results.json").read_text())
+    t2 = [c for c in doc["cells"] if c["table"] == "2"]
+    t3 = [c for c in doc["cells"] if c["table"] == "3"]
+    assert len(t2) == 4 * 6 and len(t3) == 3 * 3 * 4
+
+
+def test_report_cli_errors(ncm, tmp_path):
+    from conftest import assert_clean_error
+
+    assert_clean_error(ncm("report", tmp_path), 2, "no result.json")
+    assert_clean_error(ncm("report", tmp_path / "missing"), 2, "no such run folder")
+
+
+@pytest.mark.slow
+def test_reproduce_script_sweep_aggregates(tmp_path):
+    env = dict(os.environ, SEEDS="0 1", EPOCHS="1", NCM=str(Path(sys.executable).parent / "ncm"),
+               EXTRA="--set data.limit_train=300 --set data.limit_test=100")
+    out = tmp_path / "sweep"
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "reproduce.sh"), "smoke", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    runs = sorted(p.name for p in out.iterdir() if (p / "result.json").exists())
+    assert runs == ["quickstart-s0", "quickstart-s1", "quickstart-softmax-s0", "quickstart-softmax-s1"]
+    errors = {n: json.loads((out / "logs" / f"{n}.json").read_text())["test_error_pct"] for n in runs}
+    cells = {c.method: c for c in collect([out])}
+    assert cells["E-NCM"].n == 2 and cells["E-NCM"].mean == pytest.approx((errors["quickstart-s0"] + errors["quickstart-s1"]) / 2)
+    assert cells["SoftMax"].errors == pytest.approx([errors["quickstart-softmax-s0"], errors["quickstart-softmax-s1"]])
+    assert (out / "report.md").read_text().strip() == proc.stdout.strip()
+    again = subprocess.run(["bash", str(REPO / "benchmarks" / "reproduce.sh"), "smoke", str(out)],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and again.stderr.count("skip") == 4  # resumable
