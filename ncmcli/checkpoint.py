@@ -69,8 +69,10 @@ class Checkpoint:
 
 
 def save(
-    path: Path, *, model, criterion, config, classes, mean, std, input_shape, epoch, metrics
+    path: Path, *, model, criterion, config, classes, mean, std, input_shape, epoch, metrics,
+    extra: tuple[dict, str] | None = None,
 ) -> None:
+    """``extra``: (tensors, train_state JSON) from ``trainstate.pack``, for resumable files."""
     from safetensors.torch import save_file
 
     from ncmcli import __version__
@@ -90,6 +92,9 @@ def save(
         "epoch": str(int(epoch)),
         "metrics": json.dumps(metrics),
     }
+    if extra is not None:
+        tensors.update({k: v.detach().to("cpu").contiguous() for k, v in extra[0].items()})
+        meta["train_state"] = extra[1]
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
@@ -179,6 +184,9 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
         criterion = build_criterion(cfg.loss, anchors=anchors, dim=model.feature_dim, num_classes=len(classes))
     except (ValueError, NcmError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild the criterion ({exc})") from None
+    stray = [k for k in tensors if k != _ANCHOR_KEY and not k.startswith(("model.", "criterion.", "state."))]
+    if stray:
+        raise CheckpointError(f"{path}: unexpected tensors {stray[:3]}")
     model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     crit_sd = {k[len("criterion."):]: v for k, v in tensors.items() if k.startswith("criterion.")}
     if anchors is not None:

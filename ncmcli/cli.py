@@ -154,6 +154,41 @@ class _RichReporter:
             self.progress.stop()
 
 
+class _StopOnSignal:
+    """SIGINT/SIGTERM ask training to stop at the next step boundary (it then saves a
+    resumable checkpoint); a second signal aborts at once, leaving the files as they are."""
+
+    def __init__(self):
+        self._set = False
+        self.signal_name = ""
+        self._old = {}
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self._set:
+            raise KeyboardInterrupt  # the second signal: abort now
+        self._set = True
+        self.signal_name = signal.Signals(signum).name
+        err.print(f"[yellow]{self.signal_name}: stopping after this step (again to abort)[/yellow]")
+
+    def __enter__(self):
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 @app.command()
 def train(
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (see 'ncm presets') or a YAML file."),
@@ -163,22 +198,33 @@ def train(
     runs: Path = typer.Option(Path("runs"), "--runs", help="Parent of new run folders."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps."),
     force: bool = typer.Option(False, "--force", help="Train into an --out folder that already holds a run."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder exactly (only --set train.epochs=N may change)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON document on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:
     """Train a model; writes config.yaml, metrics.jsonl, best/last.safetensors, result.json."""
     from ncmcli import config as cfgmod
 
-    cfg = cfgmod.resolve(preset, overrides)
+    if resume is not None and (preset or out or print_config):
+        raise typer.BadParameter("--resume takes no --preset, --out or --print-config: the run folder has them",
+                                 param_hint="--resume")
+    cfg = None if resume is not None else cfgmod.resolve(preset, overrides)
     if print_config:
         sys.stdout.write(cfgmod.to_yaml(cfg))
         return
     from ncmcli import engine
 
     reporter = _RichReporter(quiet)
+    stop = _StopOnSignal()
     try:
-        result = engine.train_command(cfg, preset=preset, overrides=list(overrides), out=out, runs_root=runs,
-                                      device=device, force=force, reporter=reporter)
+        with stop:
+            if resume is not None:
+                result = engine.resume_command(resume, overrides=list(overrides), device=device,
+                                               reporter=reporter, stop=stop)
+            else:
+                result = engine.train_command(cfg, preset=preset, overrides=list(overrides), out=out,
+                                              runs_root=runs, device=device, force=force, reporter=reporter,
+                                              stop=stop)
     finally:
         reporter.close()
     if as_json:

@@ -325,12 +325,18 @@ def augment(images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torc
 
 def batches(
     split: Split, batch_size: int, *, mean, std, device, generator: torch.Generator | None = None,
-    augment_batches: bool = False,
+    augment_batches: bool = False, skip: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalised (x, y) batches; shuffled when a generator is given (a fresh order each call)."""
+    """Normalised (x, y) batches; shuffled when a generator is given (a fresh order each call).
+    ``skip`` passes over the first batches (drawing their random numbers all the same), so a
+    run resumed mid-epoch sees exactly the batches it would have seen."""
     n = len(split)
     order = torch.randperm(n, generator=generator) if generator is not None else None
-    for start in range(0, n, batch_size):
+    for i, start in enumerate(range(0, n, batch_size)):
+        if i < skip:
+            if augment_batches:
+                draw_augment(min(batch_size, n - start), generator)
+            continue
         if order is None:
             x, y = split.images[start:start + batch_size], split.labels[start:start + batch_size]
         else:

@@ -71,8 +71,42 @@ def pick_device(name: str = "auto"):
 # ---------------------------------------------------------------------------------------
 # Commands
 
+def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter: Reporter, stop=None) -> dict:
+    """Continue an interrupted run exactly; only ``train.epochs`` may change (to extend it)."""
+    import dataclasses
+
+    import yaml
+
+    from ncmcli import config as cfgmod
+    from ncmcli import trainstate
+    from ncmcli.errors import CheckpointError
+    from ncmcli.training import train
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "last.safetensors").is_file():
+        raise UsageError(f"{run_dir} is not a resumable run folder (needs config.yaml and last.safetensors)")
+    try:
+        cfg = cfgmod.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {})
+    except yaml.YAMLError:
+        raise CheckpointError(f"{run_dir / 'config.yaml'} is not valid YAML") from None
+    for text in overrides:
+        key, value = cfgmod.parse_override(text)
+        if key != "train.epochs":
+            raise UsageError(f"--resume keeps the run's config; only train.epochs may change, not {key}")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=cfgmod.coerce(key, value)))
+    cfgmod.build(cfgmod._flatten(cfg.to_dict()))  # re-validate the changed epochs
+    progress = trainstate.unpack(run_dir / "last.safetensors").progress
+    if progress.epoch >= cfg.train.epochs and progress.step == 0:
+        raise UsageError(f"{run_dir} already finished {progress.epoch} epochs; extend it with --set train.epochs=N")
+    if overrides:
+        from ncmcli.checkpoint import atomic_write_text
+
+        atomic_write_text(run_dir / "config.yaml", cfgmod.to_yaml(cfg))
+    return train(cfg, run_dir=run_dir, device=pick_device(device), reporter=reporter, resume=True, stop=stop)
+
+
 def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | None,
-                  runs_root: Path, device: str, force: bool, reporter: Reporter) -> dict:
+                  runs_root: Path, device: str, force: bool, reporter: Reporter, stop=None) -> dict:
     from ncmcli.training import prepare_run_dir, train
 
     import shutil
@@ -80,7 +114,8 @@ def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | 
     dev = pick_device(device)
     run_dir, created = prepare_run_dir(out, runs_root, preset and Path(preset).stem or "custom", force)
     try:
-        return train(cfg, run_dir=run_dir, device=dev, reporter=reporter, preset=preset, overrides=overrides)
+        return train(cfg, run_dir=run_dir, device=dev, reporter=reporter, preset=preset, overrides=overrides,
+                     stop=stop)
     except BaseException:
         # A run that fails before its first checkpoint (missing data, bad anchors) leaves
         # no empty folder behind; one with checkpoints keeps them.

@@ -42,6 +42,7 @@ def evaluate(model, criterion, split, *, mean, std, device, batch_size: int, num
     from ncmcli.data import batches
 
     model.eval()
+    criterion.eval()  # no centre updates or L-Softmax schedule steps on evaluation data
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     with torch.no_grad():
@@ -115,13 +116,29 @@ def prepare_run_dir(out: Path | None, runs_root: Path, name: str, force: bool) -
     return run_dir, created
 
 
+class Interrupted(NcmError):
+    """Training stopped on SIGINT/SIGTERM after saving a resumable checkpoint."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset: str | None = None,
-          overrides: list[str] = ()) -> dict:
-    """Train ``cfg`` into ``run_dir`` and return the result record (also in result.json)."""
+          overrides: list[str] = (), resume: bool = False, stop=None) -> dict:
+    """Train ``cfg`` into ``run_dir`` and return the result record (also in result.json).
+
+    ``resume`` continues from ``run_dir/last.safetensors`` exactly where it stopped.
+    ``stop`` is an object with ``is_set()`` and ``signal_name`` (the CLI sets it on
+    SIGINT/SIGTERM): training then stops at the next step boundary, saves a resumable
+    ``last`` checkpoint and raises ``Interrupted``."""
+    from ncmcli import trainstate
     from ncmcli.anchors import anchor_certificate
     from ncmcli.data import batches, channel_stats, load_dataset
 
     t_start = time.time()
+    for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-write (SIGKILL)
+        stale.unlink(missing_ok=True)
     # -- Setup: seeds, threads, data, model, anchors, criterion, optimiser
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -134,58 +151,92 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
     model, anchors, criterion = build_from_config(cfg, num_classes, input_shape)
     model.to(device)
     criterion.to(device)
-    if anchors is not None:
-        reporter.certificate(anchor_certificate(anchors, cfg.anchors.method, criterion.metric, cfg.loss.scale).to_dict())
     train_split, test_split = data.train.to(device), data.test.to(device)
     steps_per_epoch = math.ceil(len(train_split) / cfg.train.batch_size)
     optimizer = make_optimizer(cfg, model, criterion)
     scheduler, per_step = make_scheduler(cfg, optimizer, steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation draws
-    checkpoint.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    progress = trainstate.Progress()
+    if resume:
+        last = checkpoint.load(run_dir / "last.safetensors", device)
+        model.load_state_dict(last.model.state_dict())
+        criterion.load_state_dict(last.criterion.state_dict())
+        anchors = getattr(criterion, "anchors", None)
+        state = trainstate.unpack(run_dir / "last.safetensors")
+        optimizer.load_state_dict(state.optimizer)
+        trainstate.restore_scheduler(scheduler, state.scheduler)
+        gen.set_state(state.data_rng)
+        torch.set_rng_state(state.torch_rng)
+        if device.type == "cuda" and state.cuda_rng:
+            torch.cuda.set_rng_state_all(state.cuda_rng)
+        progress = state.progress
+        reporter.message(f"resuming {run_dir} after epoch {progress.epoch}, step {progress.step}")
+    else:
+        checkpoint.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    if anchors is not None:
+        reporter.certificate(anchor_certificate(anchors, cfg.anchors.method, criterion.metric, cfg.loss.scale).to_dict())
     reporter.message(f"run folder: {run_dir}")
     reporter.message(f"data: {data.name}, {len(train_split)} train / {len(test_split)} test, "
                      f"{num_classes} classes, input {input_shape}; device: {device}")
 
-    def save(path: Path, epoch: int, metrics: dict) -> None:
+    def save(path: Path, epoch: int, metrics: dict, state: trainstate.TrainState | None = None) -> None:
+        extra = trainstate.pack(state) if state is not None else None
         checkpoint.save(path, model=model, criterion=criterion, config=cfg, classes=data.classes,
-                        mean=mean, std=std, input_shape=input_shape, epoch=epoch, metrics=metrics)
+                        mean=mean, std=std, input_shape=input_shape, epoch=epoch, metrics=metrics, extra=extra)
 
-    best, history, global_step, train_images, train_time = None, [], 0, 0, 0.0
-    for epoch in range(1, cfg.train.epochs + 1):
+    def snapshot(epoch_rng: torch.Tensor) -> trainstate.TrainState:
+        return trainstate.TrainState(
+            progress, optimizer.state_dict(), scheduler.state_dict() if scheduler is not None else None,
+            epoch_rng, torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if device.type == "cuda" else [])
+
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] if resume and (run_dir / "metrics.jsonl").exists() else []
+    sync_every = 1 if device.type == "cpu" else 25
+    for epoch in range(progress.epoch + 1, cfg.train.epochs + 1):
         # -- Train one epoch; loss and accuracy accumulate on the device (no per-step sync)
         model.train()
         criterion.train()
+        epoch_rng = gen.get_state()  # a mid-epoch resume replays this epoch's order from here
         reporter.epoch_start(epoch, cfg.train.epochs, steps_per_epoch)
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        seen, t0 = 0, time.time()
-        sync_every = 1 if device.type == "cpu" else 25
+        skip = progress.step
+        loss_sum = torch.tensor(progress.loss_sum, device=device, dtype=torch.float64)
+        correct = torch.tensor(progress.correct, device=device, dtype=torch.int64)
+        seen, seen0, t0 = progress.seen, progress.seen, time.time()
         for step, (x, y) in enumerate(batches(train_split, cfg.train.batch_size, mean=mean, std=std,
-                                               device=device, generator=gen,
-                                               augment_batches=cfg.data.augment), 1):
+                                               device=device, generator=gen, augment_batches=cfg.data.augment,
+                                               skip=skip), skip + 1):
             feats = model(x)
             loss = criterion(feats, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # -- NaN guard: checked before the step, so bad weights never reach a checkpoint
+            if (step % sync_every == 0 or step == steps_per_epoch) and not math.isfinite(loss.item()):
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at epoch {epoch}, step {step} (global step {progress.global_step + 1}); "
+                    f"try a lower learning rate than optim.lr={cfg.optim.lr:g}. "
+                    f"Checkpoints from earlier epochs in {run_dir} are untouched")
             optimizer.step()
             if per_step:
                 scheduler.step()
-            global_step += 1
+            progress.global_step += 1
             loss_sum += loss.detach().double() * len(y)
             correct += (criterion.predict(feats.detach()) == y).sum()
             seen += len(y)
             if step % sync_every == 0 or step == steps_per_epoch:
-                # -- NaN guard: stop before a bad step reaches any checkpoint
-                if not math.isfinite(loss.item()):
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at epoch {epoch}, step {step} (global step {global_step}); "
-                        f"try a lower learning rate than optim.lr={cfg.optim.lr:g}. "
-                        f"Checkpoints from earlier epochs in {run_dir} are untouched"
-                    )
-                reporter.step(step, loss_sum.item() / seen, correct.item() / seen, seen / max(time.time() - t0, 1e-9))
+                reporter.step(step, loss_sum.item() / seen, correct.item() / seen,
+                              (seen - seen0) / max(time.time() - t0, 1e-9))
+            # -- Stop request (Ctrl-C, SIGTERM): save a resumable checkpoint at this boundary
+            if stop is not None and stop.is_set() and step < steps_per_epoch:
+                progress.step, progress.loss_sum, progress.correct = step, loss_sum.item(), int(correct.item())
+                progress.seen = seen
+                progress.train_time += time.time() - t0
+                save(run_dir / "last.safetensors", epoch - 1, {"interrupted_at_step": step}, snapshot(epoch_rng))
+                raise Interrupted(
+                    f"stopped by {stop.signal_name} at epoch {epoch}, step {step}; resume with: "
+                    f"ncm train --resume {run_dir}", 143 if stop.signal_name == "SIGTERM" else 130)
         epoch_time = time.time() - t0
-        train_time += epoch_time
-        train_images += seen
+        progress.train_time += epoch_time
+        progress.train_images += seen - seen0
         train_loss = loss_sum.item() / seen
         # -- Evaluate on the test split
         ev = evaluate(model, criterion, test_split, mean=mean, std=std, device=device,
@@ -195,18 +246,22 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
             scheduler.step(train_loss)
         metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / seen,
                    "test_loss": ev["loss"], "test_acc": ev["accuracy"], "test_error_pct": ev["error_pct"],
-                   "lr": lr, "epoch_time_s": round(epoch_time, 3), "images_per_s": round(seen / epoch_time, 1)}
+                   "lr": lr, "epoch_time_s": round(epoch_time, 3), "images_per_s": round(seen / max(epoch_time, 1e-9), 1)}
         history.append(metrics)
-        # -- Checkpoint: last every epoch, best on test accuracy; metrics one line per epoch
-        save(run_dir / "last.safetensors", epoch, metrics)
-        if best is None or metrics["test_acc"] > best["test_acc"]:
-            best = metrics
+        # -- Checkpoint: best on test accuracy; last (resumable) every epoch; one metrics line
+        progress.epoch, progress.step, progress.loss_sum, progress.correct, progress.seen = epoch, 0, 0.0, 0, 0
+        if progress.best is None or metrics["test_acc"] > progress.best["test_acc"]:
+            progress.best = metrics
             save(run_dir / "best.safetensors", epoch, metrics)
+        save(run_dir / "last.safetensors", epoch, metrics, snapshot(gen.get_state()))
         with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(metrics) + "\n")
         reporter.epoch_end(metrics)
+        if stop is not None and stop.is_set() and epoch < cfg.train.epochs:
+            raise Interrupted(f"stopped by {stop.signal_name} after epoch {epoch}; resume with: "
+                              f"ncm train --resume {run_dir}", 143 if stop.signal_name == "SIGTERM" else 130)
 
-    final = history[-1]
+    final, best = history[-1], progress.best
     result = {
         "run_dir": str(run_dir), "preset": preset, "overrides": list(overrides),
         "dataset": data.name, "arch": cfg.model.arch, "loss": cfg.loss.name, "seed": cfg.seed,
@@ -215,7 +270,7 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
         "best": {k: best[k] for k in ("epoch", "test_acc", "test_error_pct")},
         "test_acc": final["test_acc"], "test_error_pct": final["test_error_pct"],
         "checkpoint": str(run_dir / "best.safetensors"), "last_checkpoint": str(run_dir / "last.safetensors"),
-        "train_images_per_s": round(train_images / max(train_time, 1e-9), 1),
+        "train_images_per_s": round(progress.train_images / max(progress.train_time, 1e-9), 1),
         "wall_time_s": round(time.time() - t_start, 2),
     }
     if anchors is not None:

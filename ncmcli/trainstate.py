@@ -1,0 +1,101 @@
+"""Resumable training state, pickle-free: tensors (momentum buffers, RNG states) go into
+the ``last.safetensors`` checkpoint under ``state.*``, scalars into its ``train_state``
+JSON metadata. One file, written atomically, so the weights and the state that goes with
+them can never disagree."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ncmcli.errors import CheckpointError
+
+PREFIX = "state."
+
+
+@dataclass
+class Progress:
+    """Where a run stands: ``epoch`` epochs are complete and ``step`` batches of the next."""
+
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    train_time: float = 0.0
+    train_images: int = 0
+    best: dict | None = None
+
+
+@dataclass
+class TrainState:
+    progress: Progress
+    optimizer: dict  # a torch optimizer state_dict
+    scheduler: dict | None
+    data_rng: torch.Tensor  # the data generator's state at the start of epoch ``epoch + 1``
+    torch_rng: torch.Tensor
+    cuda_rng: list = field(default_factory=list)
+
+
+def _jsonable(obj):
+    """A scheduler state_dict as plain JSON (lr lambdas are code, never stored)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items() if k != "lr_lambdas"}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (bool, int, float, str)) or obj is None:
+        return obj
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    raise TypeError(f"cannot store {type(obj).__name__} in the train state")
+
+
+def pack(state: TrainState) -> tuple[dict, str]:
+    tensors = {f"{PREFIX}rng.data": state.data_rng, f"{PREFIX}rng.torch": state.torch_rng}
+    for i, t in enumerate(state.cuda_rng):
+        tensors[f"{PREFIX}rng.cuda.{i}"] = t
+    for idx, per_param in state.optimizer["state"].items():
+        for name, t in per_param.items():
+            if isinstance(t, torch.Tensor):
+                tensors[f"{PREFIX}optim.{idx}.{name}"] = t
+    meta = {
+        "progress": state.progress.__dict__,
+        "param_groups": _jsonable(state.optimizer["param_groups"]),
+        "scheduler": None if state.scheduler is None else _jsonable(state.scheduler),
+    }
+    return tensors, json.dumps(meta)
+
+
+def unpack(path: Path) -> TrainState:
+    """The train state stored in a ``last.safetensors``, or a clear error."""
+    from safetensors import safe_open
+
+    from ncmcli.checkpoint import read_metadata
+
+    meta = read_metadata(path)
+    if "train_state" not in meta:
+        raise CheckpointError(f"{path} holds no train state (only last.safetensors of a run can resume)")
+    try:
+        doc = json.loads(meta["train_state"])
+        progress = Progress(**doc["progress"])
+        with safe_open(str(path), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys() if k.startswith(PREFIX)}
+        optim_state: dict = {}
+        for key, t in tensors.items():
+            parts = key[len(PREFIX):].split(".")
+            if parts[0] == "optim":
+                optim_state.setdefault(int(parts[1]), {})[parts[2]] = t
+        cuda = [tensors[k] for k in sorted(tensors) if k.startswith(f"{PREFIX}rng.cuda.")]
+        return TrainState(progress, {"state": optim_state, "param_groups": doc["param_groups"]},
+                          doc["scheduler"], tensors[f"{PREFIX}rng.data"], tensors[f"{PREFIX}rng.torch"], cuda)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: damaged train state ({exc})") from None
+
+
+def restore_scheduler(scheduler, state: dict | None) -> None:
+    if scheduler is not None and state is not None:
+        scheduler.load_state_dict({**scheduler.state_dict(), **state})  # keeps the lr lambdas

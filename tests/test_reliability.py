@@ -1,0 +1,181 @@
+"""Resume, interruption, crash safety, determinism, NaN guard, and pickle-free loading."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import assert_clean_error
+from ncmcli import checkpoint
+from ncmcli.config import resolve
+from ncmcli.engine import Reporter
+from ncmcli.training import Interrupted, train
+
+REPO = Path(__file__).resolve().parents[1]
+# Augmentation and dropout on, so the data and dropout RNG states both matter.
+SMALL = ["data.limit_train=320", "data.limit_test=64", "train.batch_size=64", "train.deterministic=true",
+         "data.augment=true", "model.dropout=0.2", "train.num_threads=1"]
+
+
+class StopAfter:
+    """A stop request that arrives after ``n`` training steps."""
+
+    signal_name = "SIGINT"
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def is_set(self):
+        self.calls += 1
+        return self.calls >= self.n
+
+
+def _tensors(path):
+    return load_file(str(path))
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _run(tmp, name, epochs, resume=False, stop=None, extra=()):
+    cfg = resolve("quickstart", SMALL + [f"train.epochs={epochs}", *extra])
+    run = tmp / name
+    run.mkdir(exist_ok=True)
+    return train(cfg, run_dir=run, device=torch.device("cpu"), reporter=Reporter(), resume=resume, stop=stop)
+
+
+@pytest.mark.parametrize("extra", [(), ("optim.schedule=plateau", "optim.patience=0")])
+def test_resume_mid_epoch_and_at_epoch_end_is_bit_identical(tmp_path, extra):
+    _run(tmp_path, "full", 3, extra=extra)
+    with pytest.raises(Interrupted) as exc:
+        _run(tmp_path, "cut", 3, stop=StopAfter(8), extra=extra)  # epoch 2, step 3 (5 steps/epoch)
+    assert exc.value.exit_code == 130 and "ncm train --resume" in str(exc.value)
+    _run(tmp_path, "cut", 3, resume=True, extra=extra)
+    full, cut = _tensors(tmp_path / "full" / "last.safetensors"), _tensors(tmp_path / "cut" / "last.safetensors")
+    _same(full, cut)  # weights, anchors, momentum buffers and RNG states
+    assert (tmp_path / "full" / "metrics.jsonl").read_text().count("\n") == 3
+    m_full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    m_cut = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda m: {k: v for k, v in m.items() if k not in ("epoch_time_s", "images_per_s")}  # noqa: E731
+    assert list(map(strip, m_full)) == list(map(strip, m_cut))
+
+
+def test_center_and_lsoftmax_state_survive_resume(tmp_path):
+    for loss in ("center", "lsoftmax"):
+        extra = (f"loss.name={loss}", "optim.schedule=plateau")  # cosine depends on the epoch total
+        _run(tmp_path, f"{loss}-full", 2, extra=extra)
+        _run(tmp_path, f"{loss}-cut", 1, extra=extra)
+        cfg_path = tmp_path / f"{loss}-cut" / "config.yaml"
+        cfg_path.write_text(cfg_path.read_text().replace("epochs: 1", "epochs: 2"))
+        _run(tmp_path, f"{loss}-cut", 2, resume=True, extra=extra)
+        _same(_tensors(tmp_path / f"{loss}-full" / "last.safetensors"), _tensors(tmp_path / f"{loss}-cut" / "last.safetensors"))
+    assert "criterion.centers" in _tensors(tmp_path / "center-full" / "last.safetensors")
+    assert int(_tensors(tmp_path / "lsoftmax-full" / "last.safetensors")["criterion.iteration"]) == 10
+
+
+def test_deterministic_runs_are_identical(tmp_path):
+    a, b = _run(tmp_path, "a", 1), _run(tmp_path, "b", 1)
+    assert a["final"] == b["final"]
+    _same(_tensors(tmp_path / "a" / "best.safetensors"), _tensors(tmp_path / "b" / "best.safetensors"))
+
+
+def test_resume_cli_rules(ncm, tmp_path):
+    proc = ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=128",
+               "--set", "data.limit_test=64", "--out", tmp_path / "r", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert_clean_error(ncm("train", "--resume", tmp_path / "r"), 2, "already finished 1 epochs")
+    assert_clean_error(ncm("train", "--resume", tmp_path / "r", "--set", "optim.lr=1"), 2, "only train.epochs may change")
+    assert_clean_error(ncm("train", "--resume", tmp_path / "nope"), 2, "not a resumable run folder")
+    assert_clean_error(ncm("train", "--resume", tmp_path / "r", "--preset", "quickstart"), 2, "--resume takes no")
+    ext = ncm("train", "--resume", tmp_path / "r", "--set", "train.epochs=2", "--json", "--quiet")
+    assert ext.returncode == 0, ext.stderr
+    assert json.loads(ext.stdout)["final"]["epoch"] == 2
+    assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_a_resumable_checkpoint(tmp_path, sig, code):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "ncmcli", "train", "--preset", "quickstart", "--out", str(out),
+                             "--set", "train.epochs=50", "--set", "data.limit_train=2000", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "last.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and f"ncm train --resume {out}" in err
+    meta = checkpoint.read_metadata(out / "last.safetensors")
+    assert "train_state" in meta
+    checkpoint.load(out / "last.safetensors")  # still a valid checkpoint
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ncm, tmp_path):
+    out = tmp_path / "run"
+    small = ["--set", "data.limit_train=256", "--set", "data.limit_test=64", "--quiet"]
+    ok = ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", *small, "--out", out)
+    assert ok.returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".safetensors"}
+    bad = ncm("train", "--preset", "quickstart", "--set", "optim.lr=1e12", *small, "--out", out, "--force")
+    assert_clean_error(bad, 1, "try a lower learning rate")
+    assert re.search(r"at epoch 1, step \d+", bad.stderr)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".safetensors"} == before
+    fresh = ncm("train", "--preset", "quickstart", "--set", "optim.lr=1e12", *small, "--out", tmp_path / "nan")
+    assert fresh.returncode == 1 and not (tmp_path / "nan").exists()  # nothing half-made is left
+
+
+SAVE_LOOP = r"""
+import sys, torch
+from ncmcli import checkpoint
+from ncmcli.config import resolve
+from ncmcli.training import build_from_config
+cfg = resolve("quickstart")
+model, anchors, crit = build_from_config(cfg, 10, (1, 28, 28))
+i = 0
+while True:
+    i += 1
+    with torch.no_grad():
+        model.fc.bias.fill_(float(i))
+    checkpoint.save(sys.argv[1], model=model, criterion=crit, config=cfg, classes=[str(c) for c in range(10)],
+                    mean=[0.5], std=[0.25], input_shape=(1, 28, 28), epoch=i, metrics={})
+    print(i, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tmp_path):
+    target = tmp_path / "ck.safetensors"
+    rng = random.Random(0)
+    seen_epochs = set()
+    for _ in range(15):
+        proc = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(target)], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # at least one save has finished
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ck = checkpoint.load(target)  # always a complete, valid file
+        assert float(ck.model.fc.bias[0].detach()) == ck.epoch
+        seen_epochs.add(ck.epoch)
+    assert len(seen_epochs) > 1
+
+
+def test_load_paths_never_unpickle():
+    for path in (REPO / "ncmcli").rglob("*.py"):
+        text = path.read_text()
+        assert "torch.load(" not in text, path
+        assert "import pickle" not in text and "pickle.load" not in text, path
+        assert "yaml.load(" not in text and "unsafe_load" not in text, path
