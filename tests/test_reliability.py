@@ -179,3 +179,20 @@ def test_load_paths_never_unpickle():
         assert "torch.load(" not in text, path
         assert "import pickle" not in text and "pickle.load" not in text, path
         assert "yaml.load(" not in text and "unsafe_load" not in text, path
+
+
+@pytest.mark.slow
+def test_second_sigint_aborts_at_once_and_leaves_files_valid(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "ncmcli", "train", "--preset", "quickstart", "--out", str(out),
+                             "--set", "train.epochs=50", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "last.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    checkpoint.load(out / "last.safetensors")
+    checkpoint.load(out / "best.safetensors")
