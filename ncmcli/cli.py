@@ -16,6 +16,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ncmcli import __version__
 from ncmcli.errors import NcmError
@@ -26,7 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 _state = {"debug": os.environ.get("NCM_DEBUG", "") not in ("", "0")}
 
 
@@ -68,7 +69,7 @@ def anchors(
 
     cert = engine.anchors_command(classes, dim, method, seed=seed, metric=metric, scale=scale, out=out)
     if out is not None:
-        err.print(f"wrote {out}")
+        err.print(f"wrote {escape(str(out))}")
     if as_json:
         _out(cert)
     else:
@@ -114,7 +115,7 @@ class _RichReporter:
 
     def message(self, text: str) -> None:
         if not self.quiet:
-            err.print(text, soft_wrap=True)
+            err.print(escape(text))
 
     def certificate(self, cert: dict) -> None:
         if not self.quiet:
@@ -241,24 +242,38 @@ def eval_(
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Where the dataset lives, if not where it was trained."),
     device: str = typer.Option("auto", "--device"),
     limit: int = typer.Option(0, "--limit", help="Evaluate on the first N test images only."),
+    ood: Optional[str] = typer.Option(None, "--ood", help="Open-set check against a dataset name or an image folder."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document, with the confusion matrix."),
 ) -> None:
-    """Accuracy, error, loss and per-class accuracy on the test split."""
+    """Accuracy, error, loss, per-class accuracy and feature diagnostics on the test split."""
     from ncmcli import engine
 
-    res = engine.eval_command(target, data_root=data_root, device=device, limit=limit)
+    res = engine.eval_command(target, data_root=data_root, device=device, limit=limit, ood=ood)
     if as_json:
         _out(res)
         return
     from rich.table import Table
 
-    con = Console()
+    con = Console(soft_wrap=True)
     con.print(f"{res['checkpoint']}  ({res['dataset']}, epoch {res['epoch']}, {res['n']} test images)")
     con.print(f"accuracy {res['accuracy']:.4f}   error {res['error_pct']:.2f}%   loss {res['loss']:.4f}")
-    t = Table("class", "accuracy")
+    diag = res["diagnostics"]
+    comp = diag.get("compactness", {}).get("per_class", {})
+    t = Table("class", "accuracy", *(["mean dist. to own anchor"] if comp else []))
     for name, acc in res["per_class_accuracy"].items():
-        t.add_row(name, f"{acc:.4f}")
+        t.add_row(name, f"{acc:.4f}", *([f"{comp[name]['mean']:.4f}"] if name in comp else []))
     con.print(t)
+    con.print(f"calibration: ECE (15 bins) {diag['ece_15_bins']:.4f}")
+    if "compactness" in diag:
+        c, sep = diag["compactness"], diag["separation"]
+        con.print(f"compactness: distance to own anchor mean {c['mean']:.4f}, median {c['median']:.4f}")
+        con.print(f"separation: mean distance to the nearest other anchor {sep['mean_nearest_other_anchor']:.4f}; "
+                  f"{sep['own_voronoi_cell_share']:.4f} of features in their own anchor's cell")
+        con.print(f"suggested --reject-above {diag['reject_above_at_95_tpr']:.4f} (keeps 95% of test images)")
+    if "ood" in res:
+        o = res["ood"]
+        con.print(f"open-set vs {o['source']} ({o['n_out']} images, score: {o['score']}): "
+                  f"AUROC {o['auroc']:.4f}, FPR at 95% TPR {o['fpr_at_95_tpr']:.4f}")
 
 
 @app.command()
@@ -266,6 +281,7 @@ def predict(
     inputs: List[Path] = typer.Argument(..., help="Image files or folders."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Default: $NCM_CHECKPOINT, else the newest runs/**/best.safetensors."),
     top_k: int = typer.Option(3, "--top-k", "-k", help="How many classes to show per image."),
+    reject_above: Optional[float] = typer.Option(None, "--reject-above", help="Label an image 'unknown' when it is farther than this from every anchor."),
     device: str = typer.Option("auto", "--device"),
     as_json: bool = typer.Option(False, "--json", help="One JSON document."),
 ) -> None:
@@ -274,15 +290,15 @@ def predict(
 
     path, why = engine.find_checkpoint(checkpoint, dict(os.environ), Path.cwd())
     if why != "--checkpoint":
-        err.print(f"using {path} ({why})")
-    res = engine.predict_command(inputs, checkpoint_path=path, device=device, top_k=top_k)
+        err.print(f"using {escape(str(path))} ({why})")
+    res = engine.predict_command(inputs, checkpoint_path=path, device=device, top_k=top_k, reject_above=reject_above)
     resized = sum(bool(r.get("resized")) for r in res["predictions"])
     if resized:
         c, h, w = res["input_size"]
         err.print(f"note: {resized} image(s) resized to {h}x{w} ({'grayscale' if c == 1 else 'RGB'}), as the model expects")
     for r in res["predictions"]:
         if "error" in r:
-            err.print(f"[red]error:[/red] {r['error']}", soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(r['error'])}")
     if as_json:
         _out(res)
     else:
@@ -290,6 +306,8 @@ def predict(
             if "error" in r:
                 continue
             tops = "  ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"])
+            if r["label"] == "unknown":
+                tops = "unknown  (" + tops + ")"
             dist = r["nearest_anchor_distance"]
             sys.stdout.write(f"{r['path']}\t{tops}" + (f"\tdist {dist:.4f}" if dist is not None else "") + "\n")
     if res["failed"]:
@@ -307,6 +325,62 @@ def report(
     if fmt not in rep.FORMATS:
         raise typer.BadParameter(f"choose one of: {', '.join(rep.FORMATS)}", param_hint="--format")
     sys.stdout.write(rep.render(rep.collect(paths), fmt) + "\n")
+
+
+plot_app = typer.Typer(help="Draw Figures 2 and 3, confusion matrices and angle histograms (needs matplotlib).",
+                       no_args_is_help=True)
+app.add_typer(plot_app, name="plot")
+_OUT = typer.Option(None, "--out", "-o", help="File or folder to write (default: beside the checkpoint).")
+_FMT = typer.Option("png", "--format", help="png, svg or pdf.")
+
+
+def _plot(kind: str, target, **kw) -> None:
+    from ncmcli import engine
+
+    path = engine.plot_command(kind, target, **kw)
+    err.print(f"wrote {escape(str(path))}")
+
+
+@plot_app.command("features")
+def plot_features(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint or run folder."),
+    split: str = typer.Option("test", "--split", help="train or test."),
+    max_points: int = typer.Option(5000, "--max-points", help="Draw at most this many features (0 = all)."),
+    data_root: Optional[str] = typer.Option(None, "--data-root"),
+    device: str = typer.Option("auto", "--device"),
+    out: Optional[Path] = _OUT, fmt: str = _FMT,
+) -> None:
+    """The paper's Figure 2: deep features by class, anchors as stars (PCA when d > 2)."""
+    _plot("features", checkpoint, out=out, fmt=fmt, device=device, split=split, max_points=max_points,
+          data_root=data_root)
+
+
+@plot_app.command("curves")
+def plot_curves(
+    runs: List[Path] = typer.Argument(..., help="Run folders (or folders that contain them)."),
+    out: Optional[Path] = _OUT, fmt: str = _FMT,
+) -> None:
+    """The paper's Figure 3: training loss and test error per epoch, runs overlaid."""
+    _plot("curves", runs, out=out, fmt=fmt)
+
+
+@plot_app.command("confusion")
+def plot_confusion(
+    checkpoint: Path = typer.Argument(...), data_root: Optional[str] = typer.Option(None, "--data-root"),
+    device: str = typer.Option("auto", "--device"), out: Optional[Path] = _OUT, fmt: str = _FMT,
+) -> None:
+    """Row-normalised confusion matrix on the test split."""
+    _plot("confusion", checkpoint, out=out, fmt=fmt, device=device, data_root=data_root)
+
+
+@plot_app.command("angles")
+def plot_angles(
+    checkpoint: Path = typer.Argument(...), data_root: Optional[str] = typer.Option(None, "--data-root"),
+    max_points: int = typer.Option(0, "--max-points"), device: str = typer.Option("auto", "--device"),
+    out: Optional[Path] = _OUT, fmt: str = _FMT,
+) -> None:
+    """Angles from each test feature to its own anchor and to the nearest other one."""
+    _plot("angles", checkpoint, out=out, fmt=fmt, device=device, data_root=data_root, max_points=max_points)
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,5 +414,5 @@ def _fail(message: str, code: int, exc: BaseException) -> None:
         import traceback
 
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-    err.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(message)}")
     sys.exit(code)

@@ -1,0 +1,98 @@
+"""How discriminative the features are: compactness, separation, calibration, open-set
+scores. Pure tensor maths on features a checkpoint produced; no plotting here."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def extract(model, criterion, split, *, mean, std, device, batch_size: int = 1024):
+    """(features (N, d), logits (N, C), labels (N,)) of a split, on the CPU."""
+    from ncmcli.data import batches
+
+    model.eval()
+    criterion.eval()
+    feats, logits, labels = [], [], []
+    for x, y in batches(split, batch_size, mean=mean, std=std, device=device):
+        f = model(x)
+        feats.append(f.float().cpu())
+        logits.append(criterion.logits(f).float().cpu())
+        labels.append(y.cpu())
+    return torch.cat(feats), torch.cat(logits), torch.cat(labels)
+
+
+def class_directions(criterion) -> tuple[torch.Tensor | None, str]:
+    """The class vectors to draw and measure against: the anchors of an NCM model, else the
+    rows of the last linear layer (None if the criterion has neither)."""
+    if getattr(criterion, "uses_anchors", False):
+        return criterion.anchors.detach().float().cpu(), "anchors"
+    for name in ("fc", "weight"):
+        w = getattr(criterion, name, None)
+        w = getattr(w, "weight", w)
+        if isinstance(w, torch.Tensor) and w.ndim == 2:
+            return w.detach().float().cpu(), "class weight vectors"
+    return None, ""
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE: sum over equal-width confidence bins of |accuracy - confidence| * share of samples."""
+    conf, pred = probs.max(1)
+    correct = (pred == labels).double()
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf.double() > lo) & (conf.double() <= hi)
+        if inside.any():
+            ece += inside.double().mean().item() * abs(correct[inside].mean().item() - conf[inside].double().mean().item())
+    return ece
+
+
+def auroc(scores_pos: torch.Tensor, scores_neg: torch.Tensor) -> float:
+    """P(score of a positive > score of a negative), ties counted half (Mann-Whitney U)."""
+    s = torch.cat([scores_pos, scores_neg]).double()
+    ranks = torch.empty_like(s)
+    order = torch.argsort(s)
+    ranks[order] = torch.arange(1, len(s) + 1, dtype=torch.float64)
+    # Average ranks over ties.
+    uniq, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, ranks)
+    ranks = (sums / counts)[inverse]
+    n_pos, n_neg = len(scores_pos), len(scores_neg)
+    u = ranks[:n_pos].sum().item() - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+def fpr_at_tpr(scores_pos: torch.Tensor, scores_neg: torch.Tensor, tpr: float = 0.95) -> tuple[float, float]:
+    """(FPR, threshold): accept score >= threshold, chosen so that ``tpr`` of positives pass."""
+    threshold = torch.quantile(scores_pos.double(), 1 - tpr).item()
+    return (scores_neg.double() >= threshold).double().mean().item(), threshold
+
+
+def anchor_report(distances: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    """Compactness and separation from (N, C) feature-anchor distances."""
+    n = len(labels)
+    own = distances[torch.arange(n), labels]  # (N,)
+    others = distances.clone()
+    others[torch.arange(n), labels] = float("inf")
+    nearest_other = others.min(1).values  # (N,)
+    per_class = {}
+    for c, name in enumerate(classes):
+        m = labels == c
+        if m.any():
+            per_class[name] = {"mean": own[m].mean().item(), "median": own[m].median().item(), "n": int(m.sum())}
+    return {
+        "compactness": {"mean": own.mean().item(), "median": own.median().item(), "per_class": per_class},
+        "separation": {"mean_nearest_other_anchor": nearest_other.mean().item(),
+                       "own_voronoi_cell_share": (distances.argmin(1) == labels).double().mean().item()},
+    }
+
+
+def pca_2d(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """(mean (d,), components (d, 2), explained variance ratios) of the features."""
+    mu = features.double().mean(0)
+    centred = features.double() - mu
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    var = s.pow(2)
+    ratio = (var[:2] / var.sum()).tolist()
+    return mu, vh[:2].T, ratio

@@ -1,0 +1,167 @@
+"""Pictures: the paper's Figure 2 (features and anchors) and Figure 3 (convergence),
+confusion matrices and angle histograms. matplotlib is optional (``pip install
+'ncmcli[plot]'``) and always renders headless (Agg)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ncmcli.errors import NcmError
+
+FORMATS = ("png", "svg", "pdf")
+INSTALL_HINT = "plotting needs matplotlib: pip install 'ncmcli[plot]'"
+
+
+class PlotDependencyError(NcmError):
+    """matplotlib is not installed."""
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotDependencyError(INSTALL_HINT) from None
+    matplotlib.use("Agg")  # headless: no display needed, none opened
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(n: int):
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20" if n <= 20 else "hsv")
+    return [cmap(i if n <= 20 else i / n) for i in range(n)]
+
+
+def _save(fig, out: Path) -> Path:
+    from ncmcli.checkpoint import atomic_write
+
+    out = Path(out)
+    fmt = out.suffix.lstrip(".").lower()
+    if fmt not in FORMATS:
+        raise NcmError(f"{out}: the plot format must be one of {', '.join(FORMATS)}")
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format=fmt, dpi=fig.dpi))
+    _pyplot().close(fig)
+    return out
+
+
+def features(feats: torch.Tensor, labels: torch.Tensor, directions: torch.Tensor | None, direction_kind: str,
+             classes: list[str], *, metric: str | None, title: str, out: Path) -> Path:
+    """Figure 2: features coloured by class, each class vector drawn as a star on top."""
+    from ncmcli.diagnostics import pca_2d
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 7), dpi=120)
+    colors = _colors(len(classes))
+    caption = []
+    if feats.shape[1] == 2:
+        xy, proj = feats.double(), (lambda a: a.double())
+        axes_label = ("feature 1", "feature 2")
+    else:
+        mu, comps, ratio = pca_2d(feats)
+        xy = (feats.double() - mu) @ comps
+        proj = lambda a: (a.double() - mu) @ comps  # noqa: E731 - the same map for the anchors
+        axes_label = (f"PC 1 ({100 * ratio[0]:.1f}% var.)", f"PC 2 ({100 * ratio[1]:.1f}% var.)")
+        title += f" — PCA, {100 * sum(ratio):.1f}% of the variance"
+    for c, name in enumerate(classes):
+        m = labels == c
+        ax.scatter(xy[m, 0], xy[m, 1], s=4, alpha=0.5, color=colors[c], label=name, rasterized=True)
+    if directions is not None:
+        a = directions.double()
+        if metric == "cosine" or direction_kind != "anchors":
+            # C-NCM ignores feature length (and softmax weights are not positions), so the
+            # unit vectors are scaled to the median feature norm to sit among the points.
+            radius = feats.double().norm(dim=1).median()
+            a = a / a.norm(dim=1, keepdim=True) * radius
+            caption.append(f"{direction_kind} scaled to the median feature norm ({radius:.2f})")
+        p = proj(a)
+        for c in range(len(classes)):
+            ax.scatter(p[c, 0], p[c, 1], marker="*", s=320, color=colors[c], edgecolors="black",
+                       linewidths=1.0, zorder=5)
+        caption.append(f"stars: {direction_kind}")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_xlabel(axes_label[0])
+    ax.set_ylabel(axes_label[1])
+    ax.set_title(title, fontsize=10)
+    if len(classes) <= 20:
+        ax.legend(markerscale=3, fontsize=8, loc="best", framealpha=0.8)
+    if caption:
+        fig.text(0.01, 0.01, "; ".join(caption), fontsize=8)
+    return _save(fig, out)
+
+
+def curves(runs: list[Path], out: Path) -> Path:
+    """Figure 3: training loss and test error per epoch; each NCM run's loss floor dashed."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120)
+    colors = _colors(max(len(runs), 1))
+    for color, run in zip(colors, runs):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        rows = [json.loads(x) for x in lines if x.strip()]
+        if not rows:
+            raise NcmError(f"{run}/metrics.jsonl has no epochs yet")
+        label, floor = run.name, None
+        if (run / "result.json").is_file():
+            res = json.loads((run / "result.json").read_text())
+            label = " ".join(filter(None, [res.get("preset") or run.name, *res.get("overrides", [])]))
+            floor = res.get("loss_floor")
+        epochs = [r["epoch"] for r in rows]
+        ax_loss.plot(epochs, [r["train_loss"] for r in rows], color=color, label=label)
+        ax_err.plot(epochs, [r["test_error_pct"] for r in rows], color=color, label=label)
+        if floor is not None:
+            ax_loss.axhline(floor, color=color, linestyle="--", linewidth=1)
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss (dashed: NCM loss floor)")
+    ax_err.set(xlabel="epoch", ylabel="test error %", title="test error")
+    for ax in (ax_loss, ax_err):
+        ax.grid(alpha=0.3)
+    ax_err.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def confusion(matrix: list[list[int]], classes: list[str], title: str, out: Path) -> Path:
+    """Row-normalised confusion matrix; per-cell numbers only while they stay readable."""
+    plt = _pyplot()
+    m = torch.tensor(matrix, dtype=torch.float64)
+    m = m / m.sum(1, keepdim=True).clamp_min(1)
+    n = len(classes)
+    size = 6 if n <= 20 else 10
+    fig, ax = plt.subplots(figsize=(size + 1.5, size), dpi=120)
+    im = ax.imshow(m.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+    font = 8 if n <= 20 else max(3, int(300 / n))
+    ax.set_xticks(range(n), classes, rotation=90, fontsize=font)
+    ax.set_yticks(range(n), classes, fontsize=font)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    if n <= 12:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if m[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def angles(feats: torch.Tensor, labels: torch.Tensor, directions: torch.Tensor, direction_kind: str,
+           title: str, out: Path) -> Path:
+    """Histograms of the angle from each feature to its own class vector and to the nearest
+    other one: well-trained NCM features sit near 0 degrees from their own anchor."""
+    plt = _pyplot()
+    fn = torch.nn.functional.normalize(feats.double(), dim=1)
+    an = torch.nn.functional.normalize(directions.double(), dim=1)
+    ang = torch.rad2deg(torch.arccos((fn @ an.T).clamp(-1, 1)))  # (N, C)
+    own = ang[torch.arange(len(labels)), labels]
+    ang[torch.arange(len(labels)), labels] = math.inf
+    other = ang.min(1).values
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    bins = torch.linspace(0, 180, 61).numpy()
+    ax.hist(own.numpy(), bins=bins, alpha=0.6, label=f"to own {direction_kind[:-1]} (mean {own.mean():.1f}°)")
+    ax.hist(other.numpy(), bins=bins, alpha=0.6, label=f"to nearest other (mean {other.mean():.1f}°)")
+    ax.set(xlabel="angle (degrees)", ylabel="test features", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out)

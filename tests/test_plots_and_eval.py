@@ -1,0 +1,74 @@
+"""Plots from a quickstart checkpoint, eval diagnostics, open-set and rejection."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import assert_clean_error, run_ncm
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plots") / "run"
+    proc = run_ncm("train", "--preset", "quickstart", "--set", "train.epochs=2", "--set", "data.limit_train=1000",
+                   "--set", "data.limit_test=300", "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.mark.parametrize("kind,size", [("features", (840, 840)), ("confusion", (900, 720)),
+                                       ("angles", (840, 540)), ("curves", (1320, 540))])
+def test_each_plot_writes_a_valid_png_of_the_expected_size(run, tmp_path, kind, size):
+    out = tmp_path / f"{kind}.png"
+    proc = run_ncm("plot", kind, run, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out}" in proc.stderr and proc.stdout == ""
+    with Image.open(out) as im:
+        im.load()
+        assert im.format == "PNG" and im.size == size
+        assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 50  # not blank
+
+
+def test_other_formats_and_default_location(run, tmp_path):
+    assert run_ncm("plot", "features", run, "--format", "svg", "--split", "train", "--max-points", "200").returncode == 0
+    assert (run / "features-train.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
+    assert run_ncm("plot", "confusion", run, "--out", tmp_path / "c.pdf").returncode == 0
+    assert (tmp_path / "c.pdf").read_bytes().startswith(b"%PDF")
+    assert_clean_error(run_ncm("plot", "angles", run, "--format", "gif"), 2, "--format must be one of")
+
+
+def test_plot_without_matplotlib_says_how_to_install(run):
+    code = ("import sys; sys.modules['matplotlib'] = None; sys.argv = ['ncm', 'plot', 'features', sys.argv[1]]\n"
+            "from ncmcli.cli import main; main()")
+    proc = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True)
+    assert_clean_error(proc, 1, "pip install 'ncmcli[plot]'")
+
+
+def test_eval_json_carries_the_diagnostics(run):
+    doc = json.loads(run_ncm("eval", run, "--json").stdout)
+    d = doc["diagnostics"]
+    assert 0 <= d["ece_15_bins"] <= 1
+    assert d["separation"]["own_voronoi_cell_share"] == pytest.approx(doc["accuracy"])  # the self-check
+    assert set(d["compactness"]["per_class"]) == set(doc["classes"])
+    assert d["compactness"]["mean"] > 0 and d["reject_above_at_95_tpr"] > d["compactness"]["median"]
+
+
+def test_open_set_against_an_image_folder_and_rejection(run, tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "noise").mkdir()
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / "noise" / f"{i}.png")
+    doc = json.loads(run_ncm("eval", run, "--json", "--ood", tmp_path / "noise").stdout)
+    ood = doc["ood"]
+    assert ood["n_out"] == 40 and 0 <= ood["auroc"] <= 1 and 0 <= ood["fpr_at_95_tpr"] <= 1
+    pred = json.loads(run_ncm("predict", tmp_path / "noise", "--checkpoint", run, "--json",
+                              "--reject-above", "1e-6").stdout)
+    assert all(p["label"] == "unknown" for p in pred["predictions"])
+    keep = json.loads(run_ncm("predict", tmp_path / "noise", "--checkpoint", run, "--json",
+                              "--reject-above", "1e6").stdout)
+    assert all(p["label"] != "unknown" for p in keep["predictions"])
+    assert_clean_error(run_ncm("eval", run, "--ood", tmp_path / "nowhere"), 2, "neither a dataset")
