@@ -228,6 +228,8 @@ def train(
                                               stop=stop)
     finally:
         reporter.close()
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 prints
     if as_json:
         _out(result)
     else:

@@ -24,6 +24,8 @@ LOSSES = ("softmax", "encm", "cncm", "sqncm", "hinge", "lsoftmax", "center")
 HINGE_FORMS = ("ova", "weston-watkins")
 ANCHOR_METHODS = ("orthogonal", "polar", "simplex", "orthoplex", "optimized", "random", "auto")
 SCHEDULES = ("plateau", "cosine", "none")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TRISTATE = ("auto", "true", "false")
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,9 @@ class TrainConfig:
     eval_batch_size: int = 1024  # evaluation needs no gradients, so larger batches are free
     num_threads: int = 0  # torch CPU threads; 0 = torch's default (all cores)
     deterministic: bool = False  # torch.use_deterministic_algorithms; slower on GPU
+    precision: str = "auto"  # auto = bf16 autocast on CUDA that has it, fp32 elsewhere (CPU bf16 is slow)
+    channels_last: str = "auto"  # auto = on CUDA (tensor-core friendly), off on CPU where it is slower
+    compile: bool = False  # torch.compile the net: faster steps on GPU after a warm-up of minutes
 
 
 @dataclass(frozen=True)
@@ -209,6 +214,8 @@ def _check(cfg: Config) -> None:
     need(cfg.train.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
     need(cfg.train.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {cfg.train.eval_batch_size}")
     need(cfg.train.num_threads >= 0, f"train.num_threads must be >= 0, got {cfg.train.num_threads}")
+    need(cfg.train.precision in PRECISIONS, f"train.precision: {cfg.train.precision!r} is not one of {', '.join(PRECISIONS)}")
+    need(cfg.train.channels_last in TRISTATE, f"train.channels_last: {cfg.train.channels_last!r} is not one of {', '.join(TRISTATE)}")
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
     need(0.0 <= cfg.optim.momentum < 1.0, f"optim.momentum must be in [0, 1), got {cfg.optim.momentum}")
     need(cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}")

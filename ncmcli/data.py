@@ -325,24 +325,31 @@ def augment(images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torc
 
 def batches(
     split: Split, batch_size: int, *, mean, std, device, generator: torch.Generator | None = None,
-    augment_batches: bool = False, skip: int = 0,
+    augment_batches: bool = False, skip: int = 0, rank: int = 0, world: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised (x, y) batches; shuffled when a generator is given (a fresh order each call).
+
     ``skip`` passes over the first batches (drawing their random numbers all the same), so a
-    run resumed mid-epoch sees exactly the batches it would have seen."""
+    run resumed mid-epoch sees exactly the batches it would have seen. With ``world`` > 1
+    (DDP) every rank draws the same global batch and keeps its share ``[rank::world]``; a
+    final batch smaller than ``world`` is dropped on every rank alike."""
     n = len(split)
     order = torch.randperm(n, generator=generator) if generator is not None else None
     for i, start in enumerate(range(0, n, batch_size)):
-        if i < skip:
-            if augment_batches:
-                draw_augment(min(batch_size, n - start), generator)
+        size = min(batch_size, n - start)
+        draws = draw_augment(size, generator) if augment_batches else None
+        if i < skip or size < world:
             continue
         if order is None:
-            x, y = split.images[start:start + batch_size], split.labels[start:start + batch_size]
+            idx = torch.arange(start, start + size)
         else:
-            idx = order[start:start + batch_size].to(split.images.device)
-            x, y = split.images[idx], split.labels[idx]
+            idx = order[start:start + size]
+        if world > 1:
+            idx = idx[rank::world]
+            draws = tuple(d[rank::world] for d in draws) if draws is not None else None
+        idx = idx.to(split.images.device)
+        x, y = split.images[idx], split.labels[idx]
         x = x.to(device, non_blocking=True)
-        if augment_batches:
-            x = augment(x, *draw_augment(len(x), generator))
+        if draws is not None:
+            x = augment(x, *draws)
         yield normalize(x, mean, std), y.to(device, non_blocking=True)

@@ -71,6 +71,37 @@ def pick_device(name: str = "auto"):
 # ---------------------------------------------------------------------------------------
 # Commands
 
+def setup_distributed(device: str):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPU)
+    and return (device, rank, world); otherwise (pick_device(device), 0, 1)."""
+    import os
+
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return pick_device(device), 0, 1
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    return dev, rank, world
+
+
+def teardown_distributed() -> None:
+    """Leave the process group, so that gloo/NCCL threads end before the interpreter does."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:
+            torch.distributed.barrier()  # no rank tears down while another still talks to it
+        finally:
+            torch.distributed.destroy_process_group()
+
+
 def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter: Reporter, stop=None) -> dict:
     """Continue an interrupted run exactly; only ``train.epochs`` may change (to extend it)."""
     import dataclasses
@@ -102,7 +133,12 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
         from ncmcli.checkpoint import atomic_write_text
 
         atomic_write_text(run_dir / "config.yaml", cfgmod.to_yaml(cfg))
-    return train(cfg, run_dir=run_dir, device=pick_device(device), reporter=reporter, resume=True, stop=stop)
+    dev, rank, _ = setup_distributed(device)
+    try:
+        return train(cfg, run_dir=run_dir, device=dev, reporter=reporter if rank == 0 else Reporter(),
+                     resume=True, stop=stop)
+    finally:
+        teardown_distributed()
 
 
 def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | None,
@@ -111,8 +147,13 @@ def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | 
 
     import shutil
 
-    dev = pick_device(device)
-    run_dir, created = prepare_run_dir(out, runs_root, preset and Path(preset).stem or "custom", force)
+    dev, rank, world = setup_distributed(device)
+    if world > 1 and out is None:
+        raise UsageError("under torchrun, give the run folder with --out (every rank must agree on it)")
+    if rank == 0:
+        run_dir, created = prepare_run_dir(out, runs_root, preset and Path(preset).stem or "custom", force)
+    else:  # other ranks write nothing
+        run_dir, created, reporter = Path(out), False, Reporter()
     try:
         return train(cfg, run_dir=run_dir, device=dev, reporter=reporter, preset=preset, overrides=overrides,
                      stop=stop)
@@ -122,6 +163,8 @@ def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | 
         if created and not (run_dir / "last.safetensors").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    finally:
+        teardown_distributed()
 
 
 def resolve_checkpoint(target: Path) -> Path:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ncmcli import checkpoint
 from ncmcli.config import Config, to_yaml
@@ -36,11 +37,17 @@ def build_from_config(cfg, num_classes: int, input_shape):
 
 
 def evaluate(model, criterion, split, *, mean, std, device, batch_size: int, num_classes: int) -> dict:
-    """Loss, accuracy and the confusion matrix of ``split``, summed on the device."""
+    """Loss, accuracy and the confusion matrix of ``split``, summed on the device. Under DDP
+    each rank takes the rows ``[rank::world]`` and the sums are all-reduced: exact counts,
+    no padded duplicates."""
     import torch
 
-    from ncmcli.data import batches
+    from ncmcli.data import Split, batches
 
+    rank, world = dist_info()
+    full_n = len(split)
+    if world > 1:
+        split = Split(split.images[rank::world], split.labels[rank::world])
     model.eval()
     criterion.eval()  # no centre updates or L-Softmax schedule steps on evaluation data
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -51,12 +58,46 @@ def evaluate(model, criterion, split, *, mean, std, device, batch_size: int, num
             loss_sum += criterion(feats, y).double() * len(y)
             pred = criterion.predict(feats)
             confusion += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
-    n = len(split)
+    if world > 1:
+        torch.distributed.all_reduce(loss_sum)
+        torch.distributed.all_reduce(confusion)
+    n = full_n
     conf = confusion.cpu()
     correct = int(conf.diag().sum())
     per_class = (conf.diag().double() / conf.sum(1).clamp_min(1)).tolist()
     return {"loss": loss_sum.item() / n, "accuracy": correct / n, "error_pct": 100.0 * (1 - correct / n),
             "n": n, "per_class_accuracy": per_class, "confusion": conf.tolist()}
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torchrun."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class _Step(nn.Module):
+    """One forward for training: the net under autocast, then the criterion in fp32. A single
+    module so that DDP synchronises the criterion's parameters (softmax/hinge heads) too."""
+
+    def __init__(self, net, criterion, amp_dtype, memory_format):
+        super().__init__()
+        self.net, self.criterion = net, criterion
+        self.amp_dtype, self.memory_format = amp_dtype, memory_format
+
+    def forward(self, x, y):
+        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            feats = self.net(x.contiguous(memory_format=self.memory_format))
+        return self.criterion(feats, y), feats  # outside autocast: distances and the loss stay fp32
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def make_optimizer(cfg: Config, model, criterion) -> torch.optim.Optimizer:
@@ -151,6 +192,19 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
     model, anchors, criterion = build_from_config(cfg, num_classes, input_shape)
     model.to(device)
     criterion.to(device)
+    # -- Speed settings; none changes the maths beyond the autocast rounding
+    amp_dtype = resolve_precision(cfg.train.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None  # fp16 only
+    channels_last = cfg.train.channels_last == "true" or (cfg.train.channels_last == "auto" and device.type == "cuda")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    if device.type == "cuda" and not cfg.train.deterministic:
+        torch.backends.cudnn.benchmark = True
+    # The compiled and DDP wrappers only run the steps; checkpoints save the plain modules.
+    step = _Step(torch.compile(model) if cfg.train.compile else model, criterion, amp_dtype, memory_format)
+    rank, world = dist_info()
+    if world > 1:
+        step = nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
     train_split, test_split = data.train.to(device), data.test.to(device)
     steps_per_epoch = math.ceil(len(train_split) / cfg.train.batch_size)
     optimizer = make_optimizer(cfg, model, criterion)
@@ -171,15 +225,18 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
             torch.cuda.set_rng_state_all(state.cuda_rng)
         progress = state.progress
         reporter.message(f"resuming {run_dir} after epoch {progress.epoch}, step {progress.step}")
-    else:
+    elif rank == 0:
         checkpoint.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     if anchors is not None:
         reporter.certificate(anchor_certificate(anchors, cfg.anchors.method, criterion.metric, cfg.loss.scale).to_dict())
     reporter.message(f"run folder: {run_dir}")
     reporter.message(f"data: {data.name}, {len(train_split)} train / {len(test_split)} test, "
-                     f"{num_classes} classes, input {input_shape}; device: {device}")
+                     f"{num_classes} classes, input {input_shape}; device: {device}"
+                     + (f"; DDP over {world} processes, {cfg.train.batch_size // world} images each per step" if world > 1 else ""))
 
     def save(path: Path, epoch: int, metrics: dict, state: trainstate.TrainState | None = None) -> None:
+        if rank != 0:  # only rank 0 writes files
+            return
         extra = trainstate.pack(state) if state is not None else None
         checkpoint.save(path, model=model, criterion=criterion, config=cfg, classes=data.classes,
                         mean=mean, std=std, input_shape=input_shape, epoch=epoch, metrics=metrics, extra=extra)
@@ -202,43 +259,54 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
         loss_sum = torch.tensor(progress.loss_sum, device=device, dtype=torch.float64)
         correct = torch.tensor(progress.correct, device=device, dtype=torch.int64)
         seen, seen0, t0 = progress.seen, progress.seen, time.time()
-        for step, (x, y) in enumerate(batches(train_split, cfg.train.batch_size, mean=mean, std=std,
-                                               device=device, generator=gen, augment_batches=cfg.data.augment,
-                                               skip=skip), skip + 1):
-            feats = model(x)
-            loss = criterion(feats, y)
+        for i, (x, y) in enumerate(batches(train_split, cfg.train.batch_size, mean=mean, std=std,
+                                            device=device, generator=gen, augment_batches=cfg.data.augment,
+                                            skip=skip, rank=rank, world=world), skip + 1):
+            loss, feats = step(x, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             # -- NaN guard: checked before the step, so bad weights never reach a checkpoint
-            if (step % sync_every == 0 or step == steps_per_epoch) and not math.isfinite(loss.item()):
+            if (i % sync_every == 0 or i == steps_per_epoch) and not math.isfinite(loss.item()):
                 raise TrainingDiverged(
-                    f"loss became {loss.item()} at epoch {epoch}, step {step} (global step {progress.global_step + 1}); "
+                    f"loss became {loss.item()} at epoch {epoch}, step {i} (global step {progress.global_step + 1}); "
                     f"try a lower learning rate than optim.lr={cfg.optim.lr:g}. "
                     f"Checkpoints from earlier epochs in {run_dir} are untouched")
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             if per_step:
                 scheduler.step()
             progress.global_step += 1
             loss_sum += loss.detach().double() * len(y)
             correct += (criterion.predict(feats.detach()) == y).sum()
             seen += len(y)
-            if step % sync_every == 0 or step == steps_per_epoch:
-                reporter.step(step, loss_sum.item() / seen, correct.item() / seen,
+            if i % sync_every == 0 or i == steps_per_epoch:
+                reporter.step(i, loss_sum.item() / seen, correct.item() / seen,
                               (seen - seen0) / max(time.time() - t0, 1e-9))
             # -- Stop request (Ctrl-C, SIGTERM): save a resumable checkpoint at this boundary
-            if stop is not None and stop.is_set() and step < steps_per_epoch:
-                progress.step, progress.loss_sum, progress.correct = step, loss_sum.item(), int(correct.item())
+            if _stop_requested(stop, i, sync_every, world) and i < steps_per_epoch:
+                progress.step, progress.loss_sum, progress.correct = i, loss_sum.item(), int(correct.item())
                 progress.seen = seen
                 progress.train_time += time.time() - t0
-                save(run_dir / "last.safetensors", epoch - 1, {"interrupted_at_step": step}, snapshot(epoch_rng))
+                save(run_dir / "last.safetensors", epoch - 1, {"interrupted_at_step": i}, snapshot(epoch_rng))
                 raise Interrupted(
-                    f"stopped by {stop.signal_name} at epoch {epoch}, step {step}; resume with: "
+                    f"stopped by {stop.signal_name} at epoch {epoch}, step {i}; resume with: "
                     f"ncm train --resume {run_dir}", 143 if stop.signal_name == "SIGTERM" else 130)
         epoch_time = time.time() - t0
+        if world > 1:  # epoch totals over all ranks
+            totals = torch.tensor([loss_sum.item(), float(correct.item()), float(seen)], device=device, dtype=torch.float64)
+            torch.distributed.all_reduce(totals)
+            loss_sum, correct, seen = totals[0], totals[1].long(), int(totals[2].item())
         progress.train_time += epoch_time
         progress.train_images += seen - seen0
         train_loss = loss_sum.item() / seen
-        # -- Evaluate on the test split
+        # -- Evaluate on the test split (under DDP, rank 0's BatchNorm statistics everywhere:
+        # the ones its checkpoint will hold)
+        if world > 1:
+            for buf in [*model.buffers(), *criterion.buffers()]:
+                torch.distributed.broadcast(buf, 0)
         ev = evaluate(model, criterion, test_split, mean=mean, std=std, device=device,
                       batch_size=cfg.train.eval_batch_size, num_classes=num_classes)
         lr = optimizer.param_groups[0]["lr"]
@@ -254,10 +322,11 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
             progress.best = metrics
             save(run_dir / "best.safetensors", epoch, metrics)
         save(run_dir / "last.safetensors", epoch, metrics, snapshot(gen.get_state()))
-        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(metrics) + "\n")
+        if rank == 0:
+            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(metrics) + "\n")
         reporter.epoch_end(metrics)
-        if stop is not None and stop.is_set() and epoch < cfg.train.epochs:
+        if _stop_requested(stop, 0, 1, world) and epoch < cfg.train.epochs:
             raise Interrupted(f"stopped by {stop.signal_name} after epoch {epoch}; resume with: "
                               f"ncm train --resume {run_dir}", 143 if stop.signal_name == "SIGTERM" else 130)
 
@@ -277,5 +346,33 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
         from ncmcli.anchors import loss_floor
 
         result["loss_floor"] = loss_floor(anchors, criterion.metric, cfg.loss.scale)
-    checkpoint.atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+    if world > 1:
+        result["ddp"] = {"world_size": world, "params_identical_across_ranks": _same_on_all_ranks(model, criterion)}
+    if rank == 0:
+        checkpoint.atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _stop_requested(stop, step: int, every: int, world: int) -> bool:
+    """Whether to stop now. Under DDP the ranks agree (all-reduce every ``every`` steps),
+    so that they all stop at the same step."""
+    local = stop is not None and stop.is_set()
+    if world == 1:
+        return local
+    if step % every:
+        return False
+    flag = torch.tensor([1.0 if local else 0.0])
+    if torch.distributed.get_backend() == "nccl":
+        flag = flag.cuda()
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _same_on_all_ranks(model, criterion) -> bool:
+    """A consistency check after DDP training: every rank holds the same weights."""
+    tensors = [*model.parameters(), *criterion.parameters(), *model.buffers(), *criterion.buffers()]
+    flat = torch.cat([t.detach().double().flatten() for t in tensors])
+    lo, hi = flat.clone(), flat.clone()
+    torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+    return bool(torch.equal(lo, hi))

@@ -1,0 +1,36 @@
+"""torchrun DDP on CPU with gloo: two processes, one run folder, identical weights."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_ncm
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_matches_single_process_eval(tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        torchrun = shutil.which("torchrun")
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", "29517", "-m", "ncmcli", "train",
+         "--preset", "quickstart", "--set", "train.epochs=2", "--set", "data.limit_train=512",
+         "--set", "data.limit_test=200", "--set", "data.augment=true", "--out", str(out), "--device", "cpu",
+         "--json", "--quiet"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)  # only rank 0 printed
+    assert result["ddp"] == {"world_size": 2, "params_identical_across_ranks": True}
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    ev = json.loads(run_ncm("eval", out, "--json").stdout)
+    assert ev["n"] == 200  # exact counts: no padded duplicates
+    assert ev["accuracy"] == pytest.approx(result["best"]["test_acc"], abs=1e-12)
+    from safetensors.torch import load_file
+
+    keys = load_file(str(out / "last.safetensors")).keys()
+    assert not any("module." in k or "_orig_mod." in k for k in keys)
