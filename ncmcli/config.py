@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import typing
 from dataclasses import dataclass, field
@@ -313,6 +314,19 @@ def _preset_path(name: str) -> Path:
 
 
 def _read_yaml(path: Path) -> dict:
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    import copy
+
+    # A preset is read once per process even when 40 others extend it (`ncm presets`).
+    return copy.deepcopy(_read_yaml_cached(str(path.resolve()), stamp))
+
+
+@functools.lru_cache(maxsize=256)
+def _read_yaml_cached(path_text: str, _stamp: int) -> dict:
+    path = Path(path_text)
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

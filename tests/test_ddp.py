@@ -34,3 +34,19 @@ def test_two_process_gloo_run_matches_single_process_eval(tmp_path):
 
     keys = load_file(str(out / "last.safetensors")).keys()
     assert not any("module." in k or "_orig_mod." in k for k in keys)
+
+
+@pytest.mark.slow
+def test_compiled_bf16_channels_last_run_saves_the_plain_module(tmp_path):
+    out = tmp_path / "c"
+    proc = run_ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=256",
+                   "--set", "data.limit_test=64", "--set", "train.compile=true", "--set", "train.precision=bf16",
+                   "--set", "train.channels_last=true", "--out", out, "--quiet", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    from ncmcli import checkpoint
+
+    keys = load_file(str(out / "last.safetensors")).keys()
+    assert keys and not any("_orig_mod." in k or "module." in k for k in keys)
+    checkpoint.load(out / "best.safetensors")  # loads strictly into a plain net
