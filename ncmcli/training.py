@@ -178,8 +178,9 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
     from ncmcli.data import batches, channel_stats, load_dataset
 
     t_start = time.time()
-    for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-write (SIGKILL)
-        stale.unlink(missing_ok=True)
+    if dist_info()[0] == 0:  # only the writing rank may touch the folder
+        for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-write (SIGKILL)
+            stale.unlink(missing_ok=True)
     # -- Setup: seeds, threads, data, model, anchors, criterion, optimiser
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
