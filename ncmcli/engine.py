@@ -66,8 +66,6 @@ def pick_device(name: str = "auto"):
     return dev
 
 
-
-
 # ---------------------------------------------------------------------------------------
 # Commands
 
@@ -91,15 +89,29 @@ def setup_distributed(device: str):
     return dev, rank, world
 
 
-def teardown_distributed() -> None:
-    """Leave the process group, so that gloo/NCCL threads end before the interpreter does."""
+def teardown_distributed(ok: bool) -> None:
+    """Leave the process group, so that gloo/NCCL threads end before the interpreter does.
+    After success the ranks meet at a barrier first; after a failure they do not (the others
+    may be blocked in a collective, and torchrun stops them when this rank exits)."""
     import torch
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         try:
-            torch.distributed.barrier()  # no rank tears down while another still talks to it
+            if ok:
+                torch.distributed.barrier()  # no rank tears down while another still talks to it
         finally:
             torch.distributed.destroy_process_group()
+
+
+def _distributed_run(fn):
+    """Run ``fn()`` and leave the process group afterwards, however it ends."""
+    try:
+        result = fn()
+    except BaseException:
+        teardown_distributed(ok=False)
+        raise
+    teardown_distributed(ok=True)
+    return result
 
 
 def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter: Reporter, stop=None) -> dict:
@@ -125,46 +137,42 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
         if key != "train.epochs":
             raise UsageError(f"--resume keeps the run's config; only train.epochs may change, not {key}")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=cfgmod.coerce(key, value)))
-    cfgmod.build(cfgmod._flatten(cfg.to_dict()))  # re-validate the changed epochs
+    cfg = cfgmod.from_dict(cfg.to_dict())  # re-validate the changed epochs
     progress = trainstate.unpack(run_dir / "last.safetensors").progress
     if progress.epoch >= cfg.train.epochs and progress.step == 0:
         raise UsageError(f"{run_dir} already finished {progress.epoch} epochs; extend it with --set train.epochs=N")
-    if overrides:
+    dev, rank, _ = setup_distributed(device)
+    if overrides and rank == 0:
         from ncmcli.checkpoint import atomic_write_text
 
         atomic_write_text(run_dir / "config.yaml", cfgmod.to_yaml(cfg))
-    dev, rank, _ = setup_distributed(device)
-    try:
-        return train(cfg, run_dir=run_dir, device=dev, reporter=reporter if rank == 0 else Reporter(),
-                     resume=True, stop=stop)
-    finally:
-        teardown_distributed()
+    return _distributed_run(lambda: train(cfg, run_dir=run_dir, device=dev, resume=True, stop=stop,
+                                          reporter=reporter if rank == 0 else Reporter()))
 
 
 def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | None,
                   runs_root: Path, device: str, force: bool, reporter: Reporter, stop=None) -> dict:
-    from ncmcli.training import prepare_run_dir, train
-
+    import os
     import shutil
 
-    dev, rank, world = setup_distributed(device)
-    if world > 1 and out is None:
+    from ncmcli.training import prepare_run_dir, train
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and out is None:
         raise UsageError("under torchrun, give the run folder with --out (every rank must agree on it)")
+    dev, rank, _ = setup_distributed(device)
     if rank == 0:
         run_dir, created = prepare_run_dir(out, runs_root, preset and Path(preset).stem or "custom", force)
     else:  # other ranks write nothing
         run_dir, created, reporter = Path(out), False, Reporter()
     try:
-        return train(cfg, run_dir=run_dir, device=dev, reporter=reporter, preset=preset, overrides=overrides,
-                     stop=stop)
+        return _distributed_run(lambda: train(cfg, run_dir=run_dir, device=dev, reporter=reporter, preset=preset,
+                                              overrides=overrides, stop=stop))
     except BaseException:
         # A run that fails before its first checkpoint (missing data, bad anchors) leaves
         # no empty folder behind; one with checkpoints keeps them.
         if created and not (run_dir / "last.safetensors").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    finally:
-        teardown_distributed()
 
 
 def resolve_checkpoint(target: Path) -> Path:

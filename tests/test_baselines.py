@@ -151,3 +151,19 @@ def test_hinge_gradcheck():
     feats.requires_grad_(True)
     crit = HingeLoss(5, 4).double()
     assert torch.autograd.gradcheck(lambda f: crit(f, y), (feats,))
+
+
+@pytest.mark.parametrize("loss", ["softmax", "hinge", "lsoftmax", "center", "cncm", "encm"])
+def test_every_loss_trains_end_to_end_on_quickstart_and_reloads(tmp_path, loss):
+    from ncmcli import checkpoint
+    from ncmcli.config import resolve
+    from ncmcli.engine import Reporter
+    from ncmcli.training import train
+
+    cfg = resolve("quickstart", [f"loss.name={loss}", "train.epochs=2", "data.limit_train=640",
+                                 "data.limit_test=200", "optim.lr=0.01"])
+    result = train(cfg, run_dir=tmp_path, device=torch.device("cpu"), reporter=Reporter())
+    assert result["loss"] == loss and result["test_acc"] > 0.3  # learnt something (chance is 0.1)
+    ck = checkpoint.load(tmp_path / "last.safetensors")
+    assert type(ck.criterion).__name__ == {"softmax": "SoftmaxLoss", "hinge": "HingeLoss", "lsoftmax": "LSoftmaxLoss",
+                                           "center": "CenterLoss", "cncm": "NCMLoss", "encm": "NCMLoss"}[loss]
