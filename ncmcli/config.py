@@ -25,6 +25,7 @@ LOSSES = ("softmax", "encm", "cncm", "sqncm", "hinge", "lsoftmax", "center")
 HINGE_FORMS = ("ova", "weston-watkins")
 ANCHOR_METHODS = ("orthogonal", "polar", "simplex", "orthoplex", "optimized", "random", "auto")
 SCHEDULES = ("plateau", "cosine", "none")
+LOADERS = ("auto", "tensor", "dataloader")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRISTATE = ("auto", "true", "false")
 
@@ -39,6 +40,9 @@ class DataConfig:
     image_size: int = 0  # folder only: square side in pixels; 0 = 32, CIFAR's size
     limit_train: int = 0  # use the first N training images (0 = all): quick checks
     limit_test: int = 0  # likewise for the test split
+    loader: str = "auto"  # folder only: tensor (in memory), dataloader (decode per batch), auto = by budget
+    memory_budget_gb: float = 4.0  # auto: hold a folder split in memory when its decoded uint8 fits in this
+    workers: int = 2  # DataLoader worker processes for folders too large for memory
 
 
 @dataclass(frozen=True)
@@ -234,6 +238,11 @@ def _check(cfg: Config) -> None:
     need(cfg.data.image_size == 0 or 8 <= cfg.data.image_size <= 512,
          f"data.image_size must be 0 or in [8, 512], got {cfg.data.image_size}")
     need(cfg.data.limit_train >= 0 and cfg.data.limit_test >= 0, "data.limit_train/limit_test must be >= 0")
+    need(cfg.data.loader in LOADERS, f"data.loader: {cfg.data.loader!r} is not one of {', '.join(LOADERS)}")
+    need(cfg.data.loader != "dataloader" or cfg.data.name == "folder",
+         "data.loader=dataloader applies to folder datasets; the built-in ones always fit in memory")
+    need(cfg.data.memory_budget_gb > 0, f"data.memory_budget_gb must be > 0, got {cfg.data.memory_budget_gb}")
+    need(0 <= cfg.data.workers <= 64, f"data.workers must be in [0, 64], got {cfg.data.workers}")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -48,6 +48,89 @@ class Split:
     def head(self, n: int) -> "Split":
         return self if n <= 0 else Split(self.images[:n], self.labels[:n])
 
+    def subset(self, idx: torch.Tensor) -> "Split":
+        return Split(self.images[idx], self.labels[idx])
+
+    def shard(self, rank: int, world: int) -> "Split":
+        return Split(self.images[rank::world], self.labels[rank::world])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+
+@dataclass
+class FileSplit:
+    """A split too large for memory: image files, decoded per batch by DataLoader workers
+    (pinned memory on CUDA, persistent workers). Batches go through the same index plan,
+    augmentation and normalisation as an in-memory ``Split``."""
+
+    files: list
+    labels: torch.Tensor  # (N,) int64
+    channels: int
+    size: int
+    workers: int = 2
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device) -> "FileSplit":
+        return self  # stays on disk
+
+    def head(self, n: int) -> "FileSplit":
+        return self if n <= 0 else self.subset(torch.arange(min(n, len(self))))
+
+    def subset(self, idx: torch.Tensor) -> "FileSplit":
+        return FileSplit([self.files[i] for i in idx.tolist()], self.labels[idx], self.channels, self.size, self.workers)
+
+    def shard(self, rank: int, world: int) -> "FileSplit":
+        return self.subset(torch.arange(rank, len(self), world))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.size, self.size)
+
+    def loader(self, device) -> "_PlannedLoader":
+        if getattr(self, "_loader", None) is None:
+            self._loader = _PlannedLoader(self, device)
+        return self._loader
+
+
+class _Files(torch.utils.data.Dataset):
+    def __init__(self, split: FileSplit):
+        self.files, self.channels, self.size = split.files, split.channels, split.size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return load_image(self.files[i], self.channels, self.size)[0]
+
+
+class _PlannedLoader:
+    """One DataLoader per split, kept across epochs (persistent workers), fed each epoch
+    with the index plan the tensor path would use."""
+
+    def __init__(self, split: FileSplit, device):
+        self.plan: list[list[int]] = []
+        workers = split.workers
+        self.loader = torch.utils.data.DataLoader(
+            _Files(split), batch_sampler=self, num_workers=workers,
+            pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0,
+            # Its own generator: a DataLoader otherwise draws its worker seed from the global
+            # RNG, which would shift model initialisation and dropout against the tensor path.
+            generator=torch.Generator().manual_seed(0))
+
+    def __iter__(self):
+        return iter(self.plan)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def run(self, plan: list[list[int]]):
+        self.plan = plan
+        return iter(self.loader)
+
 
 @dataclass
 class Dataset:
@@ -58,7 +141,7 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.test.images.shape[1:])  # type: ignore[return-value]
+        return self.test.shape
 
 
 def default_root() -> Path:
@@ -80,7 +163,8 @@ def load_dataset(data_cfg, *, train: bool = True) -> Dataset:
     elif name in ("cifar10", "cifar100"):
         ds = _cifar(name, root, data_cfg.download, train)
     elif name == "folder":
-        ds = _folder(root, data_cfg.channels or 3, data_cfg.image_size or 32, train)
+        ds = _folder(root, data_cfg.channels or 3, data_cfg.image_size or 32, train,
+                     loader=data_cfg.loader, budget_gb=data_cfg.memory_budget_gb, workers=data_cfg.workers)
     else:  # the config schema already refuses other names
         raise DataError(f"unknown dataset {name!r}")
     return Dataset(
@@ -210,8 +294,11 @@ def _cifar(name: str, root: Path, download: bool, want_train: bool) -> Dataset:
     return Dataset(name, splits.get("train"), splits["test"], classes)
 
 
-def _folder(root: Path, channels: int, size: int, want_train: bool) -> Dataset:
-    """root/train/<class>/* and root/test/<class>/*; class names are the folder names."""
+def _folder(root: Path, channels: int, size: int, want_train: bool, *, loader: str = "auto",
+            budget_gb: float = 4.0, workers: int = 2) -> Dataset:
+    """root/train/<class>/* and root/test/<class>/*; class names are the folder names.
+    Held in memory as uint8 (``loader: tensor``, or ``auto`` when the decoded images fit in
+    ``budget_gb``), else decoded per batch by DataLoader workers."""
     if not (root / "train").is_dir() and want_train or not (root / "test").is_dir():
         raise DataError(f"image folder {root} must hold train/<class>/ and test/<class>/ subfolders")
     train_dir = root / "train" if want_train else root / "test"
@@ -231,8 +318,12 @@ def _folder(root: Path, channels: int, size: int, want_train: bool) -> Dataset:
                     labels.append(index[cdir.name])
         if not files:
             raise DataError(f"{root / split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        images = torch.stack([load_image(f, channels, size)[0] for f in files])
-        splits[split] = Split(images, torch.tensor(labels, dtype=torch.int64))
+        targets = torch.tensor(labels, dtype=torch.int64)
+        in_memory = loader == "tensor" or (loader == "auto" and len(files) * channels * size * size <= budget_gb * 2**30)
+        if in_memory:
+            splits[split] = Split(torch.stack([load_image(f, channels, size)[0] for f in files]), targets)
+        else:
+            splits[split] = FileSplit(files, targets, channels, size, workers)
     return Dataset("folder", splits.get("train"), splits["test"], classes)
 
 
@@ -282,6 +373,17 @@ def load_image(path: Path, channels: int, size: int) -> tuple[torch.Tensor, bool
 # ---------------------------------------------------------------------------------------
 # Batches
 
+def split_stats(split, sample: int = 10_000) -> tuple[list[float], list[float]]:
+    """``channel_stats`` of a split; a FileSplit is estimated from ``sample`` evenly spaced images."""
+    if isinstance(split, Split):
+        return channel_stats(split.images)
+    idx = torch.linspace(0, len(split) - 1, min(sample, len(split))).round().long().unique()
+    part = split.subset(idx)
+    loader = part.loader("cpu")
+    chunks = list(loader.run([list(range(i, min(i + 256, len(part)))) for i in range(0, len(part), 256)]))
+    return channel_stats(torch.cat(chunks))
+
+
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of a uint8 (N, C, H, W) split, in [0, 1] units."""
     x = images.to(torch.float64).div_(255.0)
@@ -324,7 +426,7 @@ def augment(images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torc
 
 
 def batches(
-    split: Split, batch_size: int, *, mean, std, device, generator: torch.Generator | None = None,
+    split, batch_size: int, *, mean, std, device, generator: torch.Generator | None = None,
     augment_batches: bool = False, skip: int = 0, rank: int = 0, world: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised (x, y) batches; shuffled when a generator is given (a fresh order each call).
@@ -332,24 +434,27 @@ def batches(
     ``skip`` passes over the first batches (drawing their random numbers all the same), so a
     run resumed mid-epoch sees exactly the batches it would have seen. With ``world`` > 1
     (DDP) every rank draws the same global batch and keeps its share ``[rank::world]``; a
-    final batch smaller than ``world`` is dropped on every rank alike."""
+    final batch smaller than ``world`` is dropped on every rank alike. A ``FileSplit`` gets
+    the same plan, decoded by its DataLoader."""
     n = len(split)
     order = torch.randperm(n, generator=generator) if generator is not None else None
+    plan = []  # (indices, augmentation draws) per batch this rank will see
     for i, start in enumerate(range(0, n, batch_size)):
         size = min(batch_size, n - start)
         draws = draw_augment(size, generator) if augment_batches else None
         if i < skip or size < world:
             continue
-        if order is None:
-            idx = torch.arange(start, start + size)
-        else:
-            idx = order[start:start + size]
+        idx = order[start:start + size] if order is not None else torch.arange(start, start + size)
         if world > 1:
             idx = idx[rank::world]
             draws = tuple(d[rank::world] for d in draws) if draws is not None else None
-        idx = idx.to(split.images.device)
-        x, y = split.images[idx], split.labels[idx]
+        plan.append((idx, draws))
+    if isinstance(split, FileSplit):
+        raw = split.loader(device).run([idx.tolist() for idx, _ in plan])
+    else:
+        raw = (split.images[idx.to(split.images.device)] for idx, _ in plan)
+    for (idx, draws), x in zip(plan, raw):
         x = x.to(device, non_blocking=True)
         if draws is not None:
             x = augment(x, *draws)
-        yield normalize(x, mean, std), y.to(device, non_blocking=True)
+        yield normalize(x, mean, std), split.labels[idx.to(split.labels.device)].to(device, non_blocking=True)

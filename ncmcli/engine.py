@@ -414,7 +414,7 @@ def plot_command(kind: str, target: Path | list[Path], *, out: Path | None, fmt:
                                _plot_out(out, path.parent, "confusion", fmt))
     if max_points and len(s) > max_points:
         idx = torch.randperm(len(s), generator=torch.Generator().manual_seed(0))[:max_points]
-        s = type(s)(s.images[idx], s.labels[idx])
+        s = s.subset(idx)
     feats, _, labels = diagnostics.extract(ck.model, ck.criterion, s.to(dev), mean=ck.mean, std=ck.std, device=dev)
     directions, direction_kind = diagnostics.class_directions(ck.criterion)
     if kind == "features":

@@ -133,9 +133,12 @@ def confusion(matrix: list[list[int]], classes: list[str], title: str, out: Path
     fig, ax = plt.subplots(figsize=(size + 1.5, size), dpi=120)
     im = ax.imshow(m.numpy(), cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
-    font = 8 if n <= 20 else max(3, int(300 / n))
-    ax.set_xticks(range(n), classes, rotation=90, fontsize=font)
-    ax.set_yticks(range(n), classes, fontsize=font)
+    # Past 30 classes, name every k-th class only, so that the names stay legible.
+    every = 1 if n <= 30 else math.ceil(n / 25)
+    ticks = list(range(0, n, every))
+    font = 8 if n <= 20 else 6
+    ax.set_xticks(ticks, [classes[i] for i in ticks], rotation=90, fontsize=font)
+    ax.set_yticks(ticks, [classes[i] for i in ticks], fontsize=font)
     ax.set(xlabel="predicted", ylabel="true", title=title)
     if n <= 12:
         for i in range(n):

@@ -42,12 +42,12 @@ def evaluate(model, criterion, split, *, mean, std, device, batch_size: int, num
     no padded duplicates."""
     import torch
 
-    from ncmcli.data import Split, batches
+    from ncmcli.data import batches
 
     rank, world = dist_info()
     full_n = len(split)
     if world > 1:
-        split = Split(split.images[rank::world], split.labels[rank::world])
+        split = split.shard(rank, world)
     model.eval()
     criterion.eval()  # no centre updates or L-Softmax schedule steps on evaluation data
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -175,7 +175,7 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
     ``last`` checkpoint and raises ``Interrupted``."""
     from ncmcli import trainstate
     from ncmcli.anchors import anchor_certificate
-    from ncmcli.data import batches, channel_stats, load_dataset
+    from ncmcli.data import batches, load_dataset, split_stats
 
     t_start = time.time()
     if dist_info()[0] == 0:  # only the writing rank may touch the folder
@@ -189,7 +189,7 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
         torch.use_deterministic_algorithms(True)
     data = load_dataset(cfg.data)
     num_classes, input_shape = len(data.classes), data.input_shape
-    mean, std = channel_stats(data.train.images)  # the paper's global zero-mean, unit-variance
+    mean, std = split_stats(data.train)  # the paper's global zero-mean, unit-variance
     model, anchors, criterion = build_from_config(cfg, num_classes, input_shape)
     model.to(device)
     criterion.to(device)

@@ -138,3 +138,40 @@ def test_batches_cover_the_split_once_and_shuffle():
     assert sorted(order.tolist()) == list(range(10)) and order.tolist() != list(range(10))
     x, y = next(batches(split, 10, mean=[0.0], std=[1 / 255], device="cpu"))
     assert torch.equal(x[:, 0, 0, 0], y.float())  # images stay paired with labels
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_dataloader_path_trains_exactly_like_the_tensor_path(tmp_path, workers):
+    """A folder decoded per batch by DataLoader workers sees the same batches, augmentation
+    and normalisation as the same folder held in memory: identical weights after training."""
+    from safetensors.torch import load_file
+
+    from ncmcli.config import resolve
+    from ncmcli.data import FileSplit
+    from ncmcli.engine import Reporter
+    from ncmcli.training import train
+
+    make_folder(tmp_path / "imgs", per_class=12, size=(20, 20))
+    results = {}
+    for loader in ("tensor", "dataloader"):
+        cfg = resolve("quickstart", ["data.name=folder", f"data.root={tmp_path / 'imgs'}", "data.image_size=16",
+                                     f"data.loader={loader}", f"data.workers={workers}", "data.augment=true",
+                                     "train.epochs=2", "train.batch_size=8", "train.deterministic=true"])
+        if loader == "dataloader":
+            assert isinstance(load_dataset(cfg.data).train, FileSplit)
+        run = tmp_path / loader
+        run.mkdir()
+        results[loader] = train(cfg, run_dir=run, device=torch.device("cpu"), reporter=Reporter())
+    a, b = load_file(str(tmp_path / "tensor" / "last.safetensors")), load_file(str(tmp_path / "dataloader" / "last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert results["tensor"]["final"] == results["dataloader"]["final"]
+
+
+def test_auto_loader_follows_the_memory_budget(tmp_path):
+    from ncmcli.data import FileSplit, Split
+
+    make_folder(tmp_path, per_class=2, size=(8, 8))
+    small = load_dataset(DataConfig(name="folder", root=str(tmp_path), loader="auto", memory_budget_gb=1.0))
+    tiny_budget = load_dataset(DataConfig(name="folder", root=str(tmp_path), loader="auto", memory_budget_gb=1e-9))
+    assert isinstance(small.train, Split) and isinstance(tiny_budget.train, FileSplit)
+    assert tiny_budget.input_shape == (3, 32, 32)
