@@ -50,3 +50,19 @@ def test_compiled_bf16_channels_last_run_saves_the_plain_module(tmp_path):
     keys = load_file(str(out / "last.safetensors")).keys()
     assert keys and not any("_orig_mod." in k or "module." in k for k in keys)
     checkpoint.load(out / "best.safetensors")  # loads strictly into a plain net
+
+
+def test_autocast_runs_the_net_in_bf16_and_the_loss_in_fp32():
+    import torch
+
+    from ncmcli.config import resolve
+    from ncmcli.training import _Step, build_from_config, resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) is None  # fp32 on the CPU
+    assert resolve_precision("fp16", torch.device("cpu")) == torch.float16
+    cfg = resolve("quickstart")
+    model, _, crit = build_from_config(cfg, 10, (1, 28, 28))
+    step = _Step(model, crit, torch.bfloat16, torch.channels_last)
+    loss, feats = step(torch.randn(4, 1, 28, 28), torch.arange(4))
+    assert feats.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert crit.logits(feats).dtype == torch.float32
