@@ -1,7 +1,6 @@
 """Resume, interruption, crash safety, determinism, NaN guard, and pickle-free loading."""
 
 import json
-import os
 import random
 import re
 import signal
