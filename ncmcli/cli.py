@@ -248,9 +248,9 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="One JSON document, with the confusion matrix."),
 ) -> None:
     """Accuracy, error, loss, per-class accuracy and feature diagnostics on the test split."""
-    from ncmcli import engine
+    from ncmcli import evaluation
 
-    res = engine.eval_command(target, data_root=data_root, device=device, limit=limit, ood=ood)
+    res = evaluation.eval_command(target, data_root=data_root, device=device, limit=limit, ood=ood)
     if as_json:
         _out(res)
         return
@@ -337,9 +337,9 @@ _FMT = typer.Option("png", "--format", help="png, svg or pdf.")
 
 
 def _plot(kind: str, target, **kw) -> None:
-    from ncmcli import engine
+    from ncmcli import evaluation
 
-    path = engine.plot_command(kind, target, **kw)
+    path = evaluation.plot_command(kind, target, **kw)
     err.print(f"wrote {escape(str(path))}")
 
 
