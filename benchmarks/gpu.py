@@ -16,7 +16,7 @@ import torch
 
 from _common import forward_flops
 from ncmcli.config import resolve
-from ncmcli.data import Split, batches, channel_stats
+from ncmcli.batching import Split, batches, channel_stats
 from ncmcli.training import _Step, build_from_config, make_optimizer
 
 NETS = [("mnist", "mnist-encm", (1, 28, 28), 10, 60000), ("cifar10", "cifar10plus-encm", (3, 32, 32), 10, 50000),

@@ -12,7 +12,7 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 
 from ncmcli.config import resolve
-from ncmcli.data import Split, batches, channel_stats
+from ncmcli.batching import Split, batches, channel_stats
 from ncmcli.training import build_from_config, make_optimizer
 
 N, BATCH = 2048, 128

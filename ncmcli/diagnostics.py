@@ -9,7 +9,7 @@ import torch
 @torch.no_grad()
 def extract(model, criterion, split, *, mean, std, device, batch_size: int = 1024):
     """(features (N, d), logits (N, C), labels (N,)) of a split, on the CPU."""
-    from ncmcli.data import batches
+    from ncmcli.batching import batches
 
     model.eval()
     criterion.eval()

@@ -209,7 +209,8 @@ def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, t
     import torch
 
     from ncmcli import checkpoint
-    from ncmcli.data import IMAGE_SUFFIXES, load_image, normalize
+    from ncmcli.batching import normalize
+    from ncmcli.images import IMAGE_SUFFIXES, load_image
 
     if top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {top_k}")

@@ -33,7 +33,8 @@ def _ood_images(source: str, ck, data_root: str | None, limit: int):
     import torch
 
     from ncmcli.config import DATASETS, DataConfig
-    from ncmcli.data import IMAGE_SUFFIXES, load_dataset, load_image
+    from ncmcli.data import load_dataset
+    from ncmcli.images import IMAGE_SUFFIXES, load_image
 
     c, h, _ = ck.input_shape
     if source in DATASETS and source != "folder" and not Path(source).exists():
@@ -61,7 +62,7 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
     import torch
 
     from ncmcli import checkpoint, diagnostics
-    from ncmcli.data import Split
+    from ncmcli.batching import Split
     from ncmcli.training import evaluate
 
     path = resolve_checkpoint(target)

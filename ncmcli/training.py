@@ -42,7 +42,7 @@ def evaluate(model, criterion, split, *, mean, std, device, batch_size: int, num
     no padded duplicates."""
     import torch
 
-    from ncmcli.data import batches
+    from ncmcli.batching import batches
 
     rank, world = dist_info()
     full_n = len(split)
@@ -175,7 +175,8 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
     ``last`` checkpoint and raises ``Interrupted``."""
     from ncmcli import trainstate
     from ncmcli.anchors import anchor_certificate
-    from ncmcli.data import batches, load_dataset, split_stats
+    from ncmcli.batching import batches, split_stats
+    from ncmcli.data import load_dataset
 
     t_start = time.time()
     if dist_info()[0] == 0:  # only the writing rank may touch the folder

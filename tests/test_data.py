@@ -5,8 +5,8 @@ import torch
 
 from helpers_data import make_cifar, make_folder, make_mnist
 from ncmcli.config import DataConfig
-from ncmcli.data import (DEBIAN_FASHION_DIR, augment, batches, channel_stats, draw_augment,
-                         load_dataset, normalize)
+from ncmcli.batching import augment, batches, channel_stats, draw_augment, normalize
+from ncmcli.data import DEBIAN_FASHION_DIR, load_dataset
 from ncmcli.errors import DataError
 
 
@@ -127,7 +127,7 @@ def test_batched_augmentation_equals_torchvision_per_sample():
 
 
 def test_batches_cover_the_split_once_and_shuffle():
-    from ncmcli.data import Split
+    from ncmcli.batching import Split
 
     split = Split(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).clone(), torch.arange(10))
     g = torch.Generator().manual_seed(0)
@@ -146,7 +146,7 @@ def test_dataloader_path_trains_exactly_like_the_tensor_path(tmp_path, workers):
     from safetensors.torch import load_file
 
     from ncmcli.config import resolve
-    from ncmcli.data import FileSplit
+    from ncmcli.batching import FileSplit
     from ncmcli.engine import Reporter
     from ncmcli.training import train
 
@@ -167,7 +167,7 @@ def test_dataloader_path_trains_exactly_like_the_tensor_path(tmp_path, workers):
 
 
 def test_auto_loader_follows_the_memory_budget(tmp_path):
-    from ncmcli.data import FileSplit, Split
+    from ncmcli.batching import FileSplit, Split
 
     make_folder(tmp_path, per_class=2, size=(8, 8))
     small = load_dataset(DataConfig(name="folder", root=str(tmp_path), loader="auto", memory_budget_gb=1.0))

@@ -1,0 +1,52 @@
+"""Decoding one untrusted image file into a uint8 tensor of the model's channels and size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+# A 64-megapixel cap keeps a decompression bomb from exhausting memory: PIL refuses larger.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def load_image(path: Path, channels: int, size: int) -> tuple[torch.Tensor, bool]:
+    """(C, size, size) uint8 from any PIL-readable file, and whether it was resized."""
+    import warnings
+
+    from PIL import Image
+
+    from ncmcli.errors import ImageError
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS // 2  # PIL errors at twice this value
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise ImageError(f"{path}: image of {im.width}x{im.height} pixels is too large")
+                im.load()
+                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                    arr = np.asarray(im, dtype=np.float64)  # 16-bit grayscale: scale to 8 bits
+                    im = Image.fromarray((arr * (255.0 / max(arr.max(), 1))).astype(np.uint8))
+                if im.mode in ("RGBA", "LA", "P", "PA") or im.info.get("transparency") is not None:
+                    im = im.convert("RGBA")
+                    bg = Image.new("RGBA", im.size, (0, 0, 0, 255))  # composite alpha on black
+                    im = Image.alpha_composite(bg, im)
+                im = im.convert("L" if channels == 1 else "RGB")
+                resized = im.size != (size, size)
+                if resized:
+                    im = im.resize((size, size), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{path}: image is too large (decompression bomb guard)") from None
+    except Exception as exc:
+        raise ImageError(f"{path}: not a readable image ({type(exc).__name__})") from None
+    t = torch.from_numpy(arr.copy())
+    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+    return t.contiguous(), resized
