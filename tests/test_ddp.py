@@ -29,7 +29,10 @@ def test_two_process_gloo_run_matches_single_process_eval(tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     ev = json.loads(run_ncm("eval", out, "--json").stdout)
     assert ev["n"] == 200  # exact counts: no padded duplicates
-    assert ev["accuracy"] == pytest.approx(result["best"]["test_acc"], abs=1e-12)
+    # Same weights, same 200 images. Two ranks evaluate 100 images each, one process all 200 in
+    # one batch; convolution kernels may round differently at another batch size, which can
+    # flip an image that sits exactly on a decision boundary, so allow one image of 200.
+    assert abs(ev["accuracy"] - result["best"]["test_acc"]) <= 1 / 200 + 1e-12
     from safetensors.torch import load_file
 
     keys = load_file(str(out / "last.safetensors")).keys()
