@@ -1,6 +1,6 @@
 """The ``ncm`` command line. Thin: parse, call one engine function, render the result.
 
-This is the only module that prints or exits. Library errors (``NcmError``) become one red
+This package (with ``console`` and ``plot``) is the only place that prints or exits. Library errors (``NcmError``) become one red
 line on stderr and their exit code (2 usage/config, 1 runtime); ``--debug`` or
 ``NCM_DEBUG=1`` shows the traceback. torch is imported inside command bodies only, so
 ``ncm --help`` and argument errors stay fast.
@@ -8,7 +8,6 @@ line on stderr and their exit code (2 usage/config, 1 runtime); ``--debug`` or
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,6 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from ncmcli import __version__
+from ncmcli.cli.console import RichReporter, StopOnSignal, err, out_json, render_certificate
+from ncmcli.cli.plot import plot_app
 from ncmcli.errors import NcmError
 
 app = typer.Typer(
@@ -27,14 +28,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+app.add_typer(plot_app, name="plot")
 _state = {"debug": os.environ.get("NCM_DEBUG", "") not in ("", "0")}
-
-
-def _out(doc) -> None:
-    """Data goes to stdout, as one JSON document."""
-    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
-    sys.stdout.flush()
 
 
 def _version(value: bool) -> None:
@@ -71,26 +66,9 @@ def anchors(
     if out is not None:
         err.print(f"wrote {escape(str(out))}")
     if as_json:
-        _out(cert)
+        out_json(cert)
     else:
-        _render_certificate(cert, Console())
-
-
-def _render_certificate(cert: dict, console: Console) -> None:
-    from rich.table import Table
-
-    best = cert["best_known_min_angle_deg"]
-    t = Table(title=f"anchors: {cert['method']}  C={cert['classes']}  d={cert['dim']}", show_header=False)
-    t.add_row("min angle", f"{cert['min_angle_deg']:.2f}°" + (f"  (best known {best:.2f}°)" if best else ""))
-    t.add_row("mean / max angle", f"{cert['mean_angle_deg']:.2f}° / {cert['max_angle_deg']:.2f}°")
-    t.add_row("row norms", f"{cert['norm_min']:.6f} .. {cert['norm_max']:.6f}")
-    t.add_row("duplicates", str(len(cert["duplicates"])) if cert["duplicates"] else "none")
-    t.add_row(
-        "loss floor",
-        f"{cert['loss_floor']:.4f} nats ({cert['metric']}, scale {cert['scale']:g}; "
-        f"features exactly on their anchors)",
-    )
-    console.print(t)
+        render_certificate(cert, Console())
 
 
 # ---------------------------------------------------------------------------------------
@@ -103,91 +81,6 @@ def presets() -> None:
     width = max(map(len, items), default=0)
     for name, desc in items.items():
         sys.stdout.write(f"{name:<{width}}  {desc}\n")
-
-
-class _RichReporter:
-    """Progress and messages on stderr; stdout stays free for data."""
-
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
-        self.progress = None
-        self.task = None
-
-    def message(self, text: str) -> None:
-        if not self.quiet:
-            err.print(escape(text))
-
-    def certificate(self, cert: dict) -> None:
-        if not self.quiet:
-            _render_certificate(cert, err)
-
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
-        if self.quiet:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        if self.progress is None:
-            self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=err, transient=True,
-            )
-            self.progress.start()
-        if self.task is not None:
-            self.progress.remove_task(self.task)
-        self.task = self.progress.add_task(f"epoch {epoch}/{epochs}", total=steps, stats="")
-
-    def step(self, step, loss, acc, images_per_s) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, completed=step,
-                                 stats=f"loss {loss:.4f} acc {acc:.3f} {images_per_s:,.0f} img/s")
-
-    def epoch_end(self, m: dict) -> None:
-        if not self.quiet:
-            err.print(
-                f"epoch {m['epoch']:>3}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}  "
-                f"test loss {m['test_loss']:.4f} acc {m['test_acc']:.4f}  lr {m['lr']:.3g}  "
-                f"{m['images_per_s']:,.0f} img/s",
-                soft_wrap=True,
-            )
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-
-class _StopOnSignal:
-    """SIGINT/SIGTERM ask training to stop at the next step boundary (it then saves a
-    resumable checkpoint); a second signal aborts at once, leaving the files as they are."""
-
-    def __init__(self):
-        self._set = False
-        self.signal_name = ""
-        self._old = {}
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def _handle(self, signum, frame) -> None:
-        import signal
-
-        if self._set:
-            raise KeyboardInterrupt  # the second signal: abort now
-        self._set = True
-        self.signal_name = signal.Signals(signum).name
-        err.print(f"[yellow]{self.signal_name}: stopping after this step (again to abort)[/yellow]")
-
-    def __enter__(self):
-        import signal
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 @app.command()
@@ -215,8 +108,8 @@ def train(
         return
     from ncmcli import engine
 
-    reporter = _RichReporter(quiet)
-    stop = _StopOnSignal()
+    reporter = RichReporter(quiet)
+    stop = StopOnSignal()
     try:
         with stop:
             if resume is not None:
@@ -231,7 +124,7 @@ def train(
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 prints
     if as_json:
-        _out(result)
+        out_json(result)
     else:
         err.print(f"test accuracy {result['test_acc']:.4f} (best {result['best']['test_acc']:.4f} "
                   f"at epoch {result['best']['epoch']}) in {result['wall_time_s']:.1f}s")
@@ -252,7 +145,7 @@ def eval_(
 
     res = evaluation.eval_command(target, data_root=data_root, device=device, limit=limit, ood=ood)
     if as_json:
-        _out(res)
+        out_json(res)
         return
     from rich.table import Table
 
@@ -302,7 +195,7 @@ def predict(
         if "error" in r:
             err.print(f"[red]error:[/red] {escape(r['error'])}")
     if as_json:
-        _out(res)
+        out_json(res)
     else:
         for r in res["predictions"]:
             if "error" in r:
@@ -327,62 +220,6 @@ def report(
     if fmt not in rep.FORMATS:
         raise typer.BadParameter(f"choose one of: {', '.join(rep.FORMATS)}", param_hint="--format")
     sys.stdout.write(rep.render(rep.collect(paths), fmt) + "\n")
-
-
-plot_app = typer.Typer(help="Draw Figures 2 and 3, confusion matrices and angle histograms (needs matplotlib).",
-                       no_args_is_help=True)
-app.add_typer(plot_app, name="plot")
-_OUT = typer.Option(None, "--out", "-o", help="File or folder to write (default: beside the checkpoint).")
-_FMT = typer.Option("png", "--format", help="png, svg or pdf.")
-
-
-def _plot(kind: str, target, **kw) -> None:
-    from ncmcli import evaluation
-
-    path = evaluation.plot_command(kind, target, **kw)
-    err.print(f"wrote {escape(str(path))}")
-
-
-@plot_app.command("features")
-def plot_features(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint or run folder."),
-    split: str = typer.Option("test", "--split", help="train or test."),
-    max_points: int = typer.Option(5000, "--max-points", help="Draw at most this many features (0 = all)."),
-    data_root: Optional[str] = typer.Option(None, "--data-root"),
-    device: str = typer.Option("auto", "--device"),
-    out: Optional[Path] = _OUT, fmt: str = _FMT,
-) -> None:
-    """The paper's Figure 2: deep features by class, anchors as stars (PCA when d > 2)."""
-    _plot("features", checkpoint, out=out, fmt=fmt, device=device, split=split, max_points=max_points,
-          data_root=data_root)
-
-
-@plot_app.command("curves")
-def plot_curves(
-    runs: List[Path] = typer.Argument(..., help="Run folders (or folders that contain them)."),
-    out: Optional[Path] = _OUT, fmt: str = _FMT,
-) -> None:
-    """The paper's Figure 3: training loss and test error per epoch, runs overlaid."""
-    _plot("curves", runs, out=out, fmt=fmt)
-
-
-@plot_app.command("confusion")
-def plot_confusion(
-    checkpoint: Path = typer.Argument(...), data_root: Optional[str] = typer.Option(None, "--data-root"),
-    device: str = typer.Option("auto", "--device"), out: Optional[Path] = _OUT, fmt: str = _FMT,
-) -> None:
-    """Row-normalised confusion matrix on the test split."""
-    _plot("confusion", checkpoint, out=out, fmt=fmt, device=device, data_root=data_root)
-
-
-@plot_app.command("angles")
-def plot_angles(
-    checkpoint: Path = typer.Argument(...), data_root: Optional[str] = typer.Option(None, "--data-root"),
-    max_points: int = typer.Option(0, "--max-points"), device: str = typer.Option("auto", "--device"),
-    out: Optional[Path] = _OUT, fmt: str = _FMT,
-) -> None:
-    """Angles from each test feature to its own anchor and to the nearest other one."""
-    _plot("angles", checkpoint, out=out, fmt=fmt, device=device, data_root=data_root, max_points=max_points)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,120 @@
+"""What the CLI shows on stderr and stdout: the error console, JSON output, the anchor
+certificate table, the training progress and the signal handling that stops training."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def out_json(doc) -> None:
+    """Data goes to stdout, as one JSON document."""
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def render_certificate(cert: dict, console: Console) -> None:
+    from rich.table import Table
+
+    best = cert["best_known_min_angle_deg"]
+    t = Table(title=f"anchors: {cert['method']}  C={cert['classes']}  d={cert['dim']}", show_header=False)
+    t.add_row("min angle", f"{cert['min_angle_deg']:.2f}°" + (f"  (best known {best:.2f}°)" if best else ""))
+    t.add_row("mean / max angle", f"{cert['mean_angle_deg']:.2f}° / {cert['max_angle_deg']:.2f}°")
+    t.add_row("row norms", f"{cert['norm_min']:.6f} .. {cert['norm_max']:.6f}")
+    t.add_row("duplicates", str(len(cert["duplicates"])) if cert["duplicates"] else "none")
+    t.add_row(
+        "loss floor",
+        f"{cert['loss_floor']:.4f} nats ({cert['metric']}, scale {cert['scale']:g}; "
+        f"features exactly on their anchors)",
+    )
+    console.print(t)
+
+
+class RichReporter:
+    """Progress and messages on stderr; stdout stays free for data."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.progress = None
+        self.task = None
+
+    def message(self, text: str) -> None:
+        if not self.quiet:
+            err.print(escape(text))
+
+    def certificate(self, cert: dict) -> None:
+        if not self.quiet:
+            render_certificate(cert, err)
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        if self.quiet:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        if self.progress is None:
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=err, transient=True,
+            )
+            self.progress.start()
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(f"epoch {epoch}/{epochs}", total=steps, stats="")
+
+    def step(self, step, loss, acc, images_per_s) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step,
+                                 stats=f"loss {loss:.4f} acc {acc:.3f} {images_per_s:,.0f} img/s")
+
+    def epoch_end(self, m: dict) -> None:
+        if not self.quiet:
+            err.print(
+                f"epoch {m['epoch']:>3}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}  "
+                f"test loss {m['test_loss']:.4f} acc {m['test_acc']:.4f}  lr {m['lr']:.3g}  "
+                f"{m['images_per_s']:,.0f} img/s",
+                soft_wrap=True,
+            )
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM ask training to stop at the next step boundary (it then saves a
+    resumable checkpoint); a second signal aborts at once, leaving the files as they are."""
+
+    def __init__(self):
+        self._set = False
+        self.signal_name = ""
+        self._old = {}
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self._set:
+            raise KeyboardInterrupt  # the second signal: abort now
+        self._set = True
+        self.signal_name = signal.Signals(signum).name
+        err.print(f"[yellow]{self.signal_name}: stopping after this step (again to abort)[/yellow]")
+
+    def __enter__(self):
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
