@@ -36,10 +36,12 @@ def build_from_config(cfg, num_classes: int, input_shape):
     return model, anchors, criterion
 
 
-def evaluate(model, criterion, split, *, mean, std, device, batch_size: int, num_classes: int) -> dict:
+def evaluate(model, criterion, split, *, mean, std, device, batch_size: int, num_classes: int,
+             keep_outputs: bool = False) -> dict:
     """Loss, accuracy and the confusion matrix of ``split``, summed on the device. Under DDP
     each rank takes the rows ``[rank::world]`` and the sums are all-reduced: exact counts,
-    no padded duplicates."""
+    no padded duplicates. ``keep_outputs`` also returns the features, logits and labels (on
+    the CPU) for diagnostics, from the same single pass."""
     import torch
 
     from ncmcli.batching import batches
@@ -52,12 +54,15 @@ def evaluate(model, criterion, split, *, mean, std, device, batch_size: int, num
     criterion.eval()  # no centre updates or L-Softmax schedule steps on evaluation data
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    kept: list[tuple] = []
     with torch.no_grad():
         for x, y in batches(split, batch_size, mean=mean, std=std, device=device):
             feats = model(x)
             loss_sum += criterion(feats, y).double() * len(y)
             pred = criterion.predict(feats)
             confusion += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+            if keep_outputs:
+                kept.append((feats.float().cpu(), criterion.logits(feats).float().cpu(), y.cpu()))
     if world > 1:
         torch.distributed.all_reduce(loss_sum)
         torch.distributed.all_reduce(confusion)
@@ -65,8 +70,11 @@ def evaluate(model, criterion, split, *, mean, std, device, batch_size: int, num
     conf = confusion.cpu()
     correct = int(conf.diag().sum())
     per_class = (conf.diag().double() / conf.sum(1).clamp_min(1)).tolist()
-    return {"loss": loss_sum.item() / n, "accuracy": correct / n, "error_pct": 100.0 * (1 - correct / n),
-            "n": n, "per_class_accuracy": per_class, "confusion": conf.tolist()}
+    out = {"loss": loss_sum.item() / n, "accuracy": correct / n, "error_pct": 100.0 * (1 - correct / n),
+           "n": n, "per_class_accuracy": per_class, "confusion": conf.tolist()}
+    if keep_outputs:
+        out["features"], out["logits"], out["labels"] = (torch.cat(parts) for parts in zip(*kept))
+    return out
 
 
 def dist_info() -> tuple[int, int]:
