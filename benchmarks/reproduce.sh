@@ -2,60 +2,99 @@
 # Run a whole table of the paper as a plain shell loop over `ncm train --json`, then
 # aggregate it with `ncm report`. Written the way a user would script a sweep.
 #
-#   benchmarks/reproduce.sh TABLE [OUT]
+#   benchmarks/reproduce.sh TARGET [OUT]
 #
-#   TABLE   table2 | table3 | cpu (the CPU-sized Fashion-MNIST comparison) | smoke (tiny, for tests)
-#   OUT     where the runs go (default: sweeps/TABLE)
+#   TARGET  table2 | table3 | figure2 | study | cpu | smoke
+#           table2/table3/figure2: the paper's cells on the paper's nets (a GPU's work)
+#           study:  the CPU convergence study of REPRODUCTION.md (real CIFAR-10 as JPEG folders
+#                   and Fashion-MNIST; about 2 hours on 2 cores); needs CIFAR10_DIR
+#           cpu:    the short Fashion-MNIST comparison;  smoke: tiny, for tests
+#   OUT     where the runs go (default: sweeps/TARGET)
 #
 # Environment:
 #   EPOCHS="90"        override train.epochs for every run (default: each preset's own)
-#   SEEDS="0 1 2"      seeds per cell (default: 0 1 2)
+#   SEEDS="0 1 2"      seeds per cell (default: 0 1 2; the study's default is "0 1")
 #   EXTRA="--set ..."  more ncm train arguments for every run (e.g. --device cuda:1)
 #   NCM="ncm"          the ncm command
+#   CIFAR10_DIR=...    study: a folder with train/<class>/ and test/<class>/ CIFAR-10 images
 #
-# A run whose result.json already exists is skipped, so an interrupted sweep continues
-# where it stopped. Examples:
+# Resumable: a run whose result.json exists is skipped, and a run that was stopped (Ctrl-C,
+# SIGTERM, a killed session) continues from its last.safetensors with --resume. Examples:
 #   EPOCHS=2 SEEDS="0" benchmarks/reproduce.sh table2            # quick check
 #   benchmarks/reproduce.sh table3 sweeps/table3                 # the full run (GPU)
+#   CIFAR10_DIR=/data/cifar10 benchmarks/reproduce.sh study      # the CPU study
 set -euo pipefail
 
-TABLE="${1:?usage: reproduce.sh table2|table3|cpu|smoke [OUT]}"
-OUT="${2:-sweeps/$TABLE}"
-SEEDS="${SEEDS:-0 1 2}"
+TARGET="${1:?usage: reproduce.sh table2|table3|figure2|study|cpu|smoke [OUT]}"
+OUT="${2:-sweeps/$TARGET}"
 NCM="${NCM:-ncm}"
 read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
+if [ "$TARGET" = study ]; then SEEDS="${SEEDS:-0 1}"; else SEEDS="${SEEDS:-0 1 2}"; fi
 
-cells=()   # "preset dropout" pairs; dropout "-" keeps the preset's own
-case "$TABLE" in
+cells=()   # "name preset [--set k=v ...]": one cell, run once per seed
+case "$TARGET" in
   table2)
     for ds in mnist cifar10 cifar10plus cifar100; do
-      for m in hinge lsoftmax2 lsoftmax3 lsoftmax4 cncm encm; do cells+=("$ds-$m -"); done
+      for m in hinge lsoftmax2 lsoftmax3 lsoftmax4 cncm encm; do cells+=("$ds-$m $ds-$m"); done
     done ;;
   table3)
     for ds in cifar10 cifar10plus cifar100; do
       for m in softmax cncm encm; do
-        for p in 0 0.1 0.25 0.5; do cells+=("$ds-$m $p"); done
+        for p in 0 0.1 0.25 0.5; do cells+=("$ds-$m-p$p $ds-$m --set model.dropout=$p"); done
       done
     done ;;
+  figure2)
+    for m in softmax cncm encm; do cells+=("mnist2d-$m mnist2d-$m"); done ;;
+  study)
+    : "${CIFAR10_DIR:?the study needs CIFAR10_DIR (a folder with train/ and test/; see REPRODUCTION.md)}"
+    # CIFAR-10 as JPEG folders: a stratified 8,000-image training sample, a stratified 4,000-image
+    # test sample, Table 1's CIFAR-10 layout at quarter width, 12 epochs, lr cut /10 after
+    # epochs 6 and 9 for every method (one schedule, so that only the loss differs).
+    C="--set data.name=folder --set data.root=$CIFAR10_DIR --set data.limit_train=8000 --set data.limit_test=4000"
+    C="$C --set model.arch=cifar10-cpu --set train.epochs=12 --set optim.schedule=multistep"
+    C="$C --set optim.milestone_unit=epoch --set optim.milestones=6,9"
+    # Liu et al.'s lambda annealing spans 30,000 iterations; here a run is 12 x 63 = 756
+    # iterations of 128, so gamma is scaled by 30000/756 (CIFAR-10: 2e-5 -> 7.9e-4,
+    # CIFAR-10+: 1e-5 -> 4.0e-4; Fashion-MNIST with the MNIST files: 2.5e-5 x 30000/1884 -> 4.0e-4).
+    F="--set data.limit_train=20000 --set model.arch=tiny --set train.epochs=12 --set optim.schedule=multistep"
+    F="$F --set optim.milestone_unit=epoch --set optim.milestones=6,9"
+    # In priority order: the cells that answer the main question first.
+    for p in 0.1 0; do
+      for m in encm softmax cncm; do cells+=("c10-$m-p$p cifar10-$m $C --set model.dropout=$p"); done
+    done
+    for m in encm softmax cncm; do cells+=("c10plus-$m-p0.1 cifar10plus-$m $C"); done
+    for m in encm softmax cncm; do cells+=("c10-$m-p0.25 cifar10-$m $C --set model.dropout=0.25"); done
+    cells+=("c10-lsoftmax2 cifar10-lsoftmax2 $C --set loss.lambda_gamma=0.00079")
+    cells+=("c10-hinge cifar10-hinge $C")
+    cells+=("c10plus-lsoftmax2 cifar10plus-lsoftmax2 $C --set loss.lambda_gamma=0.0004")
+    cells+=("c10plus-hinge cifar10plus-hinge $C")
+    for m in encm softmax cncm; do cells+=("fmnist-$m fashion-mnist-$m $F"); done
+    cells+=("fmnist-lsoftmax2 mnist-lsoftmax2 $F --set data.name=fashion-mnist --set loss.lambda_gamma=0.0004")
+    cells+=("fmnist-hinge mnist-hinge $F --set data.name=fashion-mnist") ;;
   cpu)
-    for m in softmax hinge lsoftmax2 lsoftmax4 center cncm encm; do cells+=("fashion-mnist-cpu-$m -"); done ;;
+    for m in softmax hinge lsoftmax2 lsoftmax4 center cncm encm; do cells+=("fashion-mnist-cpu-$m fashion-mnist-cpu-$m"); done ;;
   smoke)
-    cells=("quickstart -" "quickstart-softmax -") ;;
-  *) echo "reproduce.sh: unknown table '$TABLE' (table2, table3, cpu, smoke)" >&2; exit 2 ;;
+    cells=("quickstart quickstart" "quickstart-softmax quickstart-softmax") ;;
+  *) echo "reproduce.sh: unknown target '$TARGET' (table2, table3, figure2, study, cpu, smoke)" >&2; exit 2 ;;
 esac
 
 mkdir -p "$OUT/logs"
 start=$(date +%s)
 for cell in "${cells[@]}"; do
-  read -r preset p <<< "$cell"
+  read -r name preset rest <<< "$cell"
+  read -r -a cell_args <<< "${rest:-}"
   for seed in $SEEDS; do
-    if [ "$p" = "-" ]; then name="$preset-s$seed"; else name="$preset-p$p-s$seed"; fi
-    args=(train --preset "$preset" --set "seed=$seed" --out "$OUT/$name" --json --quiet)
-    [ "$p" != "-" ] && args+=(--set "model.dropout=$p")
+    run="$name-s$seed"
+    if [ -f "$OUT/$run/result.json" ]; then echo "skip $run (done)" >&2; continue; fi
+    if [ -f "$OUT/$run/last.safetensors" ]; then
+      echo "resume $run" >&2
+      "$NCM" train --resume "$OUT/$run" --json --quiet "${EXTRA_ARGS[@]}" > "$OUT/logs/$run.json"
+      continue
+    fi
+    args=(train --preset "$preset" "${cell_args[@]}" --set "seed=$seed" --out "$OUT/$run" --json --quiet --force)
     [ -n "${EPOCHS:-}" ] && args+=(--set "train.epochs=$EPOCHS")
-    if [ -f "$OUT/$name/result.json" ]; then echo "skip $name (done)" >&2; continue; fi
-    echo "run  $name" >&2
-    "$NCM" "${args[@]}" --force "${EXTRA_ARGS[@]}" > "$OUT/logs/$name.json"
+    echo "run  $run  ($(date +%H:%M:%S))" >&2
+    "$NCM" "${args[@]}" "${EXTRA_ARGS[@]}" > "$OUT/logs/$run.json"
   done
 done
 echo "sweep finished in $(( $(date +%s) - start )) s" >&2

@@ -111,24 +111,30 @@ class _PlannedLoader:
 
 
 
-def split_stats(split, sample: int = 10_000) -> tuple[list[float], list[float]]:
-    """``channel_stats`` of a split; a FileSplit is estimated from ``sample`` evenly spaced images."""
+def split_stats(split, sample: int = 10_000, *, normalization: str = "channel") -> tuple[list[float], list[float]]:
+    """``channel_stats`` of a split; a FileSplit is estimated from ``sample`` evenly spaced images.
+    ``normalization="global"`` is the paper's: one mean and std over all pixels and channels,
+    repeated per channel so that checkpoints and ``normalize`` keep one shape."""
+    per_channel = normalization == "channel"
     if isinstance(split, Split):
-        return channel_stats(split.images)
+        return channel_stats(split.images, per_channel=per_channel)
     idx = torch.linspace(0, len(split) - 1, min(sample, len(split))).round().long().unique()
     part = split.subset(idx)
     loader = part.loader("cpu")
     chunks = list(loader.run([list(range(i, min(i + 256, len(part)))) for i in range(0, len(part), 256)]))
-    return channel_stats(torch.cat(chunks))
+    return channel_stats(torch.cat(chunks), per_channel=per_channel)
 
 
-def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of a uint8 (N, C, H, W) split, in [0, 1] units."""
+def channel_stats(images: torch.Tensor, *, per_channel: bool = True) -> tuple[list[float], list[float]]:
+    """Per-channel (or, ``per_channel=False``, global) mean and std of a uint8 (N, C, H, W)
+    split, in [0, 1] units; one value per channel either way."""
     x = images.to(torch.float64).div_(255.0)
-    dims = (0, 2, 3)
-    mean = x.mean(dims)
-    std = x.std(dims).clamp_min(1e-6)
-    return mean.tolist(), std.tolist()
+    c = x.shape[1]
+    if per_channel:
+        mean, std = x.mean((0, 2, 3)), x.std((0, 2, 3))
+    else:
+        mean, std = x.mean().expand(c), x.std().expand(c)
+    return mean.tolist(), std.clamp_min(1e-6).tolist()
 
 
 def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
@@ -165,9 +171,11 @@ def augment(images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torc
 
 def batches(
     split, batch_size: int, *, mean, std, device, generator: torch.Generator | None = None,
-    augment_batches: bool = False, skip: int = 0, rank: int = 0, world: int = 1,
+    augment_batches: bool = False, flip_batches: bool = False, skip: int = 0, rank: int = 0, world: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised (x, y) batches; shuffled when a generator is given (a fresh order each call).
+    ``augment_batches`` is CIFAR-10+'s pad-crop-flip; ``flip_batches`` alone mirrors only
+    (Liu et al.'s plain CIFAR-10): the same draws with a padding of 0.
 
     ``skip`` passes over the first batches (drawing their random numbers all the same), so a
     run resumed mid-epoch sees exactly the batches it would have seen. With ``world`` > 1
@@ -179,13 +187,14 @@ def batches(
     plan = []  # (indices, augmentation draws) per batch this rank will see
     for i, start in enumerate(range(0, n, batch_size)):
         size = min(batch_size, n - start)
-        draws = draw_augment(size, generator) if augment_batches else None
+        pad = 4 if augment_batches else 0
+        draws = draw_augment(size, generator, pad) + (pad,) if augment_batches or flip_batches else None
         if i < skip or size < world:
             continue
         idx = order[start:start + size] if order is not None else torch.arange(start, start + size)
         if world > 1:
             idx = idx[rank::world]
-            draws = tuple(d[rank::world] for d in draws) if draws is not None else None
+            draws = tuple(d[rank::world] for d in draws[:3]) + draws[3:] if draws is not None else None
         plan.append((idx, draws))
     if isinstance(split, FileSplit):
         raw = split.loader(device).run([idx.tolist() for idx, _ in plan])

@@ -24,7 +24,10 @@ DATASETS = ("quickstart", "mnist", "fashion-mnist", "cifar10", "cifar100", "fold
 LOSSES = ("softmax", "encm", "cncm", "sqncm", "hinge", "lsoftmax", "center")
 HINGE_FORMS = ("ova", "weston-watkins")
 ANCHOR_METHODS = ("orthogonal", "polar", "simplex", "orthoplex", "optimized", "random", "auto")
-SCHEDULES = ("plateau", "cosine", "none")
+SCHEDULES = ("plateau", "multistep", "cosine", "none")
+MILESTONE_UNITS = ("epoch", "step")
+HEADS = ("linear", "linear-bn-relu")
+NORMALIZATIONS = ("global", "channel")
 LOADERS = ("auto", "tensor", "dataloader")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRISTATE = ("auto", "true", "false")
@@ -35,11 +38,15 @@ class DataConfig:
     name: str = "quickstart"  # one of DATASETS; quickstart ships inside the package
     root: str = ""  # "" = $NCM_DATA, else ~/.cache/ncm/data: one cache per user, not per run
     augment: bool = False  # pad 4 + random 32x32 crop + h-flip: the paper's CIFAR-10+
+    hflip: bool = False  # random horizontal flips only (implied by augment): Liu et al.'s plain CIFAR-10
+    normalization: str = "global"  # the paper's one mean and std over all pixels; channel = per RGB channel
     download: bool = True  # torchvision downloads into root; off = fail fast offline
     channels: int = 0  # folder only: 1 or 3; 0 = 3 (RGB), the common case for photos
     image_size: int = 0  # folder only: square side in pixels; 0 = 32, CIFAR's size
-    limit_train: int = 0  # use the first N training images (0 = all): quick checks
+    limit_train: int = 0  # a stratified sample of N training images (0 = all): quick checks
     limit_test: int = 0  # likewise for the test split
+    subset_seed: int = 0  # the limits' sample: fixed across run seeds, so runs compare on the same images
+    cache: bool = True  # folder only: decode once into a safetensors cache keyed to the folder's contents
     loader: str = "auto"  # folder only: tensor (in memory), dataloader (decode per batch), auto = by budget
     memory_budget_gb: float = 4.0  # auto: hold a folder split in memory when its decoded uint8 fits in this
     workers: int = 2  # DataLoader worker processes for folders too large for memory
@@ -50,6 +57,9 @@ class ModelConfig:
     arch: str = "mnist"  # a Table 1 net (mnist2d, mnist, cifar10, cifar100) or small/small2d/tiny
     dropout: float = 0.1  # the paper's Table 2 setting; Table 3 sweeps 0..0.5
     feature_dim: int = 0  # 0 = the arch's d from Table 1
+    # The feature FC: linear (features can reach anchors with negative coordinates), or
+    # linear-bn-relu, Liu et al.'s ip1 -> BN -> ReLU that their L-Softmax/Hinge models use.
+    head: str = "linear"
 
 
 @dataclass(frozen=True)
@@ -67,8 +77,9 @@ class LossConfig:
     # L-Softmax lambda = max(lambda_min, base * (1 + gamma * iter)^-power): the released
     # Caffe models' annealing; a large lambda early is what lets L-Softmax train at all.
     lambda_base: float = 1000.0
-    lambda_gamma: float = 0.12
-    lambda_power: float = 1.0
+    # Defaults: the released CIFAR-10 m=2 model (MNIST: 2.5e-5, 35; CIFAR-10+: 1e-5, 45).
+    lambda_gamma: float = 2e-5
+    lambda_power: float = 45.0
     lambda_min: float = 0.0
     center_weight: float = 0.003  # center loss lambda: Wen et al.'s main setting
     center_alpha: float = 0.5  # center loss centre learning rate: Wen et al.'s setting
@@ -92,9 +103,15 @@ class OptimConfig:
     momentum: float = 0.9  # the paper's SGD momentum
     weight_decay: float = 5e-4  # the paper's weight decay
     schedule: str = "plateau"  # the paper divides lr by 10 when the training loss plateaus
-    patience: int = 5  # plateau: epochs without a 1% drop in training loss before /10
-    lr_factor: float = 0.1  # plateau: the paper's divide-by-10
-    min_lr: float = 1e-5  # plateau: stop decaying after three drops from 0.1
+    # plateau: the improvement is measured on the training loss's excess over the
+    # criterion's floor (NCM losses cannot reach 0), so every loss is cut by the same rule.
+    patience: int = 5  # plateau: epochs without a `threshold` relative drop of the excess before a cut
+    threshold: float = 0.01  # plateau: the relative drop of the excess that counts as progress
+    max_drops: int = 3  # plateau: at most this many cuts (0.1 -> 1e-4), then the lr stays
+    lr_factor: float = 0.1  # plateau and multistep: the paper's divide-by-10
+    min_lr: float = 0.0  # plateau: never cut below this (0 = only max_drops limits the cuts)
+    milestones: tuple[int, ...] = ()  # multistep: cut by lr_factor at each of these
+    milestone_unit: str = "epoch"  # multistep: milestones count epochs, or steps (Liu et al.'s iterations)
 
 
 @dataclass(frozen=True)
@@ -109,7 +126,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        # Lists, not tuples: YAML's safe dumper and JSON both take lists.
+        return dataclasses.asdict(self, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v
+                                                                    for k, v in items})
 
 
 # ---------------------------------------------------------------------------------------
@@ -145,6 +164,12 @@ def coerce(key: str, value: Any) -> Any:
     if key not in SCHEMA:
         raise _unknown(key)
     typ = SCHEMA[key]
+    if typing.get_origin(typ) is tuple:
+        return _coerce_int_list(key, value)
+    return _coerce_as(key, value, typ)
+
+
+def _coerce_as(key: str, value: Any, typ: type) -> Any:
     bad = ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
     if typ is bool:
         if isinstance(value, bool):
@@ -199,6 +224,19 @@ def coerce(key: str, value: Any) -> Any:
     raise bad  # pragma: no cover - the schema only holds the four types above
 
 
+def _coerce_int_list(key: str, value: Any) -> tuple[int, ...]:
+    """A list of integers from YAML (``[5000, 7500]``) or the command line (``5000,7500``,
+    ``[5000,7500]``, or empty for none)."""
+    if isinstance(value, str):
+        text = value.strip().strip("[]()").strip()
+        value = [part for part in text.split(",") if part.strip()] if text else []
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list of integers such as 30,60, got {value!r}")
+    return tuple(_coerce_as(key, v, int) for v in value)
+
+
 def _check(cfg: Config) -> None:
     """Invariants that types alone cannot express."""
     def need(ok: bool, msg: str) -> None:
@@ -227,6 +265,17 @@ def _check(cfg: Config) -> None:
     need(cfg.optim.patience >= 0, f"optim.patience must be >= 0, got {cfg.optim.patience}")
     need(0.0 < cfg.optim.lr_factor < 1.0, f"optim.lr_factor must be in (0, 1), got {cfg.optim.lr_factor}")
     need(cfg.optim.min_lr >= 0, f"optim.min_lr must be >= 0, got {cfg.optim.min_lr}")
+    need(cfg.optim.max_drops >= 0, f"optim.max_drops must be >= 0, got {cfg.optim.max_drops}")
+    need(0 <= cfg.optim.threshold < 1, f"optim.threshold must be in [0, 1), got {cfg.optim.threshold}")
+    need(cfg.optim.milestone_unit in MILESTONE_UNITS,
+         f"optim.milestone_unit: {cfg.optim.milestone_unit!r} is not one of {', '.join(MILESTONE_UNITS)}")
+    need(all(m >= 1 for m in cfg.optim.milestones) and list(cfg.optim.milestones) == sorted(set(cfg.optim.milestones)),
+         f"optim.milestones must be increasing positive integers, got {list(cfg.optim.milestones)}")
+    need(cfg.optim.schedule != "multistep" or cfg.optim.milestones,
+         "optim.schedule=multistep needs optim.milestones, e.g. --set optim.milestones=30,60")
+    need(cfg.model.head in HEADS, f"model.head: {cfg.model.head!r} is not one of {', '.join(HEADS)}")
+    need(cfg.data.normalization in NORMALIZATIONS,
+         f"data.normalization: {cfg.data.normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
     need(cfg.loss.scale > 0, f"loss.scale must be > 0, got {cfg.loss.scale}")
     need(cfg.loss.hinge_form in HINGE_FORMS, f"loss.hinge_form: {cfg.loss.hinge_form!r} is not one of {', '.join(HINGE_FORMS)}")
     need(cfg.loss.margin in (1, 2, 3, 4), f"loss.margin must be 1, 2, 3 or 4, got {cfg.loss.margin}")
@@ -255,7 +304,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             if v and key not in SCHEMA:
                 out.update(_flatten(v, key + "."))
             elif key in SCHEMA:
-                raise ConfigError(f"{key}: expected {SCHEMA[key].__name__}, got a mapping")
+                raise ConfigError(f"{key}: expected {getattr(SCHEMA[key], '__name__', 'a list')}, got a mapping")
             # an empty mapping (e.g. 'loss:' with nothing under it) sets nothing
         else:
             out[key] = v
@@ -296,9 +345,12 @@ def presets_dir() -> Path:
 
 
 def list_presets() -> dict[str, str]:
-    """name -> one-line description, for every preset."""
+    """name -> one-line description, for every preset a user runs. Bases (``_paper``,
+    ``_cifar10``, ...) hold shared recipe keys and are hidden."""
     out = {}
     for path in sorted(presets_dir().glob("*.yaml")):
+        if path.stem.startswith("_"):
+            continue
         try:
             desc = str(_resolve_tree(path.stem, ()).get("description", ""))
         except ConfigError as exc:
@@ -307,15 +359,17 @@ def list_presets() -> dict[str, str]:
     return out
 
 
-def _preset_path(name: str) -> Path:
+def _preset_path(name: str, near: Path | None = None) -> Path:
     p = Path(name)
     if p.suffix in (".yaml", ".yml") or os.sep in name:
+        if near is not None and not p.is_absolute():
+            p = near / p
         if not p.is_file():
-            raise ConfigError(f"preset file not found: {name}")
+            raise ConfigError(f"preset file not found: {p}")
         return p
     path = presets_dir() / f"{name}.yaml"
     if not path.is_file():
-        names = sorted(q.stem for q in presets_dir().glob("*.yaml"))
+        names = sorted(q.stem for q in presets_dir().glob("*.yaml") if not q.stem.startswith("_"))
         close = difflib.get_close_matches(name, names, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"unknown preset '{name}'{hint}; valid presets: {', '.join(names)}")
@@ -359,8 +413,11 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _resolve_tree(name: str, chain: tuple[str, ...]) -> dict:
-    path = _preset_path(name)
+def _resolve_tree(name: str, chain: tuple[str, ...], near: Path | None = None) -> dict:
+    """The merged tree of a preset. ``base:`` names one preset or a list of them, merged
+    left to right, then the preset's own keys on top. A relative ``base:`` path resolves
+    against the folder of the preset that names it."""
+    path = _preset_path(name, near)
     key = str(path.resolve())
     if key in chain:
         raise ConfigError(f"preset '{name}' extends itself (cycle through {path.name})")
@@ -368,9 +425,13 @@ def _resolve_tree(name: str, chain: tuple[str, ...]) -> dict:
     base = tree.pop("base", None)
     if base is None:
         return tree
-    if not isinstance(base, str):
-        raise ConfigError(f"{path}: 'base' must be a preset name")
-    return _merge(_resolve_tree(base, chain + (key,)), tree)
+    bases = [base] if isinstance(base, str) else base
+    if not isinstance(bases, list) or not bases or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: 'base' must be a preset name or a list of them")
+    merged: dict = {}
+    for b in bases:
+        merged = _merge(merged, _resolve_tree(b, chain + (key,), path.parent))
+    return _merge(merged, tree)
 
 
 def parse_override(text: str) -> tuple[str, str]:

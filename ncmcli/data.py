@@ -9,7 +9,7 @@ import gzip
 import os
 import struct
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ class Dataset:
     train: Split | None
     test: Split
     classes: list[str]
+    notes: list[str] = field(default_factory=list)  # for the user: subsets, caches, skipped files
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -63,15 +64,45 @@ def load_dataset(data_cfg, *, train: bool = True) -> Dataset:
         ds = _cifar(name, root, data_cfg.download, train)
     elif name == "folder":
         ds = _folder(root, data_cfg.channels or 3, data_cfg.image_size or 32, train,
-                     loader=data_cfg.loader, budget_gb=data_cfg.memory_budget_gb, workers=data_cfg.workers)
+                     loader=data_cfg.loader, budget_gb=data_cfg.memory_budget_gb, workers=data_cfg.workers,
+                     cache=data_cfg.cache)
     else:  # the config schema already refuses other names
         raise DataError(f"unknown dataset {name!r}")
-    return Dataset(
-        ds.name,
-        ds.train.head(data_cfg.limit_train) if ds.train is not None else None,
-        ds.test.head(data_cfg.limit_test),
-        ds.classes,
-    )
+    notes = list(ds.notes)
+    splits = {}
+    for split_name, split, limit in (("train", ds.train, data_cfg.limit_train), ("test", ds.test, data_cfg.limit_test)):
+        if split is None:
+            splits[split_name] = None
+            continue
+        if limit and limit < len(split):
+            split = split.subset(stratified_indices(split.labels, limit, seed=data_cfg.subset_seed))
+            notes.append(f"{split_name}: a stratified sample of {len(split)} images (data.subset_seed={data_cfg.subset_seed})")
+        missing = sorted(set(range(len(ds.classes))) - set(split.labels.unique().tolist()))
+        if missing:
+            names = ", ".join(ds.classes[i] for i in missing[:10]) + (", ..." if len(missing) > 10 else "")
+            notes.append(f"warning: the {split_name} split has no images of {len(missing)} "
+                         f"class{'es' if len(missing) > 1 else ''}: {names}")
+        splits[split_name] = split
+    return Dataset(ds.name, splits["train"], splits["test"], ds.classes, notes)
+
+
+def stratified_indices(labels: torch.Tensor, n: int, *, seed: int = 0) -> torch.Tensor:
+    """``n`` indices drawn without replacement that keep each class's share of ``labels``
+    (largest remainders for the rounding), seeded, in the split's original order."""
+    g = torch.Generator().manual_seed(seed)
+    classes, counts = labels.unique(return_counts=True)
+    exact = counts.double() * n / len(labels)
+    take = exact.floor().long()
+    short = n - int(take.sum())
+    if short > 0:  # the largest remainders get one more (ties: the smaller class index)
+        order = sorted(range(len(classes)), key=lambda i: (-(exact[i] - take[i]).item(), i))
+        for i in order[:short]:
+            take[i] += 1
+    picked = []
+    for c, k in zip(classes.tolist(), take.tolist()):
+        members = (labels == c).nonzero().flatten()
+        picked.append(members[torch.randperm(len(members), generator=g)[:k]])
+    return torch.cat(picked).sort().values
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,10 +225,15 @@ def _cifar(name: str, root: Path, download: bool, want_train: bool) -> Dataset:
 
 
 def _folder(root: Path, channels: int, size: int, want_train: bool, *, loader: str = "auto",
-            budget_gb: float = 4.0, workers: int = 2) -> Dataset:
+            budget_gb: float = 4.0, workers: int = 2, cache: bool = True) -> Dataset:
     """root/train/<class>/* and root/test/<class>/*; class names are the folder names.
     Held in memory as uint8 (``loader: tensor``, or ``auto`` when the decoded images fit in
-    ``budget_gb``), else decoded per batch by DataLoader workers."""
+    ``budget_gb``), decoded once and cached (``foldercache``) unless ``cache`` is off; else
+    decoded per batch by DataLoader workers. Only regular files are read: a FIFO or device
+    named like an image would block, so it is skipped with a note."""
+    from ncmcli.foldercache import load_cached
+
+    notes: list[str] = []
     if not (root / "train").is_dir() and want_train or not (root / "test").is_dir():
         raise DataError(f"image folder {root} must hold train/<class>/ and test/<class>/ subfolders")
     train_dir = root / "train" if want_train else root / "test"
@@ -213,14 +249,19 @@ def _folder(root: Path, channels: int, size: int, want_train: bool, *, loader: s
                 raise DataError(f"{cdir}: class '{cdir.name}' is not among the training classes")
             for f in sorted(cdir.iterdir()):
                 if f.suffix.lower() in IMAGE_SUFFIXES:
+                    if not f.is_file():
+                        notes.append(f"skipped {f}: not a regular file")
+                        continue
                     files.append(f)
                     labels.append(index[cdir.name])
         if not files:
             raise DataError(f"{root / split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         targets = torch.tensor(labels, dtype=torch.int64)
         in_memory = loader == "tensor" or (loader == "auto" and len(files) * channels * size * size <= budget_gb * 2**30)
-        if in_memory:
+        if in_memory and cache:
+            splits[split] = Split(load_cached(root, split, files, targets, channels, size, notes), targets)
+        elif in_memory:
             splits[split] = Split(torch.stack([load_image(f, channels, size)[0] for f in files]), targets)
         else:
             splits[split] = FileSplit(files, targets, channels, size, workers)
-    return Dataset("folder", splits.get("train"), splits["test"], classes)
+    return Dataset("folder", splits.get("train"), splits["test"], classes, notes)

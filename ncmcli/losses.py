@@ -29,6 +29,12 @@ class Criterion(nn.Module):
     def predict(self, features: torch.Tensor) -> torch.Tensor:  # (B,)
         return self.logits(features).argmax(1)
 
+    def loss_floor(self) -> float:
+        """The lowest mean loss this criterion can reach: 0 for heads that can scale their
+        logits freely; above 0 for NCM losses with fixed unit anchors. The plateau rule
+        measures progress on the excess over it."""
+        return 0.0
+
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
     # Distances and losses run in at least float32 even under bf16/fp16 autocast; float64
@@ -71,6 +77,11 @@ class NCMLoss(Criterion):
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         return self.distances(features).argmin(1)  # nearest anchor
+
+    def loss_floor(self) -> float:
+        from ncmcli.anchors import loss_floor
+
+        return loss_floor(self.anchors, self.metric, self.scale)
 
     def extra_repr(self) -> str:
         c, d = self.anchors.shape

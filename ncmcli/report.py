@@ -18,7 +18,11 @@ PAPER_FILE = Path(__file__).resolve().parent / "paper_results.json"
 PAPER_DATASETS = {("mnist", False): "MNIST", ("cifar10", False): "CIFAR-10", ("cifar10", True): "CIFAR-10+",
                   ("cifar100", False): "CIFAR-100"}
 PAPER_ARCH = {"MNIST": "mnist", "CIFAR-10": "cifar10", "CIFAR-10+": "cifar10", "CIFAR-100": "cifar100"}
+FIGURE2_ARCH = "mnist2d"  # Figure 2's 2-D net: its own row, never the MNIST Table 2 cell
 PAPER_EPOCHS = 90
+# Hinge and L-Softmax follow Liu et al.'s released recipe: 30,000 iterations of 128.
+LIU_METHODS = ("Hinge", "L-Softmax")
+LIU_EPOCHS = {"MNIST": 64, "CIFAR-10": 77, "CIFAR-10+": 77, "CIFAR-100": 77}
 METHOD_ORDER = ["SoftMax", "Hinge", "Hinge (WW)", "L-Softmax m=1", "L-Softmax m=2", "L-Softmax m=3",
                 "L-Softmax m=4", "Center", "C-NCM", "E-NCM", "sq-NCM"]
 FORMATS = ("table", "md", "csv", "json")
@@ -29,6 +33,7 @@ class Cell:
     dataset: str
     method: str
     dropout: float
+    net: str = ""
     errors: list = field(default_factory=list)
     runs: list = field(default_factory=list)
     marks: set = field(default_factory=set)
@@ -62,6 +67,9 @@ def method_label(loss) -> str:
 def dataset_label(data) -> str:
     if (data.name, data.augment) in PAPER_DATASETS:
         return PAPER_DATASETS[(data.name, data.augment)]
+    if data.name == "folder" and data.root:
+        # Your own folder is not the paper's data set, even when it holds CIFAR-10 images.
+        return f"folder {Path(data.root).name}" + ("+" if data.augment else "")
     return {"fashion-mnist": "Fashion-MNIST", "quickstart": "quickstart", "folder": "folder"}.get(
         data.name, data.name) + ("+" if data.augment else "")
 
@@ -79,8 +87,30 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 
 def load_paper() -> dict:
+    """(dataset, net, method, dropout) -> paper error %, from the shipped JSON."""
     doc = json.loads(PAPER_FILE.read_text())
-    return {(c["dataset"], c["method"], float(c["dropout"])): c["error_pct"] for c in doc["cells"]}
+    out: dict = {}
+    for c in doc["cells"]:
+        if c.get("error_pct") is None:
+            continue
+        net = c.get("net") or PAPER_ARCH.get(c["dataset"], "")
+        out[(c["dataset"], net, c["method"], float(c["dropout"]))] = float(c["error_pct"])
+    return out
+
+
+def paper_value(paper: dict, dataset: str, net: str, method: str, dropout: float) -> tuple[float | None, bool]:
+    """The paper's number for a cell, and whether it belongs to another net. A run on a net
+    the paper did not use (a CPU-sized one) is shown beside the paper's-net number, marked;
+    Figure 2's 2-D net only ever matches the Figure 2 cells."""
+    exact = paper.get((dataset, net, method, dropout))
+    if exact is not None or net == FIGURE2_ARCH or dataset not in PAPER_ARCH:
+        return exact, False
+    other = paper.get((dataset, PAPER_ARCH[dataset], method, dropout))
+    return other, other is not None
+
+
+def is_figure2(cell: Cell) -> bool:
+    return cell.dataset == "MNIST" and cell.net == FIGURE2_ARCH
 
 
 def collect(paths: list[Path]) -> list[Cell]:
@@ -90,21 +120,29 @@ def collect(paths: list[Path]) -> list[Cell]:
         try:
             result = json.loads((run / "result.json").read_text())
             cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
-        except (OSError, ValueError, yaml.YAMLError, NcmError) as exc:
-            raise NcmError(f"{run}: unreadable run ({str(exc).splitlines()[0]})") from None
-        key = (dataset_label(cfg.data), method_label(cfg.loss), cfg.model.dropout)
-        cell = cells.setdefault(key, Cell(*key, paper=paper.get(key)))
-        cell.errors.append(float(result["test_error_pct"]))
+            error = float(result["test_error_pct"])
+        except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError, NcmError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise NcmError(f"{run}: unreadable run ({reason})") from None
+        key = (dataset_label(cfg.data), method_label(cfg.loss), cfg.model.dropout, cfg.model.arch)
+        if key not in cells:
+            value, other_net = paper_value(paper, *key[:1], key[3], key[1], key[2])
+            cells[key] = Cell(*key[:3], net=key[3], paper=value)
+            if other_net:
+                cells[key].marks.add("net")
+        cell = cells[key]
+        cell.errors.append(error)
         cell.runs.append(str(run))
-        if key[0] in PAPER_ARCH:
-            if cfg.train.epochs != PAPER_EPOCHS:
+        if key[0] in PAPER_ARCH and not is_figure2(cell):
+            liu = cell.method.startswith(LIU_METHODS)
+            if cfg.train.epochs != (LIU_EPOCHS[key[0]] if liu else PAPER_EPOCHS):
                 cell.marks.add("epochs")
             if cfg.model.arch != PAPER_ARCH[key[0]]:
                 cell.marks.add("net")
         if cfg.data.limit_train or cfg.data.limit_test:
             cell.marks.add("subset")
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    return sorted(cells.values(), key=lambda c: (order.get(c.method, 99), c.dataset, c.dropout))
+    return sorted(cells.values(), key=lambda c: (order.get(c.method, 99), c.dataset, c.net, c.dropout))
 
 
 def _fmt(cell: Cell | None) -> tuple[str, str, str]:
@@ -118,33 +156,50 @@ def _fmt(cell: Cell | None) -> tuple[str, str, str]:
     return ours, paper, diff
 
 
+def _col(c: Cell) -> str:
+    """A data-set column label; the net is named when it is not the paper's for that data set."""
+    return c.dataset if PAPER_ARCH.get(c.dataset) == c.net else f"{c.dataset} [{c.net}]"
+
+
 def tables(cells: list[Cell]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(title, header, rows) for a Table-2 view (methods x datasets) and, where runs vary
-    the dropout of CIFAR cells, a Table-3 view (dataset/method x p)."""
+    """(title, header, rows) views of the cells: Figure 2 (the 2-D MNIST net), error by
+    method and data set (the shape of Table 2), and, where runs vary the dropout of the
+    SoftMax/C-NCM/E-NCM cells, error by dropout p (the shape of Table 3)."""
     out = []
-    by_ds_p = sorted({(c.dataset, c.dropout) for c in cells}, key=lambda k: (k[0] not in PAPER_ARCH, k))
-    methods = list(dict.fromkeys(c.method for c in cells))
-    index = {(c.dataset, c.method, c.dropout): c for c in cells}
-    t2_cols = [(d, p) for d, p in by_ds_p if d not in PAPER_ARCH or p == 0.1]
-    if t2_cols:
-        # Datasets the paper did not use get no paper/Δ columns.
-        header = ["method"] + [h for d, p in t2_cols
-                               for h in ((f"{d} (p={p:g}) ours", "paper", "Δ") if d in PAPER_ARCH else (f"{d} (p={p:g})",))]
-        rows = [[m] + [v for d, p in t2_cols
-                       for v in (_fmt(index.get((d, m, p))) if d in PAPER_ARCH else _fmt(index.get((d, m, p)))[:1])]
-                for m in methods]
-        rows = [r for r in rows if any(r[1:])]
-        out.append(("Table 2: test error % (mean ± std over seeds)", header, rows))
-    t3 = [c for c in cells if c.dataset.startswith("CIFAR") and c.method in ("SoftMax", "C-NCM", "E-NCM")]
-    ps = sorted({c.dropout for c in t3})
-    if t3 and ps != [0.1]:
-        header = ["dataset", "method"] + [h for p in ps for h in (f"p={p:g} ours", "paper", "Δ")]
+    fig2 = [c for c in cells if is_figure2(c)]
+    if fig2:
+        rows = [[c.method, f"{c.dropout:g}", *_fmt(c)] for c in fig2]
+        out.append(("Figure 2 (MNIST, 2-D features): test error % (mean ± std over seeds)",
+                    ["method", "p", "ours", "paper", "Δ"], rows))
+    main = [c for c in cells if not is_figure2(c)]
+    if main:
+        cols = sorted({_col(c) for c in main}, key=lambda k: (k.split(" [")[0] not in PAPER_ARCH, k))
+        index = {(c.method, c.dropout, _col(c)): c for c in main}
+        row_keys = list(dict.fromkeys((c.method, c.dropout) for c in main))
+        with_paper = [col for col in cols if any(c.paper is not None for c in main if _col(c) == col)]
+        header = ["method", "p"] + [h for col in cols for h in ((f"{col} ours", "paper", "Δ") if col in with_paper else (col,))]
         rows = []
-        for d in sorted({c.dataset for c in t3}):
+        for m, p in row_keys:
+            row = [m, f"{p:g}"]
+            for col in cols:
+                vals = _fmt(index.get((m, p, col)))
+                row += vals if col in with_paper else vals[:1]
+            rows.append(row)
+        title = "Test error % by method and data set (mean ± std over seeds)"
+        if any(c.dataset in PAPER_ARCH for c in main):
+            title += "; paper column: Table 2, or Table 3 for SoftMax and other p"
+        out.append((title, header, rows))
+    t3 = [c for c in main if c.method in ("SoftMax", "C-NCM", "E-NCM")]
+    ps = sorted({c.dropout for c in t3})
+    if t3 and len(ps) > 1:
+        index = {(_col(c), c.method, c.dropout): c for c in t3}
+        header = ["data set", "method"] + [h for p in ps for h in (f"p={p:g} ours", "paper", "Δ")]
+        rows = []
+        for d in sorted({_col(c) for c in t3}):
             for m in ("SoftMax", "C-NCM", "E-NCM"):
-                if any(c.dataset == d and c.method == m for c in t3):
+                if any(_col(c) == d and c.method == m for c in t3):
                     rows.append([d, m] + [v for p in ps for v in _fmt(index.get((d, m, p)))])
-        out.append(("Table 3: test error % by dropout p", header, rows))
+        out.append(("Test error % by dropout p (the shape of Table 3)", header, rows))
     return out
 
 
@@ -156,10 +211,10 @@ def render(cells: list[Cell], fmt: str) -> str:
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["dataset", "method", "dropout", "n", "mean_error_pct", "std", "paper_error_pct", "diff", "marks"])
+        w.writerow(["dataset", "net", "method", "dropout", "n", "mean_error_pct", "std", "paper_error_pct", "diff", "marks"])
         for c in cells:
             d = c.to_dict()
-            w.writerow([c.dataset, c.method, c.dropout, c.n, f"{c.mean:.4f}",
+            w.writerow([c.dataset, c.net, c.method, c.dropout, c.n, f"{c.mean:.4f}",
                         "" if d["std"] is None else f"{d['std']:.4f}",
                         "" if c.paper is None else c.paper, "" if d["diff"] is None else f"{d['diff']:.4f}",
                         ";".join(d["marks"])])
@@ -173,6 +228,12 @@ def render(cells: list[Cell], fmt: str) -> str:
             widths = [max(len(x) for x in col) for col in zip(header, *rows)]
             line = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
             parts.append("\n".join([title, line(header), *map(line, rows)]))
-    parts.append("* marks: epochs = not the paper's 90 epochs; net = not the paper's net for that dataset; "
-                 "subset = trained or tested on part of the data. Paper column: " + json.loads(PAPER_FILE.read_text())["source"])
+    marks = set().union(*(c.marks for c in cells))
+    notes = {"epochs": "epochs = not the paper's budget (90 epochs; Liu et al.'s 30k iterations for Hinge/L-Softmax)",
+             "net": "net = not the paper's net for that data set (the paper column is its net's number)",
+             "subset": "subset = trained or tested on part of the data"}
+    if marks:
+        parts.append("* marks: " + "; ".join(notes[m] for m in sorted(marks)))
+    if any(c.paper is not None for c in cells):
+        parts.append("Paper column: " + json.loads(PAPER_FILE.read_text())["source"])
     return "\n\n".join(parts)

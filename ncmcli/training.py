@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -28,7 +29,8 @@ def build_from_config(cfg, num_classes: int, input_shape):
     from ncmcli.models import build_net
 
     model = build_net(cfg.model.arch, in_channels=input_shape[0], image_size=input_shape[1],
-                      dropout=cfg.model.dropout, feature_dim=cfg.model.feature_dim or None)
+                      dropout=cfg.model.dropout, feature_dim=cfg.model.feature_dim or None,
+                      head=cfg.model.head)
     anchors = None
     if cfg.loss.name in NCM_METRICS:
         anchors = make_anchors(cfg.anchors.method, num_classes, model.feature_dim, seed=cfg.anchors.seed)
@@ -114,14 +116,73 @@ def make_optimizer(cfg: Config, model, criterion) -> torch.optim.Optimizer:
                            weight_decay=cfg.optim.weight_decay)
 
 
-def make_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
-    """(scheduler, per_step): plateau steps once per epoch on the training loss."""
+class PlateauOnExcess:
+    """The paper's "divide it by 10 when the training loss plateaus", fair to every loss.
+
+    Progress is measured on the *excess* of the epoch's training loss over the criterion's
+    floor (0 for softmax-type heads; 1.159 nats for E-NCM with 10 orthonormal anchors). A 1%
+    drop of a raw NCM loss near its floor would be a 12-14% drop of what is left, so NCM runs
+    would be cut far earlier than SoftMax runs under a rule on the raw loss.
+
+    An epoch improves when ``excess < best * (1 - threshold)``. After more than ``patience``
+    epochs without improvement the lr is multiplied by ``factor``, at most ``max_drops``
+    times and never below ``min_lr``. Its state is plain numbers (resumable, pickle-free)."""
+
+    def __init__(self, optimizer, *, floor: float = 0.0, factor: float = 0.1, patience: int = 5,
+                 threshold: float = 0.01, max_drops: int = 3, min_lr: float = 0.0):
+        self.optimizer = optimizer
+        self.floor, self.factor, self.patience = float(floor), factor, patience
+        self.threshold, self.max_drops, self.min_lr = threshold, max_drops, min_lr
+        self.best = math.inf
+        self.bad_epochs = 0
+        self.drops = 0
+
+    def step(self, train_loss: float) -> bool:
+        """Record one epoch's mean training loss; True when the lr was cut."""
+        excess = max(train_loss - self.floor, 0.0)
+        if excess < self.best * (1.0 - self.threshold):
+            self.best, self.bad_epochs = excess, 0
+            return False
+        self.bad_epochs += 1
+        if self.bad_epochs <= self.patience or self.drops >= self.max_drops:
+            return False
+        cut = False
+        for group in self.optimizer.param_groups:
+            new = max(group["lr"] * self.factor, self.min_lr)
+            cut |= new < group["lr"]
+            group["lr"] = new
+        self.bad_epochs = 0
+        self.drops += int(cut)
+        return cut
+
+    def state_dict(self) -> dict:
+        return {"best": None if math.isinf(self.best) else self.best, "bad_epochs": self.bad_epochs,
+                "drops": self.drops, "floor": self.floor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = math.inf if state.get("best") is None else float(state["best"])
+        self.bad_epochs = int(state.get("bad_epochs", state.get("num_bad_epochs", 0)))
+        self.drops = int(state.get("drops", 0))
+
+
+def multistep_factor(step: int, milestones, factor: float) -> float:
+    """The lr multiplier after ``step`` steps (or epochs): ``factor`` per milestone passed."""
+    return factor ** bisect.bisect_right(list(milestones), step)
+
+
+def make_scheduler(cfg: Config, optimizer, steps_per_epoch: int, *, floor: float = 0.0):
+    """(scheduler, per_step). Plateau steps once per epoch on the training loss's excess over
+    ``floor``; multistep cuts at its milestones, counted in epochs or in steps (iterations)."""
     o = cfg.optim
     if o.schedule == "plateau":
-        # "divided by 10 when the training loss plateaus": a 1% relative improvement counts.
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=o.lr_factor, patience=o.patience,
-            threshold=0.01, min_lr=o.min_lr), False
+        return PlateauOnExcess(optimizer, floor=floor, factor=o.lr_factor, patience=o.patience,
+                               threshold=o.threshold, max_drops=o.max_drops, min_lr=o.min_lr), False
+    if o.schedule == "multistep":
+        per_step = o.milestone_unit == "step"
+        milestones, factor = tuple(o.milestones), o.lr_factor
+        # A per-step LambdaLR sees its own step count; a per-epoch one is stepped after each epoch.
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: multistep_factor(s, milestones, factor)), per_step
     if o.schedule == "cosine":
         total = max(1, cfg.train.epochs * steps_per_epoch)
         return torch.optim.lr_scheduler.LambdaLR(
@@ -198,7 +259,7 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
         torch.use_deterministic_algorithms(True)
     data = load_dataset(cfg.data)
     num_classes, input_shape = len(data.classes), data.input_shape
-    mean, std = split_stats(data.train)  # the paper's global zero-mean, unit-variance
+    mean, std = split_stats(data.train, normalization=cfg.data.normalization)  # the paper's: global
     model, anchors, criterion = build_from_config(cfg, num_classes, input_shape)
     model.to(device)
     criterion.to(device)
@@ -218,7 +279,7 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
     train_split, test_split = data.train.to(device), data.test.to(device)
     steps_per_epoch = math.ceil(len(train_split) / cfg.train.batch_size)
     optimizer = make_optimizer(cfg, model, criterion)
-    scheduler, per_step = make_scheduler(cfg, optimizer, steps_per_epoch)
+    scheduler, per_step = make_scheduler(cfg, optimizer, steps_per_epoch, floor=criterion.loss_floor())
     gen = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation draws
     progress = trainstate.Progress()
     if resume:
@@ -240,6 +301,8 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
     if anchors is not None:
         reporter.certificate(anchor_certificate(anchors, cfg.anchors.method, criterion.metric, cfg.loss.scale).to_dict())
     reporter.message(f"run folder: {run_dir}")
+    for note in data.notes:
+        reporter.message(note)
     reporter.message(f"data: {data.name}, {len(train_split)} train / {len(test_split)} test, "
                      f"{num_classes} classes, input {input_shape}; device: {device}"
                      + (f"; DDP over {world} processes, {cfg.train.batch_size // world} images each per step" if world > 1 else ""))
@@ -271,6 +334,7 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
         seen, seen0, t0 = progress.seen, progress.seen, time.time()
         for i, (x, y) in enumerate(batches(train_split, cfg.train.batch_size, mean=mean, std=std,
                                             device=device, generator=gen, augment_batches=cfg.data.augment,
+                                            flip_batches=cfg.data.hflip,
                                             skip=skip, rank=rank, world=world), skip + 1):
             loss, feats = step(x, y)
             optimizer.zero_grad(set_to_none=True)
@@ -320,8 +384,10 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
         ev = evaluate(model, criterion, test_split, mean=mean, std=std, device=device,
                       batch_size=cfg.train.eval_batch_size, num_classes=num_classes)
         lr = optimizer.param_groups[0]["lr"]
-        if scheduler is not None and not per_step:
+        if isinstance(scheduler, PlateauOnExcess):
             scheduler.step(train_loss)
+        elif scheduler is not None and not per_step:
+            scheduler.step()  # multistep counted in epochs
         metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / seen,
                    "test_loss": ev["loss"], "test_acc": ev["accuracy"], "test_error_pct": ev["error_pct"],
                    "lr": lr, "epoch_time_s": round(epoch_time, 3), "images_per_s": round(seen / max(epoch_time, 1e-9), 1)}

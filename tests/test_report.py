@@ -32,7 +32,8 @@ def test_cells_aggregate_seeds_and_mark_departures(tmp_path):
     assert enc.n == 2 and enc.mean == 11.0 and enc.std == pytest.approx(statistics.stdev([10, 12]))
     assert enc.marks == set()
     assert cells[("CIFAR-10", "E-NCM", 0.5)].marks == {"epochs"}
-    assert cells[("CIFAR-100", "L-Softmax m=4", 0.1)].marks == {"net"}
+    # Liu et al.'s L-Softmax recipe has no dropout and 77 epochs: only the net departs.
+    assert cells[("CIFAR-100", "L-Softmax m=4", 0.0)].marks == {"net"}
 
 
 def test_paper_numbers_sit_beside_ours(tmp_path, monkeypatch):
@@ -44,7 +45,7 @@ def test_paper_numbers_sit_beside_ours(tmp_path, monkeypatch):
     cell = collect([tmp_path])[0]
     assert cell.paper == 6.5 and cell.to_dict()["diff"] == pytest.approx(0.5)
     md = render([cell], "md")
-    assert "| C-NCM | 7.00 (n=1) | 6.50 | +0.50 |" in md
+    assert "| C-NCM | 0.1 | 7.00 (n=1) | 6.50 | +0.50 |" in md
     assert "6.5" in render([cell], "csv") and json.loads(render([cell], "json"))["cells"][0]["paper"] == 6.5
 
 
@@ -59,7 +60,64 @@ def test_paper_file_has_every_cell_of_tables_2_and_3():
     doc = json.loads((REPO / "ncmcli" / "paper_results.json").read_text())
     t2 = [c for c in doc["cells"] if c["table"] == "2"]
     t3 = [c for c in doc["cells"] if c["table"] == "3"]
-    assert len(t2) == 4 * 6 and len(t3) == 3 * 3 * 4
+    fig2 = [c for c in doc["cells"] if c["table"] == "Figure 2"]
+    assert len(t2) == 4 * 6 and len(t3) == 3 * 3 * 4 and len(fig2) == 3
+    assert all(isinstance(c["error_pct"], float) and 0 < c["error_pct"] < 50 for c in doc["cells"])
+    # Cells that Table 2 and Table 3 both print agree.
+    seen = {}
+    for c in doc["cells"]:
+        key = (c["dataset"], c["net"], c["method"], c["dropout"])
+        assert seen.setdefault(key, c["error_pct"]) == c["error_pct"], key
+
+
+# (preset, overrides) -> the paper's number, as printed in Tables 2 and 3 and Section 4.3.
+PAPER_SPOT_CHECKS = [
+    ("mnist-lsoftmax4", [], 0.31),                       # Table 2, Liu et al.'s row
+    ("cifar10-hinge", [], 9.91),                         # Table 2
+    ("cifar100-encm", [], 28.14),                        # Table 2 / Table 3, p=0.1
+    ("mnist-cncm", [], 0.25),                            # Table 2
+    ("cifar10plus-softmax", ["model.dropout=0"], 6.60),  # Table 3
+    ("cifar10-encm", ["model.dropout=0.25"], 8.43),      # Table 3
+    ("cifar100-softmax", ["model.dropout=0.25"], 37.26), # Table 3, printed twice
+    ("cifar100-cncm", ["model.dropout=0.5"], 31.31),     # Table 3
+    ("mnist2d-softmax", [], 0.68),                       # Figure 2: 99.32% accuracy
+    ("mnist2d-encm", [], 0.47),                          # Figure 2: 99.53%
+]
+
+
+@pytest.mark.parametrize("preset,overrides,paper", PAPER_SPOT_CHECKS)
+def test_report_reads_the_papers_number_for_each_cell(tmp_path, preset, overrides, paper):
+    fake_run(tmp_path, "a", preset, 1.0, overrides)
+    (cell,) = collect([tmp_path])
+    assert cell.paper == pytest.approx(paper)
+    assert cell.to_dict()["diff"] == pytest.approx(1.0 - paper)
+    assert f"{paper:.2f}" in render([cell], "table")
+
+
+def test_figure2_runs_form_their_own_row_and_never_join_mnist(tmp_path):
+    fake_run(tmp_path, "a", "mnist2d-encm", 1.0)
+    fake_run(tmp_path, "b", "mnist-encm", 0.3, ["model.dropout=0"])
+    fake_run(tmp_path, "c", "mnist-encm", 0.5, ["model.dropout=0", "seed=1"])
+    cells = collect([tmp_path])
+    by_net = {c.net: c for c in cells}
+    assert set(by_net) == {"mnist2d", "mnist"} and by_net["mnist2d"].errors == [1.0]
+    assert by_net["mnist"].n == 2 and by_net["mnist2d"].paper == pytest.approx(0.47)
+    text = render(cells, "table")
+    assert text.startswith("Figure 2 (MNIST, 2-D features)")
+
+
+def test_a_cpu_net_gets_the_paper_nets_number_marked(tmp_path):
+    fake_run(tmp_path, "a", "cifar10-encm", 12.0, ["model.arch=small", "train.epochs=5"])
+    (cell,) = collect([tmp_path])
+    assert cell.paper == pytest.approx(8.89) and cell.marks == {"net", "epochs"}
+    text = render([cell], "table")
+    assert "CIFAR-10 [small]" in text and "net = not the paper's net" in text
+
+
+def test_no_footnote_when_nothing_is_marked(tmp_path):
+    fake_run(tmp_path, "a", "quickstart", 12.0)
+    text = render(collect([tmp_path]), "table")
+    assert "marks" not in text and "Paper column" not in text
 
 
 def test_report_cli_errors(ncm, tmp_path):
