@@ -226,6 +226,14 @@ def prepare_run_dir(out: Path | None, runs_root: Path, name: str, force: bool) -
     return run_dir, created
 
 
+def check_finite(model: nn.Module, criterion: nn.Module, where: str) -> None:
+    """Raise TrainingDiverged if any floating-point weight or buffer is NaN or infinite."""
+    flags = [torch.isfinite(t).all() for m in (model, criterion) for t in m.state_dict().values()
+             if t.is_floating_point()]
+    if flags and not bool(torch.stack(flags).all()):
+        raise TrainingDiverged(f"the weights became NaN or infinite at {where}; try a lower optim.lr")
+
+
 class Interrupted(NcmError):
     """Training stopped on SIGINT/SIGTERM after saving a resumable checkpoint."""
 
@@ -310,6 +318,9 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
     def save(path: Path, epoch: int, metrics: dict, state: trainstate.TrainState | None = None) -> None:
         if rank != 0:  # only rank 0 writes files
             return
+        # On CUDA the loss is checked every 25 steps only, and a stop can fall between checks:
+        # weights are checked before every save, so NaN never reaches a checkpoint.
+        check_finite(model, criterion, f"epoch {epoch} ({path.name} not written; earlier checkpoints are untouched)")
         extra = trainstate.pack(state) if state is not None else None
         checkpoint.save(path, model=model, criterion=criterion, config=cfg, classes=data.classes,
                         mean=mean, std=std, input_shape=input_shape, epoch=epoch, metrics=metrics, extra=extra)

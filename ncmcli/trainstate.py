@@ -89,7 +89,9 @@ def unpack(path: Path) -> TrainState:
             parts = key[len(PREFIX):].split(".")
             if parts[0] == "optim":
                 optim_state.setdefault(int(parts[1]), {})[parts[2]] = t
-        cuda = [tensors[k] for k in sorted(tensors) if k.startswith(f"{PREFIX}rng.cuda.")]
+        cuda_keys = [k for k in tensors if k.startswith(f"{PREFIX}rng.cuda.")]
+        # Numerically: with 11 or more GPUs a string sort would restore ".10" before ".2".
+        cuda = [tensors[k] for k in sorted(cuda_keys, key=lambda k: int(k.rsplit(".", 1)[1]))]
         return TrainState(progress, {"state": optim_state, "param_groups": doc["param_groups"]},
                           doc["scheduler"], tensors[f"{PREFIX}rng.data"], tensors[f"{PREFIX}rng.torch"], cuda)
     except (KeyError, TypeError, ValueError) as exc:

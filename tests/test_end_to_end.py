@@ -122,7 +122,7 @@ def test_quickstart_reaches_80_percent_and_predicts_pngs(ncm, tmp_path):
     proc = ncm("train", "--preset", "quickstart", "--runs", tmp_path / "runs", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["test_acc"] >= 0.80 and result["wall_time_s"] < 180
+    assert result["test_acc"] >= 0.80  # no test asserts a time: BENCHMARKS.md holds timings
     ev = json.loads(ncm("eval", result["run_dir"], "--json").stdout)
     assert ev["accuracy"] == pytest.approx(result["best"]["test_acc"], abs=1e-9) and ev["n"] == 1000
     labels = _write_pngs(tmp_path / "pngs", 200)

@@ -182,3 +182,34 @@ def test_changing_one_data_set_base_leaves_the_others_unchanged(tmp_path, monkey
     assert changed and all(n.startswith("cifar100-") for n in changed)
     assert len(changed) == len([n for n in before if n.startswith("cifar100-")])
     assert not any(n.startswith("_") for n in before)  # bases are hidden
+
+
+def test_weights_are_checked_for_nan_before_every_save():
+    from ncmcli.training import TrainingDiverged, check_finite
+
+    net, crit = torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)
+    check_finite(net, crit, "epoch 1")  # finite: no error
+    crit.running_var[0] = float("nan")
+    with pytest.raises(TrainingDiverged, match="NaN or infinite at epoch 1"):
+        check_finite(net, crit, "epoch 1")
+    crit.running_var[0] = 1.0
+    with torch.no_grad():
+        net.weight[0, 0] = float("inf")
+    with pytest.raises(TrainingDiverged):
+        check_finite(net, crit, "epoch 2")
+
+
+def test_cuda_rng_states_restore_in_numeric_order(tmp_path):
+    from safetensors.torch import save_file
+
+    from ncmcli import checkpoint, trainstate
+
+    state = trainstate.TrainState(trainstate.Progress(), {"state": {}, "param_groups": []}, None,
+                                  torch.zeros(3, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8),
+                                  [torch.full((2,), i, dtype=torch.uint8) for i in range(12)])
+    tensors, meta = trainstate.pack(state)
+    path = tmp_path / "last.safetensors"
+    save_file(tensors, str(path), metadata={"train_state": meta, "format": checkpoint.FORMAT,
+                                            "format_version": str(checkpoint.FORMAT_VERSION)})
+    back = trainstate.unpack(path)
+    assert [int(t[0]) for t in back.cuda_rng] == list(range(12))
