@@ -42,10 +42,13 @@ class DataConfig:
     normalization: str = "global"  # the paper's one mean and std over all pixels; channel = per RGB channel
     download: bool = True  # torchvision downloads into root; off = fail fast offline
     channels: int = 0  # folder only: 1 or 3; 0 = 3 (RGB), the common case for photos
-    image_size: int = 0  # folder only: square side in pixels; 0 = 32, CIFAR's size
+    image_size: int = 0  # folder only: square side in pixels; 0 = from the images (median shorter side, 8..64)
     limit_train: int = 0  # a stratified sample of N training images (0 = all): quick checks
     limit_test: int = 0  # likewise for the test split
     subset_seed: int = 0  # the limits' sample: fixed across run seeds, so runs compare on the same images
+    # Held out of train (a fraction < 1, or a count), seeded by subset_seed and stratified;
+    # when set, best.safetensors is selected on it instead of on the test split.
+    val_split: float = 0.0
     cache: bool = True  # folder only: decode once into a safetensors cache keyed to the folder's contents
     loader: str = "auto"  # folder only: tensor (in memory), dataloader (decode per batch), auto = by budget
     memory_budget_gb: float = 4.0  # auto: hold a folder split in memory when its decoded uint8 fits in this
@@ -287,6 +290,8 @@ def _check(cfg: Config) -> None:
     need(cfg.data.image_size == 0 or 8 <= cfg.data.image_size <= 512,
          f"data.image_size must be 0 or in [8, 512], got {cfg.data.image_size}")
     need(cfg.data.limit_train >= 0 and cfg.data.limit_test >= 0, "data.limit_train/limit_test must be >= 0")
+    need(cfg.data.val_split >= 0 and (cfg.data.val_split < 1 or cfg.data.val_split.is_integer()),
+         f"data.val_split must be a fraction in [0, 1) or a whole count of images, got {cfg.data.val_split:g}")
     need(cfg.data.loader in LOADERS, f"data.loader: {cfg.data.loader!r} is not one of {', '.join(LOADERS)}")
     need(cfg.data.loader != "dataloader" or cfg.data.name == "folder",
          "data.loader=dataloader applies to folder datasets; the built-in ones always fit in memory")

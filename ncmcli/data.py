@@ -38,6 +38,7 @@ class Dataset:
     test: Split
     classes: list[str]
     notes: list[str] = field(default_factory=list)  # for the user: subsets, caches, skipped files
+    val: Split | None = None  # held out of train when data.val_split is set
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -63,7 +64,12 @@ def load_dataset(data_cfg, *, train: bool = True) -> Dataset:
     elif name in ("cifar10", "cifar100"):
         ds = _cifar(name, root, data_cfg.download, train)
     elif name == "folder":
-        ds = _folder(root, data_cfg.channels or 3, data_cfg.image_size or 32, train,
+        if not data_cfg.root:
+            from ncmcli.errors import ConfigError
+
+            raise ConfigError("data.name=folder needs data.root=PATH, a folder with train/<class>/ and "
+                              "test/<class>/ subfolders (e.g. --preset folder --set data.root=PATH)")
+        ds = _folder(root, data_cfg.channels or 3, data_cfg.image_size, train,
                      loader=data_cfg.loader, budget_gb=data_cfg.memory_budget_gb, workers=data_cfg.workers,
                      cache=data_cfg.cache)
     else:  # the config schema already refuses other names
@@ -83,7 +89,20 @@ def load_dataset(data_cfg, *, train: bool = True) -> Dataset:
             notes.append(f"warning: the {split_name} split has no images of {len(missing)} "
                          f"class{'es' if len(missing) > 1 else ''}: {names}")
         splits[split_name] = split
-    return Dataset(ds.name, splits["train"], splits["test"], ds.classes, notes)
+    val = None
+    if splits["train"] is not None and data_cfg.val_split:
+        train_split = splits["train"]
+        n_val = int(data_cfg.val_split) if data_cfg.val_split >= 1 else round(data_cfg.val_split * len(train_split))
+        if not 1 <= n_val < len(train_split):
+            raise DataError(f"data.val_split={data_cfg.val_split:g} leaves {n_val} of {len(train_split)} "
+                            "training images for validation; it needs at least 1 and must leave some to train on")
+        val_idx = stratified_indices(train_split.labels, n_val, seed=data_cfg.subset_seed + 1)
+        keep = torch.ones(len(train_split), dtype=torch.bool)
+        keep[val_idx] = False
+        val, splits["train"] = train_split.subset(val_idx), train_split.subset(keep.nonzero().flatten())
+        notes.append(f"validation: {len(val)} images held out of train (stratified); best.safetensors is "
+                     "selected on validation accuracy")
+    return Dataset(ds.name, splits["train"], splits["test"], ds.classes, notes, val)
 
 
 def stratified_indices(labels: torch.Tensor, n: int, *, seed: int = 0) -> torch.Tensor:
@@ -229,8 +248,9 @@ def _folder(root: Path, channels: int, size: int, want_train: bool, *, loader: s
     """root/train/<class>/* and root/test/<class>/*; class names are the folder names.
     Held in memory as uint8 (``loader: tensor``, or ``auto`` when the decoded images fit in
     ``budget_gb``), decoded once and cached (``foldercache``) unless ``cache`` is off; else
-    decoded per batch by DataLoader workers. Only regular files are read: a FIFO or device
-    named like an image would block, so it is skipped with a note."""
+    decoded per batch by DataLoader workers. ``size`` 0 picks a side that suits the images
+    (``probe_size``). Only regular files are read: a FIFO or device named like an image
+    would block, so it is skipped with a note."""
     from ncmcli.foldercache import load_cached
 
     notes: list[str] = []
@@ -241,7 +261,7 @@ def _folder(root: Path, channels: int, size: int, want_train: bool, *, loader: s
     if len(classes) < 2:
         raise DataError(f"{train_dir} needs at least 2 class folders, found {len(classes)}")
     index = {c: i for i, c in enumerate(classes)}
-    splits = {}
+    listed = {}
     for split in ("train", "test") if want_train else ("test",):
         files, labels = [], []
         for cdir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
@@ -256,7 +276,12 @@ def _folder(root: Path, channels: int, size: int, want_train: bool, *, loader: s
                     labels.append(index[cdir.name])
         if not files:
             raise DataError(f"{root / split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        targets = torch.tensor(labels, dtype=torch.int64)
+        listed[split] = (files, torch.tensor(labels, dtype=torch.int64))
+    if size == 0:
+        size = probe_size(listed["train" if want_train else "test"][0])
+        notes.append(f"image size {size}x{size}, from the folder's typical size (data.image_size chooses another)")
+    splits = {}
+    for split, (files, targets) in listed.items():
         in_memory = loader == "tensor" or (loader == "auto" and len(files) * channels * size * size <= budget_gb * 2**30)
         if in_memory and cache:
             splits[split] = Split(load_cached(root, split, files, targets, channels, size, notes), targets)
@@ -265,3 +290,23 @@ def _folder(root: Path, channels: int, size: int, want_train: bool, *, loader: s
         else:
             splits[split] = FileSplit(files, targets, channels, size, workers)
     return Dataset("folder", splits.get("train"), splits["test"], classes, notes)
+
+
+def probe_size(files: list[Path], sample: int = 32) -> int:
+    """A square side that suits a folder's images: the median shorter side of up to
+    ``sample`` evenly spread files, rounded to a multiple of 8 and kept within [8, 64]
+    (the Table 1 nets pool three times; above 64 a CPU-sized run gets slow)."""
+    from PIL import Image
+
+    step = max(1, len(files) // sample)
+    sides = []
+    for f in files[::step][:sample]:
+        try:
+            with Image.open(f) as im:
+                sides.append(min(im.size))
+        except Exception:  # an unreadable file fails later, with its own message
+            continue
+    if not sides:
+        return 32
+    median = sorted(sides)[len(sides) // 2]
+    return int(min(64, max(8, 8 * round(median / 8))))

@@ -139,40 +139,71 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=cfgmod.coerce(key, value)))
     cfg = cfgmod.from_dict(cfg.to_dict())  # re-validate the changed epochs
     progress = trainstate.unpack(run_dir / "last.safetensors").progress
+    if cfg.train.epochs < progress.epoch or (cfg.train.epochs == progress.epoch and progress.step > 0):
+        raise UsageError(f"{run_dir} has already trained {progress.epoch} epochs"
+                         + (f" and {progress.step} steps of the next" if progress.step else "")
+                         + f"; train.epochs={cfg.train.epochs} would shorten it (give N > {progress.epoch})")
     if progress.epoch >= cfg.train.epochs and progress.step == 0:
         raise UsageError(f"{run_dir} already finished {progress.epoch} epochs; extend it with --set train.epochs=N")
     dev, rank, _ = setup_distributed(device)
-    if overrides and rank == 0:
-        from ncmcli.checkpoint import atomic_write_text
 
-        atomic_write_text(run_dir / "config.yaml", cfgmod.to_yaml(cfg))
-    return _distributed_run(lambda: train(cfg, run_dir=run_dir, device=dev, resume=True, stop=stop,
-                                          reporter=reporter if rank == 0 else Reporter()))
+    def run() -> dict:
+        if overrides and rank == 0:
+            from ncmcli.checkpoint import atomic_write_text
+
+            atomic_write_text(run_dir / "config.yaml", cfgmod.to_yaml(cfg))
+        return train(cfg, run_dir=run_dir, device=dev, resume=True, stop=stop,
+                     reporter=reporter if rank == 0 else Reporter())
+
+    return _distributed_run(lambda: _locked(run_dir, rank, run))
+
+
+def _locked(run_dir: Path, rank: int, fn):
+    """Run ``fn`` holding the run folder's lock (rank 0 writes; other ranks write nothing)."""
+    from ncmcli.runfiles import FolderLock
+
+    if rank != 0:
+        return fn()
+    with FolderLock(run_dir):
+        return fn()
 
 
 def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | None,
-                  runs_root: Path, device: str, force: bool, reporter: Reporter, stop=None) -> dict:
+                  runs_root: Path, device: str, force: bool, reporter: Reporter, stop=None,
+                  name: str | None = None) -> dict:
+    import contextlib
     import os
     import shutil
 
+    from ncmcli.runfiles import FolderLock
     from ncmcli.training import prepare_run_dir, train
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and out is None:
         raise UsageError("under torchrun, give the run folder with --out (every rank must agree on it)")
     dev, rank, _ = setup_distributed(device)
-    if rank == 0:
-        run_dir, created = prepare_run_dir(out, runs_root, preset and Path(preset).stem or "custom", force)
-    else:  # other ranks write nothing
-        run_dir, created, reporter = Path(out), False, Reporter()
-    try:
-        return _distributed_run(lambda: train(cfg, run_dir=run_dir, device=dev, reporter=reporter, preset=preset,
-                                              overrides=overrides, stop=stop))
-    except BaseException:
-        # A run that fails before its first checkpoint (missing data, bad anchors) leaves
-        # no empty folder behind; one with checkpoints keeps them.
-        if created and not (run_dir / "last.safetensors").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+    with contextlib.ExitStack() as held:
+        if rank == 0:
+            locked = out is not None and Path(out).is_dir()
+            if locked:  # an existing folder is locked before --force clears anything in it
+                held.enter_context(FolderLock(Path(out)))
+            prefix = name or (preset and Path(preset).stem) or "custom"
+            if not name and cfg.data.name == "folder" and cfg.data.root:
+                prefix = f"{prefix}-{Path(cfg.data.root).expanduser().resolve().name}"  # named after the data
+            run_dir, created = prepare_run_dir(out, runs_root, prefix, force)
+            if not locked:
+                held.enter_context(FolderLock(run_dir))
+        else:  # other ranks write nothing
+            run_dir, created, reporter = Path(out), False, Reporter()
+        try:
+            return _distributed_run(lambda: train(cfg, run_dir=run_dir, device=dev, reporter=reporter,
+                                                  preset=preset, overrides=overrides, stop=stop))
+        except BaseException:
+            # A run that fails before its first checkpoint (missing data, bad anchors) leaves
+            # no empty folder behind; one with checkpoints keeps them.
+            if created and not (run_dir / "last.safetensors").exists():
+                held.close()
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
 
 
 def resolve_checkpoint(target: Path) -> Path:

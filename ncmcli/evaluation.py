@@ -19,6 +19,8 @@ def _test_split(ck, data_root: str | None, limit: int = 0):
     if data_root is not None:
         data_cfg = dataclasses.replace(data_cfg, root=data_root)
     data_cfg = dataclasses.replace(data_cfg, limit_test=limit or data_cfg.limit_test)
+    if data_cfg.name == "folder":  # the size the checkpoint was trained at, not a new guess
+        data_cfg = dataclasses.replace(data_cfg, channels=ck.input_shape[0], image_size=ck.input_shape[1])
     data = load_dataset(data_cfg, train=False)
     if data.classes != ck.classes:
         raise DataError(f"the test data has classes {data.classes[:5]}..., the checkpoint {ck.classes[:5]}...")

@@ -26,6 +26,12 @@ LIU_EPOCHS = {"MNIST": 64, "CIFAR-10": 77, "CIFAR-10+": 77, "CIFAR-100": 77}
 METHOD_ORDER = ["SoftMax", "Hinge", "Hinge (WW)", "L-Softmax m=1", "L-Softmax m=2", "L-Softmax m=3",
                 "L-Softmax m=4", "Center", "C-NCM", "E-NCM", "sq-NCM"]
 FORMATS = ("table", "md", "csv", "json")
+# Never part of a group's identity: the seed is what a group averages over; the rest name
+# where things are, not what was trained.
+IGNORED_KEYS = ("seed", "description", "data.root")
+# Shown by a cell's labels (data set, net, method, p) rather than as columns.
+LABEL_KEYS = ("data.name", "data.augment", "model.arch", "loss.name", "loss.margin", "loss.hinge_form",
+              "model.dropout")
 
 
 @dataclass
@@ -38,6 +44,7 @@ class Cell:
     runs: list = field(default_factory=list)
     marks: set = field(default_factory=set)
     paper: float | None = None
+    settings: dict = field(default_factory=dict)  # keys that vary across the runs, beyond the labels
 
     @property
     def n(self) -> int:
@@ -113,36 +120,116 @@ def is_figure2(cell: Cell) -> bool:
     return cell.dataset == "MNIST" and cell.net == FIGURE2_ARCH
 
 
-def collect(paths: list[Path]) -> list[Cell]:
-    paper = load_paper()
-    cells: dict[tuple, Cell] = {}
+@dataclass
+class Run:
+    path: str
+    error: float
+    flat: dict  # dotted key -> value of the resolved config
+    labels: tuple  # (dataset, method, dropout, net)
+    cfg: object
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def load_runs(paths: list[Path]) -> list[Run]:
+    runs = []
     for run in find_runs(paths):
         try:
             result = json.loads((run / "result.json").read_text())
             cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
             error = float(result["test_error_pct"])
-        except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError, NcmError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError, NcmError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise NcmError(f"{run}: unreadable run ({reason})") from None
-        key = (dataset_label(cfg.data), method_label(cfg.loss), cfg.model.dropout, cfg.model.arch)
+            raise NcmError(f"{run}: unreadable run ({reason[:120]})") from None
+        labels = (dataset_label(cfg.data), method_label(cfg.loss), cfg.model.dropout, cfg.model.arch)
+        runs.append(Run(str(run), error, _flat(cfg.to_dict()), labels, cfg))
+    return runs
+
+
+def varying_keys(runs: list[Run]) -> list[str]:
+    """Config keys (not the seed or paths) whose values differ across ``runs``."""
+    keys = [k for k in runs[0].flat if k not in IGNORED_KEYS]
+    return [k for k in keys if len({repr(r.flat.get(k)) for r in runs}) > 1]
+
+
+def collect(paths: list[Path], by: list[str] = ()) -> list[Cell]:
+    """Cells of runs that differ in nothing but the seed (and paths), or, with ``by``, in
+    nothing but what ``by`` leaves out. A key that varies between runs of the same data set,
+    net, method and p becomes a setting of the cell (a column), so such runs are never
+    averaged together."""
+    from ncmcli.config import SCHEMA
+
+    runs = load_runs(paths)
+    for key in by:
+        if key not in SCHEMA:
+            raise UsageError(f"--by {key}: not a config key (see the README's config table)")
+    vary = varying_keys(runs)
+    if by:
+        group_keys = list(by)
+    else:
+        # Keys that split some (data set, net, method, p) group: these become columns.
+        group_keys = [k for k in vary if k not in LABEL_KEYS and any(
+            len({repr(r.flat.get(k)) for r in runs if r.labels == lab}) > 1 for lab in {r.labels for r in runs})]
+    paper = load_paper()
+    cells: dict[tuple, Cell] = {}
+    for r in runs:
+        settings = {k: r.flat.get(k) for k in group_keys if k not in LABEL_KEYS}
+        key = (r.labels, tuple(settings.items())) if not by else tuple(repr(r.flat.get(k)) for k in by)
         if key not in cells:
-            value, other_net = paper_value(paper, *key[:1], key[3], key[1], key[2])
-            cells[key] = Cell(*key[:3], net=key[3], paper=value)
+            dataset, method, dropout, net = r.labels
+            value, other_net = paper_value(paper, dataset, net, method, dropout)
+            cells[key] = Cell(dataset, method, dropout, net=net, paper=value,
+                              settings={k: r.flat.get(k) for k in by} if by else settings)
             if other_net:
                 cells[key].marks.add("net")
         cell = cells[key]
-        cell.errors.append(error)
-        cell.runs.append(str(run))
-        if key[0] in PAPER_ARCH and not is_figure2(cell):
-            liu = cell.method.startswith(LIU_METHODS)
-            if cfg.train.epochs != (LIU_EPOCHS[key[0]] if liu else PAPER_EPOCHS):
-                cell.marks.add("epochs")
-            if cfg.model.arch != PAPER_ARCH[key[0]]:
-                cell.marks.add("net")
-        if cfg.data.limit_train or cfg.data.limit_test:
-            cell.marks.add("subset")
+        if by and (cell.dataset, cell.method, cell.dropout, cell.net) != r.labels:
+            cell.paper = None  # a --by group that mixes cells has no one paper number
+        cell.errors.append(r.error)
+        cell.runs.append(r.path)
+        _mark(cell, r.cfg)
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    return sorted(cells.values(), key=lambda c: (order.get(c.method, 99), c.dataset, c.net, c.dropout))
+    return sorted(cells.values(), key=lambda c: (order.get(c.method, 99), c.dataset, c.net, c.dropout,
+                                                 repr(sorted(c.settings.items()))))
+
+
+def _mark(cell: Cell, cfg) -> None:
+    if cell.dataset in PAPER_ARCH and not is_figure2(cell):
+        liu = cell.method.startswith(LIU_METHODS)
+        if cfg.train.epochs != (LIU_EPOCHS[cell.dataset] if liu else PAPER_EPOCHS):
+            cell.marks.add("epochs")
+        if cfg.model.arch != PAPER_ARCH[cell.dataset]:
+            cell.marks.add("net")
+    if cfg.data.limit_train or cfg.data.limit_test:
+        cell.marks.add("subset")
+
+
+def per_run_csv(paths: list[Path]) -> str:
+    """One row per run: its folder, seed, final test error and every key that varies."""
+    runs = load_runs(paths)
+    vary = varying_keys(runs) if len(runs) > 1 else []
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["run", "dataset", "net", "method", "dropout", "seed", "test_error_pct", *vary])
+    for r in runs:
+        dataset, method, dropout, net = r.labels
+        w.writerow([r.path, dataset, net, method, dropout, r.flat["seed"], f"{r.error:.4f}",
+                    *(_show(r.flat.get(k)) for k in vary)])
+    return buf.getvalue().rstrip("\n")
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def _fmt(cell: Cell | None) -> tuple[str, str, str]:
@@ -165,6 +252,8 @@ def tables(cells: list[Cell]) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) views of the cells: Figure 2 (the 2-D MNIST net), error by
     method and data set (the shape of Table 2), and, where runs vary the dropout of the
     SoftMax/C-NCM/E-NCM cells, error by dropout p (the shape of Table 3)."""
+    if any(c.settings for c in cells):
+        return [_settings_table(cells)]
     out = []
     fig2 = [c for c in cells if is_figure2(c)]
     if fig2:
@@ -203,6 +292,16 @@ def tables(cells: list[Cell]) -> list[tuple[str, list[str], list[list[str]]]]:
     return out
 
 
+def _settings_table(cells: list[Cell]) -> tuple[str, list[str], list[list[str]]]:
+    """One row per cell, with a column per key that varies: for runs whose settings differ
+    beyond data set, net, method and p (or a --by grouping)."""
+    keys = list(dict.fromkeys(k for c in cells for k in c.settings))
+    header = ["data set", "net", "method", "p", *keys, "ours", "paper", "Δ"]
+    rows = [[c.dataset, c.net, c.method, f"{c.dropout:g}", *(_show(c.settings.get(k, "")) for k in keys), *_fmt(c)]
+            for c in cells]
+    return "Test error % per setting (mean ± std over seeds; a column per key that varies)", header, rows
+
+
 def render(cells: list[Cell], fmt: str) -> str:
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
@@ -211,10 +310,11 @@ def render(cells: list[Cell], fmt: str) -> str:
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["dataset", "net", "method", "dropout", "n", "mean_error_pct", "std", "paper_error_pct", "diff", "marks"])
+        keys = list(dict.fromkeys(k for c in cells for k in c.settings))
+        w.writerow(["dataset", "net", "method", "dropout", *keys, "n", "mean_error_pct", "std", "paper_error_pct", "diff", "marks"])
         for c in cells:
             d = c.to_dict()
-            w.writerow([c.dataset, c.net, c.method, c.dropout, c.n, f"{c.mean:.4f}",
+            w.writerow([c.dataset, c.net, c.method, c.dropout, *(_show(c.settings.get(k, "")) for k in keys), c.n, f"{c.mean:.4f}",
                         "" if d["std"] is None else f"{d['std']:.4f}",
                         "" if c.paper is None else c.paper, "" if d["diff"] is None else f"{d['diff']:.4f}",
                         ";".join(d["marks"])])

@@ -71,7 +71,8 @@ def evaluate(model, criterion, split, *, mean, std, device, batch_size: int, num
     n = full_n
     conf = confusion.cpu()
     correct = int(conf.diag().sum())
-    per_class = (conf.diag().double() / conf.sum(1).clamp_min(1)).tolist()
+    # A class without test images has no accuracy (None, shown as n/a), not 0.
+    per_class = [int(hit) / int(total) if total else None for hit, total in zip(conf.diag(), conf.sum(1))]
     out = {"loss": loss_sum.item() / n, "accuracy": correct / n, "error_pct": 100.0 * (1 - correct / n),
            "n": n, "per_class_accuracy": per_class, "confusion": conf.tolist()}
     if keep_outputs:
@@ -198,8 +199,17 @@ def prepare_run_dir(out: Path | None, runs_root: Path, name: str, force: bool) -
         created = not run_dir.exists()
         if run_dir.exists() and not run_dir.is_dir():
             raise UsageError(f"--out {run_dir} exists and is not a folder")
-        if run_dir.is_dir() and any((run_dir / f).exists() for f in ("config.yaml", "last.safetensors")) and not force:
-            raise UsageError(f"{run_dir} already holds a run; use another --out, or --force to overwrite it")
+        if run_dir.is_dir():
+            from ncmcli import runfiles
+
+            holds_run = runfiles.holds_run(run_dir)
+            if holds_run and not force:
+                raise UsageError(f"{run_dir} already holds a run; use another --out, or --force to overwrite it")
+            if not holds_run and any(runfiles.foreign_entries(run_dir)):
+                raise UsageError(f"--out {run_dir} is a non-empty folder that is not a run folder; "
+                                 "give a new or empty folder")
+            if holds_run:
+                runfiles.clear_run(run_dir)  # --force: no old metrics lines or checkpoints mix in
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -207,7 +217,7 @@ def prepare_run_dir(out: Path | None, runs_root: Path, name: str, force: bool) -
     else:
         created = True
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name) or "run"
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name).lstrip(".") or "run"
         for _ in range(100):
             run_dir = Path(runs_root) / f"{safe}-{stamp}-{secrets.token_hex(3)}"
             try:
@@ -235,11 +245,17 @@ def check_finite(model: nn.Module, criterion: nn.Module, where: str) -> None:
 
 
 class Interrupted(NcmError):
-    """Training stopped on SIGINT/SIGTERM after saving a resumable checkpoint."""
+    """Training stopped on a signal after saving a resumable checkpoint."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, *, run_dir: Path | None = None, epoch: int = 0, step: int = 0):
         super().__init__(message)
         self.exit_code = exit_code
+        self.run_dir, self.epoch, self.step = run_dir, epoch, step
+
+    def to_dict(self) -> dict:
+        """What a ``--json`` pipeline gets instead of a result: never empty input."""
+        return {"status": "interrupted", "run_dir": str(self.run_dir), "epoch": self.epoch, "step": self.step,
+                "resume": f"ncm train --resume {self.run_dir}", "exit_code": self.exit_code, "message": str(self)}
 
 
 def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset: str | None = None,
@@ -285,6 +301,8 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
     if world > 1:
         step = nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
     train_split, test_split = data.train.to(device), data.test.to(device)
+    val_split = data.val.to(device) if data.val is not None else None
+    select_on = "val_acc" if val_split is not None else "test_acc"
     steps_per_epoch = math.ceil(len(train_split) / cfg.train.batch_size)
     optimizer = make_optimizer(cfg, model, criterion)
     scheduler, per_step = make_scheduler(cfg, optimizer, steps_per_epoch, floor=criterion.loss_floor())
@@ -311,7 +329,9 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
     reporter.message(f"run folder: {run_dir}")
     for note in data.notes:
         reporter.message(note)
-    reporter.message(f"data: {data.name}, {len(train_split)} train / {len(test_split)} test, "
+    reporter.message(f"data: {data.name}, {len(train_split)} train"
+                     + (f" / {len(val_split)} validation" if val_split is not None else "")
+                     + f" / {len(test_split)} test, "
                      f"{num_classes} classes, input {input_shape}; device: {device}"
                      + (f"; DDP over {world} processes, {cfg.train.batch_size // world} images each per step" if world > 1 else ""))
 
@@ -378,7 +398,8 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
                 save(run_dir / "last.safetensors", epoch - 1, {"interrupted_at_step": i}, snapshot(epoch_rng))
                 raise Interrupted(
                     f"stopped by {stop.signal_name} at epoch {epoch}, step {i}; resume with: "
-                    f"ncm train --resume {run_dir}", 143 if stop.signal_name == "SIGTERM" else 130)
+                    f"ncm train --resume {run_dir}", _signal_exit_code(stop.signal_name),
+                    run_dir=run_dir, epoch=epoch, step=i)
         epoch_time = time.time() - t0
         if world > 1:  # epoch totals over all ranks
             totals = torch.tensor([loss_sum.item(), float(correct.item()), float(seen)], device=device, dtype=torch.float64)
@@ -394,6 +415,9 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
                 torch.distributed.broadcast(buf, 0)
         ev = evaluate(model, criterion, test_split, mean=mean, std=std, device=device,
                       batch_size=cfg.train.eval_batch_size, num_classes=num_classes)
+        val = None if val_split is None else evaluate(
+            model, criterion, val_split, mean=mean, std=std, device=device,
+            batch_size=cfg.train.eval_batch_size, num_classes=num_classes)
         lr = optimizer.param_groups[0]["lr"]
         if isinstance(scheduler, PlateauOnExcess):
             scheduler.step(train_loss)
@@ -402,10 +426,13 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
         metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / seen,
                    "test_loss": ev["loss"], "test_acc": ev["accuracy"], "test_error_pct": ev["error_pct"],
                    "lr": lr, "epoch_time_s": round(epoch_time, 3), "images_per_s": round(seen / max(epoch_time, 1e-9), 1)}
+        if val is not None:
+            metrics.update(val_loss=val["loss"], val_acc=val["accuracy"], val_error_pct=val["error_pct"])
         history.append(metrics)
-        # -- Checkpoint: best on test accuracy; last (resumable) every epoch; one metrics line
+        # -- Checkpoint: best on validation accuracy when there is a validation split, else on
+        # test accuracy (said in result.json); last (resumable) every epoch; one metrics line
         progress.epoch, progress.step, progress.loss_sum, progress.correct, progress.seen = epoch, 0, 0.0, 0, 0
-        if progress.best is None or metrics["test_acc"] > progress.best["test_acc"]:
+        if progress.best is None or metrics[select_on] > progress.best[select_on]:
             progress.best = metrics
             save(run_dir / "best.safetensors", epoch, metrics)
         save(run_dir / "last.safetensors", epoch, metrics, snapshot(gen.get_state()))
@@ -415,15 +442,17 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
         reporter.epoch_end(metrics)
         if _stop_requested(stop, 0, 1, world) and epoch < cfg.train.epochs:
             raise Interrupted(f"stopped by {stop.signal_name} after epoch {epoch}; resume with: "
-                              f"ncm train --resume {run_dir}", 143 if stop.signal_name == "SIGTERM" else 130)
+                              f"ncm train --resume {run_dir}", _signal_exit_code(stop.signal_name),
+                              run_dir=run_dir, epoch=epoch, step=0)
 
     final, best = history[-1], progress.best
     result = {
-        "run_dir": str(run_dir), "preset": preset, "overrides": list(overrides),
+        "status": "completed", "run_dir": str(run_dir), "preset": preset, "overrides": list(overrides),
         "dataset": data.name, "arch": cfg.model.arch, "loss": cfg.loss.name, "seed": cfg.seed,
         "epochs": cfg.train.epochs, "device": str(device),
         "final": {k: final[k] for k in ("epoch", "train_loss", "test_loss", "test_acc", "test_error_pct")},
-        "best": {k: best[k] for k in ("epoch", "test_acc", "test_error_pct")},
+        "best": {k: best[k] for k in ("epoch", "test_acc", "test_error_pct", "val_acc", "val_error_pct") if k in best},
+        "best_selected_on": "validation" if val_split is not None else "test",
         "test_acc": final["test_acc"], "test_error_pct": final["test_error_pct"],
         "checkpoint": str(run_dir / "best.safetensors"), "last_checkpoint": str(run_dir / "last.safetensors"),
         "train_images_per_s": round(progress.train_images / max(progress.train_time, 1e-9), 1),
@@ -438,6 +467,16 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
     if rank == 0:
         checkpoint.atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _signal_exit_code(name: str) -> int:
+    """128 + the signal number, the shell's convention (SIGINT 130, SIGTERM 143, SIGHUP 129)."""
+    import signal
+
+    try:
+        return 128 + int(signal.Signals[name])
+    except KeyError:
+        return 130
 
 
 def _stop_requested(stop, step: int, every: int, world: int) -> bool:

@@ -105,19 +105,22 @@ def test_resume_cli_rules(ncm, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_signal_saves_a_resumable_checkpoint(tmp_path, sig, code):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "ncmcli", "train", "--preset", "quickstart", "--out", str(out),
-                             "--set", "train.epochs=50", "--set", "data.limit_train=2000", "--quiet"],
+                             "--set", "train.epochs=50", "--set", "data.limit_train=2000", "--quiet", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "last.safetensors").exists() and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    stdout, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     assert "Traceback" not in err and f"ncm train --resume {out}" in err
+    doc = json.loads(stdout)  # an interrupted --json run still prints one JSON document
+    assert doc["status"] == "interrupted" and doc["exit_code"] == code and doc["resume"] == f"ncm train --resume {out}"
+    assert doc["epoch"] >= 1
     meta = checkpoint.read_metadata(out / "last.safetensors")
     assert "train_state" in meta
     checkpoint.load(out / "last.safetensors")  # still a valid checkpoint

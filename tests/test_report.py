@@ -145,3 +145,58 @@ def test_reproduce_script_sweep_aggregates(tmp_path):
     again = subprocess.run(["bash", str(REPO / "benchmarks" / "reproduce.sh"), "smoke", str(out)],
                            capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and again.stderr.count("skip") == 4  # resumable
+
+
+def test_runs_that_differ_in_lr_are_never_averaged(tmp_path):
+    fake_run(tmp_path, "a", "cifar10-encm", 40.0, ["optim.lr=0.01"])
+    fake_run(tmp_path, "b", "cifar10-encm", 50.0, ["optim.lr=0.2"])
+    fake_run(tmp_path, "c", "cifar10-encm", 52.0, ["optim.lr=0.2", "seed=1"])
+    cells = collect([tmp_path])
+    assert sorted((c.settings["optim.lr"], c.n) for c in cells) == [(0.01, 1), (0.2, 2)]
+    text = render(cells, "table")
+    assert "optim.lr" in text.splitlines()[1] and "45.10" not in text and "51.00 ± 1.41 (n=2)" in text
+    assert text.startswith("Test error % per setting")
+    # --by chooses the grouping explicitly: here, averaging over lr on purpose.
+    (merged,) = collect([tmp_path], by=["loss.name"])
+    assert merged.n == 3 and merged.settings == {"loss.name": "encm"}
+
+
+def test_keys_that_only_follow_the_method_keep_the_paper_shape(tmp_path):
+    # Liu's baselines differ from the NCM runs in head, batch, schedule...: but within a
+    # (data set, method, p) cell nothing varies, so the paper-shaped table stays.
+    fake_run(tmp_path, "a", "cifar10-encm", 9.0)
+    fake_run(tmp_path, "b", "cifar10-lsoftmax2", 8.0)
+    cells = collect([tmp_path])
+    assert all(c.settings == {} for c in cells)
+    assert render(cells, "table").startswith("Test error % by method and data set")
+
+
+def test_per_run_csv_lists_every_varying_key(tmp_path):
+    import csv
+    import io
+
+    fake_run(tmp_path, "a", "quickstart", 12.0, ["optim.lr=0.01"])
+    fake_run(tmp_path, "b", "quickstart", 13.0, ["optim.lr=0.02", "seed=4"])
+    rows = list(csv.DictReader(io.StringIO(__import__("ncmcli.report", fromlist=["x"]).per_run_csv([tmp_path]))))
+    assert [r["optim.lr"] for r in rows] == ["0.01", "0.02"] and [r["seed"] for r in rows] == ["0", "4"]
+    assert "seed" not in list(rows[0])[7:]  # the seed is a column of its own, not a "varying key"
+
+
+def test_report_cli_per_run_and_by(ncm, tmp_path):
+    fake_run(tmp_path, "a", "quickstart", 12.0, ["optim.lr=0.01"])
+    fake_run(tmp_path, "b", "quickstart", 13.0, ["optim.lr=0.02"])
+    out = ncm("report", tmp_path, "--format", "csv", "--per-run")
+    assert out.returncode == 0 and out.stdout.count("\n") == 3, out.stderr
+    by = ncm("report", tmp_path, "--by", "loss.name", "--format", "json")
+    assert by.returncode == 0 and json.loads(by.stdout)["cells"][0]["n"] == 2
+    from conftest import assert_clean_error
+
+    assert_clean_error(ncm("report", tmp_path, "--by", "optim.lrr"), 2, "not a config key")
+
+
+def test_a_broken_result_json_names_the_run(ncm, tmp_path):
+    run = fake_run(tmp_path, "broken", "quickstart", 12.0)
+    (run / "result.json").write_text("{not json")
+    from conftest import assert_clean_error
+
+    assert_clean_error(ncm("report", tmp_path), 1, "broken: unreadable run")

@@ -93,20 +93,28 @@ def train(
     device: str = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps."),
     force: bool = typer.Option(False, "--force", help="Train into an --out folder that already holds a run."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder exactly (only --set train.epochs=N may change)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Prefix of the new run folder (default: the preset's name)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON document on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:
     """Train a model; writes config.yaml, metrics.jsonl, best/last.safetensors, result.json."""
     from ncmcli import config as cfgmod
 
-    if resume is not None and (preset or out or print_config):
-        raise typer.BadParameter("--resume takes no --preset, --out or --print-config: the run folder has them",
+    if resume is not None and (preset or out or print_config or name):
+        raise typer.BadParameter("--resume takes no --preset, --out, --name or --print-config: the run folder has them",
                                  param_hint="--resume")
+    if resume is None and not preset:
+        from ncmcli.errors import UsageError
+
+        raise UsageError("ncm train needs --preset NAME or --preset FILE.yaml, e.g. --preset quickstart "
+                         "(offline, about a minute); 'ncm presets' lists them all")
     cfg = None if resume is not None else cfgmod.resolve(preset, overrides)
     if print_config:
         sys.stdout.write(cfgmod.to_yaml(cfg))
         return
     from ncmcli import engine
+
+    from ncmcli.training import Interrupted
 
     reporter = RichReporter(quiet)
     stop = StopOnSignal()
@@ -118,7 +126,11 @@ def train(
             else:
                 result = engine.train_command(cfg, preset=preset, overrides=list(overrides), out=out,
                                               runs_root=runs, device=device, force=force, reporter=reporter,
-                                              stop=stop)
+                                              stop=stop, name=name)
+    except Interrupted as exc:
+        if as_json and os.environ.get("RANK", "0") == "0":
+            out_json(exc.to_dict())  # a pipeline still gets one JSON document
+        raise
     finally:
         reporter.close()
     if os.environ.get("RANK", "0") != "0":
@@ -126,8 +138,10 @@ def train(
     if as_json:
         out_json(result)
     else:
-        err.print(f"test accuracy {result['test_acc']:.4f} (best {result['best']['test_acc']:.4f} "
-                  f"at epoch {result['best']['epoch']}) in {result['wall_time_s']:.1f}s")
+        on = result.get("best_selected_on", "test")
+        err.print(f"test accuracy {result['test_acc']:.4f} (best.safetensors: epoch {result['best']['epoch']}, "
+                  f"test accuracy {result['best']['test_acc']:.4f}, selected on {on} accuracy) "
+                  f"in {result['wall_time_s']:.1f}s")
         sys.stdout.write(f"{result['checkpoint']}\n")
 
 
@@ -156,7 +170,8 @@ def eval_(
     comp = diag.get("compactness", {}).get("per_class", {})
     t = Table("class", "accuracy", *(["mean dist. to own anchor"] if comp else []))
     for name, acc in res["per_class_accuracy"].items():
-        t.add_row(name, f"{acc:.4f}", *([f"{comp[name]['mean']:.4f}"] if name in comp else []))
+        t.add_row(escape(name), "n/a (no images)" if acc is None else f"{acc:.4f}",
+                  *([f"{comp[name]['mean']:.4f}"] if name in comp else []))
     con.print(t)
     con.print(f"calibration: ECE (15 bins) {diag['ece_15_bins']:.4f}")
     if "compactness" in diag:
@@ -213,13 +228,21 @@ def predict(
 def report(
     paths: List[Path] = typer.Argument(..., help="Run folders, or folders that contain them."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, md, csv or json."),
+    by: List[str] = typer.Option([], "--by", help="Group runs by this config key (repeatable) instead of by everything but the seed."),
+    per_run: bool = typer.Option(False, "--per-run", help="With --format csv: one row per run, with every key that varies."),
 ) -> None:
-    """Tables shaped like the paper's Tables 2 and 3 from runs' result.json and config.yaml."""
+    """Final test error per group of runs (mean ± std over seeds), beside the paper's numbers.
+    Runs that differ in anything but the seed (and paths) are never averaged together."""
     from ncmcli import report as rep
 
     if fmt not in rep.FORMATS:
         raise typer.BadParameter(f"choose one of: {', '.join(rep.FORMATS)}", param_hint="--format")
-    sys.stdout.write(rep.render(rep.collect(paths), fmt) + "\n")
+    if per_run:
+        if fmt != "csv":
+            raise typer.BadParameter("--per-run goes with --format csv", param_hint="--per-run")
+        sys.stdout.write(rep.per_run_csv(paths) + "\n")
+        return
+    sys.stdout.write(rep.render(rep.collect(paths, by=list(by)), fmt) + "\n")
 
 
 # ---------------------------------------------------------------------------------------

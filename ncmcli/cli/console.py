@@ -75,7 +75,8 @@ class RichReporter:
         if not self.quiet:
             err.print(
                 f"epoch {m['epoch']:>3}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}  "
-                f"test loss {m['test_loss']:.4f} acc {m['test_acc']:.4f}  lr {m['lr']:.3g}  "
+                + (f"val acc {m['val_acc']:.4f}  " if "val_acc" in m else "")
+                + f"test loss {m['test_loss']:.4f} acc {m['test_acc']:.4f}  lr {m['lr']:.3g}  "
                 f"{m['images_per_s']:,.0f} img/s",
                 soft_wrap=True,
             )
@@ -86,7 +87,7 @@ class RichReporter:
 
 
 class StopOnSignal:
-    """SIGINT/SIGTERM ask training to stop at the next step boundary (it then saves a
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal) ask training to stop at the next step boundary (it then saves a
     resumable checkpoint); a second signal aborts at once, leaving the files as they are."""
 
     def __init__(self):
@@ -109,7 +110,7 @@ class StopOnSignal:
     def __enter__(self):
         import signal
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
