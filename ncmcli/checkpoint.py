@@ -9,6 +9,7 @@ metrics. Nothing here ever unpickles.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -22,6 +23,12 @@ from ncmcli.errors import CheckpointError, NcmError
 FORMAT = "ncm-checkpoint"
 FORMAT_VERSION = 1
 _ANCHOR_KEY = "anchors"
+# Bounds checked before anything is built or read: a crafted 100 KB file must not make ncm
+# allocate gigabytes. The largest paper net (CIFAR-100, d=512) has about 10M parameters.
+MAX_SIDE = 1024
+MAX_FEATURE_DIM = 65536
+MAX_CLASSES = 100_000
+MAX_PARAMS = 2**28  # 1 GiB of float32
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -139,12 +146,40 @@ def read_metadata(path: Path) -> dict:
     return meta
 
 
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the safetensors header, without reading any tensor data."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except Exception as exc:
+        raise CheckpointError(f"{path}: unreadable tensor header ({str(exc).splitlines()[0][:80]})") from None
+
+
+def _check_anchors(path: Path, anchors: torch.Tensor) -> None:
+    """Anchors are unit-norm and distinct: refuse zero, scaled or duplicate rows."""
+    from ncmcli.anchors import duplicate_pairs
+
+    norms = anchors.double().norm(dim=1)
+    if not bool(((norms - 1).abs() < 1e-3).all()):
+        i = int((norms - 1).abs().argmax())
+        raise CheckpointError(f"{path}: anchor {i} has norm {norms[i].item():.4g}; anchors must have unit norm")
+    dups = duplicate_pairs(anchors) if len(anchors) <= 20_000 else []
+    if dups:
+        raise CheckpointError(f"{path}: anchors {dups[0][0]} and {dups[0][1]} coincide; each class needs its own")
+
+
 def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Rebuild the model and criterion from the file alone, strictly."""
     from safetensors.torch import load_file
 
     from ncmcli import config as cfgmod
-    from ncmcli.losses import build_criterion
+    from ncmcli.losses import NCM_METRICS, build_criterion
     from ncmcli.models import build_net
 
     path = Path(path)
@@ -156,8 +191,8 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
     classes = _meta_json(meta, "classes", path)
     norm = _meta_json(meta, "normalization", path)
     shape = _meta_json(meta, "input_shape", path)
-    if not (isinstance(classes, list) and 2 <= len(classes) <= 100_000 and all(isinstance(c, str) for c in classes)):
-        raise CheckpointError(f"{path}: 'classes' must be a list of 2..100000 names")
+    if not (isinstance(classes, list) and 2 <= len(classes) <= MAX_CLASSES and all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(f"{path}: 'classes' must be a list of 2..{MAX_CLASSES} names")
     if not (isinstance(shape, list) and len(shape) == 3 and shape[0] in (1, 3)
             and all(isinstance(s, int) and 8 <= s <= 4096 for s in shape[1:])):
         raise CheckpointError(f"{path}: 'input_shape' must be [1 or 3, H, W] with 8 <= H, W <= 4096")
@@ -168,21 +203,59 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
         raise CheckpointError(f"{path}: 'normalization' must hold mean and std lists") from None
     if len(mean) != shape[0] or len(std) != shape[0] or not all(s > 0 for s in std):
         raise CheckpointError(f"{path}: normalisation does not match {shape[0]} channels")
+    if shape[1] != shape[2] or shape[1] > MAX_SIDE:
+        raise CheckpointError(f"{path}: 'input_shape' must be square with a side of at most {MAX_SIDE}, got {shape}")
+    if not all(map(_finite, mean)):
+        raise CheckpointError(f"{path}: the normalisation mean is not finite")
+    if cfg.model.feature_dim > MAX_FEATURE_DIM:
+        raise CheckpointError(f"{path}: feature_dim {cfg.model.feature_dim} is above {MAX_FEATURE_DIM}")
+
+    def build(device):
+        with torch.device(device):
+            net = build_net(cfg.model.arch, in_channels=shape[0], image_size=shape[1], dropout=cfg.model.dropout,
+                            feature_dim=cfg.model.feature_dim or None, head=cfg.model.head)
+            anchors_like = torch.zeros(len(classes), net.feature_dim) if cfg.loss.name in NCM_METRICS else None
+            if anchors_like is not None:
+                anchors_like[:, 0] = 1.0
+            crit = build_criterion(cfg.loss, anchors=anchors_like, dim=net.feature_dim, num_classes=len(classes))
+        return net, crit
+
+    # -- Validate every size on the meta device (no memory) against the file's header
+    try:
+        meta_model, meta_crit = build("meta")
+    except (ValueError, NcmError) as exc:
+        raise CheckpointError(f"{path}: cannot rebuild the model ({exc})") from None
+    expected = {f"model.{k}": tuple(v.shape) for k, v in meta_model.state_dict().items()}
+    for k, v in meta_crit.state_dict().items():
+        expected[_ANCHOR_KEY if k == _ANCHOR_KEY else f"criterion.{k}"] = tuple(v.shape)
+    n_params = sum(math.prod(s) for s in expected.values())
+    if n_params > MAX_PARAMS:
+        raise CheckpointError(f"{path}: the config implies {n_params:,} parameters, above the {MAX_PARAMS:,} "
+                              "ncm loads; refusing before allocating")
+    header = _header_shapes(path)
+    stray = [k for k in header if k not in expected and not k.startswith("state.")]
+    if stray:
+        raise CheckpointError(f"{path}: unexpected tensors {stray[:3]}")
+    for key, want in expected.items():
+        if key in header and header[key] != want:
+            raise CheckpointError(f"{path}: tensor {key} has shape {list(header[key])}, the config implies {list(want)}")
+    state_numel = sum(math.prod(s) for k, s in header.items() if k.startswith("state."))
+    if state_numel > 4 * n_params + 2**20:  # momentum buffers plus RNG states
+        raise CheckpointError(f"{path}: its train state holds {state_numel:,} numbers, far more than the model needs")
     try:
         tensors = load_file(str(path), device="cpu")
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read tensors ({str(exc).splitlines()[0]})") from None
-
-    if cfg.model.feature_dim > 65536:
-        raise CheckpointError(f"{path}: feature_dim {cfg.model.feature_dim} is absurd")
-    try:
-        model = build_net(
-            cfg.model.arch, in_channels=shape[0], image_size=shape[1],
-            dropout=cfg.model.dropout, feature_dim=cfg.model.feature_dim or None,
-        )
-    except NcmError as exc:
-        raise CheckpointError(f"{path}: cannot rebuild the model ({exc})") from None
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{path}: tensor {bad[0]} holds NaN or infinite values; the checkpoint is unusable")
     anchors = tensors.get(_ANCHOR_KEY)
+    if anchors is not None:
+        _check_anchors(path, anchors)
+    try:
+        model, _ = build("cpu")
+    except (ValueError, NcmError) as exc:
+        raise CheckpointError(f"{path}: cannot rebuild the model ({exc})") from None
     if anchors is not None and tuple(anchors.shape) != (len(classes), model.feature_dim):
         raise CheckpointError(
             f"{path}: anchors have shape {tuple(anchors.shape)}, expected ({len(classes)}, {model.feature_dim})"
@@ -191,9 +264,6 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
         criterion = build_criterion(cfg.loss, anchors=anchors, dim=model.feature_dim, num_classes=len(classes))
     except (ValueError, NcmError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild the criterion ({exc})") from None
-    stray = [k for k in tensors if k != _ANCHOR_KEY and not k.startswith(("model.", "criterion.", "state."))]
-    if stray:
-        raise CheckpointError(f"{path}: unexpected tensors {stray[:3]}")
     model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     crit_sd = {k[len("criterion."):]: v for k, v in tensors.items() if k.startswith("criterion.")}
     if anchors is not None:

@@ -7,6 +7,11 @@ from pathlib import Path
 from ncmcli.errors import UsageError
 
 
+MAX_ANCHOR_CLASSES = 10_000  # the certificate compares all pairs: (C, C) float64 is 800 MB at the bound
+MAX_ANCHOR_DIM = 65_536
+MAX_ANCHOR_NUMBERS = 2**26
+
+
 def anchors_command(
     classes: int, dim: int, method: str, *, seed: int = 0, metric: str = "euclidean",
     scale: float = 1.0, out: Path | None = None,
@@ -16,8 +21,16 @@ def anchors_command(
     from ncmcli.distances import get_distance
 
     get_distance(metric)
-    if not scale > 0:
-        raise UsageError(f"--scale must be > 0, got {scale}")
+    if not scale > 0 or scale != scale or scale == float("inf"):
+        raise UsageError(f"--scale must be a finite number > 0, got {scale}")
+    # The certificate compares every pair of anchors: bound C and d before allocating.
+    if not 2 <= classes <= MAX_ANCHOR_CLASSES:
+        raise UsageError(f"--classes must be in [2, {MAX_ANCHOR_CLASSES}], got {classes}")
+    if not 1 <= dim <= MAX_ANCHOR_DIM or classes * dim > MAX_ANCHOR_NUMBERS:
+        raise UsageError(f"--dim must be in [1, {MAX_ANCHOR_DIM}] with classes x dim <= {MAX_ANCHOR_NUMBERS:,}, "
+                         f"got {classes} x {dim}")
+    if out is not None and (Path(out).is_dir() or str(out).endswith(("/", "\\"))):
+        raise UsageError(f"--out {out} is a folder; give a file name such as {Path(out) / 'anchors.safetensors'}")
     a = make_anchors(method, classes, dim, seed=seed)
     label = f"auto ({resolve_auto(classes, dim)})" if method == "auto" else method
     cert = anchor_certificate(a, label, metric=metric, scale=scale).to_dict()
@@ -27,7 +40,10 @@ def anchors_command(
         from ncmcli.checkpoint import atomic_write
 
         meta = {"method": method, "seed": str(seed), "classes": str(classes), "dim": str(dim)}
-        atomic_write(Path(out), lambda tmp: save_file({"anchors": a.contiguous()}, str(tmp), metadata=meta))
+        try:
+            atomic_write(Path(out), lambda tmp: save_file({"anchors": a.contiguous()}, str(tmp), metadata=meta))
+        except OSError as exc:
+            raise UsageError(f"cannot write --out {out} ({exc.strerror or exc})") from None
     return cert
 
 
@@ -55,12 +71,17 @@ def pick_device(name: str = "auto"):
         if mps is not None and mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    bad = UsageError(f"unknown device {name[:80]!r}; use auto, cpu, cuda, cuda:N or mps")
     try:
         dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    except (RuntimeError, ValueError, TypeError):
+        raise bad from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise bad
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for, but no CUDA GPU is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device mps was asked for, but MPS is not available")
     return dev
@@ -235,7 +256,7 @@ def find_checkpoint(explicit: Path | None, env: dict, cwd: Path) -> tuple[Path, 
 
 
 def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, top_k: int = 3,
-                    reject_above: float | None = None) -> dict:
+                    reject_above: float | None = None, batch_size: int = 256) -> dict:
     """Top-k classes for each image; unreadable files are reported, the rest go on."""
     import torch
 
@@ -245,6 +266,8 @@ def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, t
 
     if top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {top_k}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if reject_above is not None and not reject_above > 0:
         raise UsageError(f"--reject-above must be > 0, got {reject_above}")
     files: list[Path] = []
@@ -264,26 +287,30 @@ def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, t
     if reject_above is not None and not ck.criterion.uses_anchors:
         raise UsageError("--reject-above needs an anchor model (encm, cncm); this checkpoint has none")
     c, h, _ = ck.input_shape
-    results, good, tensors = [], [], []
-    for f in files:
-        try:
-            t, resized = load_image(f, c, h)
-        except Exception as exc:  # ImageError: report it and go on with the rest
-            results.append({"path": str(f), "error": str(exc)})
-            continue
-        results.append({"path": str(f), "resized": resized})
-        good.append(len(results) - 1)
-        tensors.append(t)
+    results: list[dict] = []
     k = min(top_k, len(ck.classes))
-    for start in range(0, len(tensors), 256):
-        x = normalize(torch.stack(tensors[start:start + 256]).to(dev), ck.mean, ck.std)
+    # Decoded one batch at a time: memory stays bounded however many files are given.
+    for start in range(0, len(files), batch_size):
+        good, tensors = [], []
+        for f in files[start:start + batch_size]:
+            try:
+                t, resized = load_image(f, c, h)
+            except Exception as exc:  # ImageError: report it and go on with the rest
+                results.append({"path": str(f), "error": str(exc)})
+                continue
+            results.append({"path": str(f), "resized": resized})
+            good.append(len(results) - 1)
+            tensors.append(t)
+        if not tensors:
+            continue
+        x = normalize(torch.stack(tensors).to(dev), ck.mean, ck.std)
         with torch.no_grad():
             feats = ck.model(x)
             probs = torch.softmax(ck.criterion.logits(feats), 1)
             dist = ck.criterion.distances(feats).min(1).values if ck.criterion.uses_anchors else None
         top_p, top_i = probs.topk(k, 1)
         for row in range(len(x)):
-            rec = results[good[start + row]]
+            rec = results[good[row]]
             rec["top"] = [{"class": ck.classes[i], "prob": round(p, 6)}
                           for p, i in zip(top_p[row].tolist(), top_i[row].tolist())]
             rec["label"] = rec["top"][0]["class"]

@@ -58,7 +58,7 @@ def _ood_images(source: str, ck, data_root: str | None, limit: int):
     return torch.stack([load_image(f, c, h)[0] for f in files])
 
 
-def eval_command(target: Path, *, data_root: str | None, device: str, batch_size: int = 1024,
+def eval_command(target: Path, *, data_root: str | None, device: str, batch_size: int | None = None,
                  limit: int = 0, ood: str | None = None) -> dict:
     """Accuracy, loss, per-class accuracy, confusion, and feature diagnostics on the test split."""
     import torch
@@ -67,9 +67,14 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
     from ncmcli.batching import Split
     from ncmcli.training import evaluate
 
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if limit < 0:
+        raise UsageError(f"--limit must be >= 0, got {limit}")
     path = resolve_checkpoint(target)
     dev = pick_device(device)
     ck = checkpoint.load(path, dev)
+    batch_size = batch_size or ck.config.train.eval_batch_size  # the checkpoint's own setting
     data = _test_split(ck, data_root, limit)
     test = data.test.to(dev)
     ev = evaluate(ck.model, ck.criterion, test, mean=ck.mean, std=ck.std, device=dev,

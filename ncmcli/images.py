@@ -17,11 +17,14 @@ def load_image(path: Path, channels: int, size: int) -> tuple[torch.Tensor, bool
     """(C, size, size) uint8 from any PIL-readable file, and whether it was resized."""
     import warnings
 
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     from ncmcli.errors import ImageError
 
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS // 2  # PIL errors at twice this value
+    # PIL warns above MAX_IMAGE_PIXELS (the warning is an error here) and refuses above twice it.
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    if not Path(path).is_file():  # a FIFO or device would block the read forever
+        raise ImageError(f"{path}: not a regular file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -29,6 +32,8 @@ def load_image(path: Path, channels: int, size: int) -> tuple[torch.Tensor, bool
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise ImageError(f"{path}: image of {im.width}x{im.height} pixels is too large")
                 im.load()
+                # Cameras store pixels as shot and say how to turn them: show them as people see them.
+                im = ImageOps.exif_transpose(im)
                 if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                     arr = np.asarray(im, dtype=np.float64)  # 16-bit grayscale: scale to 8 bits
                     im = Image.fromarray((arr * (255.0 / max(arr.max(), 1))).astype(np.uint8))

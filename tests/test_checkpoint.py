@@ -80,14 +80,14 @@ def _rewrite(path, out, *, drop=None, reshape=None, meta_update=None):
 
 @pytest.mark.parametrize("kwargs,fragment", [
     ({"drop": "model.fc.weight"}, "do not match the model"),
-    ({"reshape": "model.fc.weight"}, "do not match the model"),
-    ({"reshape": "anchors"}, "anchors have shape"),
+    ({"reshape": "model.fc.weight"}, "model.fc.weight has shape .3, 3., the config implies"),
+    ({"reshape": "anchors"}, "anchors has shape"),
     ({"meta_update": {"config": "{not json"}}, "not valid JSON"),
     ({"meta_update": {"classes": "[]"}}, "classes"),
-    ({"meta_update": {"classes": json.dumps(["a", "b"])}}, "anchors have shape"),
+    ({"meta_update": {"classes": json.dumps(["a", "b"])}}, "anchors has shape"),
     ({"meta_update": {"input_shape": "[1, 99999999, 28]"}}, "input_shape"),
     ({"meta_update": {"input_shape": "[-1, 28, 28]"}}, "input_shape"),
-    ({"meta_update": {"config": json.dumps({"model": {"feature_dim": 10**9}})}}, "absurd"),
+    ({"meta_update": {"config": json.dumps({"model": {"feature_dim": 10**9}})}}, "above 65536"),
     ({"meta_update": {"config": json.dumps({"loss": {"name": "evil"}})}}, "invalid config"),
     ({"meta_update": {"format_version": "99"}}, "version"),
 ])

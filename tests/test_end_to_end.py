@@ -23,7 +23,7 @@ def short_run(tmp_path_factory):
 
 def test_train_writes_the_run_folder(short_run):
     out, result, proc = short_run
-    assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "best.safetensors",
+    assert {p.name for p in out.iterdir()} - {".ncm.lock"} == {"config.yaml", "metrics.jsonl", "best.safetensors",
                                                "last.safetensors", "result.json"}
     assert json.loads((out / "result.json").read_text()) == result
     assert result["checkpoint"] == str(out / "best.safetensors") and result["epochs"] == 1

@@ -15,10 +15,10 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+
 
 from ncmcli import __version__
-from ncmcli.cli.console import RichReporter, StopOnSignal, err, out_json, render_certificate
+from ncmcli.cli.console import RichReporter, StopOnSignal, err, out_json, render_certificate, safe_text, show
 from ncmcli.cli.plot import plot_app
 from ncmcli.errors import NcmError
 
@@ -64,7 +64,7 @@ def anchors(
 
     cert = engine.anchors_command(classes, dim, method, seed=seed, metric=metric, scale=scale, out=out)
     if out is not None:
-        err.print(f"wrote {escape(str(out))}")
+        err.print(f"wrote {show(str(out))}")
     if as_json:
         out_json(cert)
     else:
@@ -142,7 +142,7 @@ def train(
         err.print(f"test accuracy {result['test_acc']:.4f} (best.safetensors: epoch {result['best']['epoch']}, "
                   f"test accuracy {result['best']['test_acc']:.4f}, selected on {on} accuracy) "
                   f"in {result['wall_time_s']:.1f}s")
-        sys.stdout.write(f"{result['checkpoint']}\n")
+        sys.stdout.write(f"{safe_text(result['checkpoint'])}\n")
 
 
 @app.command("eval")
@@ -150,27 +150,29 @@ def eval_(
     target: Path = typer.Argument(..., help="A checkpoint, or a run folder (its best.safetensors)."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Where the dataset lives, if not where it was trained."),
     device: str = typer.Option("auto", "--device"),
-    limit: int = typer.Option(0, "--limit", help="Evaluate on the first N test images only."),
+    limit: int = typer.Option(0, "--limit", help="Evaluate on a stratified sample of N test images."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass (default: the checkpoint's train.eval_batch_size)."),
     ood: Optional[str] = typer.Option(None, "--ood", help="Open-set check against a dataset name or an image folder."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document, with the confusion matrix."),
 ) -> None:
     """Accuracy, error, loss, per-class accuracy and feature diagnostics on the test split."""
     from ncmcli import evaluation
 
-    res = evaluation.eval_command(target, data_root=data_root, device=device, limit=limit, ood=ood)
+    res = evaluation.eval_command(target, data_root=data_root, device=device, limit=limit, ood=ood,
+                                  batch_size=batch_size)
     if as_json:
         out_json(res)
         return
     from rich.table import Table
 
     con = Console(soft_wrap=True)
-    con.print(f"{res['checkpoint']}  ({res['dataset']}, epoch {res['epoch']}, {res['n']} test images)")
+    con.print(f"{show(res['checkpoint'])}  ({show(res['dataset'])}, epoch {res['epoch']}, {res['n']} test images)")
     con.print(f"accuracy {res['accuracy']:.4f}   error {res['error_pct']:.2f}%   loss {res['loss']:.4f}")
     diag = res["diagnostics"]
     comp = diag.get("compactness", {}).get("per_class", {})
     t = Table("class", "accuracy", *(["mean dist. to own anchor"] if comp else []))
     for name, acc in res["per_class_accuracy"].items():
-        t.add_row(escape(name), "n/a (no images)" if acc is None else f"{acc:.4f}",
+        t.add_row(show(name), "n/a (no images)" if acc is None else f"{acc:.4f}",
                   *([f"{comp[name]['mean']:.4f}"] if name in comp else []))
     con.print(t)
     con.print(f"calibration: ECE (15 bins) {diag['ece_15_bins']:.4f}")
@@ -182,7 +184,7 @@ def eval_(
         con.print(f"suggested --reject-above {diag['reject_above_at_95_tpr']:.4f} (keeps 95% of test images)")
     if "ood" in res:
         o = res["ood"]
-        con.print(f"open-set vs {o['source']} ({o['n_out']} images, score: {o['score']}): "
+        con.print(f"open-set vs {show(o['source'])} ({o['n_out']} images, score: {o['score']}): "
                   f"AUROC {o['auroc']:.4f}, FPR at 95% TPR {o['fpr_at_95_tpr']:.4f}")
 
 
@@ -193,6 +195,7 @@ def predict(
     top_k: int = typer.Option(3, "--top-k", "-k", help="How many classes to show per image."),
     reject_above: Optional[float] = typer.Option(None, "--reject-above", help="Label an image 'unknown' when it is farther than this from every anchor."),
     device: str = typer.Option("auto", "--device"),
+    batch_size: int = typer.Option(256, "--batch-size", help="Images decoded and classified at a time (bounds memory)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document."),
 ) -> None:
     """Classify images with a checkpoint (preprocessing comes from the checkpoint)."""
@@ -200,15 +203,16 @@ def predict(
 
     path, why = engine.find_checkpoint(checkpoint, dict(os.environ), Path.cwd())
     if why != "--checkpoint":
-        err.print(f"using {escape(str(path))} ({why})")
-    res = engine.predict_command(inputs, checkpoint_path=path, device=device, top_k=top_k, reject_above=reject_above)
+        err.print(f"using {show(str(path))} ({show(why)})")
+    res = engine.predict_command(inputs, checkpoint_path=path, device=device, top_k=top_k, reject_above=reject_above,
+                                 batch_size=batch_size)
     resized = sum(bool(r.get("resized")) for r in res["predictions"])
     if resized:
         c, h, w = res["input_size"]
         err.print(f"note: {resized} image(s) resized to {h}x{w} ({'grayscale' if c == 1 else 'RGB'}), as the model expects")
     for r in res["predictions"]:
         if "error" in r:
-            err.print(f"[red]error:[/red] {escape(r['error'])}")
+            err.print(f"[red]error:[/red] {show(r['error'])}")
     if as_json:
         out_json(res)
     else:
@@ -219,7 +223,7 @@ def predict(
             if r["label"] == "unknown":
                 tops = "unknown  (" + tops + ")"
             dist = r["nearest_anchor_distance"]
-            sys.stdout.write(f"{r['path']}\t{tops}" + (f"\tdist {dist:.4f}" if dist is not None else "") + "\n")
+            sys.stdout.write(f"{safe_text(r['path'])}\t{safe_text(tops)}" + (f"\tdist {dist:.4f}" if dist is not None else "") + "\n")
     if res["failed"]:
         raise typer.Exit(1)
 
@@ -242,14 +246,25 @@ def report(
             raise typer.BadParameter("--per-run goes with --format csv", param_hint="--per-run")
         sys.stdout.write(rep.per_run_csv(paths) + "\n")
         return
-    sys.stdout.write(rep.render(rep.collect(paths, by=list(by)), fmt) + "\n")
+    text = rep.render(rep.collect(paths, by=list(by)), fmt)
+    if fmt in ("table", "md"):  # human-readable: no control characters from folder names
+        text = "\n".join(safe_text(line) for line in text.split("\n"))
+    sys.stdout.write(text + "\n")
 
 
 # ---------------------------------------------------------------------------------------
 def main() -> None:
     """Console entry point: run the app, turning every failure into one line and a code."""
+    if sys.stdout is None:  # started with stdout closed (>&-): the work still runs, its data goes nowhere
+        sys.stdout = open(os.devnull, "w")
     try:
         rv = app(prog_name="ncm", standalone_mode=False)
+    except SystemExit as exc:
+        if type(sys.stdout).__name__ == "PacifyFlushWrapper":  # click's own EPIPE handling
+            _quiet_broken_pipe()
+        raise exc
+    except BrokenPipeError:
+        _quiet_broken_pipe()
     except NcmError as exc:
         _fail(str(exc), exc.exit_code, exc)
     except (typer.Abort, KeyboardInterrupt):
@@ -264,7 +279,22 @@ def main() -> None:
             _fail(f"{exc.format_message()} (see '{cmd} --help')", getattr(exc, "exit_code", 2), exc)
         # a bug or an unexpected environment: still one line
         _fail(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)", 1, exc)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_broken_pipe()
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader went away (``| head -1``, a closed stdout): end quietly, as a program killed by
+    SIGPIPE would (exit 141), without a message or a flush error at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+    sys.exit(128 + 13)
 
 
 def _is_click_error(exc: BaseException) -> bool:
@@ -276,5 +306,5 @@ def _fail(message: str, code: int, exc: BaseException) -> None:
         import traceback
 
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-    err.print(f"[red]error:[/red] {escape(message)}")
+    err.print(f"[red]error:[/red] {show(message)}")
     sys.exit(code)

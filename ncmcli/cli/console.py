@@ -12,10 +12,40 @@ from rich.markup import escape
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def strict_json(obj):
+    """``obj`` with every NaN or infinite float replaced by None: strict JSON parsers refuse
+    NaN and Infinity, which Python's json module would otherwise write."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def out_json(doc) -> None:
-    """Data goes to stdout, as one JSON document."""
-    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    """Data goes to stdout, as one JSON document (never NaN or Infinity)."""
+    sys.stdout.write(json.dumps(strict_json(doc), indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+_CONTROL = {i: f"\\x{i:02x}" for i in (*range(0x00, 0x20), 0x7f)}
+_CONTROL.update({0x09: "\\t", 0x0a: "\\n", 0x0d: "\\r", 0x1b: "\\x1b"})
+
+
+def safe_text(text: str) -> str:
+    """A user-provided string (file name, class name) for human-readable output: control
+    characters (escape sequences, newlines, carriage returns) are shown escaped, so that a
+    crafted name cannot move the cursor, recolour the terminal or forge extra lines. C1
+    controls (0x80-0x9f) too. JSON output never goes through this."""
+    out = str(text).translate(_CONTROL)
+    return "".join(f"\\x{ord(ch):02x}" if 0x80 <= ord(ch) <= 0x9f else ch for ch in out)
+
+
+def show(text: str) -> str:
+    """``safe_text`` and then rich-markup escaped: for strings that rich prints."""
+    return escape(safe_text(text))
 
 
 def render_certificate(cert: dict, console: Console) -> None:
@@ -45,7 +75,7 @@ class RichReporter:
 
     def message(self, text: str) -> None:
         if not self.quiet:
-            err.print(escape(text))
+            err.print(show(text))
 
     def certificate(self, cert: dict) -> None:
         if not self.quiet:

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
 
-from ncmcli.cli.console import err
+
+from ncmcli.cli.console import err, show
 
 plot_app = typer.Typer(help="Draw Figures 2 and 3, confusion matrices and angle histograms (needs matplotlib).",
                        no_args_is_help=True)
@@ -20,7 +20,7 @@ def _plot(kind: str, target, **kw) -> None:
     from ncmcli import evaluation
 
     path = evaluation.plot_command(kind, target, **kw)
-    err.print(f"wrote {escape(str(path))}")
+    err.print(f"wrote {show(str(path))}")
 
 
 @plot_app.command("features")
