@@ -82,9 +82,18 @@ class Checkpoint:
     path: Path
 
 
+RUN_ID_PREFIX = "# ncm run id: "
+
+
+def run_id_of_config(text: str) -> str | None:
+    """The run id on config.yaml's first line (written by ``ncm train``), if there is one."""
+    first = text.split("\n", 1)[0]
+    return first[len(RUN_ID_PREFIX):].strip()[:64] or None if first.startswith(RUN_ID_PREFIX) else None
+
+
 def save(
     path: Path, *, model, criterion, config, classes, mean, std, input_shape, epoch, metrics,
-    extra: tuple[dict, str] | None = None,
+    extra: tuple[dict, str] | None = None, run_id: str | None = None,
 ) -> None:
     """``extra``: (tensors, train_state JSON) from ``trainstate.pack``, for resumable files."""
     from safetensors.torch import save_file
@@ -106,6 +115,8 @@ def save(
         "epoch": str(int(epoch)),
         "metrics": json.dumps(metrics),
     }
+    if run_id:
+        meta["run_id"] = run_id
     if extra is not None:
         tensors.update({k: v.detach().to("cpu").contiguous() for k, v in extra[0].items()})
         meta["train_state"] = extra[1]

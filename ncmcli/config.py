@@ -148,14 +148,27 @@ def _schema(cls: type = Config, prefix: str = "") -> dict[str, type]:
 
 
 SCHEMA: dict[str, type] = _schema()
+MAX_PRESET_BYTES = 64 * 1024  # presets are a few hundred bytes; a bigger file is a mistake or an attack
+MAX_YAML_DEPTH = 16  # the schema is two levels deep
+MAX_SEED = 2**63 - 1
+# model.arch names, checked here without importing torch (tests check they match models.ARCHS).
+ARCH_NAMES = ("mnist2d", "mnist", "cifar10", "cifar100", "cifar10-cpu", "small", "small2d", "tiny")
+MAX_FEATURE_DIM = 65536  # what checkpoint loading accepts
+
+
+def quote(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters: an error message never echoes a
+    580 MB value back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
 def _unknown(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(SCHEMA), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(key[:200], list(SCHEMA), n=1, cutoff=0.5)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"unknown key '{key}'{hint}")
+    return ConfigError(f"unknown key {quote(key)}{hint}")
 
 
 def coerce(key: str, value: Any) -> Any:
@@ -173,7 +186,7 @@ def coerce(key: str, value: Any) -> Any:
 
 
 def _coerce_as(key: str, value: Any, typ: type) -> Any:
-    bad = ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
+    bad = ConfigError(f"{key}: expected {typ.__name__}, got {quote(value)}")
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -213,7 +226,7 @@ def _coerce_as(key: str, value: Any, typ: type) -> Any:
         else:
             raise bad
         if out != out or out in (float("inf"), float("-inf")):
-            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+            raise ConfigError(f"{key}: must be a finite number, got {quote(value)}")
         return out
     if typ is str:
         if isinstance(value, bool):
@@ -236,7 +249,7 @@ def _coerce_int_list(key: str, value: Any) -> tuple[int, ...]:
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{key}: expected a list of integers such as 30,60, got {value!r}")
+        raise ConfigError(f"{key}: expected a list of integers such as 30,60, got {quote(value)}")
     return tuple(_coerce_as(key, v, int) for v in value)
 
 
@@ -246,22 +259,32 @@ def _check(cfg: Config) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    need(cfg.data.name in DATASETS, f"data.name: {cfg.data.name!r} is not one of {', '.join(DATASETS)}")
-    need(cfg.loss.name in LOSSES, f"loss.name: {cfg.loss.name!r} is not one of {', '.join(LOSSES)}")
+    need(cfg.data.name in DATASETS, f"data.name: {quote(cfg.data.name)} is not one of {', '.join(DATASETS)}")
+    need(cfg.loss.name in LOSSES, f"loss.name: {quote(cfg.loss.name)} is not one of {', '.join(LOSSES)}")
     need(
         cfg.anchors.method in ANCHOR_METHODS or cfg.anchors.method.endswith((".safetensors", ".csv")),
-        f"anchors.method: {cfg.anchors.method!r} is not one of {', '.join(ANCHOR_METHODS)} "
+        f"anchors.method: {quote(cfg.anchors.method)} is not one of {', '.join(ANCHOR_METHODS)} "
         f"or a .safetensors/.csv file",
     )
-    need(cfg.optim.schedule in SCHEDULES, f"optim.schedule: {cfg.optim.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    need(cfg.optim.schedule in SCHEDULES, f"optim.schedule: {quote(cfg.optim.schedule)} is not one of {', '.join(SCHEDULES)}")
     need(0.0 <= cfg.model.dropout < 1.0, f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
-    need(cfg.model.feature_dim >= 0, f"model.feature_dim must be >= 0, got {cfg.model.feature_dim}")
+    need(0 <= cfg.model.feature_dim <= MAX_FEATURE_DIM,
+         f"model.feature_dim must be in [0, {MAX_FEATURE_DIM}], got {cfg.model.feature_dim}")
+    need(cfg.model.arch in ARCH_NAMES, f"model.arch: {quote(cfg.model.arch)} is not one of {', '.join(ARCH_NAMES)}")
+    need(0 <= cfg.seed <= MAX_SEED, f"seed must be in [0, 2^63 - 1], got {cfg.seed}")
+    need(0 <= cfg.anchors.seed <= MAX_SEED, f"anchors.seed must be in [0, 2^63 - 1], got {cfg.anchors.seed}")
+    need(0 <= cfg.data.subset_seed <= MAX_SEED - 1, f"data.subset_seed must be in [0, 2^63 - 2], got {cfg.data.subset_seed}")
+    need(cfg.train.epochs <= 1_000_000, f"train.epochs must be <= 1000000, got {cfg.train.epochs}")
+    need(cfg.train.batch_size <= 2**20 and cfg.train.eval_batch_size <= 2**20,
+         "train.batch_size and train.eval_batch_size must be <= 1048576")
     need(cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}")
     need(cfg.train.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
     need(cfg.train.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {cfg.train.eval_batch_size}")
-    need(cfg.train.num_threads >= 0, f"train.num_threads must be >= 0, got {cfg.train.num_threads}")
-    need(cfg.train.precision in PRECISIONS, f"train.precision: {cfg.train.precision!r} is not one of {', '.join(PRECISIONS)}")
-    need(cfg.train.channels_last in TRISTATE, f"train.channels_last: {cfg.train.channels_last!r} is not one of {', '.join(TRISTATE)}")
+    cpus = os.cpu_count() or 1
+    need(0 <= cfg.train.num_threads <= cpus,
+         f"train.num_threads must be in [0, {cpus}] (this machine's CPUs), got {cfg.train.num_threads}")
+    need(cfg.train.precision in PRECISIONS, f"train.precision: {quote(cfg.train.precision)} is not one of {', '.join(PRECISIONS)}")
+    need(cfg.train.channels_last in TRISTATE, f"train.channels_last: {quote(cfg.train.channels_last)} is not one of {', '.join(TRISTATE)}")
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
     need(0.0 <= cfg.optim.momentum < 1.0, f"optim.momentum must be in [0, 1), got {cfg.optim.momentum}")
     need(cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}")
@@ -271,16 +294,16 @@ def _check(cfg: Config) -> None:
     need(cfg.optim.max_drops >= 0, f"optim.max_drops must be >= 0, got {cfg.optim.max_drops}")
     need(0 <= cfg.optim.threshold < 1, f"optim.threshold must be in [0, 1), got {cfg.optim.threshold}")
     need(cfg.optim.milestone_unit in MILESTONE_UNITS,
-         f"optim.milestone_unit: {cfg.optim.milestone_unit!r} is not one of {', '.join(MILESTONE_UNITS)}")
+         f"optim.milestone_unit: {quote(cfg.optim.milestone_unit)} is not one of {', '.join(MILESTONE_UNITS)}")
     need(all(m >= 1 for m in cfg.optim.milestones) and list(cfg.optim.milestones) == sorted(set(cfg.optim.milestones)),
          f"optim.milestones must be increasing positive integers, got {list(cfg.optim.milestones)}")
     need(cfg.optim.schedule != "multistep" or cfg.optim.milestones,
          "optim.schedule=multistep needs optim.milestones, e.g. --set optim.milestones=30,60")
-    need(cfg.model.head in HEADS, f"model.head: {cfg.model.head!r} is not one of {', '.join(HEADS)}")
+    need(cfg.model.head in HEADS, f"model.head: {quote(cfg.model.head)} is not one of {', '.join(HEADS)}")
     need(cfg.data.normalization in NORMALIZATIONS,
-         f"data.normalization: {cfg.data.normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
+         f"data.normalization: {quote(cfg.data.normalization)} is not one of {', '.join(NORMALIZATIONS)}")
     need(cfg.loss.scale > 0, f"loss.scale must be > 0, got {cfg.loss.scale}")
-    need(cfg.loss.hinge_form in HINGE_FORMS, f"loss.hinge_form: {cfg.loss.hinge_form!r} is not one of {', '.join(HINGE_FORMS)}")
+    need(cfg.loss.hinge_form in HINGE_FORMS, f"loss.hinge_form: {quote(cfg.loss.hinge_form)} is not one of {', '.join(HINGE_FORMS)}")
     need(cfg.loss.margin in (1, 2, 3, 4), f"loss.margin must be 1, 2, 3 or 4, got {cfg.loss.margin}")
     need(cfg.loss.lambda_base >= 0 and cfg.loss.lambda_gamma >= 0 and cfg.loss.lambda_power >= 0
          and cfg.loss.lambda_min >= 0, "loss.lambda_base/gamma/power/min must be >= 0")
@@ -292,7 +315,7 @@ def _check(cfg: Config) -> None:
     need(cfg.data.limit_train >= 0 and cfg.data.limit_test >= 0, "data.limit_train/limit_test must be >= 0")
     need(cfg.data.val_split >= 0 and (cfg.data.val_split < 1 or cfg.data.val_split.is_integer()),
          f"data.val_split must be a fraction in [0, 1) or a whole count of images, got {cfg.data.val_split:g}")
-    need(cfg.data.loader in LOADERS, f"data.loader: {cfg.data.loader!r} is not one of {', '.join(LOADERS)}")
+    need(cfg.data.loader in LOADERS, f"data.loader: {quote(cfg.data.loader)} is not one of {', '.join(LOADERS)}")
     need(cfg.data.loader != "dataloader" or cfg.data.name == "folder",
          "data.loader=dataloader applies to folder datasets; the built-in ones always fit in memory")
     need(cfg.data.memory_budget_gb > 0, f"data.memory_budget_gb must be > 0, got {cfg.data.memory_budget_gb}")
@@ -301,7 +324,7 @@ def _check(cfg: Config) -> None:
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(tree, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {tree!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {quote(tree)}")
     out: dict[str, Any] = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
@@ -370,14 +393,14 @@ def _preset_path(name: str, near: Path | None = None) -> Path:
         if near is not None and not p.is_absolute():
             p = near / p
         if not p.is_file():
-            raise ConfigError(f"preset file not found: {p}")
+            raise ConfigError(f"preset file not found: {quote(str(p))}")
         return p
     path = presets_dir() / f"{name}.yaml"
     if not path.is_file():
         names = sorted(q.stem for q in presets_dir().glob("*.yaml") if not q.stem.startswith("_"))
-        close = difflib.get_close_matches(name, names, n=1)
+        close = difflib.get_close_matches(name[:200], names, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"unknown preset '{name}'{hint}; valid presets: {', '.join(names)}")
+        raise ConfigError(f"unknown preset {quote(name)}{hint}; valid presets: {', '.join(names)}")
     return path
 
 
@@ -392,18 +415,57 @@ def _read_yaml(path: Path) -> dict:
     return copy.deepcopy(_read_yaml_cached(str(path.resolve()), stamp))
 
 
+class _PresetLoader(yaml.SafeLoader):
+    """yaml.SafeLoader for presets: no aliases (a few hundred bytes of ``*a`` references can
+    expand to gigabytes, a "billion laughs"), and a bounded nesting depth."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise ConfigError(f"{self.name}: line {mark.line + 1}: YAML aliases (*name) are not allowed in presets; "
+                              "write the value out")
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"{self.name}: line {mark.line + 1}: nested deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def load_yaml_text(text: str, name: str) -> Any:
+    """YAML from a preset or a run folder's config.yaml: safe, alias-free, depth-bounded."""
+    loader = _PresetLoader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 @functools.lru_cache(maxsize=256)
 def _read_yaml_cached(path_text: str, _stamp: int) -> dict:
     path = Path(path_text)
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > MAX_PRESET_BYTES or not path.is_file():
+            raise ConfigError(f"{path}: {'not a regular file' if not path.is_file() else f'{size:,} bytes'}; "
+                              f"a preset is a YAML file of at most {MAX_PRESET_BYTES // 1024} KiB")
+        tree = load_yaml_text(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}:{where} invalid YAML: {problem}") from None
+        raise ConfigError(f"{path}:{where} invalid YAML: {str(problem)[:120]}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read ({exc})") from None
+        raise ConfigError(f"{path}: cannot read ({str(exc)[:120]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):
@@ -442,7 +504,7 @@ def _resolve_tree(name: str, chain: tuple[str, ...], near: Path | None = None) -
 def parse_override(text: str) -> tuple[str, str]:
     """'optim.lr=0.05' -> ('optim.lr', '0.05'); the value is coerced later, against the schema."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.sub=value")
+        raise ConfigError(f"override {quote(text)} must look like key.sub=value")
     key, value = text.split("=", 1)
     key = key.strip()
     if key not in SCHEMA:

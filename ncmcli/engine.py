@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ncmcli.errors import UsageError
+from ncmcli.errors import NcmError, UsageError
 
 
 MAX_ANCHOR_CLASSES = 10_000  # the certificate compares all pairs: (C, C) float64 is 800 MB at the bound
@@ -135,6 +135,43 @@ def _distributed_run(fn):
     return result
 
 
+def _check_resume_integrity(run_dir: Path, cfg, config_text: str) -> None:
+    """The checkpoint is the truth: refuse a ``last`` whose config differs from config.yaml
+    (a hand edit) or that another run wrote (a copied file)."""
+    import json
+
+    from ncmcli import checkpoint
+    from ncmcli.config import from_dict
+    from ncmcli.errors import CheckpointError
+
+    meta = checkpoint.read_metadata(run_dir / "last.safetensors")
+    folder_id = checkpoint.run_id_of_config(config_text)
+    if folder_id and meta.get("run_id") != folder_id:
+        raise CheckpointError(f"{run_dir / 'last.safetensors'} belongs to another run (run id {meta.get('run_id')!s:.20}, "
+                              f"this folder's is {folder_id}); refusing to resume from it")
+    try:
+        saved = from_dict(json.loads(meta["config"]))
+    except (KeyError, ValueError, NcmError):
+        raise CheckpointError(f"{run_dir / 'last.safetensors'}: no readable config in the checkpoint") from None
+    a, b = saved.to_dict(), cfg.to_dict()
+    a["train"]["epochs"] = b["train"]["epochs"]  # the one key --resume may change
+    if a != b:
+        diff = _first_difference(a, b)
+        raise CheckpointError(f"{run_dir / 'config.yaml'} differs from the config in last.safetensors ({diff}); "
+                              "the checkpoint is the truth: restore config.yaml or start a new run")
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
+    for k in a:
+        if isinstance(a[k], dict):
+            found = _first_difference(a[k], b.get(k, {}), f"{prefix}{k}.")
+            if found:
+                return found
+        elif a[k] != b.get(k):
+            return f"{prefix}{k}: {str(a[k])[:40]} in the checkpoint, {str(b.get(k))[:40]} in config.yaml"
+    return ""
+
+
 def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter: Reporter, stop=None) -> dict:
     """Continue an interrupted run exactly; only ``train.epochs`` may change (to extend it)."""
     import dataclasses
@@ -149,10 +186,12 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "last.safetensors").is_file():
         raise UsageError(f"{run_dir} is not a resumable run folder (needs config.yaml and last.safetensors)")
+    config_text = (run_dir / "config.yaml").read_text(encoding="utf-8", errors="replace")
     try:
-        cfg = cfgmod.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {})
+        cfg = cfgmod.from_dict(cfgmod.load_yaml_text(config_text, str(run_dir / "config.yaml")) or {})
     except yaml.YAMLError:
         raise CheckpointError(f"{run_dir / 'config.yaml'} is not valid YAML") from None
+    _check_resume_integrity(run_dir, cfg, config_text)
     for text in overrides:
         key, value = cfgmod.parse_override(text)
         if key != "train.epochs":
@@ -172,7 +211,11 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
         if overrides and rank == 0:
             from ncmcli.checkpoint import atomic_write_text
 
-            atomic_write_text(run_dir / "config.yaml", cfgmod.to_yaml(cfg))
+            from ncmcli.checkpoint import RUN_ID_PREFIX, run_id_of_config
+
+            run_id = run_id_of_config(config_text)
+            atomic_write_text(run_dir / "config.yaml",
+                              (f"{RUN_ID_PREFIX}{run_id}\n" if run_id else "") + cfgmod.to_yaml(cfg))
         return train(cfg, run_dir=run_dir, device=dev, resume=True, stop=stop,
                      reporter=reporter if rank == 0 else Reporter())
 

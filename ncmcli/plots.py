@@ -100,8 +100,9 @@ def curves(runs: list[Path], out: Path) -> Path:
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120)
     colors = _colors(max(len(runs), 1))
     for color, run in zip(colors, runs):
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-        rows = [json.loads(x) for x in lines if x.strip()]
+        from ncmcli.runfiles import METRICS, read_metrics
+
+        rows = read_metrics(run / METRICS)
         if not rows:
             raise NcmError(f"{run}/metrics.jsonl has no epochs yet")
         label, floor = run.name, None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from ncmcli.config import from_dict
+from ncmcli.config import from_dict, load_yaml_text
 from ncmcli.errors import NcmError, UsageError
 
 PAPER_FILE = Path(__file__).resolve().parent / "paper_results.json"
@@ -144,7 +144,7 @@ def load_runs(paths: list[Path]) -> list[Run]:
     for run in find_runs(paths):
         try:
             result = json.loads((run / "result.json").read_text())
-            cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+            cfg = from_dict(load_yaml_text((run / "config.yaml").read_text(), str(run / "config.yaml")))
             error = float(result["test_error_pct"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError, NcmError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

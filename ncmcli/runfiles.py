@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Callable
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -73,3 +75,21 @@ class FolderLock:
         if self.fh is not None:
             self.fh.close()  # closing releases the flock
             self.fh = None
+
+
+def read_metrics(path: Path, note: Callable[[str], None] | None = None) -> list[dict]:
+    """metrics.jsonl as a list of epochs; a blank or partial line (left by a crash mid-write)
+    is skipped, with a note, rather than failing the run or the plot."""
+    if not Path(path).exists():
+        return []
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "epoch" not in row:
+                raise ValueError
+            out.append(row)
+        except ValueError:
+            if note is not None:
+                note(f"note: skipped line {n} of {path} (blank or partial)")
+    return out

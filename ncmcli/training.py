@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ncmcli import checkpoint
+from ncmcli import checkpoint, runfiles
 from ncmcli.config import Config, to_yaml
 from ncmcli.errors import NcmError, UsageError
 
@@ -308,6 +308,7 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
     scheduler, per_step = make_scheduler(cfg, optimizer, steps_per_epoch, floor=criterion.loss_floor())
     gen = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation draws
     progress = trainstate.Progress()
+    run_id = secrets.token_hex(8)  # ties the run's checkpoints to its folder (config.yaml's first line)
     if resume:
         last = checkpoint.load(run_dir / "last.safetensors", device)
         model.load_state_dict(last.model.state_dict())
@@ -322,8 +323,9 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
             torch.cuda.set_rng_state_all(state.cuda_rng)
         progress = state.progress
         reporter.message(f"resuming {run_dir} after epoch {progress.epoch}, step {progress.step}")
+        run_id = checkpoint.run_id_of_config((run_dir / "config.yaml").read_text(encoding="utf-8", errors="replace"))
     elif rank == 0:
-        checkpoint.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        checkpoint.atomic_write_text(run_dir / "config.yaml", checkpoint.RUN_ID_PREFIX + run_id + "\n" + to_yaml(cfg))
     if anchors is not None:
         reporter.certificate(anchor_certificate(anchors, cfg.anchors.method, criterion.metric, cfg.loss.scale).to_dict())
     reporter.message(f"run folder: {run_dir}")
@@ -343,7 +345,8 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
         check_finite(model, criterion, f"epoch {epoch} ({path.name} not written; earlier checkpoints are untouched)")
         extra = trainstate.pack(state) if state is not None else None
         checkpoint.save(path, model=model, criterion=criterion, config=cfg, classes=data.classes,
-                        mean=mean, std=std, input_shape=input_shape, epoch=epoch, metrics=metrics, extra=extra)
+                        mean=mean, std=std, input_shape=input_shape, epoch=epoch, metrics=metrics, extra=extra,
+                        run_id=run_id)
 
     def snapshot(epoch_rng: torch.Tensor) -> trainstate.TrainState:
         return trainstate.TrainState(
@@ -351,7 +354,7 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter, preset:
             epoch_rng, torch.get_rng_state(),
             torch.cuda.get_rng_state_all() if device.type == "cuda" else [])
 
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] if resume and (run_dir / "metrics.jsonl").exists() else []
+    history = runfiles.read_metrics(run_dir / runfiles.METRICS, reporter.message) if resume else []
     sync_every = 1 if device.type == "cpu" else 25
     for epoch in range(progress.epoch + 1, cfg.train.epochs + 1):
         # -- Train one epoch; loss and accuracy accumulate on the device (no per-step sync)
