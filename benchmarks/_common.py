@@ -11,7 +11,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fake-data writers
 
 from ncmcli.config import resolve  # noqa: E402
-from ncmcli.training import build_from_config, make_optimizer  # noqa: E402
+from ncmcli.schedules import make_optimizer  # noqa: E402
+from ncmcli.training import build_from_config  # noqa: E402
 
 
 def forward_flops(model, shape) -> float:

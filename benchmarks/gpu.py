@@ -17,7 +17,8 @@ import torch
 from _common import forward_flops
 from ncmcli.config import resolve
 from ncmcli.batching import Split, batches, channel_stats
-from ncmcli.training import _Step, build_from_config, make_optimizer
+from ncmcli.schedules import make_optimizer
+from ncmcli.training import TrainStep, build_from_config
 
 NETS = [("mnist", "mnist-encm", (1, 28, 28), 10, 60000), ("cifar10", "cifar10plus-encm", (3, 32, 32), 10, 50000),
         ("cifar100", "cifar100-encm", (3, 32, 32), 100, 50000)]
@@ -48,7 +49,7 @@ def main() -> None:
         crit.to(dev)
         net = torch.compile(model) if args.compile else model
         amp = torch.bfloat16 if dev.type == "cuda" else None
-        step = _Step(net, crit, amp, torch.channels_last)
+        step = TrainStep(net, crit, amp, torch.channels_last)
         opt = make_optimizer(cfg, model, crit)
         n = batch * (steps + 5)
         images = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, device=dev)

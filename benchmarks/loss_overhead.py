@@ -10,7 +10,8 @@ import torch
 
 from ncmcli import NCMLoss, make_anchors
 from ncmcli.config import resolve
-from ncmcli.training import build_from_config, make_optimizer
+from ncmcli.schedules import make_optimizer
+from ncmcli.training import build_from_config
 
 BATCH, REPS = 128, 3
 

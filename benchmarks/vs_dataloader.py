@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ncmcli.config import resolve
 from ncmcli.batching import Split, batches, channel_stats
-from ncmcli.training import build_from_config, make_optimizer
+from ncmcli.schedules import make_optimizer
+from ncmcli.training import build_from_config
 
 N, BATCH = 2048, 128
 

@@ -12,26 +12,27 @@ from pathlib import Path
 
 import torch
 
-from ncmcli.errors import UsageError
+from ncmcli.errors import ConfigError
+from ncmcli.registry import ANCHOR_FILE_SUFFIXES, ANCHOR_METHODS
 
-METHODS = ("auto", "orthogonal", "polar", "simplex", "orthoplex", "optimized", "random")
+METHODS = tuple(ANCHOR_METHODS)
 
 
 def make_anchors(method: str, num_classes: int, dim: int, *, seed: int = 0) -> torch.Tensor:
     """(C, d) float32 anchors with unit rows. ``method`` is one of ``METHODS`` or a path to
     a ``.safetensors`` (key ``anchors``) or ``.csv`` file with one row per class."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise UsageError(f"classes must be an integer >= 2, got {num_classes!r}")
+        raise ConfigError(f"classes must be an integer >= 2, got {num_classes!r}")
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise UsageError(f"dim must be an integer >= 1, got {dim!r}")
+        raise ConfigError(f"dim must be an integer >= 1, got {dim!r}")
     c, d = num_classes, dim
-    if method.endswith((".safetensors", ".csv")):
+    if method.endswith(ANCHOR_FILE_SUFFIXES):
         a = _from_file(Path(method), c, d)
     elif method == "auto":
         return make_anchors(resolve_auto(c, d), c, d, seed=seed)
     elif method == "orthogonal":
         if d < c:
-            raise UsageError(
+            raise ConfigError(
                 f"orthogonal anchors need dim >= classes (got classes={c}, dim={d}); "
                 f"use simplex (classes <= dim+1), orthoplex (classes <= 2*dim), optimized or auto"
             )
@@ -40,14 +41,14 @@ def make_anchors(method: str, num_classes: int, dim: int, *, seed: int = 0) -> t
         a = _polar(c, d)
     elif method == "simplex":
         if c > d + 1:
-            raise UsageError(
+            raise ConfigError(
                 f"simplex anchors need classes <= dim+1 (got classes={c}, dim={d}); "
                 f"use orthoplex (classes <= 2*dim), optimized or auto"
             )
         a = _simplex(c, d)
     elif method == "orthoplex":
         if c > 2 * d:
-            raise UsageError(
+            raise ConfigError(
                 f"orthoplex anchors need classes <= 2*dim (got classes={c}, dim={d}); "
                 f"use optimized or auto"
             )
@@ -58,7 +59,7 @@ def make_anchors(method: str, num_classes: int, dim: int, *, seed: int = 0) -> t
         g = torch.Generator().manual_seed(seed)
         a = torch.randn(c, d, generator=g, dtype=torch.float64)
     else:
-        raise UsageError(
+        raise ConfigError(
             f"unknown anchor method {method!r}; choose one of: {', '.join(METHODS)}, "
             f"or a .safetensors/.csv file"
         )
@@ -114,7 +115,7 @@ def _polar(c: int, d: int) -> torch.Tensor:
     points are de-duplicated and C of them are picked by farthest-point sampling."""
     if d == 1:
         if c > 2:
-            raise UsageError("polar anchors in dim 1 allow at most 2 classes; use dim >= 2")
+            raise ConfigError("polar anchors in dim 1 allow at most 2 classes; use dim >= 2")
         return torch.tensor([[1.0], [-1.0]], dtype=torch.float64)[:c]
     if d == 2:
         theta = torch.arange(c, dtype=torch.float64) * (2 * math.pi / c)
@@ -186,7 +187,7 @@ def _optimized(c: int, d: int, seed: int, steps: int = 1500) -> torch.Tensor:
 
 def _from_file(path: Path, c: int, d: int) -> torch.Tensor:
     if not path.is_file():
-        raise UsageError(f"anchor file not found: {path}")
+        raise ConfigError(f"anchor file not found: {path}")
     try:
         if path.suffix == ".csv":
             rows = [
@@ -200,18 +201,18 @@ def _from_file(path: Path, c: int, d: int) -> torch.Tensor:
 
             a = load_file(str(path))["anchors"].double()
     except KeyError:
-        raise UsageError(f"{path}: no tensor named 'anchors'") from None
+        raise ConfigError(f"{path}: no tensor named 'anchors'") from None
     except Exception as exc:  # malformed CSV numbers, ragged rows, corrupt safetensors
-        raise UsageError(f"{path}: cannot read anchors ({exc})") from None
+        raise ConfigError(f"{path}: cannot read anchors ({exc})") from None
     if a.ndim != 2 or tuple(a.shape) != (c, d):
-        raise UsageError(f"{path}: anchors have shape {tuple(a.shape)}, expected ({c}, {d})")
+        raise ConfigError(f"{path}: anchors have shape {tuple(a.shape)}, expected ({c}, {d})")
     if not torch.isfinite(a).all():
-        raise UsageError(f"{path}: anchors contain NaN or Inf")
+        raise ConfigError(f"{path}: anchors contain NaN or Inf")
     if (a.norm(dim=1) == 0).any():
-        raise UsageError(f"{path}: anchor rows {_zero_rows(a)} are zero")
+        raise ConfigError(f"{path}: anchor rows {_zero_rows(a)} are zero")
     dup = duplicate_pairs(_unit_rows(a))
     if dup:
-        raise UsageError(f"{path}: duplicate anchor rows {dup[:5]}")
+        raise ConfigError(f"{path}: duplicate anchor rows {dup[:5]}")
     return a
 
 

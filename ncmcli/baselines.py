@@ -16,21 +16,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ncmcli.losses import Criterion, _fp32
+from ncmcli import registry
+from ncmcli.errors import ConfigError
+from ncmcli.losses import Criterion, fp32
 
 
 class HingeLoss(Criterion):
-    FORMS = ("ova", "weston-watkins")
+    FORMS = tuple(registry.HINGE_FORMS)
 
     def __init__(self, dim: int, num_classes: int, form: str = "ova"):
         super().__init__()
         if form not in self.FORMS:
-            raise ValueError(f"hinge form must be one of {self.FORMS}, got {form!r}")
+            raise ConfigError(f"hinge form must be one of {', '.join(self.FORMS)}, got {form!r}")
         self.form = form
         self.fc = nn.Linear(dim, num_classes)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(_fp32(features))  # (B, C)
+        return self.fc(fp32(features))  # (B, C)
 
     def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         t = self.logits(features)  # (B, C)
@@ -55,8 +57,8 @@ class LSoftmaxLoss(Criterion):
     def __init__(self, dim: int, num_classes: int, margin: int = 2, *, base: float = 1000.0,
                  gamma: float = 2e-5, power: float = 45.0, lambda_min: float = 0.0):
         super().__init__()
-        if margin not in (1, 2, 3, 4):
-            raise ValueError(f"L-Softmax margin must be 1, 2, 3 or 4, got {margin}")
+        if margin not in registry.LSOFTMAX_MARGINS:
+            raise ConfigError(f"L-Softmax margin must be one of {registry.LSOFTMAX_MARGINS}, got {margin}")
         self.margin = margin
         self.base, self.gamma, self.power, self.lambda_min = base, gamma, power, lambda_min
         self.weight = nn.Parameter(torch.empty(num_classes, dim))
@@ -74,10 +76,13 @@ class LSoftmaxLoss(Criterion):
         return max(self.lambda_min, lam)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return _fp32(features) @ self.weight.to(_fp32(features).dtype).T  # (B, C)
+        return fp32(features) @ self.weight.to(fp32(features).dtype).T  # (B, C)
+
+    def class_vectors(self) -> tuple[torch.Tensor, str]:
+        return self.weight.detach(), "class weight vectors"
 
     def margin_logits(self, features: torch.Tensor, targets: torch.Tensor, lam: float) -> torch.Tensor:
-        f = _fp32(features)  # (B, D)
+        f = fp32(features)  # (B, D)
         w = self.weight.to(f.dtype)  # (C, D)
         logits = f @ w.T  # (B, C)
         wy_x = logits.gather(1, targets[:, None]).squeeze(1)  # (B,) W_y . x
@@ -111,22 +116,38 @@ class CenterLoss(Criterion):
     def __init__(self, dim: int, num_classes: int, weight: float = 0.003, alpha: float = 0.5):
         super().__init__()
         if weight < 0 or not 0 <= alpha <= 1:
-            raise ValueError(f"center loss needs weight >= 0 and alpha in [0, 1], got {weight}, {alpha}")
-        self.weight, self.alpha = weight, alpha
+            raise ConfigError(f"center loss needs weight >= 0 and alpha in [0, 1], got {weight}, {alpha}")
+        # ``lam``, not ``weight``: every criterion's ``weight`` would be a class-vector matrix.
+        self.lam, self.alpha = weight, alpha
         self.fc = nn.Linear(dim, num_classes)
         self.register_buffer("centers", torch.zeros(num_classes, dim))
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(_fp32(features))
+        return self.fc(fp32(features))
 
     def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        f = _fp32(features)  # (B, D)
+        f = fp32(features)  # (B, D)
         centers = self.centers.to(f.dtype)  # (C, D)
         diff = f - centers[targets]  # (B, D)
-        loss = F.cross_entropy(self.logits(f), targets) + self.weight * 0.5 * diff.pow(2).sum(1).mean()
+        loss = F.cross_entropy(self.logits(f), targets) + self.lam * 0.5 * diff.pow(2).sum(1).mean()
         if self.training and self.alpha > 0:
             with torch.no_grad():
                 pull = torch.zeros_like(centers).index_add_(0, targets, -diff.detach())  # sum (c_j - x_i)
                 counts = torch.bincount(targets, minlength=len(centers)).to(f.dtype)
                 self.centers -= (self.alpha * pull / (1.0 + counts)[:, None]).to(self.centers.dtype)
         return loss
+
+
+# -- Builders, registered by name in ncmcli.registry.LOSSES
+
+def build_hinge(loss_cfg, *, anchors=None, dim: int, num_classes: int) -> HingeLoss:
+    return HingeLoss(dim, num_classes, form=loss_cfg.hinge_form)
+
+
+def build_lsoftmax(loss_cfg, *, anchors=None, dim: int, num_classes: int) -> LSoftmaxLoss:
+    return LSoftmaxLoss(dim, num_classes, loss_cfg.margin, base=loss_cfg.lambda_base, gamma=loss_cfg.lambda_gamma,
+                        power=loss_cfg.lambda_power, lambda_min=loss_cfg.lambda_min)
+
+
+def build_center(loss_cfg, *, anchors=None, dim: int, num_classes: int) -> CenterLoss:
+    return CenterLoss(dim, num_classes, weight=loss_cfg.center_weight, alpha=loss_cfg.center_alpha)

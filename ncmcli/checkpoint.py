@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from ncmcli.errors import CheckpointError, NcmError
+from ncmcli.runfiles import atomic_write
 
 FORMAT = "ncm-checkpoint"
 FORMAT_VERSION = 1
@@ -29,43 +27,6 @@ MAX_SIDE = 1024
 MAX_FEATURE_DIM = 65536
 MAX_CLASSES = 100_000
 MAX_PARAMS = 2**28  # 1 GiB of float32
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via ``write(tmp)`` to a temp file in the same folder, fsync, then rename, so a
-    crash at any moment leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
-        pass
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 @dataclass
@@ -190,7 +151,8 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
     from safetensors.torch import load_file
 
     from ncmcli import config as cfgmod
-    from ncmcli.losses import NCM_METRICS, build_criterion
+    from ncmcli.losses import build_criterion
+    from ncmcli.registry import NCM_LOSSES as NCM_METRICS
     from ncmcli.models import build_net
 
     path = Path(path)

@@ -18,15 +18,17 @@ from typing import Any
 
 import yaml
 
+from ncmcli import registry  # torch-free: the names every check below reads
 from ncmcli.errors import ConfigError
+from ncmcli.netspecs import ARCHS as _ARCHS
 
-DATASETS = ("quickstart", "mnist", "fashion-mnist", "cifar10", "cifar100", "folder")
-LOSSES = ("softmax", "encm", "cncm", "sqncm", "hinge", "lsoftmax", "center")
-HINGE_FORMS = ("ova", "weston-watkins")
-ANCHOR_METHODS = ("orthogonal", "polar", "simplex", "orthoplex", "optimized", "random", "auto")
+DATASETS = tuple(registry.DATASETS)
+LOSSES = tuple(registry.LOSSES)
+HINGE_FORMS = tuple(registry.HINGE_FORMS)
+ANCHOR_METHODS = tuple(registry.ANCHOR_METHODS)
 SCHEDULES = ("plateau", "multistep", "cosine", "none")
 MILESTONE_UNITS = ("epoch", "step")
-HEADS = ("linear", "linear-bn-relu")
+HEADS = registry.HEADS
 NORMALIZATIONS = ("global", "channel")
 LOADERS = ("auto", "tensor", "dataloader")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -151,8 +153,7 @@ SCHEMA: dict[str, type] = _schema()
 MAX_PRESET_BYTES = 64 * 1024  # presets are a few hundred bytes; a bigger file is a mistake or an attack
 MAX_YAML_DEPTH = 16  # the schema is two levels deep
 MAX_SEED = 2**63 - 1
-# model.arch names, checked here without importing torch (tests check they match models.ARCHS).
-ARCH_NAMES = ("mnist2d", "mnist", "cifar10", "cifar100", "cifar10-cpu", "small", "small2d", "tiny")
+ARCH_NAMES = tuple(_ARCHS)
 MAX_FEATURE_DIM = 65536  # what checkpoint loading accepts
 
 
@@ -259,15 +260,18 @@ def _check(cfg: Config) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    need(cfg.data.name in DATASETS, f"data.name: {quote(cfg.data.name)} is not one of {', '.join(DATASETS)}")
-    need(cfg.loss.name in LOSSES, f"loss.name: {quote(cfg.loss.name)} is not one of {', '.join(LOSSES)}")
+    need(cfg.data.name in DATASETS, f"data.name: {quote(cfg.data.name)} is not one of {', '.join(DATASETS)}"
+         + registry.suggest(cfg.data.name, DATASETS))
+    need(cfg.loss.name in LOSSES, f"loss.name: {quote(cfg.loss.name)} is not one of {', '.join(LOSSES)}"
+         + registry.suggest(cfg.loss.name, LOSSES))
     need(
-        cfg.anchors.method in ANCHOR_METHODS or cfg.anchors.method.endswith((".safetensors", ".csv")),
+        cfg.anchors.method in ANCHOR_METHODS or cfg.anchors.method.endswith(registry.ANCHOR_FILE_SUFFIXES),
         f"anchors.method: {quote(cfg.anchors.method)} is not one of {', '.join(ANCHOR_METHODS)} "
         f"or a .safetensors/.csv file",
     )
     need(cfg.optim.schedule in SCHEDULES, f"optim.schedule: {quote(cfg.optim.schedule)} is not one of {', '.join(SCHEDULES)}")
-    need(0.0 <= cfg.model.dropout < 1.0, f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
+    lo, hi = registry.DROPOUT_RANGE
+    need(lo <= cfg.model.dropout < hi, f"model.dropout must be in [{lo:g}, {hi:g}), got {cfg.model.dropout}")
     need(0 <= cfg.model.feature_dim <= MAX_FEATURE_DIM,
          f"model.feature_dim must be in [0, {MAX_FEATURE_DIM}], got {cfg.model.feature_dim}")
     need(cfg.model.arch in ARCH_NAMES, f"model.arch: {quote(cfg.model.arch)} is not one of {', '.join(ARCH_NAMES)}")
@@ -304,7 +308,8 @@ def _check(cfg: Config) -> None:
          f"data.normalization: {quote(cfg.data.normalization)} is not one of {', '.join(NORMALIZATIONS)}")
     need(cfg.loss.scale > 0, f"loss.scale must be > 0, got {cfg.loss.scale}")
     need(cfg.loss.hinge_form in HINGE_FORMS, f"loss.hinge_form: {quote(cfg.loss.hinge_form)} is not one of {', '.join(HINGE_FORMS)}")
-    need(cfg.loss.margin in (1, 2, 3, 4), f"loss.margin must be 1, 2, 3 or 4, got {cfg.loss.margin}")
+    need(cfg.loss.margin in registry.LSOFTMAX_MARGINS,
+         f"loss.margin must be one of {', '.join(map(str, registry.LSOFTMAX_MARGINS))}, got {cfg.loss.margin}")
     need(cfg.loss.lambda_base >= 0 and cfg.loss.lambda_gamma >= 0 and cfg.loss.lambda_power >= 0
          and cfg.loss.lambda_min >= 0, "loss.lambda_base/gamma/power/min must be >= 0")
     need(cfg.loss.center_weight >= 0, f"loss.center_weight must be >= 0, got {cfg.loss.center_weight}")

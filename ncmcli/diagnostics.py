@@ -9,30 +9,18 @@ import torch
 @torch.no_grad()
 def extract(model, criterion, split, *, mean, std, device, batch_size: int = 1024):
     """(features (N, d), logits (N, C), labels (N,)) of a split, on the CPU."""
-    from ncmcli.batching import batches
+    from ncmcli.forward import forward_split
 
-    model.eval()
-    criterion.eval()
-    feats, logits, labels = [], [], []
-    for x, y in batches(split, batch_size, mean=mean, std=std, device=device):
-        f = model(x)
-        feats.append(f.float().cpu())
-        logits.append(criterion.logits(f).float().cpu())
-        labels.append(y.cpu())
+    parts = [(f.float().cpu(), z.float().cpu(), y.cpu()) for f, z, y in
+             forward_split(model, criterion, split, mean=mean, std=std, device=device, batch_size=batch_size)]
+    feats, logits, labels = zip(*parts)
     return torch.cat(feats), torch.cat(logits), torch.cat(labels)
 
 
 def class_directions(criterion) -> tuple[torch.Tensor | None, str]:
-    """The class vectors to draw and measure against: the anchors of an NCM model, else the
-    rows of the last linear layer (None if the criterion has neither)."""
-    if getattr(criterion, "uses_anchors", False):
-        return criterion.anchors.detach().float().cpu(), "anchors"
-    for name in ("fc", "weight"):
-        w = getattr(criterion, name, None)
-        w = getattr(w, "weight", w)
-        if isinstance(w, torch.Tensor) and w.ndim == 2:
-            return w.detach().float().cpu(), "class weight vectors"
-    return None, ""
+    """The class vectors to draw and measure against (``Criterion.class_vectors``), on the CPU."""
+    vectors, kind = criterion.class_vectors()
+    return (None, "") if vectors is None else (vectors.float().cpu(), kind)
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ncmcli.errors import NcmError, UsageError
+from ncmcli.runtime import distributed_run, pick_device, setup_distributed
 
 
 MAX_ANCHOR_CLASSES = 10_000  # the certificate compares all pairs: (C, C) float64 is 800 MB at the bound
@@ -37,7 +38,7 @@ def anchors_command(
     if out is not None:
         from safetensors.torch import save_file
 
-        from ncmcli.checkpoint import atomic_write
+        from ncmcli.runfiles import atomic_write
 
         meta = {"method": method, "seed": str(seed), "classes": str(classes), "dim": str(dim)}
         try:
@@ -61,79 +62,8 @@ class Reporter:
     def epoch_end(self, metrics: dict) -> None: ...
 
 
-def pick_device(name: str = "auto"):
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    bad = UsageError(f"unknown device {name[:80]!r}; use auto, cpu, cuda, cuda:N or mps")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise bad from None
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise bad
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but no CUDA GPU is available")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps was asked for, but MPS is not available")
-    return dev
-
-
 # ---------------------------------------------------------------------------------------
 # Commands
-
-def setup_distributed(device: str):
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPU)
-    and return (device, rank, world); otherwise (pick_device(device), 0, 1)."""
-    import os
-
-    import torch
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return pick_device(device), 0, 1
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(dev)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-    return dev, rank, world
-
-
-def teardown_distributed(ok: bool) -> None:
-    """Leave the process group, so that gloo/NCCL threads end before the interpreter does.
-    After success the ranks meet at a barrier first; after a failure they do not (the others
-    may be blocked in a collective, and torchrun stops them when this rank exits)."""
-    import torch
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        try:
-            if ok:
-                torch.distributed.barrier()  # no rank tears down while another still talks to it
-        finally:
-            torch.distributed.destroy_process_group()
-
-
-def _distributed_run(fn):
-    """Run ``fn()`` and leave the process group afterwards, however it ends."""
-    try:
-        result = fn()
-    except BaseException:
-        teardown_distributed(ok=False)
-        raise
-    teardown_distributed(ok=True)
-    return result
-
 
 def _check_resume_integrity(run_dir: Path, cfg, config_text: str) -> None:
     """The checkpoint is the truth: refuse a ``last`` whose config differs from config.yaml
@@ -209,7 +139,7 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
 
     def run() -> dict:
         if overrides and rank == 0:
-            from ncmcli.checkpoint import atomic_write_text
+            from ncmcli.runfiles import atomic_write_text
 
             from ncmcli.checkpoint import RUN_ID_PREFIX, run_id_of_config
 
@@ -219,7 +149,7 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
         return train(cfg, run_dir=run_dir, device=dev, resume=True, stop=stop,
                      reporter=reporter if rank == 0 else Reporter())
 
-    return _distributed_run(lambda: _locked(run_dir, rank, run))
+    return distributed_run(lambda: _locked(run_dir, rank, run))
 
 
 def _locked(run_dir: Path, rank: int, fn):
@@ -240,7 +170,8 @@ def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | 
     import shutil
 
     from ncmcli.runfiles import FolderLock
-    from ncmcli.training import prepare_run_dir, train
+    from ncmcli.runfiles import prepare_run_dir
+    from ncmcli.training import train
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and out is None:
         raise UsageError("under torchrun, give the run folder with --out (every rank must agree on it)")
@@ -259,7 +190,7 @@ def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | 
         else:  # other ranks write nothing
             run_dir, created, reporter = Path(out), False, Reporter()
         try:
-            return _distributed_run(lambda: train(cfg, run_dir=run_dir, device=dev, reporter=reporter,
+            return distributed_run(lambda: train(cfg, run_dir=run_dir, device=dev, reporter=reporter,
                                                   preset=preset, overrides=overrides, stop=stop))
         except BaseException:
             # A run that fails before its first checkpoint (missing data, bad anchors) leaves
@@ -270,41 +201,14 @@ def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | 
             raise
 
 
-def resolve_checkpoint(target: Path) -> Path:
-    """A checkpoint file, or a run folder meaning its best.safetensors."""
-    from ncmcli.errors import CheckpointError
-
-    target = Path(target)
-    if target.is_dir():
-        for name in ("best.safetensors", "last.safetensors"):
-            if (target / name).is_file():
-                return target / name
-        raise CheckpointError(f"{target} holds no best.safetensors or last.safetensors")
-    if not target.exists():
-        raise UsageError(f"checkpoint not found: {target}")
-    return target
-
-
-def find_checkpoint(explicit: Path | None, env: dict, cwd: Path) -> tuple[Path, str]:
-    """(checkpoint, why): --checkpoint, else $NCM_CHECKPOINT, else the newest
-    runs/**/best.safetensors under the current folder."""
-    if explicit is not None:
-        return resolve_checkpoint(explicit), "--checkpoint"
-    if env.get("NCM_CHECKPOINT"):
-        return resolve_checkpoint(Path(env["NCM_CHECKPOINT"])), "$NCM_CHECKPOINT"
-    found = sorted((cwd / "runs").glob("**/best.safetensors"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise UsageError("no checkpoint: pass --checkpoint, set $NCM_CHECKPOINT, or train one into ./runs")
-    return found[-1], "the newest under ./runs"
-
-
 def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, top_k: int = 3,
                     reject_above: float | None = None, batch_size: int = 256) -> dict:
     """Top-k classes for each image; unreadable files are reported, the rest go on."""
     import torch
 
     from ncmcli import checkpoint
-    from ncmcli.batching import normalize
+    from ncmcli.batching import Split
+    from ncmcli.forward import forward_split
     from ncmcli.images import IMAGE_SUFFIXES, load_image
 
     if top_k < 1:
@@ -346,13 +250,14 @@ def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, t
             tensors.append(t)
         if not tensors:
             continue
-        x = normalize(torch.stack(tensors).to(dev), ck.mean, ck.std)
+        chunk = Split(torch.stack(tensors), torch.zeros(len(tensors), dtype=torch.int64))
+        ((feats, logits, _),) = forward_split(ck.model, ck.criterion, chunk.to(dev), mean=ck.mean, std=ck.std,
+                                              device=dev, batch_size=len(tensors))
+        probs = torch.softmax(logits, 1)
         with torch.no_grad():
-            feats = ck.model(x)
-            probs = torch.softmax(ck.criterion.logits(feats), 1)
             dist = ck.criterion.distances(feats).min(1).values if ck.criterion.uses_anchors else None
         top_p, top_i = probs.topk(k, 1)
-        for row in range(len(x)):
+        for row in range(len(tensors)):
             rec = results[good[row]]
             rec["top"] = [{"class": ck.classes[i], "prob": round(p, 6)}
                           for p, i in zip(top_p[row].tolist(), top_i[row].tolist())]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ncmcli.engine import pick_device, resolve_checkpoint
+from ncmcli.runfiles import resolve_checkpoint
+from ncmcli.runtime import pick_device
 from ncmcli.errors import UsageError
 
 
@@ -34,7 +35,8 @@ def _ood_images(source: str, ck, data_root: str | None, limit: int):
     converted to the checkpoint's channels and size."""
     import torch
 
-    from ncmcli.config import DATASETS, DataConfig
+    from ncmcli.config import DataConfig
+    from ncmcli.registry import DATASETS
     from ncmcli.data import load_dataset
     from ncmcli.images import IMAGE_SUFFIXES, load_image
 
@@ -65,7 +67,7 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
 
     from ncmcli import checkpoint, diagnostics
     from ncmcli.batching import Split
-    from ncmcli.training import evaluate
+    from ncmcli.forward import evaluate
 
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
@@ -136,7 +138,7 @@ def plot_command(kind: str, target: Path | list[Path], *, out: Path | None, fmt:
 
     from ncmcli import checkpoint, diagnostics, plots
     from ncmcli.data import load_dataset
-    from ncmcli.training import evaluate
+    from ncmcli.forward import evaluate
 
     plots._pyplot()  # fail early, with the install hint, before any work
     if kind == "curves":
@@ -171,7 +173,7 @@ def plot_command(kind: str, target: Path | list[Path], *, out: Path | None, fmt:
     feats, _, labels = diagnostics.extract(ck.model, ck.criterion, s.to(dev), mean=ck.mean, std=ck.std, device=dev)
     directions, direction_kind = diagnostics.class_directions(ck.criterion)
     if kind == "features":
-        metric = getattr(ck.criterion, "metric", None)
+        metric = ck.criterion.metric
         return plots.features(feats, labels, directions, direction_kind, ck.classes, metric=metric,
                               title=f"{name} ({split})", out=_plot_out(out, path.parent, f"features-{split}", fmt))
     if kind == "angles":

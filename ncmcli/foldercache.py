@@ -60,7 +60,7 @@ def load_cached(root: Path, split: str, files: list[Path], labels: torch.Tensor,
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
 
-    from ncmcli.checkpoint import atomic_write
+    from ncmcli.runfiles import atomic_write
 
     key = content_key(root, files, channels, size)
     path = cache_path(root, split, channels, size)

@@ -11,14 +11,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ncmcli import registry
 from ncmcli.distances import DISTANCES, get_distance
+from ncmcli.errors import ConfigError
 
 
 class Criterion(nn.Module):
-    """Common interface. Learnable parameters (if any) are ordinary module parameters."""
+    """The interface every criterion implements; training, evaluation, plots and checkpoints
+    use nothing else. Learnable parameters (if any) are ordinary module parameters.
+
+    - ``logits(f)``: (B, D) features -> (B, C) scores; ``forward(f, y)``: the mean loss;
+      ``predict(f)``: (B,) classes.
+    - ``uses_anchors``, ``anchors`` ((C, D) buffer or None), ``metric`` (the distance name or
+      None) and ``distances(f)`` ((B, C); only for anchor models).
+    - ``class_vectors()``: ((C, D) vectors, what they are) to draw and measure against: the
+      anchors of an NCM model, the class weight rows of a linear head; (None, "") if neither.
+    - ``loss_floor()``: the lowest mean loss reachable (the plateau rule's reference).
+    """
 
     #: Whether ``logits`` is ``-scale * distance`` to fixed anchors (nearest-anchor models).
     uses_anchors = False
+    metric: str | None = None
+
+    def __init__(self):
+        super().__init__()
+        # None for heads without anchors; NCMLoss registers the (C, D) anchors here.
+        self.register_buffer("anchors", None, persistent=False)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, C)
         raise NotImplementedError
@@ -29,6 +47,15 @@ class Criterion(nn.Module):
     def predict(self, features: torch.Tensor) -> torch.Tensor:  # (B,)
         return self.logits(features).argmax(1)
 
+    def distances(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no anchors to measure distances to")
+
+    def class_vectors(self) -> tuple[torch.Tensor | None, str]:
+        fc = getattr(self, "fc", None)  # the linear heads (SoftMax, Hinge, Center) name it fc
+        if isinstance(fc, nn.Linear):
+            return fc.weight.detach(), "class weight vectors"
+        return None, ""
+
     def loss_floor(self) -> float:
         """The lowest mean loss this criterion can reach: 0 for heads that can scale their
         logits freely; above 0 for NCM losses with fixed unit anchors. The plateau rule
@@ -36,7 +63,7 @@ class Criterion(nn.Module):
         return 0.0
 
 
-def _fp32(x: torch.Tensor) -> torch.Tensor:
+def fp32(x: torch.Tensor) -> torch.Tensor:
     # Distances and losses run in at least float32 even under bf16/fp16 autocast; float64
     # stays float64 so the reference tests see full precision.
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -55,9 +82,9 @@ class NCMLoss(Criterion):
     def __init__(self, anchors: torch.Tensor, metric: str = "euclidean", scale: float = 1.0):
         super().__init__()
         if anchors.ndim != 2 or anchors.shape[0] < 2:
-            raise ValueError(f"anchors must be (C >= 2, D), got {tuple(anchors.shape)}")
+            raise ConfigError(f"anchors must be (C >= 2, D), got {tuple(anchors.shape)}")
         if not scale > 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
+            raise ConfigError(f"scale must be > 0, got {scale}")
         self.metric = metric
         self.scale = float(scale)
         self.distance = get_distance(metric)
@@ -69,7 +96,7 @@ class NCMLoss(Criterion):
         return self.anchors.shape[0]
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
-        features = _fp32(features)  # (B, D)
+        features = fp32(features)  # (B, D)
         return self.distance(features, self.anchors.to(features.dtype))  # (B, C)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -77,6 +104,9 @@ class NCMLoss(Criterion):
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         return self.distances(features).argmin(1)  # nearest anchor
+
+    def class_vectors(self) -> tuple[torch.Tensor, str]:
+        return self.anchors.detach(), "anchors"
 
     def loss_floor(self) -> float:
         from ncmcli.anchors import loss_floor
@@ -97,34 +127,28 @@ class SoftmaxLoss(Criterion):
         self.fc = nn.Linear(dim, num_classes)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(_fp32(features))  # (B, C)
+        return self.fc(fp32(features))  # (B, C)
 
 
-NCM_METRICS = {"encm": "euclidean", "cncm": "cosine", "sqncm": "sqeuclidean"}
-LOSSES = ["softmax", *NCM_METRICS, "hinge", "lsoftmax", "center"]
+NCM_METRICS = registry.NCM_LOSSES  # loss name -> distance, for the losses with anchors
 assert set(NCM_METRICS.values()) <= set(DISTANCES)
 
 
+def build_ncm(loss_cfg, *, anchors: torch.Tensor | None, dim: int, num_classes: int) -> NCMLoss:
+    if anchors is None or tuple(anchors.shape) != (num_classes, dim):
+        raise ConfigError(f"{loss_cfg.name} needs anchors of shape ({num_classes}, {dim})")
+    return NCMLoss(anchors, metric=NCM_METRICS[loss_cfg.name], scale=loss_cfg.scale)
+
+
+def build_softmax(loss_cfg, *, anchors=None, dim: int, num_classes: int) -> SoftmaxLoss:
+    return SoftmaxLoss(dim, num_classes)
+
+
 def build_criterion(loss_cfg, *, anchors: torch.Tensor | None, dim: int, num_classes: int) -> Criterion:
-    """The criterion for a ``loss`` config section (``loss.name`` and its options); NCM
-    losses need ``anchors`` of shape (C, dim)."""
-    from ncmcli import baselines
-
-    name = loss_cfg.name
-    if name in NCM_METRICS:
-        if anchors is None or tuple(anchors.shape) != (num_classes, dim):
-            raise ValueError(f"{name} needs anchors of shape ({num_classes}, {dim})")
-        return NCMLoss(anchors, metric=NCM_METRICS[name], scale=loss_cfg.scale)
-    if name == "softmax":
-        return SoftmaxLoss(dim, num_classes)
-    if name == "hinge":
-        return baselines.HingeLoss(dim, num_classes, form=loss_cfg.hinge_form)
-    if name == "lsoftmax":
-        return baselines.LSoftmaxLoss(dim, num_classes, loss_cfg.margin, base=loss_cfg.lambda_base,
-                                      gamma=loss_cfg.lambda_gamma, power=loss_cfg.lambda_power,
-                                      lambda_min=loss_cfg.lambda_min)
-    if name == "center":
-        return baselines.CenterLoss(dim, num_classes, weight=loss_cfg.center_weight, alpha=loss_cfg.center_alpha)
-    from ncmcli.errors import ConfigError
-
-    raise ConfigError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
+    """The criterion for a ``loss`` config section, through the registry (``ncmcli.registry``);
+    NCM losses need ``anchors`` of shape (C, dim)."""
+    entry = registry.LOSSES.get(loss_cfg.name)
+    if entry is None:
+        raise ConfigError(f"unknown loss {loss_cfg.name!r}; choose one of: {', '.join(registry.LOSSES)}"
+                          + registry.suggest(loss_cfg.name, registry.LOSSES))
+    return entry.build(loss_cfg, anchors=anchors, dim=dim, num_classes=num_classes)

@@ -9,36 +9,14 @@ al.'s released L-Softmax models (ip1 -> BN -> ReLU).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from ncmcli.errors import ConfigError
+from ncmcli.netspecs import ARCHS, NetSpec
+from ncmcli.registry import DROPOUT_RANGE, HEADS
 
 
-@dataclass(frozen=True)
-class NetSpec:
-    stages: tuple[tuple[int, int], ...]  # (channels, convs) for Conv0..Conv3
-    feature_dim: int
-    summary: str
-
-
-# Table 1 of Hao et al., plus CPU-sized nets of the same shape with fewer channels.
-ARCHS: dict[str, NetSpec] = {
-    "mnist2d": NetSpec(((64, 1), (64, 3), (64, 3), (64, 3)), 2, "paper MNIST net, 2-D features"),
-    "mnist": NetSpec(((64, 1), (64, 3), (64, 3), (64, 3)), 256, "paper MNIST net"),
-    "cifar10": NetSpec(((64, 1), (64, 4), (96, 4), (128, 4)), 256, "paper CIFAR-10 net"),
-    "cifar100": NetSpec(((96, 1), (96, 4), (192, 4), (384, 4)), 512, "paper CIFAR-100 net"),
-    # Table 1's CIFAR-10 layout (13 convs, FC 256) at a quarter of the width: a full CIFAR-10
-    # epoch in under 90 s on 2 CPU cores (BENCHMARKS.md).
-    "cifar10-cpu": NetSpec(((16, 1), (16, 4), (24, 4), (32, 4)), 256, "paper CIFAR-10 layout, quarter width"),
-    "small": NetSpec(((32, 1), (32, 1), (64, 1), (64, 1)), 64, "CPU-sized net, same shape"),
-    "small2d": NetSpec(((32, 1), (32, 2), (64, 2), (64, 2)), 2, "CPU-sized net, 2-D features"),
-    "tiny": NetSpec(((16, 1), (16, 1), (32, 1), (32, 1)), 32, "quickstart net"),
-}
-
-HEADS = ("linear", "linear-bn-relu")
 _POOL_AFTER = {1, 2, 3}
 _DROPOUT_AFTER = {1, 2}
 
@@ -60,7 +38,7 @@ class FeatureNet(nn.Module):
         super().__init__()
         if head not in HEADS:
             raise ConfigError(f"unknown model.head {head!r}; choose one of: {', '.join(HEADS)}")
-        if not 0.0 <= dropout < 1.0:
+        if not DROPOUT_RANGE[0] <= dropout < DROPOUT_RANGE[1]:
             raise ConfigError(f"model.dropout must be in [0, 1), got {dropout}")
         if in_channels < 1 or image_size < 8:
             raise ConfigError(f"input must have >= 1 channel and size >= 8, got {in_channels}x{image_size}")

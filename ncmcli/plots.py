@@ -38,7 +38,7 @@ def _colors(n: int):
 
 
 def _save(fig, out: Path) -> Path:
-    from ncmcli.checkpoint import atomic_write
+    from ncmcli.runfiles import atomic_write
 
     out = Path(out)
     fmt = out.suffix.lstrip(".").lower()

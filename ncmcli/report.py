@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from ncmcli import registry
 from ncmcli.config import from_dict, load_yaml_text
 from ncmcli.errors import NcmError, UsageError
 
@@ -66,9 +67,7 @@ class Cell:
 
 
 def method_label(loss) -> str:
-    return {"softmax": "SoftMax", "encm": "E-NCM", "cncm": "C-NCM", "sqncm": "sq-NCM", "center": "Center",
-            "hinge": "Hinge" if loss.hinge_form == "ova" else "Hinge (WW)",
-            "lsoftmax": f"L-Softmax m={loss.margin}"}[loss.name]
+    return registry.loss_label(loss)
 
 
 def dataset_label(data) -> str:
@@ -77,8 +76,7 @@ def dataset_label(data) -> str:
     if data.name == "folder" and data.root:
         # Your own folder is not the paper's data set, even when it holds CIFAR-10 images.
         return f"folder {Path(data.root).name}" + ("+" if data.augment else "")
-    return {"fashion-mnist": "Fashion-MNIST", "quickstart": "quickstart", "folder": "folder"}.get(
-        data.name, data.name) + ("+" if data.augment else "")
+    return registry.DATASETS[data.name].label + ("+" if data.augment else "")
 
 
 def find_runs(paths: list[Path]) -> list[Path]:

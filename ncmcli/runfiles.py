@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import tempfile
+import time
 from pathlib import Path
 from typing import Callable
+
+from ncmcli.errors import CheckpointError, UsageError
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -77,6 +83,12 @@ class FolderLock:
             self.fh = None
 
 
+def append_metrics(path: Path, metrics: dict) -> None:
+    """One line per epoch; a crash mid-line leaves a partial line that ``read_metrics`` skips."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(metrics) + "\n")
+
+
 def read_metrics(path: Path, note: Callable[[str], None] | None = None) -> list[dict]:
     """metrics.jsonl as a list of epochs; a blank or partial line (left by a crash mid-write)
     is skipped, with a note, rather than failing the run or the plot."""
@@ -93,3 +105,109 @@ def read_metrics(path: Path, note: Callable[[str], None] | None = None) -> list[
             if note is not None:
                 note(f"note: skipped line {n} of {path} (blank or partial)")
     return out
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write via ``write(tmp)`` to a temp file in the same folder, fsync, then rename, so a
+    crash at any moment leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
+        pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def prepare_run_dir(out: Path | None, runs_root: Path, name: str, force: bool) -> tuple[Path, bool]:
+    """A fresh run folder, checked writable before any training starts. Unique even for
+    runs started in the same second: a random suffix, created with exist_ok=False."""
+    if out is not None:
+        run_dir = Path(out)
+        created = not run_dir.exists()
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UsageError(f"--out {run_dir} exists and is not a folder")
+        if run_dir.is_dir():
+            has_run = holds_run(run_dir)
+            if has_run and not force:
+                raise UsageError(f"{run_dir} already holds a run; use another --out, or --force to overwrite it")
+            if not has_run and any(foreign_entries(run_dir)):
+                raise UsageError(f"--out {run_dir} is a non-empty folder that is not a run folder; "
+                                 "give a new or empty folder")
+            if has_run:
+                clear_run(run_dir)  # --force: no old metrics lines or checkpoints mix in
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create output folder {run_dir} ({exc.strerror})") from None
+    else:
+        created = True
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name).lstrip(".") or "run"
+        for _ in range(100):
+            run_dir = Path(runs_root) / f"{safe}-{stamp}-{secrets.token_hex(3)}"
+            try:
+                run_dir.mkdir(parents=True, exist_ok=False)
+                break
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise UsageError(f"cannot create run folder under {runs_root} ({exc.strerror})") from None
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"output folder {run_dir} is not writable ({exc.strerror})") from None
+    return run_dir, created
+
+
+def resolve_checkpoint(target: Path) -> Path:
+    """A checkpoint file, or a run folder meaning its best.safetensors."""
+    target = Path(target)
+    if target.is_dir():
+        for name in ("best.safetensors", "last.safetensors"):
+            if (target / name).is_file():
+                return target / name
+        raise CheckpointError(f"{target} holds no best.safetensors or last.safetensors")
+    if not target.exists():
+        raise UsageError(f"checkpoint not found: {target}")
+    return target
+
+
+def find_checkpoint(explicit: Path | None, env: dict, cwd: Path) -> tuple[Path, str]:
+    """(checkpoint, why): --checkpoint, else $NCM_CHECKPOINT, else the newest
+    runs/**/best.safetensors under the current folder."""
+    if explicit is not None:
+        return resolve_checkpoint(explicit), "--checkpoint"
+    if env.get("NCM_CHECKPOINT"):
+        return resolve_checkpoint(Path(env["NCM_CHECKPOINT"])), "$NCM_CHECKPOINT"
+    found = sorted((cwd / "runs").glob("**/best.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UsageError("no checkpoint: pass --checkpoint, set $NCM_CHECKPOINT, or train one into ./runs")
+    return found[-1], "the newest under ./runs"

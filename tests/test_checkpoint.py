@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ncmcli import checkpoint
+from ncmcli import checkpoint, runfiles
 from ncmcli.config import resolve
 from ncmcli.errors import CheckpointError
 from ncmcli.training import build_from_config
@@ -87,7 +87,7 @@ def _rewrite(path, out, *, drop=None, reshape=None, meta_update=None):
     ({"meta_update": {"classes": json.dumps(["a", "b"])}}, "anchors has shape"),
     ({"meta_update": {"input_shape": "[1, 99999999, 28]"}}, "input_shape"),
     ({"meta_update": {"input_shape": "[-1, 28, 28]"}}, "input_shape"),
-    ({"meta_update": {"config": json.dumps({"model": {"feature_dim": 10**9}})}}, "above 65536"),
+    ({"meta_update": {"config": json.dumps({"model": {"feature_dim": 10**9}})}}, "feature_dim must be in"),
     ({"meta_update": {"config": json.dumps({"loss": {"name": "evil"}})}}, "invalid config"),
     ({"meta_update": {"format_version": "99"}}, "version"),
 ])
@@ -107,14 +107,14 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        checkpoint.atomic_write(target, boom)
+        runfiles.atomic_write(target, boom)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
 
 def test_atomic_write_gives_the_usual_permissions(tmp_path):
     mask = os.umask(0o022)
     try:
-        checkpoint.atomic_write_text(tmp_path / "a.txt", "x")
+        runfiles.atomic_write_text(tmp_path / "a.txt", "x")
     finally:
         os.umask(mask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644

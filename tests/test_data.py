@@ -77,8 +77,11 @@ def test_image_folder(tmp_path):
     ds = load_dataset(DataConfig(name="folder", root=str(tmp_path), image_size=16, channels=1))
     assert ds.classes == ["cat", "dog", "eel"]
     assert ds.train.images.shape == (9, 1, 16, 16) and ds.test.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    rgb = load_dataset(DataConfig(name="folder", root=str(tmp_path)))
+    rgb = load_dataset(DataConfig(name="folder", root=str(tmp_path), image_size=32))
     assert rgb.input_shape == (3, 32, 32)
+    # image_size 0: the side suits the images (median shorter side 12, rounded to 8 -> 16).
+    auto = load_dataset(DataConfig(name="folder", root=str(tmp_path)))
+    assert auto.input_shape == (3, 16, 16) and any("16x16" in n for n in auto.notes)
 
 
 def test_image_folder_errors(tmp_path):
@@ -173,4 +176,4 @@ def test_auto_loader_follows_the_memory_budget(tmp_path):
     small = load_dataset(DataConfig(name="folder", root=str(tmp_path), loader="auto", memory_budget_gb=1.0))
     tiny_budget = load_dataset(DataConfig(name="folder", root=str(tmp_path), loader="auto", memory_budget_gb=1e-9))
     assert isinstance(small.train, Split) and isinstance(tiny_budget.train, FileSplit)
-    assert tiny_budget.input_shape == (3, 32, 32)
+    assert tiny_budget.input_shape == (3, 8, 8)  # the images' own side (image_size 0)

@@ -59,13 +59,13 @@ def test_autocast_runs_the_net_in_bf16_and_the_loss_in_fp32():
     import torch
 
     from ncmcli.config import resolve
-    from ncmcli.training import _Step, build_from_config, resolve_precision
+    from ncmcli.training import TrainStep, build_from_config, resolve_precision
 
     assert resolve_precision("auto", torch.device("cpu")) is None  # fp32 on the CPU
     assert resolve_precision("fp16", torch.device("cpu")) == torch.float16
     cfg = resolve("quickstart")
     model, _, crit = build_from_config(cfg, 10, (1, 28, 28))
-    step = _Step(model, crit, torch.bfloat16, torch.channels_last)
+    step = TrainStep(model, crit, torch.bfloat16, torch.channels_last)
     loss, feats = step(torch.randn(4, 1, 28, 28), torch.arange(4))
     assert feats.dtype == torch.bfloat16 and loss.dtype == torch.float32
     assert crit.logits(feats).dtype == torch.float32

@@ -8,7 +8,7 @@ import torch
 
 from ncmcli import config as C
 from ncmcli.baselines import LSoftmaxLoss
-from ncmcli.training import PlateauOnExcess, make_scheduler
+from ncmcli.schedules import PlateauOnExcess, make_scheduler
 
 
 def _optimizer(lr=0.1):

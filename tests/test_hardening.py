@@ -312,18 +312,18 @@ def test_no_unexpected_errors_for_inputs_a_user_can_give(tmp_path):
 
 
 def test_eval_honours_the_batch_size(tmp_path, monkeypatch):
-    from ncmcli import evaluation, training
+    from ncmcli import evaluation, forward
     from ncmcli.data import FASHION_CLASSES
 
     ck = _save(tmp_path, classes=list(FASHION_CLASSES))
     seen = []
-    real = training.evaluate
+    real = forward.evaluate
 
     def spy(*a, **k):
         seen.append(k["batch_size"])
         return real(*a, **k)
 
-    monkeypatch.setattr(training, "evaluate", spy)
+    monkeypatch.setattr(forward, "evaluate", spy)
     evaluation.eval_command(ck, data_root=None, device="cpu", limit=100, batch_size=16)
     evaluation.eval_command(ck, data_root=None, device="cpu", limit=100)
     assert seen == [16, resolve("quickstart").train.eval_batch_size]

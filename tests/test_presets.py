@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from ncmcli.config import list_presets, resolve, to_yaml
-from ncmcli.training import build_from_config, make_optimizer
+from ncmcli.schedules import make_optimizer
+from ncmcli.training import build_from_config
 
 SHAPES = {"mnist": (1, 28), "fashion-mnist": (1, 28), "quickstart": (1, 28), "cifar10": (3, 32),
           "cifar100": (3, 32), "folder": (3, 32)}

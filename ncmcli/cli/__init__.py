@@ -201,7 +201,9 @@ def predict(
     """Classify images with a checkpoint (preprocessing comes from the checkpoint)."""
     from ncmcli import engine
 
-    path, why = engine.find_checkpoint(checkpoint, dict(os.environ), Path.cwd())
+    from ncmcli.runfiles import find_checkpoint
+
+    path, why = find_checkpoint(checkpoint, dict(os.environ), Path.cwd())
     if why != "--checkpoint":
         err.print(f"using {show(str(path))} ({show(why)})")
     res = engine.predict_command(inputs, checkpoint_path=path, device=device, top_k=top_k, reject_above=reject_above,

@@ -1,0 +1,61 @@
+"""One forward pass over a split: the single loop that evaluation, diagnostics, plots and
+``predict`` all use to run a model over data."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ncmcli.batching import batches
+from ncmcli.runtime import dist_info
+
+
+def forward_split(model, criterion, split, *, mean, std, device, batch_size: int,
+                  shard: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(features, logits, labels) per batch of ``split``, in order, without gradients and
+    with the model and criterion in eval mode (no dropout, no centre updates, no L-Softmax
+    schedule steps). ``shard`` keeps this rank's rows ``[rank::world]`` under DDP."""
+    rank, world = dist_info()
+    if shard and world > 1:
+        split = split.shard(rank, world)
+    model.eval()
+    criterion.eval()
+    with torch.no_grad():
+        for x, y in batches(split, batch_size, mean=mean, std=std, device=device):
+            feats = model(x)
+            yield feats, criterion.logits(feats), y
+
+
+def evaluate(model, criterion, split, *, mean, std, device, batch_size: int, num_classes: int,
+             keep_outputs: bool = False) -> dict:
+    """Loss, accuracy and the confusion matrix of ``split``, summed on the device. Under DDP
+    each rank takes the rows ``[rank::world]`` and the sums are all-reduced: exact counts,
+    no padded duplicates. ``keep_outputs`` also returns the features, logits and labels (on
+    the CPU) for diagnostics, from the same single pass."""
+    world = dist_info()[1]
+    full_n = len(split)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    kept: list[tuple] = []
+    for feats, logits, y in forward_split(model, criterion, split, mean=mean, std=std, device=device,
+                                          batch_size=batch_size, shard=True):
+        with torch.no_grad():
+            loss_sum += criterion(feats, y).double() * len(y)  # the training loss (L-Softmax: with its margin)
+            pred = criterion.predict(feats)
+        confusion += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+        if keep_outputs:
+            kept.append((feats.float().cpu(), logits.float().cpu(), y.cpu()))
+    if world > 1:
+        torch.distributed.all_reduce(loss_sum)
+        torch.distributed.all_reduce(confusion)
+    n = full_n
+    conf = confusion.cpu()
+    correct = int(conf.diag().sum())
+    # A class without test images has no accuracy (None, shown as n/a), not 0.
+    per_class = [int(hit) / int(total) if total else None for hit, total in zip(conf.diag(), conf.sum(1))]
+    out = {"loss": loss_sum.item() / n, "accuracy": correct / n, "error_pct": 100.0 * (1 - correct / n),
+           "n": n, "per_class_accuracy": per_class, "confusion": conf.tolist()}
+    if keep_outputs:
+        out["features"], out["logits"], out["labels"] = (torch.cat(parts) for parts in zip(*kept))
+    return out

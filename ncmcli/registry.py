@@ -1,0 +1,85 @@
+"""Every name a user can type, in one place: losses, anchor methods, nets, data sets.
+
+Each family is a table of name -> entry (its display label and, where there is code, the
+builder as a ``"module:function"`` string). Config validation, "did you mean" hints, report
+labels and the README's tables are all read from these tables (a test checks that they
+agree), and the builders are imported only when used, so this module imports no torch and
+``ncm --help`` stays instant.
+
+To add a loss: write its criterion and a ``build_*`` function taking
+``(loss_cfg, *, anchors, dim, num_classes)``, then add one line to ``LOSSES``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Entry:
+    label: str  # what reports and docs show
+    builder: str = ""  # "module:function", imported on first use
+    metric: str = ""  # losses: the anchor distance for NCM losses ("" = no anchors)
+
+    def build(self, *args, **kwargs):
+        module, func = self.builder.split(":")
+        return getattr(importlib.import_module(module), func)(*args, **kwargs)
+
+
+# -- Losses (criteria). Labels may use the loss config's fields, e.g. {margin}.
+LOSSES: dict[str, Entry] = {
+    "softmax": Entry("SoftMax", "ncmcli.losses:build_softmax"),
+    "encm": Entry("E-NCM", "ncmcli.losses:build_ncm", metric="euclidean"),
+    "cncm": Entry("C-NCM", "ncmcli.losses:build_ncm", metric="cosine"),
+    "sqncm": Entry("sq-NCM", "ncmcli.losses:build_ncm", metric="sqeuclidean"),
+    "hinge": Entry("{hinge_label}", "ncmcli.baselines:build_hinge"),
+    "lsoftmax": Entry("L-Softmax m={margin}", "ncmcli.baselines:build_lsoftmax"),
+    "center": Entry("Center", "ncmcli.baselines:build_center"),
+}
+HINGE_FORMS: dict[str, Entry] = {
+    "ova": Entry("Hinge"),  # Caffe's one-vs-all L1 HingeLoss: the paper's cited rows
+    "weston-watkins": Entry("Hinge (WW)"),  # torch.nn.MultiMarginLoss
+}
+LSOFTMAX_MARGINS = (1, 2, 3, 4)
+NCM_LOSSES = {name: e.metric for name, e in LOSSES.items() if e.metric}
+
+# -- Anchor methods (ncmcli.anchors implements each; files are accepted besides these).
+ANCHOR_METHODS: dict[str, Entry] = {
+    "orthogonal": Entry("e_1..e_C, the paper's default"),
+    "polar": Entry("the paper's angle meshgrid"),
+    "simplex": Entry("regular simplex"),
+    "orthoplex": Entry("±e_i"),
+    "optimized": Entry("numerically maximised minimum angle"),
+    "random": Entry("normalised Gaussian rows"),
+    "auto": Entry("simplex, orthoplex or optimized, by C and d"),
+}
+ANCHOR_FILE_SUFFIXES = (".safetensors", ".csv")
+
+# -- Data sets: the report's label (CIFAR-10 with augment is the paper's "CIFAR-10+").
+DATASETS: dict[str, Entry] = {
+    "quickstart": Entry("quickstart"),
+    "mnist": Entry("MNIST"),
+    "fashion-mnist": Entry("Fashion-MNIST"),
+    "cifar10": Entry("CIFAR-10"),
+    "cifar100": Entry("CIFAR-100"),
+    "folder": Entry("folder"),
+}
+
+# -- Feature heads and dropout: one definition for config and models alike.
+HEADS = ("linear", "linear-bn-relu")
+DROPOUT_RANGE = (0.0, 1.0)  # [low, high)
+
+
+def loss_label(loss_cfg) -> str:
+    """The report's name for a loss config, e.g. "L-Softmax m=2" or "Hinge (WW)"."""
+    entry = LOSSES[loss_cfg.name]
+    return entry.label.format(margin=loss_cfg.margin, hinge_label=HINGE_FORMS[loss_cfg.hinge_form].label)
+
+
+def suggest(name: str, choices) -> str:
+    """' (did you mean 'x'?)' for a close match, else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name)[:200], list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
