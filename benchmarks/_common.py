@@ -1,18 +1,65 @@
-"""Helpers shared by the benchmark scripts (not part of the package)."""
+"""Helpers shared by the benchmark scripts (not part of the package): one timing helper, one
+way to take a training step (the product's own ``TrainStep``), and ``--dry-run`` sizes."""
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fake-data writers
+from ncmcli.config import resolve
+from ncmcli.schedules import make_optimizer
+from ncmcli.training import TrainStep, build_from_config
 
-from ncmcli.config import resolve  # noqa: E402
-from ncmcli.schedules import make_optimizer  # noqa: E402
-from ncmcli.training import build_from_config  # noqa: E402
+
+def parse(description: str, **extra) -> argparse.Namespace:
+    """Every benchmark takes --dry-run: tiny sizes, to prove it runs (a test does so)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--dry-run", action="store_true", help="tiny sizes; the numbers mean nothing")
+    for flag, (kind, default, text) in extra.items():
+        ap.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=default, help=text)
+    return ap.parse_args()
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, *, reps: int, warmup: int = 1, device="cpu") -> float:
+    """Seconds per call of ``fn``, after ``warmup`` calls, synchronising a GPU around the clock."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / reps
+
+
+class Trainer:
+    """One training step exactly as ``ncm train`` takes it: ``TrainStep`` (net under autocast,
+    criterion in fp32), backward, SGD step."""
+
+    def __init__(self, preset: str, overrides: list[str], shape, classes: int, *, device="cpu",
+                 amp: torch.dtype | None = None, memory_format=torch.contiguous_format, compile: bool = False):
+        self.cfg = resolve(preset, overrides)
+        torch.manual_seed(0)
+        self.model, _, self.crit = build_from_config(self.cfg, classes, shape)
+        self.model.to(device).to(memory_format=memory_format).train()
+        self.crit.to(device).train()
+        net = torch.compile(self.model) if compile else self.model
+        self.step_module = TrainStep(net, self.crit, amp, memory_format)
+        self.opt = make_optimizer(self.cfg, self.model, self.crit)
+
+    def step(self, x, y) -> torch.Tensor:
+        loss, _ = self.step_module(x, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss
 
 
 def forward_flops(model, shape) -> float:
@@ -32,7 +79,7 @@ def forward_flops(model, shape) -> float:
     was = model.training
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(1, *shape))
+        model(torch.zeros(1, *shape, device=next(model.parameters()).device))
     model.train(was)
     for h in hooks:
         h.remove()
@@ -41,24 +88,8 @@ def forward_flops(model, shape) -> float:
 
 def model_only_rate(preset: str, overrides: list[str], shape, classes: int, batch: int, steps: int,
                     device="cpu", warmup: int = 2) -> float:
-    """Images/s of forward + backward + SGD step on one fixed in-memory batch: the ceiling."""
-    cfg = resolve(preset, overrides)
-    torch.manual_seed(0)
-    model, _, crit = build_from_config(cfg, classes, shape)
-    model.to(device).train()
-    crit.to(device).train()
-    opt = make_optimizer(cfg, model, crit)
+    """Images/s of training steps on one fixed in-memory batch: the ceiling for a pipeline."""
+    trainer = Trainer(preset, overrides, shape, classes, device=device)
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
-    for i in range(warmup + steps):
-        if i == warmup:
-            if device != "cpu":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        loss = crit(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    if device != "cpu":
-        torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - t0)
+    return batch / timed(lambda: trainer.step(x, y), reps=steps, warmup=warmup, device=device)

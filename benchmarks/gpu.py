@@ -14,11 +14,8 @@ import time
 
 import torch
 
-from _common import forward_flops
-from ncmcli.config import resolve
+from _common import Trainer, forward_flops, sync
 from ncmcli.batching import Split, batches, channel_stats
-from ncmcli.schedules import make_optimizer
-from ncmcli.training import TrainStep, build_from_config
 
 NETS = [("mnist", "mnist-encm", (1, 28, 28), 10, 60000), ("cifar10", "cifar10plus-encm", (3, 32, 32), 10, 50000),
         ("cifar100", "cifar100-encm", (3, 32, 32), 100, 50000)]
@@ -41,16 +38,11 @@ def main() -> None:
         print("device: cpu (dry run: tiny sizes, the numbers mean nothing)")
     print(f"{'net':9} {'GFLOP/img':>9} {'img/s':>9} {'TFLOP/s':>8} {'of peak':>8} {'s/epoch':>8} {'90 epochs':>10}")
     for arch, preset, shape, classes, n_train in NETS:
-        cfg = resolve(preset)
-        torch.manual_seed(0)
-        model, _, crit = build_from_config(cfg, classes, shape)
-        flops = 3 * forward_flops(model, shape)  # forward + backward (about twice the forward)
-        model.to(dev).to(memory_format=torch.channels_last)
-        crit.to(dev)
-        net = torch.compile(model) if args.compile else model
         amp = torch.bfloat16 if dev.type == "cuda" else None
-        step = TrainStep(net, crit, amp, torch.channels_last)
-        opt = make_optimizer(cfg, model, crit)
+        tr = Trainer(preset, [], shape, classes, device=dev, amp=amp, memory_format=torch.channels_last,
+                     compile=args.compile)
+        cfg = tr.cfg
+        flops = 3 * forward_flops(tr.model, shape)  # forward + backward (about twice the forward)
         n = batch * (steps + 5)
         images = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, device=dev)
         split = Split(images, torch.randint(0, classes, (n,), device=dev))
@@ -59,15 +51,10 @@ def main() -> None:
         it = batches(split, batch, mean=mean, std=std, device=dev, generator=gen, augment_batches=cfg.data.augment)
         for i, (x, y) in enumerate(it):
             if i == 5:  # warm-up: cudnn autotuning, compilation
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
+                sync(dev)
                 t0 = time.perf_counter()
-            loss, _ = step(x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+            tr.step(x, y)
+        sync(dev)
         rate = steps * batch / (time.perf_counter() - t0)
         tflops = rate * flops / 1e12
         epoch_s = n_train / rate

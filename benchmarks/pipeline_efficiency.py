@@ -4,8 +4,8 @@ backward, step on one fixed in-memory batch) for the same net, batch and threads
     python benchmarks/pipeline_efficiency.py
 
 The end-to-end figure is the second epoch's images/s from metrics.jsonl (the first carries
-one-time warm-up), over data in the real on-disk formats: fake CIFAR-10 files (augmented, as
-CIFAR-10+), fake MNIST IDX files, and the embedded quickstart data.
+one-time warm-up), over data in real on-disk formats: a CIFAR-shaped image folder (augmented,
+as CIFAR-10+), MNIST IDX files, and the embedded quickstart data.
 """
 
 import json
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from _common import model_only_rate
-from helpers_data import make_cifar, make_mnist
+from _common import model_only_rate, parse
 from ncmcli.config import resolve
 from ncmcli.engine import Reporter
+from ncmcli.fakedata import make_folder, make_mnist
 from ncmcli.training import train
 
 CASES = [
@@ -29,27 +29,30 @@ CASES = [
 
 
 def main() -> None:
+    args = parse(__doc__.splitlines()[0])
     threads = torch.get_num_threads()
     print(f"threads: {threads}")
     print(f"{'case':34} {'ncm train img/s':>16} {'model-only img/s':>17} {'ratio':>7}")
     for name, preset, over, shape, classes, n in CASES:
+        if args.dry_run:
+            n, over = 64, over + ["model.arch=tiny"]
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             data = []
             if preset.startswith("cifar"):
-                make_cifar(tmp, "cifar10", per_batch=n // 5)
-                data = [f"data.root={tmp}", "data.download=false"]
+                make_folder(tmp / "cifar", classes=[f"c{i}" for i in range(10)], per_class=n // 10, size=(32, 32))
+                data = ["data.name=folder", f"data.root={tmp / 'cifar'}", "data.image_size=32", "data.cache=false"]
             elif preset.startswith("mnist"):
                 make_mnist(tmp, n_train=n, n_test=256)
                 data = [f"data.root={tmp}", "data.download=false"]
-            cfg = resolve(preset, over + data + ["train.epochs=2", f"data.limit_train={n}", "data.limit_test=256",
+            cfg = resolve(preset, over + data + ["train.epochs=2", f"data.limit_train={n}", "data.limit_test=64",
                                                  "optim.schedule=none"])
             run = tmp / "run"
             run.mkdir()
             train(cfg, run_dir=run, device=torch.device("cpu"), reporter=Reporter())
             e2e = json.loads((run / "metrics.jsonl").read_text().splitlines()[1])["images_per_s"]
         batch = cfg.train.batch_size
-        ceiling = model_only_rate(preset, over, shape, classes, batch, steps=max(3, n // batch))
+        ceiling = model_only_rate(preset, over, shape, classes, batch, steps=max(1 if args.dry_run else 3, n // batch))
         print(f"{name:34} {e2e:16.1f} {ceiling:17.1f} {e2e / ceiling:7.3f}")
 
 

@@ -20,10 +20,11 @@ def wall(cmd: list[str], runs: int = 7) -> float:
 
 
 def main() -> None:
-    base = wall([sys.executable, "-c", "pass"])
+    runs = 1 if "--dry-run" in sys.argv[1:] else 7
+    base = wall([sys.executable, "-c", "pass"], runs)
     print(f"python -c pass: {base:.3f} s")
     for args in (["--help"], ["presets"], ["train", "--help"]):
-        t = wall([sys.executable, "-m", "ncmcli", *args])
+        t = wall([sys.executable, "-m", "ncmcli", *args], runs)
         print(f"ncm {' '.join(args):14} {t:.3f} s   minus python: {t - base:.3f} s")
 
 

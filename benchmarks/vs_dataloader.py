@@ -11,12 +11,8 @@ import torch
 import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 
-from ncmcli.config import resolve
+from _common import Trainer, parse
 from ncmcli.batching import Split, batches, channel_stats
-from ncmcli.schedules import make_optimizer
-from ncmcli.training import build_from_config
-
-N, BATCH = 2048, 128
 
 
 class PilCifar(Dataset):
@@ -37,26 +33,21 @@ class PilCifar(Dataset):
 
 
 def rate(loader_fn, arch: str, epochs: int = 2) -> float:
-    cfg = resolve("cifar10plus-encm", [f"model.arch={arch}"])
-    torch.manual_seed(0)
-    model, _, crit = build_from_config(cfg, 10, (3, 32, 32))
-    opt = make_optimizer(cfg, model, crit)
-    model.train()
+    tr = Trainer("cifar10plus-encm", [f"model.arch={arch}"], (3, 32, 32), 10)
     t0 = seen = None
     for epoch in range(epochs):
         if epoch == 1:  # the first epoch warms up workers and allocators
             t0, seen = time.perf_counter(), 0
         for x, y in loader_fn():
-            loss = crit(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            tr.step(x, y)
             if seen is not None:
                 seen += len(y)
     return seen / (time.perf_counter() - t0)
 
 
 def main() -> None:
+    args = parse(__doc__.splitlines()[0])
+    N, BATCH = (64, 16) if args.dry_run else (2048, 128)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (N, 3, 32, 32), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 10, (N,), generator=g)
@@ -68,10 +59,11 @@ def main() -> None:
     ncm = lambda: batches(split, BATCH, mean=mean, std=std, device="cpu", generator=gen, augment_batches=True)  # noqa: E731
     print(f"threads: {torch.get_num_threads()}, {N} CIFAR-shaped images per epoch, batch {BATCH}")
     print(f"{'net':10} {'ncm img/s':>10} {'DL w=0':>8} {'DL w=2':>8} {'ratio w=0':>10} {'ratio w=2':>10}")
-    for arch in ("tiny", "cifar10"):
+    for arch in ("tiny",) if args.dry_run else ("tiny", "cifar10"):
         ours = rate(ncm, arch)
         w0 = rate(lambda: DataLoader(ds, BATCH, shuffle=True, num_workers=0), arch)
-        w2 = rate(lambda: DataLoader(ds, BATCH, shuffle=True, num_workers=2, persistent_workers=False), arch)
+        w2 = w0 if args.dry_run else rate(
+            lambda: DataLoader(ds, BATCH, shuffle=True, num_workers=2, persistent_workers=False), arch)
         print(f"{arch:10} {ours:10.1f} {w0:8.1f} {w2:8.1f} {ours / w0:10.2f} {ours / w2:10.2f}")
 
 

@@ -110,6 +110,7 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
 
     from ncmcli import config as cfgmod
     from ncmcli import trainstate
+    from ncmcli.presets import load_yaml_text
     from ncmcli.errors import CheckpointError
     from ncmcli.training import train
 
@@ -118,7 +119,7 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
         raise UsageError(f"{run_dir} is not a resumable run folder (needs config.yaml and last.safetensors)")
     config_text = (run_dir / "config.yaml").read_text(encoding="utf-8", errors="replace")
     try:
-        cfg = cfgmod.from_dict(cfgmod.load_yaml_text(config_text, str(run_dir / "config.yaml")) or {})
+        cfg = cfgmod.from_dict(load_yaml_text(config_text, str(run_dir / "config.yaml")) or {})
     except yaml.YAMLError:
         raise CheckpointError(f"{run_dir / 'config.yaml'} is not valid YAML") from None
     _check_resume_integrity(run_dir, cfg, config_text)

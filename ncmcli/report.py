@@ -1,4 +1,7 @@
-"""`ncm report`: aggregate run folders into tables shaped like the paper's Tables 2 and 3."""
+"""`ncm report`: aggregate run folders into tables shaped like the paper's Tables 2 and 3.
+
+This module is long because it holds the whole command: reading runs, grouping them by
+config, the paper's numbers, and the four output formats (table, md, csv, json)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from pathlib import Path
 import yaml
 
 from ncmcli import registry
-from ncmcli.config import from_dict, load_yaml_text
+from ncmcli.config import from_dict
+from ncmcli.presets import load_yaml_text
 from ncmcli.errors import NcmError, UsageError
 
 PAPER_FILE = Path(__file__).resolve().parent / "paper_results.json"

@@ -1,5 +1,8 @@
 """Training: one loop, visible top to bottom in ``train``, with the set-up, the resume and
-the result record as small helpers beside it."""
+the result record as small helpers beside it.
+
+This module is long because the loop is kept whole and visible in one function (STYLE.md),
+with the helpers it alone uses beside it rather than spread over modules."""
 
 from __future__ import annotations
 

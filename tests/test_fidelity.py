@@ -172,10 +172,12 @@ def test_flip_only_batches_mirror_or_keep_each_image():
 
 def test_changing_one_data_set_base_leaves_the_others_unchanged(tmp_path, monkeypatch):
     before = {name: C.to_yaml(C.resolve(name)) for name in C.list_presets()}
+    from ncmcli import presets
+
     copy = tmp_path / "presets"
     shutil.copytree(C.presets_dir(), copy)
-    monkeypatch.setattr(C, "presets_dir", lambda: copy)
-    C._read_yaml_cached.cache_clear()
+    monkeypatch.setattr(presets, "presets_dir", lambda: copy)
+    presets._read_yaml_cached.cache_clear()
     (copy / "_cifar100.yaml").write_text((copy / "_cifar100.yaml").read_text() + "train:\n  eval_batch_size: 7\n")
     after = {name: C.to_yaml(C.resolve(name)) for name in C.list_presets()}
     changed = sorted(n for n in before if before[n] != after[n])

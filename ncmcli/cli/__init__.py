@@ -75,7 +75,7 @@ def anchors(
 @app.command()
 def presets() -> None:
     """List the presets, each with its one-line description."""
-    from ncmcli.config import list_presets
+    from ncmcli.presets import list_presets
 
     items = list_presets()
     width = max(map(len, items), default=0)
@@ -99,6 +99,7 @@ def train(
 ) -> None:
     """Train a model; writes config.yaml, metrics.jsonl, best/last.safetensors, result.json."""
     from ncmcli import config as cfgmod
+    from ncmcli import presets as presets_mod
 
     if resume is not None and (preset or out or print_config or name):
         raise typer.BadParameter("--resume takes no --preset, --out, --name or --print-config: the run folder has them",
@@ -108,7 +109,7 @@ def train(
 
         raise UsageError("ncm train needs --preset NAME or --preset FILE.yaml, e.g. --preset quickstart "
                          "(offline, about a minute); 'ncm presets' lists them all")
-    cfg = None if resume is not None else cfgmod.resolve(preset, overrides)
+    cfg = None if resume is not None else presets_mod.resolve(preset, overrides)
     if print_config:
         sys.stdout.write(cfgmod.to_yaml(cfg))
         return

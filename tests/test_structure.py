@@ -1,0 +1,136 @@
+"""The shape of the package: imports flow one way, each name lives in one place, and the
+docs list what the registry holds."""
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from ncmcli import registry
+from ncmcli.config import ANCHOR_METHODS, ARCH_NAMES, DATASETS, HINGE_FORMS, LOSSES, SCHEMA
+
+REPO = Path(__file__).resolve().parents[1]
+PKG = REPO / "ncmcli"
+
+# cli -> commands -> {training, evaluation} -> {models, criteria, anchors, data, checkpoint, ...} -> config
+LAYERS = {
+    4: {"cli", "__main__"},
+    3: {"engine", "report"},
+    2: {"training", "evaluation"},
+    1: {"models", "losses", "baselines", "anchors", "distances", "data", "batching", "images", "foldercache",
+        "checkpoint", "trainstate", "runfiles", "runtime", "forward", "schedules", "diagnostics", "plots", "fakedata"},
+    0: {"config", "presets", "registry", "netspecs", "errors", "__init__"},
+}
+LAYER_OF = {name: level for level, names in LAYERS.items() for name in names}
+
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(PKG).with_suffix("").parts
+    return rel[0]
+
+
+def _imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ncmcli"):
+            parts = node.module.split(".")
+            if len(parts) == 1:  # from ncmcli import x
+                out |= {a.name for a in node.names if (PKG / f"{a.name}.py").exists() or (PKG / a.name).is_dir()}
+            else:
+                out.add(parts[1])
+        elif isinstance(node, ast.Import):
+            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("ncmcli.")}
+    return out
+
+
+def test_every_module_has_a_layer():
+    modules = {_module(p) for p in PKG.rglob("*.py")}
+    assert modules <= set(LAYER_OF), modules - set(LAYER_OF)
+
+
+def test_imports_never_go_upward():
+    upward = []
+    for path in PKG.rglob("*.py"):
+        me = _module(path)
+        for dep in _imports(path) - {me}:
+            if LAYER_OF[dep] > LAYER_OF[me]:
+                upward.append(f"{path.relative_to(REPO)} imports {dep}")
+    assert not upward, upward
+
+
+def test_no_import_cycle_between_losses_and_baselines():
+    assert "baselines" not in _imports(PKG / "losses.py")
+
+
+def test_config_registry_and_report_labels_agree():
+    from ncmcli.config import LossConfig
+    from ncmcli.netspecs import ARCHS
+    from ncmcli.report import METHOD_ORDER, dataset_label, method_label
+
+    assert LOSSES == tuple(registry.LOSSES) and HINGE_FORMS == tuple(registry.HINGE_FORMS)
+    assert ANCHOR_METHODS == tuple(registry.ANCHOR_METHODS) and DATASETS == tuple(registry.DATASETS)
+    assert ARCH_NAMES == tuple(ARCHS)
+    labels = set()
+    for name in registry.LOSSES:
+        for form in registry.HINGE_FORMS:
+            for m in registry.LSOFTMAX_MARGINS:
+                labels.add(method_label(LossConfig(name=name, hinge_form=form, margin=m)))
+    assert labels <= set(METHOD_ORDER), labels - set(METHOD_ORDER)
+    from ncmcli.config import DataConfig
+
+    assert {dataset_label(DataConfig(name=d)) for d in registry.DATASETS} == {e.label for e in registry.DATASETS.values()}
+
+
+def test_every_registered_loss_builds_through_the_registry():
+    import torch
+
+    from ncmcli.config import LossConfig
+    from ncmcli.losses import Criterion, build_criterion
+
+    anchors = torch.eye(3, 4)
+    for name, entry in registry.LOSSES.items():
+        crit = build_criterion(LossConfig(name=name), anchors=anchors if entry.metric else None, dim=4, num_classes=3)
+        assert isinstance(crit, Criterion) and crit.uses_anchors == bool(entry.metric)
+        f = torch.randn(5, 4, requires_grad=True)
+        crit(f, torch.tensor([0, 1, 2, 0, 1])).backward()
+        assert f.grad is not None and crit.logits(f).shape == (5, 3)
+        vectors, kind = crit.class_vectors()
+        assert vectors is not None and vectors.shape == (3, 4) and kind
+
+
+def test_readme_tables_list_every_registered_name():
+    text = (REPO / "README.md").read_text()
+    baselines = text[text.index("## Baselines"):text.index("## Speed")]
+    for name in registry.LOSSES:
+        assert f"`{name}`" in baselines, name
+    anchors = text[text.index("### `ncm anchors`"):text.index("## Presets")]
+    for name in registry.ANCHOR_METHODS:
+        assert f"| `{name}` |" in anchors, name
+    nets = text[text.index("## The nets"):text.index("## Development")]
+    for name in ARCH_NAMES:
+        assert re.search(rf"\| `{re.escape(name)}`", nets), name
+    for name in registry.DATASETS:
+        assert f"`{name}`" in text[text.index("| `data.name`"):], name
+    for key in SCHEMA:
+        assert f"`{key}`" in text, key
+
+
+def test_cli_start_up_imports_no_torch():
+    code = "import sys; import ncmcli.cli, ncmcli.config, ncmcli.registry; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_modules_stay_small_or_say_why():
+    for path in PKG.rglob("*.py"):
+        lines = path.read_text().splitlines()
+        if len(lines) > 330:
+            head = "\n".join(lines[:15]).lower()
+            assert "long because" in head, f"{path.name}: {len(lines)} lines and no reason at its top"
+
+
+def test_train_reads_at_a_glance():
+    text = (PKG / "training.py").read_text()
+    start = text.index("def train(")
+    end = text.index("\ndef ", start + 1)
+    assert len(text[start:end].splitlines()) <= 140
