@@ -60,6 +60,7 @@ class LSoftmaxLoss(Criterion):
         if margin not in registry.LSOFTMAX_MARGINS:
             raise ConfigError(f"L-Softmax margin must be one of {registry.LSOFTMAX_MARGINS}, got {margin}")
         self.margin = margin
+        self.label_smoothing = 0.0  # an extension, set by the builder
         self.base, self.gamma, self.power, self.lambda_min = base, gamma, power, lambda_min
         self.weight = nn.Parameter(torch.empty(num_classes, dim))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -101,7 +102,7 @@ class LSoftmaxLoss(Criterion):
         lam = self.current_lambda()
         if self.training:
             self.iteration += 1
-        return F.cross_entropy(self.margin_logits(features, targets, lam), targets)
+        return F.cross_entropy(self.margin_logits(features, targets, lam), targets, label_smoothing=self.label_smoothing)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, lambda={self.current_lambda():.4g}"
@@ -119,6 +120,7 @@ class CenterLoss(Criterion):
             raise ConfigError(f"center loss needs weight >= 0 and alpha in [0, 1], got {weight}, {alpha}")
         # ``lam``, not ``weight``: every criterion's ``weight`` would be a class-vector matrix.
         self.lam, self.alpha = weight, alpha
+        self.label_smoothing = 0.0  # an extension, set by the builder
         self.fc = nn.Linear(dim, num_classes)
         self.register_buffer("centers", torch.zeros(num_classes, dim))
 
@@ -129,7 +131,8 @@ class CenterLoss(Criterion):
         f = fp32(features)  # (B, D)
         centers = self.centers.to(f.dtype)  # (C, D)
         diff = f - centers[targets]  # (B, D)
-        loss = F.cross_entropy(self.logits(f), targets) + self.lam * 0.5 * diff.pow(2).sum(1).mean()
+        loss = (F.cross_entropy(self.logits(f), targets, label_smoothing=self.label_smoothing)
+                + self.lam * 0.5 * diff.pow(2).sum(1).mean())
         if self.training and self.alpha > 0:
             with torch.no_grad():
                 pull = torch.zeros_like(centers).index_add_(0, targets, -diff.detach())  # sum (c_j - x_i)
@@ -145,9 +148,13 @@ def build_hinge(loss_cfg, *, anchors=None, dim: int, num_classes: int) -> HingeL
 
 
 def build_lsoftmax(loss_cfg, *, anchors=None, dim: int, num_classes: int) -> LSoftmaxLoss:
-    return LSoftmaxLoss(dim, num_classes, loss_cfg.margin, base=loss_cfg.lambda_base, gamma=loss_cfg.lambda_gamma,
+    crit = LSoftmaxLoss(dim, num_classes, loss_cfg.margin, base=loss_cfg.lambda_base, gamma=loss_cfg.lambda_gamma,
                         power=loss_cfg.lambda_power, lambda_min=loss_cfg.lambda_min)
+    crit.label_smoothing = loss_cfg.label_smoothing
+    return crit
 
 
 def build_center(loss_cfg, *, anchors=None, dim: int, num_classes: int) -> CenterLoss:
-    return CenterLoss(dim, num_classes, weight=loss_cfg.center_weight, alpha=loss_cfg.center_alpha)
+    crit = CenterLoss(dim, num_classes, weight=loss_cfg.center_weight, alpha=loss_cfg.center_alpha)
+    crit.label_smoothing = loss_cfg.label_smoothing
+    return crit

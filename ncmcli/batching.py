@@ -48,6 +48,7 @@ class FileSplit:
     channels: int
     size: int
     workers: int = 2
+    resize: str = "crop"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -59,7 +60,8 @@ class FileSplit:
         return self if n <= 0 else self.subset(torch.arange(min(n, len(self))))
 
     def subset(self, idx: torch.Tensor) -> "FileSplit":
-        return FileSplit([self.files[i] for i in idx.tolist()], self.labels[idx], self.channels, self.size, self.workers)
+        return FileSplit([self.files[i] for i in idx.tolist()], self.labels[idx], self.channels, self.size,
+                         self.workers, self.resize)
 
     def shard(self, rank: int, world: int) -> "FileSplit":
         return self.subset(torch.arange(rank, len(self), world))
@@ -76,13 +78,13 @@ class FileSplit:
 
 class _Files(torch.utils.data.Dataset):
     def __init__(self, split: FileSplit):
-        self.files, self.channels, self.size = split.files, split.channels, split.size
+        self.files, self.channels, self.size, self.resize = split.files, split.channels, split.size, split.resize
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return load_image(self.files[i], self.channels, self.size)[0]
+        return load_image(self.files[i], self.channels, self.size, self.resize)[0]
 
 
 class _PlannedLoader:

@@ -28,6 +28,8 @@ LOSSES = tuple(registry.LOSSES)
 HINGE_FORMS = tuple(registry.HINGE_FORMS)
 ANCHOR_METHODS = tuple(registry.ANCHOR_METHODS)
 SCHEDULES = ("plateau", "multistep", "cosine", "none")
+OPTIMIZERS = ("sgd", "adamw")
+SMOOTHED_LOSSES = ("softmax", "center", "lsoftmax")
 MILESTONE_UNITS = ("epoch", "step")
 HEADS = registry.HEADS
 NORMALIZATIONS = ("global", "channel")
@@ -45,6 +47,7 @@ class DataConfig:
     normalization: str = "global"  # the paper's one mean and std over all pixels; channel = per RGB channel
     download: bool = True  # torchvision downloads into root; off = fail fast offline
     channels: int = 0  # folder only: 1 or 3; 0 = 3 (RGB), the common case for photos
+    resize: str = "crop"  # folder and predict: keep the aspect ratio (shorter side, centre crop) or squash
     image_size: int = 0  # folder only: square side in pixels; 0 = from the images (median shorter side, 8..64)
     limit_train: int = 0  # a stratified sample of N training images (0 = all): quick checks
     limit_test: int = 0  # likewise for the test split
@@ -89,6 +92,7 @@ class LossConfig:
     lambda_min: float = 0.0
     center_weight: float = 0.003  # center loss lambda: Wen et al.'s main setting
     center_alpha: float = 0.5  # center loss centre learning rate: Wen et al.'s setting
+    label_smoothing: float = 0.0  # softmax, center, lsoftmax: not part of the paper (0 = off)
 
 
 @dataclass(frozen=True)
@@ -105,9 +109,13 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    name: str = "sgd"  # the paper's SGD; adamw is an extension (decoupled weight decay)
     lr: float = 0.1  # the paper's initial learning rate
     momentum: float = 0.9  # the paper's SGD momentum
     weight_decay: float = 5e-4  # the paper's weight decay
+    nesterov: bool = False  # sgd: Nesterov momentum; not part of the paper
+    betas: str = "0.9,0.999"  # adamw: (beta1, beta2)
+    warmup_epochs: float = 0.0  # a linear ramp of the lr over this many epochs, in front of any schedule
     schedule: str = "plateau"  # the paper divides lr by 10 when the training loss plateaus
     # plateau: the improvement is measured on the training loss's excess over the
     # criterion's floor (NCM losses cannot reach 0), so every loss is cut by the same rule.
@@ -253,6 +261,18 @@ def _coerce_int_list(key: str, value: Any) -> tuple[int, ...]:
     return tuple(_coerce_as(key, v, int) for v in value)
 
 
+def parse_betas(text: str) -> tuple[float, float]:
+    b1, b2 = (float(v) for v in text.strip("()[] ").split(","))
+    return b1, b2
+
+
+def _betas_ok(text: str) -> bool:
+    try:
+        return all(0 <= b < 1 for b in parse_betas(text))
+    except ValueError:
+        return False
+
+
 def _check(cfg: Config) -> None:
     """Invariants that types alone cannot express."""
     def need(ok: bool, msg: str) -> None:
@@ -294,6 +314,14 @@ def _check(cfg: Config) -> None:
     need(cfg.optim.patience >= 0, f"optim.patience must be >= 0, got {cfg.optim.patience}")
     need(0.0 < cfg.optim.lr_factor < 1.0, f"optim.lr_factor must be in (0, 1), got {cfg.optim.lr_factor}")
     need(cfg.optim.min_lr >= 0, f"optim.min_lr must be >= 0, got {cfg.optim.min_lr}")
+    need(cfg.optim.name in OPTIMIZERS, f"optim.name: {quote(cfg.optim.name)} is not one of {', '.join(OPTIMIZERS)}")
+    need(not cfg.optim.nesterov or (cfg.optim.name == "sgd" and cfg.optim.momentum > 0),
+         "optim.nesterov needs optim.name=sgd and optim.momentum > 0")
+    need(cfg.optim.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {cfg.optim.warmup_epochs}")
+    need(_betas_ok(cfg.optim.betas), f"optim.betas must be two numbers in [0, 1) such as 0.9,0.999, got {quote(cfg.optim.betas)}")
+    need(0 <= cfg.loss.label_smoothing < 1, f"loss.label_smoothing must be in [0, 1), got {cfg.loss.label_smoothing}")
+    need(cfg.loss.label_smoothing == 0 or cfg.loss.name in SMOOTHED_LOSSES,
+         f"loss.label_smoothing applies to {', '.join(SMOOTHED_LOSSES)}, not {cfg.loss.name}")
     need(cfg.optim.max_drops >= 0, f"optim.max_drops must be >= 0, got {cfg.optim.max_drops}")
     need(0 <= cfg.optim.threshold < 1, f"optim.threshold must be in [0, 1), got {cfg.optim.threshold}")
     need(cfg.optim.milestone_unit in MILESTONE_UNITS,
@@ -303,6 +331,7 @@ def _check(cfg: Config) -> None:
     need(cfg.optim.schedule != "multistep" or cfg.optim.milestones,
          "optim.schedule=multistep needs optim.milestones, e.g. --set optim.milestones=30,60")
     need(cfg.model.head in HEADS, f"model.head: {quote(cfg.model.head)} is not one of {', '.join(HEADS)}")
+    need(cfg.data.resize in ("crop", "squash"), f"data.resize: {quote(cfg.data.resize)} is not one of crop, squash")
     need(cfg.data.normalization in NORMALIZATIONS,
          f"data.normalization: {quote(cfg.data.normalization)} is not one of {', '.join(NORMALIZATIONS)}")
     need(cfg.loss.scale > 0, f"loss.scale must be > 0, got {cfg.loss.scale}")

@@ -71,7 +71,7 @@ def load_dataset(data_cfg, *, train: bool = True) -> Dataset:
                               "test/<class>/ subfolders (e.g. --preset folder --set data.root=PATH)")
         ds = _folder(root, data_cfg.channels or 3, data_cfg.image_size, train,
                      loader=data_cfg.loader, budget_gb=data_cfg.memory_budget_gb, workers=data_cfg.workers,
-                     cache=data_cfg.cache)
+                     cache=data_cfg.cache, resize=data_cfg.resize)
     else:  # the config schema already refuses other names
         raise DataError(f"unknown dataset {name!r}")
     notes = list(ds.notes)
@@ -244,7 +244,7 @@ def _cifar(name: str, root: Path, download: bool, want_train: bool) -> Dataset:
 
 
 def _folder(root: Path, channels: int, size: int, want_train: bool, *, loader: str = "auto",
-            budget_gb: float = 4.0, workers: int = 2, cache: bool = True) -> Dataset:
+            budget_gb: float = 4.0, workers: int = 2, cache: bool = True, resize: str = "crop") -> Dataset:
     """root/train/<class>/* and root/test/<class>/*; class names are the folder names.
     Held in memory as uint8 (``loader: tensor``, or ``auto`` when the decoded images fit in
     ``budget_gb``), decoded once and cached (``foldercache``) unless ``cache`` is off; else
@@ -284,11 +284,11 @@ def _folder(root: Path, channels: int, size: int, want_train: bool, *, loader: s
     for split, (files, targets) in listed.items():
         in_memory = loader == "tensor" or (loader == "auto" and len(files) * channels * size * size <= budget_gb * 2**30)
         if in_memory and cache:
-            splits[split] = Split(load_cached(root, split, files, targets, channels, size, notes), targets)
+            splits[split] = Split(load_cached(root, split, files, targets, channels, size, notes, resize), targets)
         elif in_memory:
-            splits[split] = Split(torch.stack([load_image(f, channels, size)[0] for f in files]), targets)
+            splits[split] = Split(torch.stack([load_image(f, channels, size, resize)[0] for f in files]), targets)
         else:
-            splits[split] = FileSplit(files, targets, channels, size, workers)
+            splits[split] = FileSplit(files, targets, channels, size, workers, resize)
     return Dataset("folder", splits.get("train"), splits["test"], classes, notes)
 
 

@@ -84,3 +84,26 @@ def pca_2d(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[flo
     var = s.pow(2)
     ratio = (var[:2] / var.sum()).tolist()
     return mu, vh[:2].T, ratio
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Share of rows whose label is among the ``k`` largest logits."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices  # (N, k)
+    return (top == labels[:, None]).any(1).double().mean().item()
+
+
+def per_class_scores(confusion) -> tuple[list[dict], float]:
+    """Precision, recall, F1 and support per class from a (C, C) confusion matrix (rows:
+    true class, columns: predicted), and the macro-F1 over the classes that have images.
+    An undefined ratio (no predictions, no images) is None, not 0."""
+    conf = torch.as_tensor(confusion, dtype=torch.float64)
+    tp, predicted, support = conf.diag(), conf.sum(0), conf.sum(1)
+    rows, f1s = [], []
+    for c in range(len(conf)):
+        p = (tp[c] / predicted[c]).item() if predicted[c] > 0 else None
+        r = (tp[c] / support[c]).item() if support[c] > 0 else None
+        f1 = 0.0 if (p == 0 or r == 0) else (2 * p * r / (p + r) if p is not None and r is not None else None)
+        rows.append({"precision": p, "recall": r, "f1": f1, "n": int(support[c])})
+        if support[c] > 0:
+            f1s.append(f1 or 0.0)  # a class never predicted has F1 0
+    return rows, (sum(f1s) / len(f1s) if f1s else None)

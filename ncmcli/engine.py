@@ -203,7 +203,7 @@ def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | 
 
 
 def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, top_k: int = 3,
-                    reject_above: float | None = None, batch_size: int = 256) -> dict:
+                    reject_above: float | None = None, batch_size: int = 256, resize: str | None = None) -> dict:
     """Top-k classes for each image; unreadable files are reported, the rest go on."""
     import torch
 
@@ -216,6 +216,8 @@ def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, t
         raise UsageError(f"--top-k must be >= 1, got {top_k}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if resize not in (None, "crop", "squash"):
+        raise UsageError(f"--resize must be crop or squash, got {resize!r}")
     if reject_above is not None and not reject_above > 0:
         raise UsageError(f"--reject-above must be > 0, got {reject_above}")
     files: list[Path] = []
@@ -235,6 +237,7 @@ def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, t
     if reject_above is not None and not ck.criterion.uses_anchors:
         raise UsageError("--reject-above needs an anchor model (encm, cncm); this checkpoint has none")
     c, h, _ = ck.input_shape
+    resize = resize or ck.config.data.resize  # as the checkpoint's folder images were prepared
     results: list[dict] = []
     k = min(top_k, len(ck.classes))
     # Decoded one batch at a time: memory stays bounded however many files are given.
@@ -242,7 +245,7 @@ def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, t
         good, tensors = [], []
         for f in files[start:start + batch_size]:
             try:
-                t, resized = load_image(f, c, h)
+                t, resized = load_image(f, c, h, resize)
             except Exception as exc:  # ImageError: report it and go on with the rest
                 results.append({"path": str(f), "error": str(exc)})
                 continue
@@ -256,7 +259,8 @@ def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, t
                                               device=dev, batch_size=len(tensors))
         probs = torch.softmax(logits, 1)
         with torch.no_grad():
-            dist = ck.criterion.distances(feats).min(1).values if ck.criterion.uses_anchors else None
+            two = ck.criterion.distances(feats).topk(2, dim=1, largest=False).values if ck.criterion.uses_anchors else None
+        dist = None if two is None else two[:, 0]
         top_p, top_i = probs.topk(k, 1)
         for row in range(len(tensors)):
             rec = results[good[row]]
@@ -264,7 +268,10 @@ def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, t
                           for p, i in zip(top_p[row].tolist(), top_i[row].tolist())]
             rec["label"] = rec["top"][0]["class"]
             rec["nearest_anchor_distance"] = None if dist is None else round(dist[row].item(), 6)
+            # How much farther the second-nearest anchor is: the confidence that a flat
+            # scale-1 probability hides.
+            rec["second_anchor_margin"] = None if two is None else round((two[row, 1] - two[row, 0]).item(), 6)
             if reject_above is not None and dist[row].item() > reject_above:
                 rec["label"] = "unknown"  # farther than the threshold from every anchor
-    return {"checkpoint": str(checkpoint_path), "input_size": [c, h, h], "predictions": results,
+    return {"checkpoint": str(checkpoint_path), "input_size": [c, h, h], "resize": resize, "predictions": results,
             "failed": sum("error" in r for r in results)}

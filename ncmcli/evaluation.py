@@ -83,6 +83,7 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
                   batch_size=batch_size, num_classes=len(ck.classes), keep_outputs=True)
     feats, logits, labels = ev.pop("features"), ev.pop("logits"), ev.pop("labels")  # one pass, not two
     diag = {"ece_15_bins": diagnostics.expected_calibration_error(torch.softmax(logits, 1), labels)}
+    scores, macro_f1 = diagnostics.per_class_scores(ev["confusion"])
     has_anchors = ck.criterion.uses_anchors
     if has_anchors:
         with torch.no_grad():
@@ -94,6 +95,8 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
         "checkpoint": str(path), "dataset": data.name, "epoch": ck.epoch,
         "accuracy": ev["accuracy"], "error_pct": ev["error_pct"], "loss": ev["loss"], "n": ev["n"],
         "per_class_accuracy": dict(zip(ck.classes, ev["per_class_accuracy"])),
+        "top5_accuracy": diagnostics.topk_accuracy(logits, labels, 5) if len(ck.classes) > 5 else None,
+        "per_class": dict(zip(ck.classes, scores)), "macro_f1": macro_f1,
         "classes": ck.classes, "confusion": ev["confusion"], "diagnostics": diag,
     }
     if ood is not None:

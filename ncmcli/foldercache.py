@@ -19,7 +19,7 @@ import torch
 
 from ncmcli.images import load_image
 
-FORMAT = "ncm-folder-cache/1"
+FORMAT = "ncm-folder-cache/2"
 
 
 def cache_dir() -> Path:
@@ -30,31 +30,32 @@ def cache_dir() -> Path:
     return Path(base) / "ncm" / "folders"
 
 
-def content_key(root: Path, files: list[Path], channels: int, size: int) -> str:
+def content_key(root: Path, files: list[Path], channels: int, size: int, resize: str = "crop") -> str:
     """What the decoded tensor depends on: every file's path (relative to ``root``), byte size
     and modification time, and the decoding's channels and size."""
-    h = hashlib.sha256(f"{FORMAT}|{channels}|{size}|{len(files)}".encode())
+    h = hashlib.sha256(f"{FORMAT}|{channels}|{size}|{resize}|{len(files)}".encode())
     for f in files:
         st = f.stat()
         h.update(f"\0{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
 
-def cache_path(root: Path, split: str, channels: int, size: int) -> Path:
+def cache_path(root: Path, split: str, channels: int, size: int, resize: str = "crop") -> Path:
     where = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-    return cache_dir() / f"{where}-{split}-{channels}x{size}.safetensors"
+    return cache_dir() / f"{where}-{split}-{channels}x{size}-{resize}.safetensors"
 
 
-def decode_all(files: list[Path], channels: int, size: int, threads: int | None = None) -> torch.Tensor:
+def decode_all(files: list[Path], channels: int, size: int, threads: int | None = None,
+               resize: str = "crop") -> torch.Tensor:
     """(N, C, size, size) uint8. PIL releases the GIL while decoding, so threads help."""
     threads = threads or min(8, 2 * (os.cpu_count() or 1))
     with ThreadPoolExecutor(threads) as pool:
-        images = list(pool.map(lambda f: load_image(f, channels, size)[0], files, chunksize=256))
+        images = list(pool.map(lambda f: load_image(f, channels, size, resize)[0], files, chunksize=256))
     return torch.stack(images) if images else torch.zeros(0, channels, size, size, dtype=torch.uint8)
 
 
 def load_cached(root: Path, split: str, files: list[Path], labels: torch.Tensor, channels: int, size: int,
-                notes: list[str]) -> torch.Tensor:
+                notes: list[str], resize: str = "crop") -> torch.Tensor:
     """The decoded images of ``files``, from the cache when it matches the folder, else
     decoded now and cached. Cache problems never fail a run: they become ``notes``."""
     from safetensors import SafetensorError, safe_open
@@ -62,8 +63,8 @@ def load_cached(root: Path, split: str, files: list[Path], labels: torch.Tensor,
 
     from ncmcli.runfiles import atomic_write
 
-    key = content_key(root, files, channels, size)
-    path = cache_path(root, split, channels, size)
+    key = content_key(root, files, channels, size, resize)
+    path = cache_path(root, split, channels, size, resize)
     if path.exists():
         try:
             with safe_open(str(path), framework="pt") as fh:
@@ -79,7 +80,7 @@ def load_cached(root: Path, split: str, files: list[Path], labels: torch.Tensor,
         except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             notes.append(f"folder cache {path} is unreadable ({reason[:80]}); rebuilding it")
-    images = decode_all(files, channels, size)
+    images = decode_all(files, channels, size, resize=resize)
     meta = {"format": FORMAT, "key": key, "root": str(root.resolve()), "split": split,
             "files": str(len(files)), "labels_sha256": hashlib.sha256(labels.numpy().tobytes()).hexdigest()}
     try:

@@ -13,8 +13,13 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 MAX_IMAGE_PIXELS = 64_000_000
 
 
-def load_image(path: Path, channels: int, size: int) -> tuple[torch.Tensor, bool]:
-    """(C, size, size) uint8 from any PIL-readable file, and whether it was resized."""
+RESIZE_MODES = ("crop", "squash")
+
+
+def load_image(path: Path, channels: int, size: int, resize: str = "squash") -> tuple[torch.Tensor, bool]:
+    """(C, size, size) uint8 from any PIL-readable file, and whether it was resized.
+    ``resize="crop"`` keeps the aspect ratio (the shorter side to ``size``, then a centre
+    crop); ``"squash"`` stretches the whole image to the square."""
     import warnings
 
     from PIL import Image, ImageOps
@@ -43,7 +48,13 @@ def load_image(path: Path, channels: int, size: int) -> tuple[torch.Tensor, bool
                     im = Image.alpha_composite(bg, im)
                 im = im.convert("L" if channels == 1 else "RGB")
                 resized = im.size != (size, size)
-                if resized:
+                if resized and resize == "crop":
+                    scale = size / min(im.size)
+                    w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+                    im = im.resize((w, h), Image.BILINEAR)
+                    left, top = (w - size) // 2, (h - size) // 2
+                    im = im.crop((left, top, left + size, top + size))
+                elif resized:
                     im = im.resize((size, size), Image.BILINEAR)
                 arr = np.asarray(im, dtype=np.uint8)
     except ImageError:

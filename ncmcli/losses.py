@@ -122,12 +122,16 @@ class SoftmaxLoss(Criterion):
     """The SoftMax baseline: Linear(d, C) + cross-entropy. For d = 2 this is the paper's
     extra FC layer with C outputs on top of the 2-D feature."""
 
-    def __init__(self, dim: int, num_classes: int):
+    def __init__(self, dim: int, num_classes: int, label_smoothing: float = 0.0):
         super().__init__()
         self.fc = nn.Linear(dim, num_classes)
+        self.label_smoothing = float(label_smoothing)  # an extension: 0 is the paper's SoftMax
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(fp32(features))  # (B, C)
+
+    def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(features), targets, label_smoothing=self.label_smoothing)
 
 
 NCM_METRICS = registry.NCM_LOSSES  # loss name -> distance, for the losses with anchors
@@ -141,7 +145,7 @@ def build_ncm(loss_cfg, *, anchors: torch.Tensor | None, dim: int, num_classes: 
 
 
 def build_softmax(loss_cfg, *, anchors=None, dim: int, num_classes: int) -> SoftmaxLoss:
-    return SoftmaxLoss(dim, num_classes)
+    return SoftmaxLoss(dim, num_classes, label_smoothing=loss_cfg.label_smoothing)
 
 
 def build_criterion(loss_cfg, *, anchors: torch.Tensor | None, dim: int, num_classes: int) -> Criterion:

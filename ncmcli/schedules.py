@@ -12,9 +12,43 @@ from ncmcli.config import Config
 
 
 def make_optimizer(cfg: Config, model, criterion) -> torch.optim.Optimizer:
+    """The paper's SGD (momentum, weight decay on every parameter), optionally with Nesterov
+    momentum; or AdamW. Neither option is part of the paper."""
+    from ncmcli.config import parse_betas
+
     params = list(model.parameters()) + list(criterion.parameters())
-    return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                           weight_decay=cfg.optim.weight_decay)
+    o = cfg.optim
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, betas=parse_betas(o.betas), weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+
+
+class Warmup:
+    """A linear ramp of the learning rate over the first ``steps`` steps, in front of any
+    schedule: for the optimiser step ``i`` (0-based) the lr is (i + 1) / steps of what the
+    schedule says. The schedule's own lr is put back after the step, so plateau cuts,
+    milestones and cosine are untouched and the logged lr is the schedule's."""
+
+    def __init__(self, optimizer, steps: int):
+        self.optimizer, self.steps = optimizer, int(steps)
+
+    def factor(self, step: int) -> float:
+        return 1.0 if step >= self.steps else (step + 1) / self.steps
+
+    def step(self, global_step: int, do_step) -> None:
+        """Run ``do_step()`` (the optimiser step) at the warmed-up lr of ``global_step``."""
+        f = self.factor(global_step)
+        if f == 1.0:
+            do_step()
+            return
+        saved = [g["lr"] for g in self.optimizer.param_groups]
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["lr"] * f
+        try:
+            do_step()
+        finally:
+            for g, lr in zip(self.optimizer.param_groups, saved):
+                g["lr"] = lr
 
 
 class PlateauOnExcess:

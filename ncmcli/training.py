@@ -22,7 +22,7 @@ from ncmcli.config import Config, to_yaml
 from ncmcli.errors import NcmError
 from ncmcli.forward import evaluate
 from ncmcli.runtime import dist_info
-from ncmcli.schedules import PlateauOnExcess, make_optimizer, make_scheduler
+from ncmcli.schedules import PlateauOnExcess, Warmup, make_optimizer, make_scheduler
 
 
 class TrainingDiverged(NcmError):
@@ -130,6 +130,7 @@ class Setup:
     test_split: object
     val_split: object | None
     steps_per_epoch: int
+    warmup: Warmup
     progress: trainstate.Progress = field(default_factory=trainstate.Progress)
     run_id: str | None = None
 
@@ -169,7 +170,8 @@ def build_run(cfg: Config, device: torch.device) -> Setup:
         per_step=per_step, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         gen=torch.Generator().manual_seed(cfg.seed),  # data order and augmentation draws
         mean=mean, std=std, train_split=train_split, test_split=data.test.to(device),
-        val_split=data.val.to(device) if data.val is not None else None, steps_per_epoch=steps_per_epoch)
+        val_split=data.val.to(device) if data.val is not None else None, steps_per_epoch=steps_per_epoch,
+        warmup=Warmup(optimizer, round(cfg.optim.warmup_epochs * steps_per_epoch)))
 
 
 def restore(run: Setup, run_dir: Path, device: torch.device) -> None:
@@ -306,7 +308,7 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
                     f"loss became {loss.item()} at epoch {epoch}, step {i} (global step {progress.global_step + 1}); "
                     f"try a lower learning rate than optim.lr={cfg.optim.lr:g}. "
                     f"Checkpoints from earlier epochs in {run_dir} are untouched")
-            run.scaler.step(optimizer)
+            run.warmup.step(progress.global_step, lambda: run.scaler.step(optimizer))
             run.scaler.update()
             if run.per_step:
                 scheduler.step()

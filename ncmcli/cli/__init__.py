@@ -168,12 +168,17 @@ def eval_(
 
     con = Console(soft_wrap=True)
     con.print(f"{show(res['checkpoint'])}  ({show(res['dataset'])}, epoch {res['epoch']}, {res['n']} test images)")
-    con.print(f"accuracy {res['accuracy']:.4f}   error {res['error_pct']:.2f}%   loss {res['loss']:.4f}")
+    top5 = f"   top-5 {res['top5_accuracy']:.4f}" if res.get("top5_accuracy") is not None else ""
+    macro = f"   macro-F1 {res['macro_f1']:.4f}" if res.get("macro_f1") is not None else ""
+    con.print(f"accuracy {res['accuracy']:.4f}{top5}   error {res['error_pct']:.2f}%   loss {res['loss']:.4f}{macro}")
     diag = res["diagnostics"]
     comp = diag.get("compactness", {}).get("per_class", {})
-    t = Table("class", "accuracy", *(["mean dist. to own anchor"] if comp else []))
+    t = Table("class", "n", "accuracy", "precision", "recall", "F1", *(["mean dist. to own anchor"] if comp else []))
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     for name, acc in res["per_class_accuracy"].items():
-        t.add_row(show(name), "n/a (no images)" if acc is None else f"{acc:.4f}",
+        sc = res["per_class"][name]
+        t.add_row(show(name), str(sc["n"]), "n/a (no images)" if acc is None else f"{acc:.4f}",
+                  fmt(sc["precision"]), fmt(sc["recall"]), fmt(sc["f1"]),
                   *([f"{comp[name]['mean']:.4f}"] if name in comp else []))
     con.print(t)
     con.print(f"calibration: ECE (15 bins) {diag['ece_15_bins']:.4f}")
@@ -197,6 +202,7 @@ def predict(
     reject_above: Optional[float] = typer.Option(None, "--reject-above", help="Label an image 'unknown' when it is farther than this from every anchor."),
     device: str = typer.Option("auto", "--device"),
     batch_size: int = typer.Option(256, "--batch-size", help="Images decoded and classified at a time (bounds memory)."),
+    resize: Optional[str] = typer.Option(None, "--resize", help="crop (keep the aspect ratio: shorter side, centre crop) or squash; default: the checkpoint's data.resize."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document."),
 ) -> None:
     """Classify images with a checkpoint (preprocessing comes from the checkpoint)."""
@@ -208,11 +214,13 @@ def predict(
     if why != "--checkpoint":
         err.print(f"using {show(str(path))} ({show(why)})")
     res = engine.predict_command(inputs, checkpoint_path=path, device=device, top_k=top_k, reject_above=reject_above,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, resize=resize)
     resized = sum(bool(r.get("resized")) for r in res["predictions"])
     if resized:
         c, h, w = res["input_size"]
-        err.print(f"note: {resized} image(s) resized to {h}x{w} ({'grayscale' if c == 1 else 'RGB'}), as the model expects")
+        how = "shorter side, centre crop" if res["resize"] == "crop" else "squashed"
+        err.print(f"note: {resized} image(s) resized to {h}x{w} ({how}; {'grayscale' if c == 1 else 'RGB'}), "
+                  "as the model expects")
     for r in res["predictions"]:
         if "error" in r:
             err.print(f"[red]error:[/red] {show(r['error'])}")
@@ -225,8 +233,9 @@ def predict(
             tops = "  ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"])
             if r["label"] == "unknown":
                 tops = "unknown  (" + tops + ")"
-            dist = r["nearest_anchor_distance"]
-            sys.stdout.write(f"{safe_text(r['path'])}\t{safe_text(tops)}" + (f"\tdist {dist:.4f}" if dist is not None else "") + "\n")
+            dist, margin = r["nearest_anchor_distance"], r.get("second_anchor_margin")
+            sys.stdout.write(f"{safe_text(r['path'])}\t{safe_text(tops)}"
+                             + (f"\tdist {dist:.4f}\tmargin {margin:.4f}" if dist is not None else "") + "\n")
     if res["failed"]:
         raise typer.Exit(1)
 

@@ -1,0 +1,132 @@
+"""Extensions beside the paper (issue 15): richer eval metrics, warmup, AdamW and Nesterov,
+label smoothing, and predict's distance margin and aspect-keeping resize."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ncmcli import diagnostics
+from ncmcli.config import ConfigError, resolve
+from ncmcli.schedules import Warmup, make_optimizer, make_scheduler
+
+
+def test_per_class_scores_against_a_hand_count():
+    # rows: true class, columns: predicted
+    confusion = [[5, 1, 0, 0],
+                 [2, 3, 1, 0],
+                 [0, 0, 4, 0],
+                 [0, 0, 0, 0]]  # class 3: no images, never predicted
+    rows, macro = diagnostics.per_class_scores(confusion)
+    # class 0: precision 5/7, recall 5/6; class 1: 3/4, 3/6; class 2: 4/5, 4/4
+    p = [5 / 7, 3 / 4, 4 / 5]
+    r = [5 / 6, 3 / 6, 4 / 4]
+    f1 = [2 * a * b / (a + b) for a, b in zip(p, r)]
+    for c in range(3):
+        assert rows[c]["precision"] == pytest.approx(p[c]) and rows[c]["recall"] == pytest.approx(r[c])
+        assert rows[c]["f1"] == pytest.approx(f1[c])
+    assert rows[3] == {"precision": None, "recall": None, "f1": None, "n": 0}
+    assert macro == pytest.approx(sum(f1) / 3)  # over the classes that have images
+
+
+def test_topk_against_a_hand_count():
+    logits = torch.tensor([[9.0, 8, 7, 6, 5, 4, 3],
+                           [1.0, 2, 3, 4, 5, 6, 7],
+                           [0.0, 0, 0, 0, 0, 9, 1]])
+    labels = torch.tensor([4, 0, 6])
+    # row 0: label 4 is 5th largest -> in top 5; row 1: label 0 is smallest -> not; row 2: 6 is 2nd -> in
+    assert diagnostics.topk_accuracy(logits, labels, 5) == pytest.approx(2 / 3)
+    assert diagnostics.topk_accuracy(logits, labels, 1) == 0.0
+
+
+def test_warmup_ramps_then_hands_over_to_the_schedule():
+    cfg = resolve("quickstart", ["optim.schedule=multistep", "optim.milestones=6", "optim.milestone_unit=step",
+                                 "optim.lr=0.1", "optim.warmup_epochs=0.4"])
+    opt = make_optimizer(cfg, torch.nn.Linear(2, 2), torch.nn.Identity())
+    sched, per_step = make_scheduler(cfg, opt, steps_per_epoch=10)
+    warm = Warmup(opt, round(cfg.optim.warmup_epochs * 10))
+    used = []
+    for step in range(8):
+        warm.step(step, lambda: (used.append(opt.param_groups[0]["lr"]), opt.step()))
+        sched.step()
+    assert used == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1, 0.01, 0.01])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)  # the schedule's lr, not the warmed one
+
+
+def test_adamw_and_nesterov():
+    model = torch.nn.Linear(3, 2)
+    adamw = make_optimizer(resolve("quickstart", ["optim.name=adamw", "optim.betas=0.8,0.99", "optim.lr=0.001"]),
+                           model, torch.nn.Identity())
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.8, 0.99)
+    sgd = make_optimizer(resolve("quickstart", ["optim.nesterov=true"]), model, torch.nn.Identity())
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] is True
+    with pytest.raises(ConfigError, match="nesterov"):
+        resolve("quickstart", ["optim.nesterov=true", "optim.name=adamw"])
+    with pytest.raises(ConfigError, match="betas"):
+        resolve("quickstart", ["optim.name=adamw", "optim.betas=0.9"])
+
+
+def test_label_smoothing_matches_the_formula_and_is_refused_for_ncm():
+    from ncmcli.training import build_from_config
+
+    cfg = resolve("quickstart-softmax", ["loss.label_smoothing=0.1"])
+    _, _, crit = build_from_config(cfg, 4, (1, 28, 28))
+    crit = crit.double()
+    f = torch.randn(6, 32, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    logp = F.log_softmax(crit.logits(f), 1)
+    eps, c = 0.1, 4
+    by_hand = -((1 - eps) * logp.gather(1, y[:, None]).squeeze(1) + eps / c * logp.sum(1)).mean()
+    assert crit(f, y).item() == pytest.approx(by_hand.item(), abs=1e-12)
+    with pytest.raises(ConfigError, match="label_smoothing applies to"):
+        resolve("quickstart", ["loss.label_smoothing=0.1"])
+
+
+def test_ncm_top_probability_is_bounded_as_the_readme_says():
+    from ncmcli import NCMLoss, make_anchors
+
+    a = make_anchors("orthogonal", 10, 16)
+    crit = NCMLoss(a)
+    on_anchor = torch.softmax(crit.logits(a), 1).max(1).values
+    bound = math.exp(math.sqrt(2)) / (math.exp(math.sqrt(2)) + 9)
+    assert on_anchor.max().item() == pytest.approx(bound, rel=1e-5) and bound < 0.33
+    far = torch.softmax(crit.logits(torch.randn(200, 16) * 5), 1).max(1).values
+    assert far.max().item() <= bound + 1e-6
+
+
+def test_crop_resize_keeps_the_aspect_ratio(tmp_path):
+    from PIL import Image
+
+    from ncmcli.images import load_image
+
+    im = Image.new("L", (40, 20), 0)
+    im.paste(255, (10, 0, 30, 20))  # a white square in the middle of a wide image
+    im.save(tmp_path / "wide.png")
+    crop, _ = load_image(tmp_path / "wide.png", 1, 10, "crop")
+    squash, _ = load_image(tmp_path / "wide.png", 1, 10, "squash")
+    assert crop.float().mean() > 240  # the centre crop is the white square
+    assert 100 < squash.float().mean() < 160  # squashing keeps the black sides
+
+
+def test_predict_reports_distance_and_margin(tmp_path):
+    from PIL import Image
+
+    from ncmcli import checkpoint, engine
+    from ncmcli.training import build_from_config
+
+    cfg = resolve("quickstart")
+    torch.manual_seed(0)
+    model, _, crit = build_from_config(cfg, 10, (1, 28, 28))
+    ck = tmp_path / "ck.safetensors"
+    checkpoint.save(ck, model=model, criterion=crit, config=cfg, classes=[f"c{i}" for i in range(10)],
+                    mean=[0.3], std=[0.2], input_shape=(1, 28, 28), epoch=1, metrics={})
+    Image.new("L", (56, 28), 200).save(tmp_path / "x.png")
+    res = engine.predict_command([tmp_path / "x.png"], checkpoint_path=ck, device="cpu")
+    rec = res["predictions"][0]
+    x = torch.full((1, 1, 28, 28), 200.0)
+    with torch.no_grad():
+        d = crit.distances(model.eval()((x - 0.3 * 255) / (0.2 * 255))).sort(1).values[0]
+    assert rec["nearest_anchor_distance"] == pytest.approx(d[0].item(), abs=1e-5)
+    assert rec["second_anchor_margin"] == pytest.approx((d[1] - d[0]).item(), abs=1e-5)
+    assert res["resize"] == "crop"
