@@ -130,3 +130,16 @@ def test_predict_reports_distance_and_margin(tmp_path):
     assert rec["nearest_anchor_distance"] == pytest.approx(d[0].item(), abs=1e-5)
     assert rec["second_anchor_margin"] == pytest.approx((d[1] - d[0]).item(), abs=1e-5)
     assert res["resize"] == "crop"
+
+
+def test_piped_progress_prints_periodic_lines_with_an_eta(ncm, tmp_path):
+    import re
+
+    proc = ncm("train", "--preset", "quickstart", "--set", "train.epochs=2", "--set", "data.limit_train=1500",
+               "--set", "data.limit_test=100", "--out", tmp_path / "r", "--log-every", "0.2")
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if re.match(r"epoch \d+/2 step \d+/\d+ .* ETA \d+:\d\d:\d\d$", ln)]
+    assert len(lines) >= 2, proc.stderr  # several lines within the run, not one per epoch
+    quiet = ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=300",
+                "--set", "data.limit_test=100", "--out", tmp_path / "q", "--log-every", "0.2", "--quiet")
+    assert "ETA" not in quiet.stderr

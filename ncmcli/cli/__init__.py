@@ -96,6 +96,7 @@ def train(
     name: Optional[str] = typer.Option(None, "--name", help="Prefix of the new run folder (default: the preset's name)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON document on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+    log_every: float = typer.Option(30.0, "--log-every", help="Without a terminal: a progress line every this many seconds."),
 ) -> None:
     """Train a model; writes config.yaml, metrics.jsonl, best/last.safetensors, result.json."""
     from ncmcli import config as cfgmod
@@ -117,7 +118,9 @@ def train(
 
     from ncmcli.training import Interrupted
 
-    reporter = RichReporter(quiet)
+    if not log_every > 0:
+        raise typer.BadParameter("must be > 0", param_hint="--log-every")
+    reporter = RichReporter(quiet, log_every=log_every)
     stop = StopOnSignal()
     try:
         with stop:

@@ -66,12 +66,20 @@ def render_certificate(cert: dict, console: Console) -> None:
 
 
 class RichReporter:
-    """Progress and messages on stderr; stdout stays free for data."""
+    """Progress and messages on stderr; stdout stays free for data. On a terminal: a live bar
+    with the epoch's ETA. Elsewhere (CI logs, ``2> file``): one plain line every
+    ``log_every`` seconds with epoch, step, loss, images/s and the run's ETA, so a long CPU
+    epoch is never minutes of silence."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool = False, log_every: float = 30.0, live: bool | None = None):
         self.quiet = quiet
+        self.live = err.is_terminal if live is None else live
+        self.log_every = log_every
         self.progress = None
         self.task = None
+        self.epoch = self.epochs = self.steps = 0
+        self.t_first = self.t_last_line = None
+        self.steps_done = 0
 
     def message(self, text: str) -> None:
         if not self.quiet:
@@ -82,24 +90,48 @@ class RichReporter:
             render_certificate(cert, err)
 
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
-        if self.quiet:
+        self.epoch, self.epochs, self.steps = epoch, epochs, steps
+        if self.quiet or not self.live:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
 
         if self.progress is None:
             self.progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=err, transient=True,
+                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=err, transient=True,
             )
             self.progress.start()
         if self.task is not None:
             self.progress.remove_task(self.task)
         self.task = self.progress.add_task(f"epoch {epoch}/{epochs}", total=steps, stats="")
 
+    def eta_s(self, step: int) -> float | None:
+        """Seconds left in the run at the pace of the steps so far (evaluation included)."""
+        import time
+
+        if self.t_first is None or self.steps_done < 2:
+            return None
+        per_step = (time.monotonic() - self.t_first) / (self.steps_done - 1)
+        left = (self.epochs - self.epoch) * self.steps + (self.steps - step)
+        return per_step * left
+
     def step(self, step, loss, acc, images_per_s) -> None:
+        import time
+
+        now = time.monotonic()
+        if self.t_first is None:
+            self.t_first = self.t_last_line = now
+        self.steps_done += 1
+        stats = f"loss {loss:.4f} acc {acc:.3f} {images_per_s:,.0f} img/s"
         if self.progress is not None:
-            self.progress.update(self.task, completed=step,
-                                 stats=f"loss {loss:.4f} acc {acc:.3f} {images_per_s:,.0f} img/s")
+            self.progress.update(self.task, completed=step, stats=stats)
+        elif not self.quiet and not self.live and now - self.t_last_line >= self.log_every:
+            self.t_last_line = now
+            eta = self.eta_s(step)
+            err.print(f"epoch {self.epoch}/{self.epochs} step {step}/{self.steps}  {stats}  "
+                      f"ETA {_clock(eta) if eta is not None else '?'}", soft_wrap=True)
 
     def epoch_end(self, m: dict) -> None:
         if not self.quiet:
@@ -114,6 +146,11 @@ class RichReporter:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 class StopOnSignal:
