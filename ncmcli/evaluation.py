@@ -152,7 +152,11 @@ def plot_command(kind: str, target: Path | list[Path], *, out: Path | None, fmt:
             if not found:
                 raise UsageError(f"no metrics.jsonl in {t}")
             runs += found
-        return plots.curves(runs, _plot_out(out, Path("."), "curves", fmt))
+        # Beside the run folder (one run), or in the runs' common parent folder (several).
+        import os
+
+        beside = runs[0] if len(runs) == 1 else Path(os.path.commonpath([str(r.resolve()) for r in runs]))
+        return plots.curves(runs, _plot_out(out, beside, "curves", fmt))
     if split not in ("train", "test"):
         raise UsageError(f"--split must be train or test, got {split!r}")
     path = resolve_checkpoint(target)

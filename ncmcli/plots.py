@@ -49,67 +49,125 @@ def _save(fig, out: Path) -> Path:
     return out
 
 
-def features(feats: torch.Tensor, labels: torch.Tensor, directions: torch.Tensor | None, direction_kind: str,
-             classes: list[str], *, metric: str | None, title: str, out: Path) -> Path:
-    """Figure 2: features coloured by class, each class vector drawn as a star on top."""
+def feature_layout(feats: torch.Tensor, directions: torch.Tensor | None, direction_kind: str, *,
+                   metric: str | None) -> dict:
+    """Where Figure 2 puts things: the features' 2-D coordinates (the features themselves for
+    d = 2, else a PCA), the class vectors' coordinates through the *same* map, the axis labels
+    and the caption lines."""
     from ncmcli.diagnostics import pca_2d
 
+    out: dict = {"caption": [], "title_suffix": ""}
+    if feats.shape[1] == 2:
+        def proj(a):
+            return a.double()
+
+        out["axes"] = ("feature 1", "feature 2")
+    else:
+        mu, comps, ratio = pca_2d(feats)
+
+        def proj(a):  # the same map for the features and the anchors
+            return (a.double() - mu) @ comps
+
+        out["axes"] = (f"PC 1 ({100 * ratio[0]:.1f}% var.)", f"PC 2 ({100 * ratio[1]:.1f}% var.)")
+        out["title_suffix"] = f" — PCA, {100 * sum(ratio):.1f}% of the variance"
+    out["xy"] = proj(feats)
+    out["stars"] = None
+    if directions is not None:
+        a = directions.double()
+        radius = feats.double().norm(dim=1).median().item()
+        if metric == "cosine" or direction_kind != "anchors":
+            # C-NCM ignores feature length (and softmax weights are not positions), so the unit
+            # vectors are drawn scaled to the median feature norm, as the paper drew C-NCM.
+            factor = radius / a.norm(dim=1).median().item()
+            a = a * factor
+            out["caption"].append(f"{direction_kind} drawn scaled ×{factor:.1f} (to the median feature norm)")
+        else:
+            ratio = radius / max(a.norm(dim=1).median().item(), 1e-12)
+            if ratio > 3 or ratio < 1 / 3:
+                out["caption"].append(f"{direction_kind} at their true positions: median feature norm "
+                                      f"{radius:.2f}, anchor norm {a.norm(dim=1).median():.2f}")
+        out["stars"] = proj(a)
+        out["caption"].append(f"stars: {direction_kind}, labelled by class")
+    return out
+
+
+def features(feats: torch.Tensor, labels: torch.Tensor, directions: torch.Tensor | None, direction_kind: str,
+             classes: list[str], *, metric: str | None, title: str, out: Path) -> Path:
+    """Figure 2: features coloured by class, each class vector drawn as a labelled star on top."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 7), dpi=120)
     colors = _colors(len(classes))
-    caption = []
-    if feats.shape[1] == 2:
-        xy, proj = feats.double(), (lambda a: a.double())
-        axes_label = ("feature 1", "feature 2")
-    else:
-        mu, comps, ratio = pca_2d(feats)
-        xy = (feats.double() - mu) @ comps
-        proj = lambda a: (a.double() - mu) @ comps  # noqa: E731 - the same map for the anchors
-        axes_label = (f"PC 1 ({100 * ratio[0]:.1f}% var.)", f"PC 2 ({100 * ratio[1]:.1f}% var.)")
-        title += f" — PCA, {100 * sum(ratio):.1f}% of the variance"
+    lay = feature_layout(feats, directions, direction_kind, metric=metric)
+    xy = lay["xy"]
     for c, name in enumerate(classes):
         m = labels == c
         ax.scatter(xy[m, 0], xy[m, 1], s=4, alpha=0.5, color=colors[c], label=name, rasterized=True)
-    if directions is not None:
-        a = directions.double()
-        if metric == "cosine" or direction_kind != "anchors":
-            # C-NCM ignores feature length (and softmax weights are not positions), so the
-            # unit vectors are scaled to the median feature norm to sit among the points.
-            radius = feats.double().norm(dim=1).median()
-            a = a / a.norm(dim=1, keepdim=True) * radius
-            caption.append(f"{direction_kind} scaled to the median feature norm ({radius:.2f})")
-        p = proj(a)
+    if lay["stars"] is not None:
+        p = lay["stars"]
         for c in range(len(classes)):
             ax.scatter(p[c, 0], p[c, 1], marker="*", s=320, color=colors[c], edgecolors="black",
                        linewidths=1.0, zorder=5)
-        caption.append(f"stars: {direction_kind}")
+            if len(classes) <= 20:
+                ax.annotate(classes[c], (p[c, 0].item(), p[c, 1].item()), xytext=(6, 6),
+                            textcoords="offset points", fontsize=7, zorder=6)
     ax.set_aspect("equal", adjustable="datalim")
-    ax.set_xlabel(axes_label[0])
-    ax.set_ylabel(axes_label[1])
-    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(lay["axes"][0])
+    ax.set_ylabel(lay["axes"][1])
+    ax.set_title(title + lay["title_suffix"], fontsize=10)
     if len(classes) <= 20:
         ax.legend(markerscale=3, fontsize=8, loc="best", framealpha=0.8)
-    if caption:
-        fig.text(0.01, 0.01, "; ".join(caption), fontsize=8)
+    if lay["caption"]:
+        fig.text(0.01, 0.01, "; ".join(lay["caption"]), fontsize=8)
     return _save(fig, out)
 
 
-def curves(runs: list[Path], out: Path) -> Path:
-    """Figure 3: training loss and test error per epoch; each NCM run's loss floor dashed."""
-    plt = _pyplot()
-    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120)
-    colors = _colors(max(len(runs), 1))
-    for color, run in zip(colors, runs):
-        from ncmcli.runfiles import METRICS, read_metrics
+def curve_labels(runs: list[Path]) -> list[str]:
+    """One legend label per run: only the config keys that vary across the runs (never the
+    data path), else the run folder's name."""
+    from ncmcli.presets import load_yaml_text
 
+    flats = []
+    for run in runs:
+        try:
+            tree = load_yaml_text((run / "config.yaml").read_text(encoding="utf-8"), str(run / "config.yaml"))
+        except (OSError, NcmError, ValueError):
+            tree = None
+        flats.append(_flatten_tree(tree) if isinstance(tree, dict) else {})
+    keys = sorted({k for f in flats for k in f} - {"description", "data.root"})
+    vary = [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
+    return [", ".join(f"{k.split('.')[-1]}={f.get(k)}" for k in vary) or run.name for run, f in zip(runs, flats)]
+
+
+def _flatten_tree(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten_tree(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def curves(runs: list[Path], out: Path) -> Path:
+    """Figure 3: training loss and test error per epoch; each NCM run's loss floor dashed.
+    The legend sits outside the axes and names only what differs between the runs."""
+    from matplotlib.ticker import MaxNLocator
+
+    from ncmcli.runfiles import METRICS, read_metrics
+
+    plt = _pyplot()
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
+    colors = _colors(max(len(runs), 1))
+    for color, run, label in zip(colors, runs, curve_labels(runs)):
         rows = read_metrics(run / METRICS)
         if not rows:
             raise NcmError(f"{run}/metrics.jsonl has no epochs yet")
-        label, floor = run.name, None
+        floor = None
         if (run / "result.json").is_file():
-            res = json.loads((run / "result.json").read_text())
-            label = " ".join(filter(None, [res.get("preset") or run.name, *res.get("overrides", [])]))
-            floor = res.get("loss_floor")
+            try:
+                floor = json.loads((run / "result.json").read_text()).get("loss_floor")
+            except ValueError:
+                floor = None
         epochs = [r["epoch"] for r in rows]
         ax_loss.plot(epochs, [r["train_loss"] for r in rows], color=color, label=label)
         ax_err.plot(epochs, [r["test_error_pct"] for r in rows], color=color, label=label)
@@ -119,7 +177,8 @@ def curves(runs: list[Path], out: Path) -> Path:
     ax_err.set(xlabel="epoch", ylabel="test error %", title="test error")
     for ax in (ax_loss, ax_err):
         ax.grid(alpha=0.3)
-    ax_err.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    ax_err.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
     return _save(fig, out)
 

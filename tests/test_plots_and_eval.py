@@ -21,7 +21,7 @@ def run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind,size", [("features", (840, 840)), ("confusion", (900, 720)),
-                                       ("angles", (840, 540)), ("curves", (1320, 540))])
+                                       ("angles", (840, 540)), ("curves", (1440, 540))])
 def test_each_plot_writes_a_valid_png_of_the_expected_size(run, tmp_path, kind, size):
     out = tmp_path / f"{kind}.png"
     proc = run_ncm("plot", kind, run, "--out", out)
@@ -72,3 +72,43 @@ def test_open_set_against_an_image_folder_and_rejection(run, tmp_path):
                               "--reject-above", "1e6").stdout)
     assert all(p["label"] != "unknown" for p in keep["predictions"])
     assert_clean_error(run_ncm("eval", run, "--ood", tmp_path / "nowhere"), 2, "neither a dataset")
+
+
+def test_curves_go_beside_the_run_and_name_only_what_varies(run, tmp_path):
+    from ncmcli.plots import curve_labels
+
+    proc = run_ncm("plot", "curves", run, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "curves.png").is_file() and not (tmp_path / "curves.png").exists()
+    other = tmp_path / "other"
+    assert run_ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=300",
+                   "--set", "data.limit_test=100", "--set", "optim.lr=0.01", "--out", other, "--quiet").returncode == 0
+    labels = curve_labels([run, other])
+    # the limits, lr and epochs differ between the two runs; nothing else is named
+    assert labels == ["limit_test=300, limit_train=1000, lr=0.05, epochs=2",
+                      "limit_test=100, limit_train=300, lr=0.01, epochs=1"]
+    assert curve_labels([run]) == [run.name]
+
+
+def test_anchors_land_at_their_projected_coordinates():
+    import torch
+
+    from ncmcli.plots import feature_layout
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(300, 6, generator=g, dtype=torch.float64) * torch.tensor([9.0, 5, 1, 1, 1, 1]) + 3.0
+    anchors = torch.eye(4, 6, dtype=torch.float64)
+    lay = feature_layout(feats, anchors, "anchors", metric="euclidean")
+    # The PCA by hand: centre, SVD, the two leading directions (up to sign).
+    mu = feats.mean(0)
+    _, _, vh = torch.linalg.svd(feats - mu, full_matrices=False)
+    comps = vh[:2].T
+    sign = torch.sign((lay["xy"][:5] * ((feats[:5] - mu) @ comps)).sum(0))
+    assert torch.allclose(lay["xy"], ((feats - mu) @ comps) * sign, atol=1e-9)
+    assert torch.allclose(lay["stars"], ((anchors - mu) @ comps) * sign, atol=1e-9)
+    assert any("true positions" in c for c in lay["caption"])  # feature norms far above 1: said
+    two_d = feature_layout(feats[:, :2], anchors[:2, :2] * 0 + torch.eye(2, dtype=torch.float64), "anchors",
+                           metric="euclidean")
+    assert torch.equal(two_d["stars"], torch.eye(2, dtype=torch.float64))  # d = 2: drawn where they are
+    cos = feature_layout(feats, anchors, "anchors", metric="cosine")
+    assert any("scaled ×" in c for c in cos["caption"])
