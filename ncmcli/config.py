@@ -105,6 +105,9 @@ class TrainConfig:
     precision: str = "auto"  # auto = bf16 autocast on CUDA that has it, fp32 elsewhere (CPU bf16 is slow)
     channels_last: str = "auto"  # auto = on CUDA (tensor-core friendly), off on CPU where it is slower
     compile: bool = False  # torch.compile the net: faster steps on GPU after a warm-up of minutes
+    # An exponential moving average of the weights (torch.optim.swa_utils), evaluated and
+    # checkpointed as the model when on; 0 = off, the paper's setting. Typical: 0.999.
+    ema_decay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -314,6 +317,7 @@ def _check(cfg: Config) -> None:
     need(cfg.optim.patience >= 0, f"optim.patience must be >= 0, got {cfg.optim.patience}")
     need(0.0 < cfg.optim.lr_factor < 1.0, f"optim.lr_factor must be in (0, 1), got {cfg.optim.lr_factor}")
     need(cfg.optim.min_lr >= 0, f"optim.min_lr must be >= 0, got {cfg.optim.min_lr}")
+    need(0 <= cfg.train.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {cfg.train.ema_decay}")
     need(cfg.optim.name in OPTIMIZERS, f"optim.name: {quote(cfg.optim.name)} is not one of {', '.join(OPTIMIZERS)}")
     need(not cfg.optim.nesterov or (cfg.optim.name == "sgd" and cfg.optim.momentum > 0),
          "optim.nesterov needs optim.name=sgd and optim.momentum > 0")

@@ -131,6 +131,7 @@ class Setup:
     val_split: object | None
     steps_per_epoch: int
     warmup: Warmup
+    ema: nn.Module | None = None  # swa_utils.AveragedModel of {"net", "crit"} when train.ema_decay > 0
     progress: trainstate.Progress = field(default_factory=trainstate.Progress)
     run_id: str | None = None
 
@@ -165,7 +166,15 @@ def build_run(cfg: Config, device: torch.device) -> Setup:
     steps_per_epoch = math.ceil(len(train_split) / cfg.train.batch_size)
     optimizer = make_optimizer(cfg, model, criterion)
     scheduler, per_step = make_scheduler(cfg, optimizer, steps_per_epoch, floor=criterion.loss_floor())
+    ema = None
+    if cfg.train.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        # Both halves: a SoftMax model's classifier lives in its criterion.
+        ema = AveragedModel(nn.ModuleDict({"net": model, "crit": criterion}),
+                            multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay))
     return Setup(
+        ema=ema,
         data=data, model=model, criterion=criterion, step=step, optimizer=optimizer, scheduler=scheduler,
         per_step=per_step, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         gen=torch.Generator().manual_seed(cfg.seed),  # data order and augmentation draws
@@ -174,13 +183,41 @@ def build_run(cfg: Config, device: torch.device) -> Setup:
         warmup=Warmup(optimizer, round(cfg.optim.warmup_epochs * steps_per_epoch)))
 
 
+def update_ema(run: Setup) -> None:
+    """One EMA step after an optimiser step: parameters averaged; buffers (BatchNorm
+    statistics, centres, counters) copied from the live model, as they are not weights."""
+    if run.ema is None:
+        return
+    live = nn.ModuleDict({"net": run.model, "crit": run.criterion})
+    run.ema.update_parameters(live)
+    for mine, theirs in zip(run.ema.module.buffers(), live.buffers()):
+        mine.copy_(theirs)
+
+
+def evaluated(run: Setup) -> tuple[nn.Module, nn.Module]:
+    """The model and criterion that are evaluated and checkpointed: the EMA when on."""
+    if run.ema is None:
+        return run.model, run.criterion
+    return run.ema.module["net"], run.ema.module["crit"]
+
+
 def restore(run: Setup, run_dir: Path, device: torch.device) -> None:
     """Put ``run`` back exactly where ``run_dir/last.safetensors`` stopped: weights, anchors,
-    optimiser, schedule, the data generator, the RNGs, the position in the epoch."""
+    optimiser, schedule, the data generator, the RNGs, the position in the epoch (and, with
+    EMA, the average and the live weights)."""
     last = checkpoint.load(run_dir / runfiles.LAST, device)
-    run.model.load_state_dict(last.model.state_dict())
-    run.criterion.load_state_dict(last.criterion.state_dict())
     state = trainstate.unpack(run_dir / runfiles.LAST)
+    if run.ema is not None:
+        ema_net, ema_crit = evaluated(run)
+        ema_net.load_state_dict(last.model.state_dict())
+        ema_crit.load_state_dict(last.criterion.state_dict())
+        run.ema.n_averaged.fill_(int(state.progress.global_step))
+        raw = {k: v.to(device) for k, v in state.raw.items()}
+        run.model.load_state_dict({k[6:]: v for k, v in raw.items() if k.startswith("model.")})
+        run.criterion.load_state_dict({k[10:]: v for k, v in raw.items() if k.startswith("criterion.")})
+    else:
+        run.model.load_state_dict(last.model.state_dict())
+        run.criterion.load_state_dict(last.criterion.state_dict())
     run.optimizer.load_state_dict(state.optimizer)
     trainstate.restore_scheduler(run.scheduler, state.scheduler)
     run.gen.set_state(state.data_rng)
@@ -273,15 +310,20 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
             return
         # On CUDA the loss is checked every 25 steps only, and a stop can fall between checks:
         # weights are checked before every save, so NaN never reaches a checkpoint.
-        check_finite(model, criterion, f"epoch {epoch} ({name} not written; earlier checkpoints are untouched)")
-        checkpoint.save(run_dir / name, model=model, criterion=criterion, config=cfg, classes=data.classes,
+        eval_model, eval_crit = evaluated(run)
+        for m, c in {(id(model), id(criterion)): (model, criterion), (id(eval_model), id(eval_crit)): (eval_model, eval_crit)}.values():
+            check_finite(m, c, f"epoch {epoch} ({name} not written; earlier checkpoints are untouched)")
+        checkpoint.save(run_dir / name, model=eval_model, criterion=eval_crit, config=cfg, classes=data.classes,
                         mean=run.mean, std=run.std, input_shape=data.input_shape, epoch=epoch, metrics=metrics,
                         extra=trainstate.pack(state) if state is not None else None, run_id=run.run_id)
 
     def snapshot(epoch_rng: torch.Tensor) -> trainstate.TrainState:
+        raw = {} if run.ema is None else {
+            **{f"model.{k}": v for k, v in model.state_dict().items()},
+            **{f"criterion.{k}": v for k, v in criterion.state_dict().items()}}
         return trainstate.TrainState(
             progress, optimizer.state_dict(), scheduler.state_dict() if scheduler is not None else None,
-            epoch_rng, torch.get_rng_state(), torch.cuda.get_rng_state_all() if device.type == "cuda" else [])
+            epoch_rng, torch.get_rng_state(), torch.cuda.get_rng_state_all() if device.type == "cuda" else [], raw)
 
     history = runfiles.read_metrics(run_dir / runfiles.METRICS, reporter.message) if resume else []
     sync_every = 1 if device.type == "cpu" else 25
@@ -310,6 +352,7 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
                     f"Checkpoints from earlier epochs in {run_dir} are untouched")
             run.warmup.step(progress.global_step, lambda: run.scaler.step(optimizer))
             run.scaler.update()
+            update_ema(run)
             if run.per_step:
                 scheduler.step()
             progress.global_step += 1
@@ -339,8 +382,9 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
         if world > 1:
             for buf in [*model.buffers(), *criterion.buffers()]:
                 torch.distributed.broadcast(buf, 0)
+        eval_model, eval_crit = evaluated(run)  # the EMA when it is on
         ev, val = (None if split is None else evaluate(
-            model, criterion, split, mean=run.mean, std=run.std, device=device,
+            eval_model, eval_crit, split, mean=run.mean, std=run.std, device=device,
             batch_size=cfg.train.eval_batch_size, num_classes=len(data.classes)) for split in (run.test_split, run.val_split))
         lr = optimizer.param_groups[0]["lr"]
         if isinstance(scheduler, PlateauOnExcess):

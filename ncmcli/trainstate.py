@@ -39,6 +39,8 @@ class TrainState:
     data_rng: torch.Tensor  # the data generator's state at the start of epoch ``epoch + 1``
     torch_rng: torch.Tensor
     cuda_rng: list = field(default_factory=list)
+    # With EMA on, the checkpoint's model is the average; the live weights travel here.
+    raw: dict = field(default_factory=dict)  # "model.<key>" / "criterion.<key>" -> tensor
 
 
 def _jsonable(obj):
@@ -58,6 +60,8 @@ def pack(state: TrainState) -> tuple[dict, str]:
     tensors = {f"{PREFIX}rng.data": state.data_rng, f"{PREFIX}rng.torch": state.torch_rng}
     for i, t in enumerate(state.cuda_rng):
         tensors[f"{PREFIX}rng.cuda.{i}"] = t
+    for key, t in state.raw.items():
+        tensors[f"{PREFIX}raw.{key}"] = t
     for idx, per_param in state.optimizer["state"].items():
         for name, t in per_param.items():
             if isinstance(t, torch.Tensor):
@@ -89,11 +93,12 @@ def unpack(path: Path) -> TrainState:
             parts = key[len(PREFIX):].split(".")
             if parts[0] == "optim":
                 optim_state.setdefault(int(parts[1]), {})[parts[2]] = t
+        raw = {k[len(PREFIX) + 4:]: t for k, t in tensors.items() if k.startswith(f"{PREFIX}raw.")}
         cuda_keys = [k for k in tensors if k.startswith(f"{PREFIX}rng.cuda.")]
         # Numerically: with 11 or more GPUs a string sort would restore ".10" before ".2".
         cuda = [tensors[k] for k in sorted(cuda_keys, key=lambda k: int(k.rsplit(".", 1)[1]))]
         return TrainState(progress, {"state": optim_state, "param_groups": doc["param_groups"]},
-                          doc["scheduler"], tensors[f"{PREFIX}rng.data"], tensors[f"{PREFIX}rng.torch"], cuda)
+                          doc["scheduler"], tensors[f"{PREFIX}rng.data"], tensors[f"{PREFIX}rng.torch"], cuda, raw)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: damaged train state ({exc})") from None
 

@@ -143,3 +143,65 @@ def test_piped_progress_prints_periodic_lines_with_an_eta(ncm, tmp_path):
     quiet = ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=300",
                 "--set", "data.limit_test=100", "--out", tmp_path / "q", "--log-every", "0.2", "--quiet")
     assert "ETA" not in quiet.stderr
+
+
+def _ema_run(tmp_path, name, epochs, resume=False, stop=None):
+    from ncmcli.engine import Reporter
+    from ncmcli.training import train
+
+    cfg = resolve("quickstart-softmax", ["data.limit_train=256", "data.limit_test=64", "train.batch_size=64",
+                                         "train.deterministic=true", "train.num_threads=1", "model.dropout=0.2",
+                                         "train.ema_decay=0.9", f"train.epochs={epochs}"])
+    run = tmp_path / name
+    run.mkdir(exist_ok=True)
+    return train(cfg, run_dir=run, device=torch.device("cpu"), reporter=Reporter(), resume=resume, stop=stop)
+
+
+def test_ema_weights_follow_the_formula_and_are_what_is_checkpointed(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from ncmcli import training
+
+    seen = []
+    real = training.update_ema
+
+    def spy(run):
+        seen.append({k: v.detach().clone() for k, v in run.criterion.named_parameters()})  # the live head
+        real(run)
+
+    monkeypatch.setattr(training, "update_ema", spy)
+    _ema_run(tmp_path, "a", 1)
+    d, ema = 0.9, None
+    for w in seen:  # the first update copies; then e = d e + (1 - d) w
+        ema = {k: v.clone() for k, v in w.items()} if ema is None else {k: d * ema[k] + (1 - d) * w[k] for k in w}
+    saved = load_file(str(tmp_path / "a" / "last.safetensors"))
+    assert len(seen) == 4
+    for k, v in ema.items():
+        assert torch.allclose(saved[f"criterion.{k}"], v, atol=1e-6)
+        assert not torch.allclose(saved[f"state.raw.criterion.{k}"], v)  # the live weights differ
+
+
+def test_ema_resumes_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from ncmcli.training import Interrupted
+
+    class StopAfter:
+        signal_name = "SIGINT"
+
+        def __init__(self, n):
+            self.n, self.calls = n, 0
+
+        def is_set(self):
+            self.calls += 1
+            return self.calls >= self.n
+
+    _ema_run(tmp_path, "straight", 3)
+    with pytest.raises(Interrupted):
+        _ema_run(tmp_path, "resumed", 3, stop=StopAfter(6))  # stops mid-epoch 2
+    _ema_run(tmp_path, "resumed", 3, resume=True)
+    a = load_file(str(tmp_path / "straight" / "last.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "last.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("state.raw.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
