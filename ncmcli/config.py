@@ -21,7 +21,7 @@ import yaml
 
 from ncmcli import registry  # torch-free: the names every check below reads
 from ncmcli.errors import ConfigError
-from ncmcli.netspecs import ARCHS as _ARCHS
+from ncmcli.netspecs import ARCH_NAMES as _ARCH_NAMES
 
 DATASETS = tuple(registry.DATASETS)
 LOSSES = tuple(registry.LOSSES)
@@ -63,9 +63,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "mnist"  # a Table 1 net (mnist2d, mnist, cifar10, cifar100) or small/small2d/tiny
+    arch: str = "mnist"  # a Table 1 net (mnist2d, mnist, cifar10, cifar100), a CPU-sized one, or a ResNet
     dropout: float = 0.1  # the paper's Table 2 setting; Table 3 sweeps 0..0.5
     feature_dim: int = 0  # 0 = the arch's d from Table 1
+    pretrained: bool = False  # resnet*: torchvision's ImageNet weights (downloaded when online)
     # The feature FC: linear (features can reach anchors with negative coordinates), or
     # linear-bn-relu, Liu et al.'s ip1 -> BN -> ReLU that their L-Softmax/Hinge models use.
     head: str = "linear"
@@ -163,7 +164,7 @@ def _schema(cls: type = Config, prefix: str = "") -> dict[str, type]:
 
 SCHEMA: dict[str, type] = _schema()
 MAX_SEED = 2**63 - 1
-ARCH_NAMES = tuple(_ARCHS)
+ARCH_NAMES = tuple(_ARCH_NAMES)
 MAX_FEATURE_DIM = 65536  # what checkpoint loading accepts
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ncmcli.errors import ConfigError
-from ncmcli.netspecs import ARCHS, NetSpec
+from ncmcli.netspecs import ARCH_NAMES, ARCHS, RESNETS, NetSpec, ResNetSpec
 from ncmcli.registry import DROPOUT_RANGE, HEADS
 
 
@@ -70,6 +70,63 @@ class FeatureNet(nn.Module):
         return f if self.head is None else self.head(f)
 
 
+class ResNetFeatures(nn.Module):
+    """A torchvision ResNet as the feature net: its classifier replaced by a Linear to d (plus
+    Liu et al.'s BN-ReLU head if asked), so that every criterion sits on top. The 32x32 variant
+    swaps the 7x7 stride-2 stem and the max-pool for a 3x3 stride-1 stem."""
+
+    def __init__(self, spec: ResNetSpec, *, in_channels: int, dropout: float = 0.0, feature_dim: int | None = None,
+                 head: str = "linear", pretrained: bool = False):
+        super().__init__()
+        import torchvision
+
+        builder = getattr(torchvision.models, spec.torchvision_name)  # a fixed table entry, never user text
+        net = builder(weights=_pretrained_weights(spec) if pretrained else None)
+        if spec.small_input:
+            net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        elif in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        d = feature_dim or spec.feature_dim
+        width = net.fc.in_features
+        net.fc = nn.Identity()
+        self.body = net
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(width, d)
+        self.head = nn.Sequential(nn.BatchNorm1d(d), nn.ReLU(inplace=True)) if head == "linear-bn-relu" else None
+        self.feature_dim = d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.fc(self.drop(self.body(x)))  # (B, d)
+        return f if self.head is None else self.head(f)
+
+
+def _pretrained_weights(spec: ResNetSpec):
+    """torchvision's ImageNet weights, downloaded into $TORCH_HOME/hub/checkpoints when online;
+    offline, one line that says where to put the file. (torchvision reads them with
+    ``weights_only=True``, a restricted loader that builds tensors only.)"""
+    import os
+    from pathlib import Path
+
+    import torchvision
+
+    enum = getattr(torchvision.models, {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights"}[
+        spec.torchvision_name])
+    weights = enum.IMAGENET1K_V1
+    hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
+    name = weights.url.rsplit("/", 1)[-1]
+    if not (hub / name).is_file():
+        try:
+            import torch.hub
+
+            torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True)
+        except Exception as exc:
+            reason = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
+            raise ConfigError(f"model.pretrained: cannot download {weights.url} ({reason}); offline, copy {name} "
+                              f"into {hub} from a machine with internet, or set model.pretrained=false") from None
+    return weights
+
+
 def build_net(
     arch: str,
     *,
@@ -78,9 +135,17 @@ def build_net(
     dropout: float = 0.0,
     feature_dim: int | None = None,
     head: str = "linear",
-) -> FeatureNet:
+    pretrained: bool = False,
+) -> nn.Module:
+    if arch in RESNETS:
+        if not DROPOUT_RANGE[0] <= dropout < DROPOUT_RANGE[1] or head not in HEADS:
+            raise ConfigError(f"model.dropout must be in [0, 1) and model.head one of {', '.join(HEADS)}")
+        return ResNetFeatures(RESNETS[arch], in_channels=in_channels, dropout=dropout, feature_dim=feature_dim,
+                              head=head, pretrained=pretrained)
+    if pretrained:
+        raise ConfigError(f"model.pretrained applies to the ResNets ({', '.join(RESNETS)}), not {arch}")
     if arch not in ARCHS:
-        raise ConfigError(f"unknown model.arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+        raise ConfigError(f"unknown model.arch {arch!r}; choose one of: {', '.join(ARCH_NAMES)}")
     return FeatureNet(
         ARCHS[arch],
         in_channels=in_channels,

@@ -30,3 +30,21 @@ ARCHS: dict[str, NetSpec] = {
     "small2d": NetSpec(((32, 1), (32, 2), (64, 2), (64, 2)), 2, "CPU-sized net, 2-D features"),
     "tiny": NetSpec(((16, 1), (16, 1), (32, 1), (32, 1)), 32, "quickstart net"),
 }
+
+
+@dataclass(frozen=True)
+class ResNetSpec:
+    torchvision_name: str  # torchvision.models.<name>
+    small_input: bool  # 32x32 inputs: a 3x3 stride-1 stem and no max-pool (the CIFAR variant)
+    feature_dim: int
+    summary: str
+
+
+# torchvision backbones for your own data (not Table 1): every loss sits on top of them.
+RESNETS: dict[str, ResNetSpec] = {
+    "resnet18": ResNetSpec("resnet18", False, 512, "torchvision ResNet-18, for larger images"),
+    "resnet34": ResNetSpec("resnet34", False, 512, "torchvision ResNet-34, for larger images"),
+    "resnet18-cifar": ResNetSpec("resnet18", True, 512, "ResNet-18 for 32x32: 3x3 stem, no max-pool"),
+    "resnet34-cifar": ResNetSpec("resnet34", True, 512, "ResNet-34 for 32x32: 3x3 stem, no max-pool"),
+}
+ARCH_NAMES = (*ARCHS, *RESNETS)

@@ -56,7 +56,7 @@ def build_from_config(cfg, num_classes: int, input_shape):
 
     model = build_net(cfg.model.arch, in_channels=input_shape[0], image_size=input_shape[1],
                       dropout=cfg.model.dropout, feature_dim=cfg.model.feature_dim or None,
-                      head=cfg.model.head)
+                      head=cfg.model.head, pretrained=cfg.model.pretrained)
     anchors = None
     if cfg.loss.name in NCM_METRICS:
         anchors = make_anchors(cfg.anchors.method, num_classes, model.feature_dim, seed=cfg.anchors.seed)

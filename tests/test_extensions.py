@@ -205,3 +205,46 @@ def test_ema_resumes_exactly(tmp_path):
     assert a.keys() == b.keys() and any(k.startswith("state.raw.") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("arch,size", [("resnet18-cifar", 32), ("resnet18", 64)])
+def test_resnet_backbones_give_the_feature_dim_and_train_a_step(arch, size):
+    from ncmcli.schedules import make_optimizer
+    from ncmcli.training import build_from_config
+
+    for loss in ("encm", "softmax"):
+        cfg = resolve(f"quickstart{'' if loss == 'encm' else '-softmax'}",
+                      [f"model.arch={arch}", "model.feature_dim=64"])
+        torch.manual_seed(0)
+        model, _, crit = build_from_config(cfg, 10, (3, size, size))
+        assert model.feature_dim == 64
+        x, y = torch.randn(4, 3, size, size), torch.arange(4)
+        assert model(x).shape == (4, 64)
+        opt = make_optimizer(cfg, model, crit)
+        before = model.fc.weight.detach().clone()
+        loss_value = crit(model(x), y)
+        opt.zero_grad()
+        loss_value.backward()
+        opt.step()
+        assert torch.isfinite(loss_value) and not torch.equal(before, model.fc.weight)
+    small = build_from_config(resolve("quickstart", ["model.arch=resnet34-cifar"]), 10, (1, 32, 32))[0]
+    assert small.body.conv1.kernel_size == (3, 3) and small.feature_dim == 512
+
+
+def test_pretrained_weights_offline_give_one_line_saying_where_to_put_the_file(tmp_path, monkeypatch):
+    import torch.hub
+
+    from ncmcli.models import build_net
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*a, **k):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(ConfigError) as exc:
+        build_net("resnet18", in_channels=3, image_size=64, pretrained=True)
+    msg = str(exc.value)
+    assert "\n" not in msg and "resnet18-" in msg and str(tmp_path / "hub" / "checkpoints") in msg
+    with pytest.raises(ConfigError, match="applies to the ResNets"):
+        build_net("tiny", in_channels=1, image_size=28, pretrained=True)

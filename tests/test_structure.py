@@ -65,12 +65,12 @@ def test_no_import_cycle_between_losses_and_baselines():
 
 def test_config_registry_and_report_labels_agree():
     from ncmcli.config import LossConfig
-    from ncmcli.netspecs import ARCHS
+    from ncmcli.netspecs import ARCHS, RESNETS
     from ncmcli.report import METHOD_ORDER, dataset_label, method_label
 
     assert LOSSES == tuple(registry.LOSSES) and HINGE_FORMS == tuple(registry.HINGE_FORMS)
     assert ANCHOR_METHODS == tuple(registry.ANCHOR_METHODS) and DATASETS == tuple(registry.DATASETS)
-    assert ARCH_NAMES == tuple(ARCHS)
+    assert ARCH_NAMES == (*ARCHS, *RESNETS)
     labels = set()
     for name in registry.LOSSES:
         for form in registry.HINGE_FORMS:
