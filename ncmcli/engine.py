@@ -275,3 +275,19 @@ def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, t
                 rec["label"] = "unknown"  # farther than the threshold from every anchor
     return {"checkpoint": str(checkpoint_path), "input_size": [c, h, h], "resize": resize, "predictions": results,
             "failed": sum("error" in r for r in results)}
+
+
+def export_command(target: Path, *, fmt: str, out: Path | None) -> Path:
+    """Export a checkpoint (or a run folder's best) as ONNX or TorchScript; returns the file."""
+    from ncmcli import checkpoint
+    from ncmcli.export import FORMATS, export
+    from ncmcli.runfiles import resolve_checkpoint
+
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    path = resolve_checkpoint(Path(target))
+    if out is None:
+        out = path.with_suffix(".onnx" if fmt == "onnx" else ".torchscript.pt")
+    elif Path(out).is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name")
+    return export(checkpoint.load(path, "cpu"), fmt, Path(out))

@@ -248,3 +248,78 @@ def test_pretrained_weights_offline_give_one_line_saying_where_to_put_the_file(t
     assert "\n" not in msg and "resnet18-" in msg and str(tmp_path / "hub" / "checkpoints") in msg
     with pytest.raises(ConfigError, match="applies to the ResNets"):
         build_net("tiny", in_channels=1, image_size=28, pretrained=True)
+
+
+@pytest.fixture(scope="module")
+def trained_ckpts(tmp_path_factory):
+    """A briefly trained E-NCM and SoftMax checkpoint (BatchNorm statistics no longer trivial)."""
+    from ncmcli.engine import Reporter
+    from ncmcli.training import train
+
+    out = {}
+    for preset in ("quickstart", "quickstart-softmax"):
+        run = tmp_path_factory.mktemp(preset)
+        train(resolve(preset, ["data.limit_train=256", "data.limit_test=64", "train.epochs=1"]), run_dir=run,
+              device=torch.device("cpu"), reporter=Reporter())
+        out[preset] = run / "best.safetensors"
+    return out
+
+
+@pytest.mark.parametrize("preset", ["quickstart", "quickstart-softmax"])
+def test_onnx_and_torchscript_exports_match_pytorch(trained_ckpts, tmp_path, preset):
+    import numpy as np
+    import onnxruntime as ort
+
+    from ncmcli import checkpoint
+    from ncmcli.engine import export_command
+    from ncmcli.export import Exported
+
+    ck_path = trained_ckpts[preset]
+    ck = checkpoint.load(ck_path)
+    ref_model = Exported(ck.model, ck.criterion, ck.mean, ck.std).eval()
+    onnx_file = export_command(ck_path, fmt="onnx", out=tmp_path / "m.onnx")
+    ts_file = export_command(ck_path, fmt="torchscript", out=tmp_path / "m.pt")
+    session = ort.InferenceSession(str(onnx_file))
+    scripted = torch.jit.load(str(ts_file))
+    for batch in (1, 7, 33):  # the batch size is dynamic
+        x = torch.randint(0, 256, (batch, 1, 28, 28), dtype=torch.uint8)
+        with torch.no_grad():
+            ref = ref_model(x)
+            ts = scripted(x)
+        got = session.run(None, {"images": x.numpy()})
+        assert len(got) == len(ref) == (3 if preset == "quickstart" else 2)
+        for o, t, r in zip(got, ts, ref):
+            assert np.abs(o - r.numpy()).max() <= 1e-4 and (t - r).abs().max().item() <= 1e-4
+    # The exported prediction is the model's own: nearest anchor (NCM) or argmax (SoftMax).
+    x = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
+    from ncmcli.batching import normalize
+
+    with torch.no_grad():
+        own = ck.criterion.predict(ck.model(normalize(x, ck.mean, ck.std)))
+    assert torch.equal(torch.from_numpy(session.run(None, {"images": x.numpy()})[1]), own)
+
+
+def test_an_exported_onnx_file_runs_without_ncm(trained_ckpts, tmp_path):
+    import subprocess
+    import sys
+
+    from ncmcli.engine import export_command
+
+    f = export_command(trained_ckpts["quickstart"], fmt="onnx", out=tmp_path / "m.onnx")
+    code = ("import sys; sys.modules['ncmcli'] = None\n"  # any import of ncm would fail
+            "import numpy as np, onnxruntime as ort\n"
+            f"s = ort.InferenceSession({str(f)!r})\n"
+            "out = s.run(None, {'images': np.zeros((3, 1, 28, 28), np.uint8)})\n"
+            "print([o.shape for o in out])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[(3, 10), (3,), (3, 10)]"
+
+
+def test_export_cli(ncm, trained_ckpts, tmp_path):
+    from conftest import assert_clean_error
+
+    proc = ncm("export", trained_ckpts["quickstart"].parent, "--format", "torchscript", "--out", tmp_path / "x.pt")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(tmp_path / "x.pt") and (tmp_path / "x.pt").stat().st_size > 1000
+    assert_clean_error(ncm("export", trained_ckpts["quickstart"], "--format", "tflite"), 2, "--format must be one of")

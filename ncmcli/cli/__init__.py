@@ -244,6 +244,21 @@ def predict(
 
 
 @app.command()
+def export(
+    target: Path = typer.Argument(..., help="A checkpoint, or a run folder (its best.safetensors)."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: beside the checkpoint)."),
+) -> None:
+    """A self-contained model: raw uint8 images in; logits, prediction (and anchor distances) out."""
+    from ncmcli import engine
+
+    path = engine.export_command(target, fmt=fmt, out=out)
+    err.print(f"wrote {show(str(path))} (input: uint8 images, batch x {'channels x size x size'}; "
+              "normalisation built in)")
+    sys.stdout.write(f"{safe_text(str(path))}\n")
+
+
+@app.command()
 def report(
     paths: List[Path] = typer.Argument(..., help="Run folders, or folders that contain them."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, md, csv or json."),

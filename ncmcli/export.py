@@ -1,0 +1,78 @@
+"""Self-contained exported models: ONNX or TorchScript, with the checkpoint's preprocessing
+baked in.
+
+The exported model takes a **raw uint8 batch** (B, C, H, W) in [0, 255], the checkpoint's
+channels and size, and returns ``logits`` (B, C classes), ``prediction`` (B,) int64 and, for
+anchor models, ``distances`` (B, C) to every anchor (the prediction is the nearest). The
+batch size is dynamic. Nothing of ncm is needed to run it: onnxruntime or torch.jit alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ncmcli.errors import UsageError
+
+FORMATS = ("onnx", "torchscript")
+
+
+class Exported(nn.Module):
+    """uint8 images -> (logits, prediction[, distances]), normalisation included."""
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.model, self.criterion = model.eval(), criterion.eval()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
+        self.with_distances = bool(criterion.uses_anchors)
+
+    def forward(self, images: torch.Tensor):
+        x = (images.float() - self.mean) / self.std  # (B, C, H, W), as ncm's batches
+        feats = self.model(x)  # (B, d)
+        if self.with_distances:
+            dist = self.criterion.distances(feats)  # (B, C)
+            logits = -self.criterion.scale * dist
+            return logits, dist.argmin(1), dist
+        logits = self.criterion.logits(feats)  # (B, C)
+        return logits, logits.argmax(1)
+
+
+def output_names(with_distances: bool) -> list[str]:
+    return ["logits", "prediction", *(["distances"] if with_distances else [])]
+
+
+def export(ck, fmt: str, out: Path) -> Path:
+    """Write ``ck`` (a loaded checkpoint) as ``fmt`` to ``out``, atomically."""
+    from ncmcli.runfiles import atomic_write
+
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    wrapper = Exported(ck.model.cpu().float(), ck.criterion.cpu().float(), ck.mean, ck.std).eval()
+    example = torch.randint(0, 256, (2, *ck.input_shape), dtype=torch.uint8)
+    names = output_names(wrapper.with_distances)
+    if fmt == "torchscript":
+        import warnings
+
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch marks TorchScript deprecated in favour of torch.export; it still loads
+            # everywhere torch does, which is why it is offered.
+            warnings.simplefilter("ignore", FutureWarning)
+            traced = torch.jit.trace(wrapper, (example,), check_trace=False)
+        atomic_write(out, lambda tmp: traced.save(str(tmp)))
+        return out
+    try:
+        import onnx  # noqa: F401  (the exporter needs it)
+    except ImportError:
+        raise UsageError("ONNX export needs the export extra: pip install 'ncmcli[export]'") from None
+
+    def write(tmp: Path) -> None:
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        program = torch.onnx.export(wrapper, (example,), input_names=["images"], output_names=names,
+                                    dynamic_shapes={"images": {0: batch}}, dynamo=True, verbose=False)
+        program.save(str(tmp))
+
+    atomic_write(out, write)
+    return out
