@@ -109,6 +109,7 @@ class TrainConfig:
     # An exponential moving average of the weights (torch.optim.swa_utils), evaluated and
     # checkpointed as the model when on; 0 = off, the paper's setting. Typical: 0.999.
     ema_decay: float = 0.0
+    tensorboard: bool = False  # scalars into RUN_DIR/tensorboard (pip install 'ncmcli[tensorboard]')
 
 
 @dataclass(frozen=True)

@@ -63,10 +63,10 @@ def export(ck, fmt: str, out: Path) -> Path:
             traced = torch.jit.trace(wrapper, (example,), check_trace=False)
         atomic_write(out, lambda tmp: traced.save(str(tmp)))
         return out
-    try:
-        import onnx  # noqa: F401  (the exporter needs it)
-    except ImportError:
-        raise UsageError("ONNX export needs the export extra: pip install 'ncmcli[export]'") from None
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None:
+        raise UsageError("ONNX export needs the export extra: pip install 'ncmcli[export]'")
 
     def write(tmp: Path) -> None:
         batch = torch.export.Dim("batch", min=1, max=65536)

@@ -18,6 +18,7 @@ BEST = "best.safetensors"
 LAST = "last.safetensors"
 RESULT = "result.json"
 LOCK = ".ncm.lock"
+TENSORBOARD = "tensorboard"  # the folder of train.tensorboard's event files
 RUN_FILES = (CONFIG, METRICS, BEST, LAST, RESULT)
 # Pictures `ncm plot` writes beside a run, and temp files of interrupted atomic writes.
 _OWNED_SUFFIXES = (".png", ".svg", ".pdf", ".tmp")
@@ -30,14 +31,17 @@ def holds_run(folder: Path) -> bool:
 def foreign_entries(folder: Path) -> list[Path]:
     """Entries that are neither run files nor ncm's own pictures, temp files or lock."""
     return [p for p in folder.iterdir()
-            if p.name not in RUN_FILES and p.name != LOCK and not p.name.endswith(_OWNED_SUFFIXES)
+            if p.name not in RUN_FILES and p.name not in (LOCK, TENSORBOARD) and not p.name.endswith(_OWNED_SUFFIXES)
             and not p.name.startswith(".write-test-")]
 
 
 def clear_run(folder: Path) -> None:
     """Remove a run's files (for --force), so that nothing of the old run mixes into the new."""
+    import shutil
+
     for name in RUN_FILES:
         (folder / name).unlink(missing_ok=True)
+    shutil.rmtree(folder / TENSORBOARD, ignore_errors=True)
     for stale in folder.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
 

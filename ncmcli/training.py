@@ -269,6 +269,40 @@ def _announce(cfg: Config, run: Setup, run_dir: Path, device, reporter: Progress
                         if world > 1 else ""))
 
 
+def _tensorboard(cfg: Config, run_dir: Path, rank: int, first_epoch: int):
+    """The TensorBoard log of rank 0 when ``train.tensorboard`` is on, else None."""
+    if not cfg.train.tensorboard or rank != 0:
+        return None
+    from ncmcli.tblog import TensorBoard
+
+    return TensorBoard(run_dir, first_epoch=first_epoch)
+
+
+def _all_ranks(loss_sum, correct, seen, device):
+    """An epoch's loss sum, correct count and images, summed over the DDP ranks."""
+    totals = torch.tensor([loss_sum.item(), float(correct.item()), float(seen)], device=device, dtype=torch.float64)
+    torch.distributed.all_reduce(totals)
+    return totals[0], totals[1].long(), int(totals[2].item())
+
+
+def _evaluate_epoch(cfg: Config, run: Setup, device, *, keep_outputs: bool) -> tuple[dict, dict | None]:
+    """Test (and validation) metrics of the evaluated model (the EMA when on). Under DDP every
+    rank first takes rank 0's BatchNorm statistics: the ones its checkpoint will hold."""
+    eval_model, eval_crit = evaluated(run)
+    if dist_info()[1] > 1:
+        for buf in [*eval_model.buffers(), *eval_crit.buffers()]:
+            torch.distributed.broadcast(buf, 0)
+    kw = dict(mean=run.mean, std=run.std, device=device, batch_size=cfg.train.eval_batch_size,
+              num_classes=len(run.data.classes))
+    ev = evaluate(eval_model, eval_crit, run.test_split, keep_outputs=keep_outputs, **kw)
+    if keep_outputs:  # for TensorBoard: compactness and separation of the test features
+        from ncmcli.tblog import feature_diagnostics
+
+        ev["feature_diagnostics"] = feature_diagnostics(eval_crit, ev.pop("features"), ev.pop("labels"))
+    val = None if run.val_split is None else evaluate(eval_model, eval_crit, run.val_split, **kw)
+    return ev, val
+
+
 def _interrupt(stop: StopRequest, run_dir: Path, epoch: int, step: int) -> Interrupted:
     """The one exception both stop paths raise (mid-epoch, and after an epoch)."""
     where = f"at epoch {epoch}, step {step}" if step else f"after epoch {epoch}"
@@ -326,6 +360,7 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
             epoch_rng, torch.get_rng_state(), torch.cuda.get_rng_state_all() if device.type == "cuda" else [], raw)
 
     history = runfiles.read_metrics(run_dir / runfiles.METRICS, reporter.message) if resume else []
+    tb = _tensorboard(cfg, run_dir, rank, progress.epoch + 1)
     sync_every = 1 if device.type == "cpu" else 25
     for epoch in range(progress.epoch + 1, cfg.train.epochs + 1):
         # -- Train one epoch; loss and accuracy accumulate on the device (no per-step sync)
@@ -371,21 +406,12 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
                 raise _interrupt(stop, run_dir, epoch, i)
         epoch_time = time.time() - t0
         if world > 1:  # epoch totals over all ranks
-            totals = torch.tensor([loss_sum.item(), float(correct.item()), float(seen)], device=device, dtype=torch.float64)
-            torch.distributed.all_reduce(totals)
-            loss_sum, correct, seen = totals[0], totals[1].long(), int(totals[2].item())
+            loss_sum, correct, seen = _all_ranks(loss_sum, correct, seen, device)
         progress.train_time += epoch_time
         progress.train_images += seen - seen0
         train_loss = loss_sum.item() / seen
-        # -- Evaluate on the test (and validation) split; under DDP with rank 0's BatchNorm
-        # statistics everywhere: the ones its checkpoint will hold
-        if world > 1:
-            for buf in [*model.buffers(), *criterion.buffers()]:
-                torch.distributed.broadcast(buf, 0)
-        eval_model, eval_crit = evaluated(run)  # the EMA when it is on
-        ev, val = (None if split is None else evaluate(
-            eval_model, eval_crit, split, mean=run.mean, std=run.std, device=device,
-            batch_size=cfg.train.eval_batch_size, num_classes=len(data.classes)) for split in (run.test_split, run.val_split))
+        # -- Evaluate on the test (and validation) split
+        ev, val = _evaluate_epoch(cfg, run, device, keep_outputs=tb is not None)
         lr = optimizer.param_groups[0]["lr"]
         if isinstance(scheduler, PlateauOnExcess):
             scheduler.step(train_loss)
@@ -407,9 +433,13 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
         if rank == 0:
             runfiles.append_metrics(run_dir / runfiles.METRICS, metrics)
         reporter.epoch_end(metrics)
+        if tb is not None:
+            tb.epoch(metrics, ev)
         if _stop_requested(stop, 0, 1, world) and epoch < cfg.train.epochs:
             raise _interrupt(stop, run_dir, epoch, 0)
 
+    if tb is not None:
+        tb.close()
     result = result_record(cfg, run, run_dir, history, device=device, preset=preset, overrides=overrides,
                            t_start=t_start)
     if rank == 0:

@@ -4,6 +4,9 @@ This package (with ``console`` and ``plot``) is the only place that prints or ex
 line on stderr and their exit code (2 usage/config, 1 runtime); ``--debug`` or
 ``NCM_DEBUG=1`` shows the traceback. torch is imported inside command bodies only, so
 ``ncm --help`` and argument errors stay fast.
+
+This module is long because every command's options are declared here, beside the few
+lines that render its result; the work itself is in ``engine`` and ``evaluation``.
 """
 
 from __future__ import annotations
