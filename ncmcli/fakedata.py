@@ -1,6 +1,6 @@
 """Tiny datasets written in real on-disk formats (MNIST's IDX files, image folders), for
 offline tests and benchmarks. (The tests' CIFAR archive writer stays in tests/: that format
-is a pickle, and no ncm module touches pickle.)"""
+is a pickle; no ncm module touches that format.)"""
 
 import gzip
 import struct

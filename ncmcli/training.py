@@ -344,9 +344,11 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
             return
         # On CUDA the loss is checked every 25 steps only, and a stop can fall between checks:
         # weights are checked before every save, so NaN never reaches a checkpoint.
-        eval_model, eval_crit = evaluated(run)
-        for m, c in {(id(model), id(criterion)): (model, criterion), (id(eval_model), id(eval_crit)): (eval_model, eval_crit)}.values():
-            check_finite(m, c, f"epoch {epoch} ({name} not written; earlier checkpoints are untouched)")
+        where = f"epoch {epoch} ({name} not written; earlier checkpoints are untouched)"
+        check_finite(model, criterion, where)
+        eval_model, eval_crit = evaluated(run)  # the EMA when on
+        if run.ema is not None:
+            check_finite(eval_model, eval_crit, where)
         checkpoint.save(run_dir / name, model=eval_model, criterion=eval_crit, config=cfg, classes=data.classes,
                         mean=run.mean, std=run.std, input_shape=data.input_shape, epoch=epoch, metrics=metrics,
                         extra=trainstate.pack(state) if state is not None else None, run_id=run.run_id)

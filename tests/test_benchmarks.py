@@ -11,7 +11,7 @@ SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"
 
 
 def test_every_benchmark_is_listed():
-    assert SCRIPTS == ["cpu_net.py", "export_speed.py", "gpu.py", "loss_overhead.py", "pipeline_efficiency.py", "startup.py",
+    assert SCRIPTS == ["convergence.py", "cpu_net.py", "export_speed.py", "gpu.py", "loss_overhead.py", "pipeline_efficiency.py", "startup.py",
                        "vs_dataloader.py"]
 
 

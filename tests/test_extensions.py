@@ -184,17 +184,9 @@ def test_ema_weights_follow_the_formula_and_are_what_is_checkpointed(tmp_path, m
 def test_ema_resumes_exactly(tmp_path):
     from safetensors.torch import load_file
 
+    from test_reliability import StopAfter
+
     from ncmcli.training import Interrupted
-
-    class StopAfter:
-        signal_name = "SIGINT"
-
-        def __init__(self, n):
-            self.n, self.calls = n, 0
-
-        def is_set(self):
-            self.calls += 1
-            return self.calls >= self.n
 
     _ema_run(tmp_path, "straight", 3)
     with pytest.raises(Interrupted):
