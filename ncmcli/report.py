@@ -284,12 +284,14 @@ def tables(cells: list[Cell]) -> list[tuple[str, list[str], list[list[str]]]]:
     ps = sorted({c.dropout for c in t3})
     if t3 and len(ps) > 1:
         index = {(_col(c), c.method, c.dropout): c for c in t3}
-        header = ["data set", "method"] + [h for p in ps for h in (f"p={p:g} ours", "paper", "Δ")]
+        with_paper = any(c.paper is not None for c in t3)
+        width = 3 if with_paper else 1  # no paper/Δ columns for data sets the paper did not use
+        header = ["data set", "method"] + [h for p in ps for h in (f"p={p:g} ours", "paper", "Δ")[:width]]
         rows = []
         for d in sorted({_col(c) for c in t3}):
             for m in ("SoftMax", "C-NCM", "E-NCM"):
                 if any(_col(c) == d and c.method == m for c in t3):
-                    rows.append([d, m] + [v for p in ps for v in _fmt(index.get((d, m, p)))])
+                    rows.append([d, m] + [v for p in ps for v in _fmt(index.get((d, m, p)))[:width]])
         out.append(("Test error % by dropout p (the shape of Table 3)", header, rows))
     return out
 
