@@ -171,13 +171,14 @@ def plot_command(kind: str, target: Path | list[Path], *, out: Path | None, fmt:
         s = _test_split(ck, data_root).test
     if kind == "confusion":
         ev = evaluate(ck.model, ck.criterion, s.to(dev), mean=ck.mean, std=ck.std, device=dev,
-                      batch_size=1024, num_classes=len(ck.classes))
+                      batch_size=ck.config.train.eval_batch_size, num_classes=len(ck.classes))
         return plots.confusion(ev["confusion"], ck.classes, f"{name}: accuracy {ev['accuracy']:.4f}",
                                _plot_out(out, path.parent, "confusion", fmt))
     if max_points and len(s) > max_points:
         idx = torch.randperm(len(s), generator=torch.Generator().manual_seed(0))[:max_points]
         s = s.subset(idx)
-    feats, _, labels = diagnostics.extract(ck.model, ck.criterion, s.to(dev), mean=ck.mean, std=ck.std, device=dev)
+    feats, _, labels = diagnostics.extract(ck.model, ck.criterion, s.to(dev), mean=ck.mean, std=ck.std, device=dev,
+                                           batch_size=ck.config.train.eval_batch_size)
     directions, direction_kind = diagnostics.class_directions(ck.criterion)
     if kind == "features":
         metric = ck.criterion.metric
