@@ -378,6 +378,17 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config tree as {"section.key": value}, without validation (for reading runs)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def build(values: dict[str, Any]) -> Config:
     """A validated Config from flat dotted keys (unknown keys and bad values are errors)."""
     sections: dict[str, dict[str, Any]] = {}

@@ -124,6 +124,7 @@ def features(feats: torch.Tensor, labels: torch.Tensor, directions: torch.Tensor
 def curve_labels(runs: list[Path]) -> list[str]:
     """One legend label per run: only the config keys that vary across the runs (never the
     data path), else the run folder's name."""
+    from ncmcli.config import dotted
     from ncmcli.presets import load_yaml_text
 
     flats = []
@@ -132,20 +133,10 @@ def curve_labels(runs: list[Path]) -> list[str]:
             tree = load_yaml_text((run / "config.yaml").read_text(encoding="utf-8"), str(run / "config.yaml"))
         except (OSError, NcmError, ValueError):
             tree = None
-        flats.append(_flatten_tree(tree) if isinstance(tree, dict) else {})
+        flats.append(dotted(tree) if isinstance(tree, dict) else {})
     keys = sorted({k for f in flats for k in f} - {"description", "data.root"})
     vary = [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
     return [", ".join(f"{k.split('.')[-1]}={f.get(k)}" for k in vary) or run.name for run, f in zip(runs, flats)]
-
-
-def _flatten_tree(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten_tree(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def curves(runs: list[Path], out: Path) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from ncmcli import registry
-from ncmcli.config import from_dict
+from ncmcli.config import dotted, from_dict
 from ncmcli.presets import load_yaml_text
 from ncmcli.errors import NcmError, UsageError
 
@@ -131,14 +131,9 @@ class Run:
     cfg: object
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
-    return out
+def _flat(tree: dict) -> dict:
+    """Dotted keys; lists as tuples, so that values compare and print as settings."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in dotted(tree).items()}
 
 
 def load_runs(paths: list[Path]) -> list[Run]:
