@@ -73,6 +73,8 @@ def test_resume_mid_epoch_and_at_epoch_end_is_bit_identical(tmp_path, extra):
 def test_center_and_lsoftmax_state_survive_resume(tmp_path):
     for loss in ("center", "lsoftmax"):
         extra = (f"loss.name={loss}", "optim.schedule=plateau")  # cosine depends on the epoch total
+        if loss == "lsoftmax":  # Liu et al.'s BN-ReLU head: its BN buffers must be rebuilt on resume
+            extra += ("model.head=linear-bn-relu",)
         _run(tmp_path, f"{loss}-full", 2, extra=extra)
         _run(tmp_path, f"{loss}-cut", 1, extra=extra)
         cfg_path = tmp_path / f"{loss}-cut" / "config.yaml"
@@ -81,6 +83,7 @@ def test_center_and_lsoftmax_state_survive_resume(tmp_path):
         _same(_tensors(tmp_path / f"{loss}-full" / "last.safetensors"), _tensors(tmp_path / f"{loss}-cut" / "last.safetensors"))
     assert "criterion.centers" in _tensors(tmp_path / "center-full" / "last.safetensors")
     assert int(_tensors(tmp_path / "lsoftmax-full" / "last.safetensors")["criterion.iteration"]) == 10
+    assert "model.head.0.running_mean" in _tensors(tmp_path / "lsoftmax-full" / "last.safetensors")
 
 
 def test_deterministic_runs_are_identical(tmp_path):
