@@ -118,8 +118,54 @@ def test_loss_floor_matches_closed_form():
     # covers the 1e-6 that the eps inside the sqrt adds at distance 0.
     assert loss_floor(a, "euclidean") == pytest.approx(math.log(1 + 9 * math.exp(-math.sqrt(2))), abs=2e-6)
     assert loss_floor(a, "euclidean") == pytest.approx(1.159, abs=1e-3)
-    # C-NCM: cosine distance 1 to every other orthogonal anchor.
-    assert loss_floor(a, "cosine", 2.0) == pytest.approx(math.log(1 + 9 * math.exp(-2.0)), abs=1e-9)
+    # C-NCM: not on the anchor. With C orthonormal anchors the best unit feature is
+    # sqrt((C-1)/C) a_c - sum_j a_j / sqrt(C (C-1)), whose cosine gap to every other anchor is
+    # sqrt(C/(C-1)) (on the anchor it is only 1).
+    gap = math.sqrt(10 / 9)
+    assert loss_floor(a, "cosine", 2.0) == pytest.approx(math.log(1 + 9 * math.exp(-2.0 * gap)), abs=1e-9)
+    assert loss_floor(a, "cosine") < math.log(1 + 9 * math.exp(-1.0)) - 0.04  # 1.420 vs 1.461 on the anchor
+    wide = make_anchors("orthogonal", 100, 512)
+    assert loss_floor(wide, "cosine") == pytest.approx(math.log(1 + 99 * math.exp(-math.sqrt(100 / 99))), abs=1e-9)
+    # sq-NCM: the gap 2 f.(a_c - a_j) is unbounded along f = t a_c.
+    assert loss_floor(a, "sqeuclidean") == 0.0
+
+
+def _cosine_floor_by_search(anchors, scale):
+    """Reference: every class's loss minimised separately over unit features, by Adam on an
+    unconstrained vector (normalised inside), float64, from 3 random starts per class; the
+    best start per class, averaged over classes. Rows never interact, so one batch holds all."""
+    a = torch.nn.functional.normalize(anchors.double(), dim=1)
+    c, d = a.shape
+    g = torch.Generator().manual_seed(0)
+    v = (a.repeat(3, 1) + 0.5 * torch.randn(3 * c, d, generator=g, dtype=torch.float64)).requires_grad_(True)
+    target = torch.arange(c).repeat(3)
+    opt = torch.optim.Adam([v], lr=0.02)
+    for _ in range(1500):
+        logits = scale * torch.nn.functional.normalize(v, dim=1) @ a.T
+        per_row = torch.logsumexp(logits, 1) - logits[torch.arange(3 * c), target]
+        opt.zero_grad()
+        per_row.sum().backward()
+        opt.step()
+    return per_row.detach().view(3, c).min(0).values.mean().item()
+
+
+@pytest.mark.parametrize("method,c,d,scale", [("random", 6, 4, 1.0), ("orthogonal", 5, 7, 3.0), ("random", 7, 2, 2.0)])
+def test_cosine_floor_matches_a_per_class_search(method, c, d, scale):
+    a = make_anchors(method, c, d)
+    on_anchor = torch.nn.functional.cross_entropy(scale * (lambda n: n @ n.T)(torch.nn.functional.normalize(a.double(), dim=1)),
+                                                  torch.arange(c)).item()
+    floor = loss_floor(a, "cosine", scale)
+    assert floor == pytest.approx(_cosine_floor_by_search(a, scale), abs=1e-6)
+    assert floor <= on_anchor + 1e-12
+
+
+def test_cosine_floor_in_2d_matches_a_grid_over_angles():
+    a = make_anchors("random", 5, 2)
+    angles = torch.linspace(0, 2 * math.pi, 200_001, dtype=torch.float64)
+    u = torch.stack([angles.cos(), angles.sin()], 1)  # every unit feature in the plane
+    logits = u @ torch.nn.functional.normalize(a.double(), dim=1).T  # (N, C)
+    per_class = (torch.logsumexp(logits, 1, keepdim=True) - logits).min(0).values  # best angle per class
+    assert loss_floor(a, "cosine") == pytest.approx(per_class.mean().item(), abs=1e-8)
 
 
 def test_certificate_fields():
