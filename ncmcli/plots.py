@@ -136,7 +136,11 @@ def curve_labels(runs: list[Path]) -> list[str]:
         flats.append(dotted(tree) if isinstance(tree, dict) else {})
     keys = sorted({k for f in flats for k in f} - {"description", "data.root"})
     vary = [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
-    return [", ".join(f"{k.split('.')[-1]}={f.get(k)}" for k in vary) or run.name for run, f in zip(runs, flats)]
+    # A key goes by its last part (lr, epochs) unless another key shares that part, as
+    # loss.name and data.name do; then by its whole dotted name.
+    last = [k.split(".")[-1] for k in keys]
+    short = {k: k.split(".")[-1] if last.count(k.split(".")[-1]) == 1 else k for k in vary}
+    return [", ".join(f"{short[k]}={f.get(k)}" for k in vary) or run.name for run, f in zip(runs, flats)]
 
 
 def curves(runs: list[Path], out: Path) -> Path:

@@ -90,6 +90,19 @@ def test_curves_go_beside_the_run_and_name_only_what_varies(run, tmp_path):
     assert curve_labels([run]) == [run.name]
 
 
+def test_curve_labels_spell_out_keys_whose_last_part_is_shared(tmp_path):
+    from ncmcli.plots import curve_labels
+
+    runs = []
+    for loss, lr in (("encm", 0.1), ("softmax", 0.01)):
+        run = tmp_path / loss
+        run.mkdir()
+        (run / "config.yaml").write_text(f"data:\n  name: mnist\nloss:\n  name: {loss}\noptim:\n  lr: {lr}\n")
+        runs.append(run)
+    # "name=encm" would not say whose name; lr is unambiguous
+    assert curve_labels(runs) == ["loss.name=encm, lr=0.1", "loss.name=softmax, lr=0.01"]
+
+
 def test_anchors_land_at_their_projected_coordinates():
     import torch
 
