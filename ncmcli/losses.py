@@ -74,7 +74,7 @@ class NCMLoss(Criterion):
 
     ``scale`` is an inverse temperature on the distances. The paper has none (1.0): with
     unit anchors its softmax is flat, so the loss has a floor well above zero (see
-    ``anchors.loss_floor``); a larger scale lowers it. It is an extension, off by default.
+    ``floors.loss_floor``); a larger scale lowers it. It is an extension, off by default.
     """
 
     uses_anchors = True
@@ -109,7 +109,7 @@ class NCMLoss(Criterion):
         return self.anchors.detach(), "anchors"
 
     def loss_floor(self) -> float:
-        from ncmcli.anchors import loss_floor
+        from ncmcli.floors import loss_floor
 
         return loss_floor(self.anchors, self.metric, self.scale)
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ncmcli import make_anchors
-from ncmcli.anchors import anchor_certificate, best_known_min_angle, loss_floor, pairwise_angles
+from ncmcli.anchors import anchor_certificate, best_known_min_angle, pairwise_angles
+from ncmcli.floors import loss_floor
 from ncmcli.errors import UsageError
 
 

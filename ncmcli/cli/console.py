@@ -60,7 +60,7 @@ def render_certificate(cert: dict, console: Console) -> None:
     t.add_row(
         "loss floor",
         f"{cert['loss_floor']:.4f} nats ({cert['metric']}, scale {cert['scale']:g}; "
-        f"features exactly on their anchors)",
+        "the lowest mean loss any features can reach)",
     )
     console.print(t)
 

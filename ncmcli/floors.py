@@ -1,0 +1,84 @@
+"""The loss floor: the lowest mean NCM loss that any features can reach for given anchors.
+
+The plateau rule measures progress on the training loss's excess over it, the anchor
+certificate prints it, and ``ncm plot curves`` draws it dashed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def loss_floor(anchors: torch.Tensor, metric: str, scale: float = 1.0) -> float:
+    """The lowest mean NCM loss any features can reach, classes balanced (the plateau rule's
+    reference). With unit anchors and scale 1 the softmax over -M is nearly flat, so this is
+    well above 0: E-NCM with 10 orthonormal anchors cannot go below log(1 + 9 e^-sqrt(2)) =
+    1.159 nats.
+
+    - ``euclidean``: every feature on its own anchor. Exact: by the triangle inequality the
+      gap ||f - a_j|| - ||f - a_c|| is at most ||a_c - a_j||, and f = a_c reaches it for
+      every j at once.
+    - ``cosine``: *not* on the anchor. Tilting a feature away from the other anchors widens
+      every gap (for orthonormal anchors the best gap is sqrt(C/(C-1)), not 1), so the floor
+      is found by minimising a convex problem (``_cosine_floor``).
+    - ``sqeuclidean``: 0. The gap 2 f.(a_c - a_j) grows without bound along f = t a_c."""
+    from ncmcli.distances import get_distance
+
+    a = anchors.double()
+    if metric == "sqeuclidean":
+        get_distance(metric)  # validates the name like the other branches
+        return 0.0
+    if metric == "cosine":
+        return _cosine_floor(a, scale)
+    logits = -scale * get_distance(metric)(a, a)  # (C, C): feature c sits on anchor c
+    return torch.nn.functional.cross_entropy(logits, torch.arange(len(a))).item()
+
+
+def _cosine_floor(anchors: torch.Tensor, scale: float, iters: int = 5000, tol: float = 1e-13) -> float:
+    """min over unit u_c of the mean over c of logsumexp(s A u_c) - s a_c.u_c (A: unit anchors).
+
+    Each class's loss is convex in u, so its minimum over the unit *ball* is a convex problem;
+    that minimum lies on the sphere (scaling up a u whose gaps are all positive, e.g. u = a_c,
+    lowers the loss, and an interior stationary point would make a_c a strict convex
+    combination of other unit vectors). Only the span of the anchors matters, so u lives in
+    r = rank coordinates. Solved by accelerated projected gradient (FISTA) from u_c = a_c,
+    step 1/L with L = s^2 ||A||^2 (the Hessian of logsumexp is below the identity)."""
+    a = torch.nn.functional.normalize(anchors, dim=1)
+    c = len(a)
+    if c < 2 or scale == 0:
+        return math.log(c) if c else 0.0
+    q, _ = torch.linalg.qr(a.T)  # (d, r): an orthonormal basis of the anchors' span
+    b = a @ q  # (C, r): the anchors in that basis; rows stay unit
+    labels = torch.arange(c)
+    lipschitz = scale**2 * torch.linalg.matrix_norm(b, ord=2).item() ** 2
+    step = 1.0 / lipschitz
+
+    def losses(u):
+        return torch.logsumexp(scale * u @ b.T, 1) - scale * (u * b).sum(1)
+
+    def project(u):
+        return u / u.norm(dim=1, keepdim=True).clamp_min(1.0)
+
+    # A work budget: about 2e10 multiply-adds (seconds), at least 20 steps. Symmetric layouts
+    # (simplex, polar, optimized) stop after one step, since their anchors are already optimal;
+    # if a very large C stops early, the value is still an upper bound, tighter than u = a_c.
+    iters = max(20, min(iters, int(2e10 / (c * c * b.shape[1]))))
+    u = b.clone()
+    y, t = u.clone(), 1.0
+    best = losses(u).mean().item()
+    for _ in range(iters):
+        p = torch.softmax(scale * y @ b.T, 1)
+        p[labels, labels] -= 1.0
+        grad = scale * p @ b  # (C, r)
+        u_next = project(y - step * grad)
+        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+        y = u_next + ((t - 1.0) / t_next) * (u_next - u)
+        u, t = u_next, t_next
+        value = losses(u).mean().item()
+        if best - value < tol and value <= best:
+            best = value
+            break
+        best = min(best, value)
+    return best
