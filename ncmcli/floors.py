@@ -62,8 +62,9 @@ def _cosine_floor(anchors: torch.Tensor, scale: float, iters: int = 5000, tol: f
         return u / u.norm(dim=1, keepdim=True).clamp_min(1.0)
 
     # A work budget: about 2e10 multiply-adds (seconds), at least 20 steps. Symmetric layouts
-    # (simplex, polar, optimized) stop after one step, since their anchors are already optimal;
-    # if a very large C stops early, the value is still an upper bound, tighter than u = a_c.
+    # (simplex, polar) stop after a step or two, since features on their anchors are already
+    # optimal; if a very large C runs out of steps, the value is still an upper bound on the
+    # floor, and a tighter one than features on their anchors.
     iters = max(20, min(iters, int(2e10 / (c * c * b.shape[1]))))
     u = b.clone()
     y, t = u.clone(), 1.0
