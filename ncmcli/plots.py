@@ -127,20 +127,25 @@ def curve_labels(runs: list[Path]) -> list[str]:
     from ncmcli.config import dotted
     from ncmcli.presets import load_yaml_text
 
+    from ncmcli.registry import loss_ignores
+
     flats = []
     for run in runs:
         try:
             tree = load_yaml_text((run / "config.yaml").read_text(encoding="utf-8"), str(run / "config.yaml"))
         except (OSError, NcmError, ValueError):
             tree = None
-        flats.append(dotted(tree) if isinstance(tree, dict) else {})
+        flat = dotted(tree) if isinstance(tree, dict) else {}
+        # A loss key this run's loss never reads (lambda_gamma on SoftMax) says nothing about it.
+        flats.append({k: v for k, v in flat.items() if not loss_ignores(str(flat.get("loss.name")), k)})
     keys = sorted({k for f in flats for k in f} - {"description", "data.root"})
-    vary = [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
+    # A key varies if the runs that read it disagree on it.
+    vary = [k for k in keys if len({repr(f[k]) for f in flats if k in f}) > 1]
     # A key goes by its last part (lr, epochs) unless another key shares that part, as
     # loss.name and data.name do; then by its whole dotted name.
     last = [k.split(".")[-1] for k in keys]
     short = {k: k.split(".")[-1] if last.count(k.split(".")[-1]) == 1 else k for k in vary}
-    return [", ".join(f"{short[k]}={f.get(k)}" for k in vary) or run.name for run, f in zip(runs, flats)]
+    return [", ".join(f"{short[k]}={f[k]}" for k in vary if k in f) or run.name for run, f in zip(runs, flats)]
 
 
 def curves(runs: list[Path], out: Path) -> Path:

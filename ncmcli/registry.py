@@ -21,6 +21,7 @@ class Entry:
     label: str  # what reports and docs show
     builder: str = ""  # "module:function", imported on first use
     metric: str = ""  # losses: the anchor distance for NCM losses ("" = no anchors)
+    keys: tuple[str, ...] = ()  # losses: the loss.* fields its builder reads, besides name
 
     def build(self, *args, **kwargs):
         module, func = self.builder.split(":")
@@ -29,13 +30,15 @@ class Entry:
 
 # -- Losses (criteria). Labels may use the loss config's fields, e.g. {margin}.
 LOSSES: dict[str, Entry] = {
-    "softmax": Entry("SoftMax", "ncmcli.losses:build_softmax"),
-    "encm": Entry("E-NCM", "ncmcli.losses:build_ncm", metric="euclidean"),
-    "cncm": Entry("C-NCM", "ncmcli.losses:build_ncm", metric="cosine"),
-    "sqncm": Entry("sq-NCM", "ncmcli.losses:build_ncm", metric="sqeuclidean"),
-    "hinge": Entry("{hinge_label}", "ncmcli.baselines:build_hinge"),
-    "lsoftmax": Entry("L-Softmax m={margin}", "ncmcli.baselines:build_lsoftmax"),
-    "center": Entry("Center", "ncmcli.baselines:build_center"),
+    "softmax": Entry("SoftMax", "ncmcli.losses:build_softmax", keys=("label_smoothing",)),
+    "encm": Entry("E-NCM", "ncmcli.losses:build_ncm", metric="euclidean", keys=("scale",)),
+    "cncm": Entry("C-NCM", "ncmcli.losses:build_ncm", metric="cosine", keys=("scale",)),
+    "sqncm": Entry("sq-NCM", "ncmcli.losses:build_ncm", metric="sqeuclidean", keys=("scale",)),
+    "hinge": Entry("{hinge_label}", "ncmcli.baselines:build_hinge", keys=("hinge_form",)),
+    "lsoftmax": Entry("L-Softmax m={margin}", "ncmcli.baselines:build_lsoftmax",
+                      keys=("margin", "lambda_base", "lambda_gamma", "lambda_power", "lambda_min", "label_smoothing")),
+    "center": Entry("Center", "ncmcli.baselines:build_center",
+                    keys=("center_weight", "center_alpha", "label_smoothing")),
 }
 HINGE_FORMS: dict[str, Entry] = {
     "ova": Entry("Hinge"),  # Caffe's one-vs-all L1 HingeLoss: the paper's cited rows
@@ -43,6 +46,20 @@ HINGE_FORMS: dict[str, Entry] = {
 }
 LSOFTMAX_MARGINS = (1, 2, 3, 4)
 NCM_LOSSES = {name: e.metric for name, e in LOSSES.items() if e.metric}
+
+
+def loss_ignores(loss_name: str, key: str) -> bool:
+    """Whether a dotted config key is a ``loss.*`` field that this loss never reads (``loss.scale``
+    for softmax, ``loss.lambda_gamma`` for E-NCM). Unknown losses ignore nothing."""
+    entry = LOSSES.get(loss_name)
+    field = key[len("loss."):] if key.startswith("loss.") else None
+    return entry is not None and field not in (None, "name") and field not in entry.keys
+
+
+def loss_key_users(key: str) -> list[str]:
+    """The losses that read a dotted ``loss.*`` key."""
+    field = key[len("loss."):]
+    return [name for name, e in LOSSES.items() if field in e.keys]
 
 # -- Anchor methods (ncmcli.anchors implements each; files are accepted besides these).
 ANCHOR_METHODS: dict[str, Entry] = {

@@ -147,14 +147,16 @@ def load_runs(paths: list[Path]) -> list[Run]:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise NcmError(f"{run}: unreadable run ({reason[:120]})") from None
         labels = (dataset_label(cfg.data), method_label(cfg.loss), cfg.model.dropout, cfg.model.arch)
-        runs.append(Run(str(run), error, _flat(cfg.to_dict()), labels, cfg))
+        # Keys the run's loss never reads (lambda_gamma on SoftMax) neither split nor label it.
+        flat = {k: v for k, v in _flat(cfg.to_dict()).items() if not registry.loss_ignores(cfg.loss.name, k)}
+        runs.append(Run(str(run), error, flat, labels, cfg))
     return runs
 
 
 def varying_keys(runs: list[Run]) -> list[str]:
-    """Config keys (not the seed or paths) whose values differ across ``runs``."""
-    keys = [k for k in runs[0].flat if k not in IGNORED_KEYS]
-    return [k for k in keys if len({repr(r.flat.get(k)) for r in runs}) > 1]
+    """Config keys (not the seed or paths) whose values differ across the ``runs`` that read them."""
+    keys = [k for k in dict.fromkeys(k for r in runs for k in r.flat) if k not in IGNORED_KEYS]
+    return [k for k in keys if len({repr(r.flat[k]) for r in runs if k in r.flat}) > 1]
 
 
 def collect(paths: list[Path], by: list[str] = ()) -> list[Cell]:
@@ -178,7 +180,7 @@ def collect(paths: list[Path], by: list[str] = ()) -> list[Cell]:
     paper = load_paper()
     cells: dict[tuple, Cell] = {}
     for r in runs:
-        settings = {k: r.flat.get(k) for k in group_keys if k not in LABEL_KEYS}
+        settings = {k: r.flat[k] for k in group_keys if k not in LABEL_KEYS and k in r.flat}
         key = (r.labels, tuple(settings.items())) if not by else tuple(repr(r.flat.get(k)) for k in by)
         if key not in cells:
             dataset, method, dropout, net = r.labels
@@ -224,6 +226,8 @@ def per_run_csv(paths: list[Path]) -> str:
 
 
 def _show(value) -> str:
+    if value is None:
+        return ""  # a key this run's loss does not read
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     return str(value)

@@ -103,6 +103,20 @@ def test_curve_labels_spell_out_keys_whose_last_part_is_shared(tmp_path):
     assert curve_labels(runs) == ["loss.name=encm, lr=0.1", "loss.name=softmax, lr=0.01"]
 
 
+def test_curve_labels_leave_out_loss_keys_a_run_does_not_read(tmp_path):
+    from ncmcli.plots import curve_labels
+
+    runs = []
+    for i, (loss, scale, gamma) in enumerate((("softmax", 2.0, 0.1), ("encm", 1.0, 0.2), ("encm", 4.0, 0.3))):
+        run = tmp_path / f"r{i}"
+        run.mkdir()
+        (run / "config.yaml").write_text(f"data:\n  name: mnist\nloss:\n  name: {loss}\n  scale: {scale}\n"
+                                         f"  lambda_gamma: {gamma}\n")
+        runs.append(run)
+    # lambda_gamma is read by none of them, scale only by E-NCM (where it varies)
+    assert curve_labels(runs) == ["loss.name=softmax", "loss.name=encm, scale=1.0", "loss.name=encm, scale=4.0"]
+
+
 def test_anchors_land_at_their_projected_coordinates():
     import torch
 

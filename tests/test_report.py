@@ -182,6 +182,26 @@ def test_per_run_csv_lists_every_varying_key(tmp_path):
     assert "seed" not in list(rows[0])[7:]  # the seed is a column of its own, not a "varying key"
 
 
+def test_loss_keys_a_loss_ignores_neither_split_nor_show(tmp_path):
+    import csv
+    import io
+
+    from ncmcli.report import per_run_csv
+
+    # Two SoftMax runs that differ only in lambda_gamma (which SoftMax never reads) are one cell
+    # of n=2; the L-Softmax runs, which read it, keep it as a per-run column.
+    fake_run(tmp_path, "s1", "quickstart-softmax", 12.0, ["loss.lambda_gamma=0.1"])
+    fake_run(tmp_path, "s2", "quickstart-softmax", 14.0, ["loss.lambda_gamma=0.2"])
+    fake_run(tmp_path, "l1", "quickstart-softmax", 15.0, ["loss.name=lsoftmax", "loss.lambda_gamma=0.1"])
+    fake_run(tmp_path, "l2", "quickstart-softmax", 16.0, ["loss.name=lsoftmax", "loss.lambda_gamma=0.3"])
+    cells = {(c.method, tuple(c.settings.items())): c for c in collect([tmp_path])}
+    assert cells[("SoftMax", ())].n == 2
+    assert {k for k in cells if k[0] != "SoftMax"} == {("L-Softmax m=2", (("loss.lambda_gamma", 0.1),)),
+                                                        ("L-Softmax m=2", (("loss.lambda_gamma", 0.3),))}
+    rows = {Path(r["run"]).name: r for r in csv.DictReader(io.StringIO(per_run_csv([tmp_path])))}
+    assert rows["s1"]["loss.lambda_gamma"] == "" and rows["l2"]["loss.lambda_gamma"] == "0.3"
+
+
 def test_report_cli_per_run_and_by(ncm, tmp_path):
     fake_run(tmp_path, "a", "quickstart", 12.0, ["optim.lr=0.01"])
     fake_run(tmp_path, "b", "quickstart", 13.0, ["optim.lr=0.02"])

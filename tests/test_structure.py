@@ -100,6 +100,60 @@ def test_every_registered_loss_builds_through_the_registry():
         assert vectors is not None and vectors.shape == (3, 4) and kind
 
 
+def test_loss_keys_are_exactly_what_each_builder_reads():
+    """registry.LOSSES[...].keys drives the 'has no effect' warning, report columns and plot
+    legends: it must list every loss_cfg field the builder reads, and nothing else."""
+    import importlib
+    import inspect
+    import textwrap
+
+    for name, entry in registry.LOSSES.items():
+        module, func = entry.builder.split(":")
+        tree = ast.parse(textwrap.dedent(inspect.getsource(getattr(importlib.import_module(module), func))))
+        read = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name) and node.value.id == "loss_cfg"}
+        assert read - {"name"} == set(entry.keys), (name, read)
+
+
+def test_loss_fields_a_loss_does_not_read_change_nothing():
+    """Changing a field outside a loss's keys leaves its parameters and its loss untouched."""
+    import dataclasses
+
+    import torch
+
+    from ncmcli.config import LossConfig
+    from ncmcli.losses import build_criterion
+
+    other = {"scale": 3.0, "hinge_form": "weston-watkins", "margin": 3, "lambda_base": 10.0,
+             "lambda_gamma": 0.5, "lambda_power": 2.0, "lambda_min": 0.5, "center_weight": 0.5,
+             "center_alpha": 0.1, "label_smoothing": 0.2}
+    fields = {f.name for f in dataclasses.fields(LossConfig)} - {"name"}
+    assert set(other) == fields, "give every new LossConfig field a second value here"
+    anchors = torch.nn.functional.normalize(torch.randn(4, 6, generator=torch.Generator().manual_seed(0)), dim=1)
+    f = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+
+    def loss_of(cfg):
+        torch.manual_seed(0)
+        crit = build_criterion(cfg, anchors=anchors if registry.LOSSES[cfg.name].metric else None,
+                               dim=6, num_classes=4)
+        return crit(f, y).item(), {k: v.clone() for k, v in crit.state_dict().items()}
+
+    checked = 0
+    for name in registry.LOSSES:
+        base_loss, base_state = loss_of(LossConfig(name=name))
+        for field in sorted(fields):
+            changed = LossConfig(name=name, **{field: other[field]})
+            ignored = registry.loss_ignores(name, f"loss.{field}")
+            assert ignored == (field not in registry.LOSSES[name].keys)
+            if ignored:
+                loss, state = loss_of(changed)
+                assert loss == base_loss and state.keys() == base_state.keys(), (name, field)
+                assert all(torch.equal(state[k], base_state[k]) for k in state), (name, field)
+                checked += 1
+    assert checked > 40
+
+
 def test_readme_tables_list_every_registered_name():
     text = (REPO / "README.md").read_text()
     baselines = text[text.index("## Baselines"):text.index("## Speed")]

@@ -114,6 +114,13 @@ def train(
         raise UsageError("ncm train needs --preset NAME or --preset FILE.yaml, e.g. --preset quickstart "
                          "(offline, about a minute); 'ncm presets' lists them all")
     cfg = None if resume is not None else presets_mod.resolve(preset, overrides)
+    if cfg is not None:
+        from ncmcli.registry import loss_ignores, loss_key_users
+
+        for key in dict.fromkeys(cfgmod.parse_override(text)[0] for text in overrides):
+            if loss_ignores(cfg.loss.name, key):
+                err.print(f"warning: {key} has no effect on loss {cfg.loss.name} "
+                          f"(it is read by {', '.join(loss_key_users(key))})", markup=False, highlight=False)
     if print_config:
         sys.stdout.write(cfgmod.to_yaml(cfg))
         return
