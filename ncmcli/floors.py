@@ -6,9 +6,13 @@ certificate prints it, and ``ncm plot curves`` draws it dashed.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
+
+_CACHE: dict[tuple, float] = {}  # (anchor digest, shape, metric, scale) -> floor; a run asks twice
+_CACHE_SIZE = 32
 
 
 def loss_floor(anchors: torch.Tensor, metric: str, scale: float = 1.0) -> float:
@@ -21,19 +25,61 @@ def loss_floor(anchors: torch.Tensor, metric: str, scale: float = 1.0) -> float:
       gap ||f - a_j|| - ||f - a_c|| is at most ||a_c - a_j||, and f = a_c reaches it for
       every j at once.
     - ``cosine``: *not* on the anchor. Tilting a feature away from the other anchors widens
-      every gap (for orthonormal anchors the best gap is sqrt(C/(C-1)), not 1), so the floor
-      is found by minimising a convex problem (``_cosine_floor``).
-    - ``sqeuclidean``: 0. The gap 2 f.(a_c - a_j) grows without bound along f = t a_c."""
+      every gap (for orthonormal anchors the best gap is sqrt(C/(C-1)), not 1). Equiangular
+      anchors (orthonormal, regular simplex) have a closed form (``_equiangular_floor``);
+      others are solved as a convex problem (``_cosine_floor``).
+    - ``sqeuclidean``: 0. The gap 2 f.(a_c - a_j) grows without bound along f = t a_c.
+
+    Results are cached per anchors, metric and scale (training asks once for the plateau
+    rule and once for result.json)."""
     from ncmcli.distances import get_distance
 
-    a = anchors.double()
+    get_distance(metric)  # validates the name first
+    a = anchors.detach().double().cpu().contiguous()
+    key = (hashlib.blake2b(a.numpy().tobytes(), digest_size=16).hexdigest(), tuple(a.shape), metric, float(scale))
+    if key in _CACHE:
+        return _CACHE[key]
     if metric == "sqeuclidean":
-        get_distance(metric)  # validates the name like the other branches
-        return 0.0
-    if metric == "cosine":
-        return _cosine_floor(a, scale)
-    logits = -scale * get_distance(metric)(a, a)  # (C, C): feature c sits on anchor c
-    return torch.nn.functional.cross_entropy(logits, torch.arange(len(a))).item()
+        value = 0.0
+    elif metric == "cosine":
+        value = _equiangular_floor(a, scale)
+        if value is None:
+            value = _cosine_floor(a, scale)
+    else:
+        logits = -scale * get_distance(metric)(a, a)  # (C, C): feature c sits on anchor c
+        value = torch.nn.functional.cross_entropy(logits, torch.arange(len(a))).item()
+    if len(_CACHE) >= _CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = value
+    return value
+
+
+def _equiangular_floor(anchors: torch.Tensor, scale: float, tol: float = 1e-9) -> float | None:
+    """The cosine floor in closed form when every pair of anchors has the same cosine rho
+    (orthonormal: 0; regular simplex: -1/(C-1)); None otherwise.
+
+    Any permutation of the other classes is an isometry of such anchors that fixes a_c, and
+    each class's loss is convex over the unit ball, so averaging a minimiser over those
+    permutations gives one whose cosines to the other anchors are all equal, with the same
+    loss. On that set the gap is u.(a_c - m), m the mean of the other anchors, and a_c - m
+    lies in it, so the best gap is ||a_c - m|| = sqrt(C (1 - rho) / (C - 1)) and the floor
+    log(1 + (C - 1) exp(-s gap))."""
+    a = torch.nn.functional.normalize(anchors, dim=1)
+    c = len(a)
+    if c < 2:
+        return None
+    rho = None
+    for start in range(0, c, 1024):  # the Gram matrix a row block at a time: C can be 10,000
+        g = a[start:start + 1024] @ a.T
+        off_diagonal = torch.ones_like(g, dtype=torch.bool)
+        off_diagonal[torch.arange(len(g)), torch.arange(start, start + len(g))] = False
+        off = g[off_diagonal]
+        if rho is None:
+            rho = off[0].item()
+        if off.numel() and (off - rho).abs().max().item() > tol:
+            return None
+    gap = math.sqrt(max(c * (1.0 - rho) / (c - 1), 0.0))
+    return math.log1p((c - 1) * math.exp(-scale * gap))
 
 
 def _cosine_floor(anchors: torch.Tensor, scale: float, iters: int = 5000, tol: float = 1e-13) -> float:

@@ -178,3 +178,37 @@ def test_certificate_fields():
     assert cert.duplicates == []
     dup = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     assert anchor_certificate(dup, "x").duplicates == [(0, 1)]
+
+
+@pytest.mark.parametrize("rho,c,scale", [(0.0, 6, 1.0), (-1 / 5, 6, 2.0), (0.3, 5, 1.0), (0.6, 4, 3.0)])
+def test_equiangular_closed_form_matches_the_solver_and_a_search(rho, c, scale):
+    from ncmcli.floors import _cosine_floor, _equiangular_floor
+
+    # C unit vectors with every pairwise cosine rho: the rows of the Cholesky factor of
+    # (1 - rho) I + rho 11^T (rho = -1/(C-1) is the regular simplex), in a random rotation.
+    gram = (1 - rho) * torch.eye(c, dtype=torch.float64) + rho
+    vectors = torch.linalg.cholesky(gram + 1e-15 * torch.eye(c, dtype=torch.float64))
+    rot, _ = torch.linalg.qr(torch.randn(c + 2, c + 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    a = torch.nn.functional.pad(vectors, (0, 2)) @ rot
+    closed = _equiangular_floor(a, scale)
+    assert closed is not None
+    assert closed == pytest.approx(_cosine_floor(a, scale), abs=1e-9)
+    assert closed == pytest.approx(_cosine_floor_by_search(a, scale), abs=1e-6)
+    assert loss_floor(a.float(), "cosine", scale) == pytest.approx(closed, abs=1e-6)
+    assert _equiangular_floor(make_anchors("random", 6, 4), 1.0) is None  # not equiangular: the solver's
+
+
+def test_loss_floor_is_cached_per_anchors_metric_and_scale(monkeypatch):
+    import ncmcli.floors as floors
+
+    calls = []
+    solver = floors._cosine_floor
+    monkeypatch.setattr(floors, "_cosine_floor", lambda a, s: calls.append(s) or solver(a, s))
+    a = make_anchors("random", 5, 3, seed=7)
+    first = loss_floor(a, "cosine", 1.5)
+    assert loss_floor(a.clone(), "cosine", 1.5) == first and calls == [1.5]
+    assert loss_floor(a, "cosine", 2.5) < first and calls == [1.5, 2.5]
+    b = a.clone()
+    b[0] = -b[0]
+    loss_floor(b, "cosine", 1.5)
+    assert len(calls) == 3  # other anchors, computed again
