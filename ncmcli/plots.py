@@ -127,7 +127,7 @@ def curve_labels(runs: list[Path]) -> list[str]:
     from ncmcli.config import dotted
     from ncmcli.presets import load_yaml_text
 
-    from ncmcli.registry import loss_ignores
+    from ncmcli.registry import keys_read
 
     flats = []
     for run in runs:
@@ -135,9 +135,8 @@ def curve_labels(runs: list[Path]) -> list[str]:
             tree = load_yaml_text((run / "config.yaml").read_text(encoding="utf-8"), str(run / "config.yaml"))
         except (OSError, NcmError, ValueError):
             tree = None
-        flat = dotted(tree) if isinstance(tree, dict) else {}
         # A loss key this run's loss never reads (lambda_gamma on SoftMax) says nothing about it.
-        flats.append({k: v for k, v in flat.items() if not loss_ignores(str(flat.get("loss.name")), k)})
+        flats.append(keys_read(dotted(tree)) if isinstance(tree, dict) else {})
     keys = sorted({k for f in flats for k in f} - {"description", "data.root"})
     # A key varies if the runs that read it disagree on it.
     vary = [k for k in keys if len({repr(f[k]) for f in flats if k in f}) > 1]

@@ -56,6 +56,13 @@ def loss_ignores(loss_name: str, key: str) -> bool:
     return entry is not None and field not in (None, "name") and field not in entry.keys
 
 
+def keys_read(flat: dict) -> dict:
+    """A dotted config (``{"loss.name": ..., "loss.scale": ...}``) without the ``loss.*`` keys its
+    loss never reads: what report columns and plot legends may name."""
+    name = str(flat.get("loss.name"))
+    return {k: v for k, v in flat.items() if not loss_ignores(name, k)}
+
+
 def loss_key_users(key: str) -> list[str]:
     """The losses that read a dotted ``loss.*`` key."""
     field = key[len("loss."):]

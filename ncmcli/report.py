@@ -148,8 +148,7 @@ def load_runs(paths: list[Path]) -> list[Run]:
             raise NcmError(f"{run}: unreadable run ({reason[:120]})") from None
         labels = (dataset_label(cfg.data), method_label(cfg.loss), cfg.model.dropout, cfg.model.arch)
         # Keys the run's loss never reads (lambda_gamma on SoftMax) neither split nor label it.
-        flat = {k: v for k, v in _flat(cfg.to_dict()).items() if not registry.loss_ignores(cfg.loss.name, k)}
-        runs.append(Run(str(run), error, flat, labels, cfg))
+        runs.append(Run(str(run), error, registry.keys_read(_flat(cfg.to_dict())), labels, cfg))
     return runs
 
 
