@@ -126,7 +126,6 @@ def curve_labels(runs: list[Path]) -> list[str]:
     data path), else the run folder's name."""
     from ncmcli.config import dotted
     from ncmcli.presets import load_yaml_text
-
     from ncmcli.registry import keys_read
 
     flats = []

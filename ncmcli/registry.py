@@ -68,6 +68,7 @@ def loss_key_users(key: str) -> list[str]:
     field = key[len("loss."):]
     return [name for name, e in LOSSES.items() if field in e.keys]
 
+
 # -- Anchor methods (ncmcli.anchors implements each; files are accepted besides these).
 ANCHOR_METHODS: dict[str, Entry] = {
     "orthogonal": Entry("e_1..e_C, the paper's default"),

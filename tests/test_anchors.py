@@ -196,6 +196,8 @@ def test_equiangular_closed_form_matches_the_solver_and_a_search(rho, c, scale):
     assert closed == pytest.approx(_cosine_floor_by_search(a, scale), abs=1e-6)
     assert loss_floor(a.float(), "cosine", scale) == pytest.approx(closed, abs=1e-6)
     assert _equiangular_floor(make_anchors("random", 6, 4), 1.0) is None  # not equiangular: the solver's
+    simplex = make_anchors("simplex", 10, 9)  # float32: cosines -1/9 to within about 3e-8
+    assert _equiangular_floor(simplex.double(), 1.0) == pytest.approx(math.log1p(9 * math.exp(-10 / 9)), abs=1e-7)
 
 
 def test_loss_floor_is_cached_per_anchors_metric_and_scale(monkeypatch):
