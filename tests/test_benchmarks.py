@@ -31,3 +31,29 @@ def test_benchmarks_import_nothing_private_and_do_not_touch_sys_path():
     for path in BENCH.glob("*.py"):
         text = path.read_text()
         assert "sys.path" not in text and "_Step" not in text and "helpers_data" not in text, path.name
+
+
+def test_convergence_check_reports_range_and_least_squares_trend(tmp_path):
+    import json
+    import random
+
+    import torch
+
+    rng = random.Random(0)
+    errors = [40 - 0.5 * e + rng.uniform(-0.3, 0.3) for e in range(10)]  # epochs 1..10; last fifth 9..10
+    errors[-5:] = [30.0, 30.4, 29.9, 30.1, 30.3]
+    run = tmp_path / "sweep" / "r"
+    run.mkdir(parents=True)
+    rows = [{"epoch": e + 1, "test_error_pct": v, "train_acc": 0.9} for e, v in enumerate(errors * 2)]  # 20 epochs
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = subprocess.run([sys.executable, str(BENCH / "convergence.py"), str(tmp_path / "sweep")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("r "))
+    tail = torch.tensor([r["test_error_pct"] for r in rows[-4:]], dtype=torch.float64)  # last fifth: 4 of 20
+    x = torch.arange(4, dtype=torch.float64)
+    slope = ((x - x.mean()) * (tail - tail.mean())).sum() / ((x - x.mean()) ** 2).sum()
+    _, epochs, span, moved, converged, change, acc = line.split()
+    assert (epochs, span, converged, acc) == ("20", "17-20", "no", "90.0%")
+    assert float(moved) == pytest.approx((tail.max() - tail.min()).item(), abs=0.006)
+    assert float(change) == pytest.approx(3 * slope.item(), abs=0.006)
