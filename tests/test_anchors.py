@@ -203,6 +203,7 @@ def test_equiangular_closed_form_matches_the_solver_and_a_search(rho, c, scale):
 def test_loss_floor_is_cached_per_anchors_metric_and_scale(monkeypatch):
     import ncmcli.floors as floors
 
+    monkeypatch.setattr(floors, "_CACHE", {})  # whatever earlier tests computed
     calls = []
     solver = floors._cosine_floor
     monkeypatch.setattr(floors, "_cosine_floor", lambda a, s: calls.append(s) or solver(a, s))
