@@ -11,6 +11,11 @@
 #           study-long: the study's cells at 40 epochs instead of 12 (trained until they fit):
 #                   CIFAR-10 p=0 for SoftMax, E-NCM, C-NCM, then CIFAR-10+ p=0.1 and CIFAR-10
 #                   p=0.25 (about 11 minutes a run, 2 seeds: 2.5 hours); needs CIFAR10_DIR
+#           scale:  loss.scale 1/2/auto/4/8/learn for E-NCM and C-NCM against SoftMax, on
+#                   Fashion-MNIST (10k sample, tiny net) and CIFAR-10 (4k sample); each run is
+#                   then evaluated (ECE, feature norm, open-set vs CIFAR-10); needs CIFAR10_DIR
+#           longtail: CIFAR-10-LT (data.imbalance=exp:100 on a 20k stratified sample, so
+#                   n_max = 2000), SoftMax vs E-NCM/C-NCM, logit adjustment; needs CIFAR10_DIR
 #           cpu:    the short Fashion-MNIST comparison;  smoke: tiny, for tests
 #   OUT     where the runs go (default: sweeps/TARGET)
 #
@@ -20,6 +25,9 @@
 #   EXTRA="--set ..."  more ncm train arguments for every run (e.g. --device cuda:1)
 #   NCM="ncm"          the ncm command
 #   CIFAR10_DIR=...    study: a folder with train/<class>/ and test/<class>/ CIFAR-10 images
+#
+# A cell may end in ":: NAME:ARGS;;NAME2:ARGS2": after training, `ncm eval RUN/last.safetensors
+# --json ARGS` is written to RUN/NAME.json for each (skipped when it exists).
 #
 # Resumable: a run whose result.json exists is skipped, and a run that was stopped (Ctrl-C,
 # SIGTERM, a killed session) continues from its last.safetensors with --resume. Examples:
@@ -32,7 +40,8 @@ TARGET="${1:?usage: reproduce.sh table2|table3|figure2|study|study-long|cpu|smok
 OUT="${2:-sweeps/$TARGET}"
 NCM="${NCM:-ncm}"
 read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
-if [[ "$TARGET" == study* ]]; then SEEDS="${SEEDS:-0 1}"; else SEEDS="${SEEDS:-0 1 2}"; fi
+if [[ "$TARGET" == study* || "$TARGET" == scale || "$TARGET" == longtail ]]; then SEEDS="${SEEDS:-0 1}"
+else SEEDS="${SEEDS:-0 1 2}"; fi
 
 cells=()   # "name preset [--set k=v ...]": one cell, run once per seed
 case "$TARGET" in
@@ -93,6 +102,49 @@ case "$TARGET" in
       cells+=("c10pluslong-$m-p0.1 cifar10plus-$m $C --set model.dropout=0.1")
       cells+=("c10long-$m-p0.25 cifar10-$m $C --set model.dropout=0.25")
     done ;;
+  scale)
+    : "${CIFAR10_DIR:?the scale study needs CIFAR10_DIR (a folder with train/ and test/; see REPRODUCTION.md)}"
+    # One thread a run, so that two studies share a 2-core machine. Fashion-MNIST: a stratified
+    # 10,000-image training sample, the tiny net, 8 epochs of batch 128, lr /10 after epochs 5
+    # and 7 for every arm; evaluated on 2,000 test images against 2,000 CIFAR-10 test images
+    # converted to grayscale 28x28.
+    F="--set data.name=fashion-mnist --set data.limit_train=10000 --set model.arch=tiny --set train.epochs=8"
+    F="$F --set train.batch_size=128 --set optim.schedule=multistep --set optim.milestones=5,7 --set train.num_threads=1"
+    FE=":: eval:--limit 2000 --ood $CIFAR10_DIR"
+    for s in 1 auto learn 4 2 8; do
+      for m in encm cncm; do cells+=("fmnist-$m-s$s fashion-mnist-cpu-$m $F --set loss.scale=$s $FE"); done
+    done
+    cells+=("fmnist-softmax fashion-mnist-cpu-softmax $F $FE")
+    # CIFAR-10 JPEGs: a stratified 4,000-image training sample and 2,000 test images, the
+    # cifar10-cpu net without dropout, 12 epochs, lr /10 after epochs 8 and 10.
+    C="--set data.name=folder --set data.root=$CIFAR10_DIR --set data.limit_train=4000 --set data.limit_test=2000"
+    C="$C --set model.arch=cifar10-cpu --set model.dropout=0 --set train.epochs=12 --set train.batch_size=128"
+    C="$C --set optim.schedule=multistep --set optim.milestones=8,10 --set train.num_threads=1"
+    for s in 1 auto learn 4; do cells+=("c10-encm-s$s cifar10-encm $C --set loss.scale=$s :: eval:"); done
+    cells+=("c10-cncm-sauto cifar10-cncm $C --set loss.scale=auto :: eval:")
+    cells+=("c10-softmax cifar10-softmax $C :: eval:") ;;
+  longtail)
+    : "${CIFAR10_DIR:?the long-tail study needs CIFAR10_DIR (a folder with train/ and test/; see REPRODUCTION.md)}"
+    # CIFAR-10-LT: a stratified 20,000-image sample (2,000 a class), then Cao et al.'s exp
+    # profile at IF 100 (2000 ... 20 images, 4,962 in all); 2,000 balanced test images; the
+    # cifar10-cpu net without dropout, 15 epochs of batch 128, lr /10 after epochs 10 and 13,
+    # one thread a run. Every run is also evaluated with post-hoc logit adjustment (tau = 1).
+    L="--set data.name=folder --set data.root=$CIFAR10_DIR --set data.limit_train=20000 --set data.limit_test=2000"
+    L="$L --set model.arch=cifar10-cpu --set model.dropout=0 --set train.epochs=15 --set train.batch_size=128"
+    L="$L --set optim.schedule=multistep --set optim.milestones=10,13 --set train.num_threads=1"
+    LE=":: eval:;;eval-la1:--logit-adjust 1"
+    for imb in exp:100 exp:10; do
+      tag="if${imb#exp:}"
+      cells+=("lt-$tag-softmax cifar10-softmax $L --set data.imbalance=$imb $LE")
+      cells+=("lt-$tag-encm-sauto cifar10-encm $L --set data.imbalance=$imb --set loss.scale=auto $LE")
+      [ "$imb" = exp:10 ] && continue  # IF 10: SoftMax and the main NCM arm only
+      cells+=("lt-$tag-encm-s1 cifar10-encm $L --set data.imbalance=$imb $LE")
+      cells+=("lt-$tag-encm-sauto-la1 cifar10-encm $L --set data.imbalance=$imb --set loss.scale=auto --set loss.logit_adjust=1 $LE")
+      cells+=("lt-$tag-cncm-sauto cifar10-cncm $L --set data.imbalance=$imb --set loss.scale=auto $LE")
+      cells+=("lt-$tag-encm-simplex-sauto cifar10-encm $L --set data.imbalance=$imb --set loss.scale=auto --set anchors.method=simplex $LE")
+    done
+    # Run IF 100 first (the question), then IF 10.
+    cells=("${cells[0]}" "${cells[1]}" "${cells[@]:4}" "${cells[2]}" "${cells[3]}") ;;
   cpu)
     for m in softmax hinge lsoftmax2 lsoftmax4 center cncm encm; do cells+=("fashion-mnist-cpu-$m fashion-mnist-cpu-$m"); done ;;
   smoke)
@@ -104,6 +156,8 @@ mkdir -p "$OUT/logs"
 start=$(date +%s)
 for cell in "${cells[@]}"; do
   read -r name preset rest <<< "$cell"
+  evals=""
+  if [[ "$rest" == *"::"* ]]; then evals="${rest#*::}"; rest="${rest%%::*}"; fi
   read -r -a cell_args <<< "${rest:-}"
   for seed in $SEEDS; do
     run="$name-s$seed"
@@ -117,6 +171,23 @@ for cell in "${cells[@]}"; do
     [ -n "${EPOCHS:-}" ] && args+=(--set "train.epochs=$EPOCHS")
     echo "run  $run  ($(date +%H:%M:%S))" >&2
     "$NCM" "${args[@]}" "${EXTRA_ARGS[@]}" > "$OUT/logs/$run.json"
+  done
+done
+# Evaluations after training (a second pass, so that a resumed sweep evaluates what it skipped).
+for cell in "${cells[@]}"; do
+  read -r name preset rest <<< "$cell"
+  [[ "$rest" == *"::"* ]] || continue
+  IFS=';' read -r -a specs <<< "${rest#*::}"
+  for seed in $SEEDS; do
+    run="$name-s$seed"
+    [ -f "$OUT/$run/result.json" ] || continue
+    for spec in "${specs[@]}"; do
+      [ -n "${spec// /}" ] || continue
+      ename="${spec%%:*}"; ename="${ename// /}"; read -r -a eargs <<< "${spec#*:}"
+      [ -f "$OUT/$run/$ename.json" ] && continue
+      "$NCM" eval "$OUT/$run/last.safetensors" --json "${eargs[@]}" > "$OUT/$run/$ename.json.tmp" 2>> "$OUT/logs/$run.eval.err" \
+        && mv "$OUT/$run/$ename.json.tmp" "$OUT/$run/$ename.json"
+    done
   done
 done
 echo "sweep finished in $(( $(date +%s) - start )) s" >&2

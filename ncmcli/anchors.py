@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ncmcli.errors import ConfigError
-from ncmcli.floors import loss_floor
+from ncmcli.floors import loss_floor, top_probability
 from ncmcli.registry import ANCHOR_FILE_SUFFIXES, ANCHOR_METHODS
 
 METHODS = tuple(ANCHOR_METHODS)
@@ -265,6 +265,7 @@ class AnchorCertificate:
     metric: str = "euclidean"
     scale: float = 1.0
     loss_floor: float = 0.0
+    top_probability: float = 1.0  # e^-floor: the best probability of the true class at this scale
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -277,6 +278,7 @@ def anchor_certificate(
     ang = pairwise_angles(anchors)
     norms = anchors.double().norm(dim=1)
     c, d = anchors.shape
+    floor = loss_floor(anchors, metric, scale)
     return AnchorCertificate(
         classes=c,
         dim=d,
@@ -290,5 +292,6 @@ def anchor_certificate(
         duplicates=duplicate_pairs(anchors),
         metric=metric,
         scale=scale,
-        loss_floor=loss_floor(anchors, metric, scale),
+        loss_floor=floor,
+        top_probability=top_probability(floor),
     )

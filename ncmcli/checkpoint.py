@@ -41,6 +41,8 @@ class Checkpoint:
     epoch: int
     metrics: dict
     path: Path
+    class_counts: list[int] | None = None  # training images per class, when the trainer knew them
+    imbalance: str = ""  # the data.imbalance profile the counts come from ("" = as the data came)
 
 
 RUN_ID_PREFIX = "# ncm run id: "
@@ -55,8 +57,11 @@ def run_id_of_config(text: str) -> str | None:
 def save(
     path: Path, *, model, criterion, config, classes, mean, std, input_shape, epoch, metrics,
     extra: tuple[dict, str] | None = None, run_id: str | None = None,
+    class_counts: list[int] | None = None, imbalance: str = "",
 ) -> None:
-    """``extra``: (tensors, train_state JSON) from ``trainstate.pack``, for resumable files."""
+    """``extra``: (tensors, train_state JSON) from ``trainstate.pack``, for resumable files.
+    ``class_counts``: the training images per class (the prior of logit adjustment and of
+    head/medium/tail metrics)."""
     from safetensors.torch import save_file
 
     from ncmcli import __version__
@@ -78,6 +83,11 @@ def save(
     }
     if run_id:
         meta["run_id"] = run_id
+    if getattr(criterion, "uses_anchors", False):
+        meta["scale"] = repr(criterion.scale_value())  # what auto/learn resolved to, exactly
+    if class_counts is not None:
+        meta["class_counts"] = json.dumps([int(n) for n in class_counts])
+        meta["imbalance"] = imbalance
     if extra is not None:
         tensors.update({k: v.detach().to("cpu").contiguous() for k, v in extra[0].items()})
         meta["train_state"] = extra[1]
@@ -182,6 +192,11 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
         raise CheckpointError(f"{path}: the normalisation mean is not finite")
     if cfg.model.feature_dim > MAX_FEATURE_DIM:
         raise CheckpointError(f"{path}: feature_dim {cfg.model.feature_dim} is above {MAX_FEATURE_DIM}")
+    counts = _meta_json(meta, "class_counts", path) if "class_counts" in meta else None
+    if counts is not None and not (isinstance(counts, list) and len(counts) == len(classes)
+                                   and all(isinstance(n, int) and 0 <= n < 2**40 for n in counts)):
+        raise CheckpointError(f"{path}: 'class_counts' must be a count per class")
+    stored_scale = _stored_scale(meta, path)
 
     def build(device):
         with torch.device(device):
@@ -190,7 +205,8 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
             anchors_like = torch.zeros(len(classes), net.feature_dim) if cfg.loss.name in NCM_METRICS else None
             if anchors_like is not None:
                 anchors_like[:, 0] = 1.0
-            crit = build_criterion(cfg.loss, anchors=anchors_like, dim=net.feature_dim, num_classes=len(classes))
+            crit = build_criterion(cfg.loss, anchors=anchors_like, dim=net.feature_dim, num_classes=len(classes),
+                                   prior=torch.ones(len(classes)), scale=1.0)
         return net, crit
 
     # -- Validate every size on the meta device (no memory) against the file's header
@@ -234,7 +250,9 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
             f"{path}: anchors have shape {tuple(anchors.shape)}, expected ({len(classes)}, {model.feature_dim})"
         )
     try:
-        criterion = build_criterion(cfg.loss, anchors=anchors, dim=model.feature_dim, num_classes=len(classes))
+        prior = None if counts is None else torch.tensor(counts, dtype=torch.float64)
+        criterion = build_criterion(cfg.loss, anchors=anchors, dim=model.feature_dim, num_classes=len(classes),
+                                    prior=prior, scale=stored_scale)
     except (ValueError, NcmError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild the criterion ({exc})") from None
     model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -255,4 +273,18 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
         model=model, criterion=criterion, config=cfg, classes=classes, mean=mean, std=std,
         input_shape=tuple(shape), epoch=int(epoch_text) if epoch_text.isdigit() else 0,
         metrics=_meta_json(meta, "metrics", path) if "metrics" in meta else {}, path=path,
+        class_counts=counts, imbalance=str(meta.get("imbalance", ""))[:40],
     )
+
+
+def _stored_scale(meta: dict, path: Path) -> float | None:
+    """The NCM scale a checkpoint stored (the number auto/learn resolved to), or None."""
+    if "scale" not in meta:
+        return None
+    try:
+        value = float(meta["scale"])
+    except ValueError:
+        raise CheckpointError(f"{path}: checkpoint metadata 'scale' is not a number") from None
+    if not (math.isfinite(value) and 0 < value <= 1e4):
+        raise CheckpointError(f"{path}: checkpoint scale {meta['scale'][:20]} is not in (0, 1e4]")
+    return value

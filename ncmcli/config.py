@@ -30,6 +30,7 @@ ANCHOR_METHODS = tuple(registry.ANCHOR_METHODS)
 SCHEDULES = ("plateau", "multistep", "cosine", "none")
 OPTIMIZERS = ("sgd", "adamw")
 SMOOTHED_LOSSES = tuple(registry.loss_key_users("loss.label_smoothing"))  # softmax, lsoftmax, center
+ADJUSTED_LOSSES = tuple(registry.loss_key_users("loss.logit_adjust"))  # softmax and the NCM losses
 MILESTONE_UNITS = ("epoch", "step")
 HEADS = registry.HEADS
 NORMALIZATIONS = ("global", "channel")
@@ -52,6 +53,10 @@ class DataConfig:
     limit_train: int = 0  # a stratified sample of N training images (0 = all): quick checks
     limit_test: int = 0  # likewise for the test split
     subset_seed: int = 0  # the limits' sample: fixed across run seeds, so runs compare on the same images
+    # A long-tailed training split: exp:IF (Cao et al.'s exponential profile, largest class
+    # IF times the smallest) or step:IF (half the classes IF times smaller); "" = as the data
+    # came. Applied after limit_train, before val_split; the test split stays balanced.
+    imbalance: str = ""
     # Held out of train (a fraction < 1, or a count), seeded by subset_seed and stratified;
     # when set, best.safetensors is selected on it instead of on the test split.
     val_split: float = 0.0
@@ -81,7 +86,17 @@ class AnchorsConfig:
 @dataclass(frozen=True)
 class LossConfig:
     name: str = "encm"  # the paper's main method; softmax is the baseline
-    scale: float = 1.0  # inverse temperature on -M; 1.0 is the paper (an extension otherwise)
+    # Inverse temperature s on -M: a number (1.0 is the paper; anything else an extension),
+    # auto = the s at which the loss floor equals floor_target (at s = 1 the floor is 1.159
+    # nats for 10 orthonormal anchors: the softmax stays nearly flat), or learn = a learned
+    # log s that starts at the auto value.
+    scale: float | str = 1.0
+    # auto/learn: the floor, in nats, that auto's s leaves. 0.1 puts the best reachable
+    # probability of the true class at e^-0.1 = 0.905 (the scale study in REPRODUCTION.md).
+    floor_target: float = 0.1
+    # Menon et al.'s logit-adjusted loss: tau * log(prior_c) is added to every training logit
+    # (the prior from the training class counts); 0 = off, the paper's plain loss.
+    logit_adjust: float = 0.0
     hinge_form: str = "ova"  # Caffe's one-vs-all L1 HingeLoss, what the cited Hinge rows used
     margin: int = 2  # L-Softmax m in {1, 2, 3, 4}
     # L-Softmax lambda = max(lambda_min, base * (1 + gamma * iter)^-power): the released
@@ -167,6 +182,7 @@ SCHEMA: dict[str, type] = _schema()
 MAX_SEED = 2**63 - 1
 ARCH_NAMES = tuple(_ARCH_NAMES)
 MAX_FEATURE_DIM = 65536  # what checkpoint loading accepts
+MAX_SCALE = 1e4  # beyond this exp(-s d) underflows float32 for any distance above 0.01
 
 
 def quote(value: Any, limit: int = 80) -> str:
@@ -195,6 +211,8 @@ def coerce(key: str, value: Any) -> Any:
     typ = SCHEMA[key]
     if typing.get_origin(typ) is tuple:
         return _coerce_int_list(key, value)
+    if key == "loss.scale":
+        return _coerce_scale(key, value)
     return _coerce_as(key, value, typ)
 
 
@@ -253,6 +271,23 @@ def _coerce_as(key: str, value: Any, typ: type) -> Any:
     raise bad  # pragma: no cover - the schema only holds the four types above
 
 
+SCALE_WORDS = ("auto", "learn")
+
+
+def _coerce_scale(key: str, value: Any) -> float | str:
+    """``loss.scale``: a positive number, or one of SCALE_WORDS."""
+    if isinstance(value, str) and value.strip().lower() in SCALE_WORDS:
+        return value.strip().lower()
+    try:
+        return _coerce_as(key, value, float)
+    except ConfigError:
+        raise ConfigError(f"{key}: expected a number > 0, auto or learn, got {quote(value)}") from None
+
+
+def is_fixed_scale(scale: float | str) -> bool:
+    return not isinstance(scale, str)
+
+
 def _coerce_int_list(key: str, value: Any) -> tuple[int, ...]:
     """A list of integers from YAML (``[5000, 7500]``) or the command line (``5000,7500``,
     ``[5000,7500]``, or empty for none)."""
@@ -274,6 +309,19 @@ def parse_betas(text: str) -> tuple[float, float]:
 def _betas_ok(text: str) -> bool:
     try:
         return all(0 <= b < 1 for b in parse_betas(text))
+    except ValueError:
+        return False
+
+
+IMBALANCE_KINDS = ("exp", "step")
+
+
+def _imbalance_ok(text: str) -> bool:
+    if text == "":
+        return True
+    kind, sep, factor = text.partition(":")
+    try:
+        return kind in IMBALANCE_KINDS and bool(sep) and 1 <= float(factor) <= 10000
     except ValueError:
         return False
 
@@ -340,7 +388,12 @@ def _check(cfg: Config) -> None:
     need(cfg.data.resize in ("crop", "squash"), f"data.resize: {quote(cfg.data.resize)} is not one of crop, squash")
     need(cfg.data.normalization in NORMALIZATIONS,
          f"data.normalization: {quote(cfg.data.normalization)} is not one of {', '.join(NORMALIZATIONS)}")
-    need(cfg.loss.scale > 0, f"loss.scale must be > 0, got {cfg.loss.scale}")
+    need(not is_fixed_scale(cfg.loss.scale) or 0 < cfg.loss.scale <= MAX_SCALE,
+         f"loss.scale must be in (0, {MAX_SCALE:g}], auto or learn, got {cfg.loss.scale}")
+    need(0 < cfg.loss.floor_target < 10, f"loss.floor_target must be in (0, 10) nats, got {cfg.loss.floor_target}")
+    need(0 <= cfg.loss.logit_adjust <= 10, f"loss.logit_adjust must be in [0, 10], got {cfg.loss.logit_adjust}")
+    need(cfg.loss.logit_adjust == 0 or cfg.loss.name in ADJUSTED_LOSSES,
+         f"loss.logit_adjust applies to {', '.join(ADJUSTED_LOSSES)}, not {cfg.loss.name}")
     need(cfg.loss.hinge_form in HINGE_FORMS, f"loss.hinge_form: {quote(cfg.loss.hinge_form)} is not one of {', '.join(HINGE_FORMS)}")
     need(cfg.loss.margin in registry.LSOFTMAX_MARGINS,
          f"loss.margin must be one of {', '.join(map(str, registry.LSOFTMAX_MARGINS))}, got {cfg.loss.margin}")
@@ -354,6 +407,9 @@ def _check(cfg: Config) -> None:
     need(cfg.data.limit_train >= 0 and cfg.data.limit_test >= 0, "data.limit_train/limit_test must be >= 0")
     need(cfg.data.val_split >= 0 and (cfg.data.val_split < 1 or cfg.data.val_split.is_integer()),
          f"data.val_split must be a fraction in [0, 1) or a whole count of images, got {cfg.data.val_split:g}")
+    need(_imbalance_ok(cfg.data.imbalance),
+         f"data.imbalance must be exp:IF or step:IF with IF in [1, 10000] (e.g. exp:100), or empty, "
+         f"got {quote(cfg.data.imbalance)}")
     need(cfg.data.loader in LOADERS, f"data.loader: {quote(cfg.data.loader)} is not one of {', '.join(LOADERS)}")
     need(cfg.data.loader != "dataloader" or cfg.data.name == "folder",
          "data.loader=dataloader applies to folder datasets; the built-in ones always fit in memory")

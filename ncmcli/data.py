@@ -39,10 +39,18 @@ class Dataset:
     classes: list[str]
     notes: list[str] = field(default_factory=list)  # for the user: subsets, caches, skipped files
     val: Split | None = None  # held out of train when data.val_split is set
+    imbalance: str = ""  # the data.imbalance profile applied to train ("" = none)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return self.test.shape
+
+    @property
+    def train_counts(self) -> list[int] | None:
+        """Training images per class (after limits, imbalance and the validation split)."""
+        if self.train is None:
+            return None
+        return torch.bincount(self.train.labels.cpu(), minlength=len(self.classes)).tolist()
 
 
 def default_root() -> Path:
@@ -89,6 +97,13 @@ def load_dataset(data_cfg, *, train: bool = True) -> Dataset:
             notes.append(f"warning: the {split_name} split has no images of {len(missing)} "
                          f"class{'es' if len(missing) > 1 else ''}: {names}")
         splits[split_name] = split
+    if splits["train"] is not None and data_cfg.imbalance:
+        kind, factor = parse_imbalance(data_cfg.imbalance)
+        keep = imbalanced_indices(splits["train"].labels, len(ds.classes), kind, factor, seed=data_cfg.subset_seed)
+        splits["train"] = splits["train"].subset(keep)
+        counts = torch.bincount(splits["train"].labels, minlength=len(ds.classes)).tolist()
+        notes.append(f"train: long-tailed ({data_cfg.imbalance}, data.subset_seed={data_cfg.subset_seed}), "
+                     f"{len(keep)} images; per class: {', '.join(map(str, counts))}")
     val = None
     if splits["train"] is not None and data_cfg.val_split:
         train_split = splits["train"]
@@ -102,7 +117,39 @@ def load_dataset(data_cfg, *, train: bool = True) -> Dataset:
         val, splits["train"] = train_split.subset(val_idx), train_split.subset(keep.nonzero().flatten())
         notes.append(f"validation: {len(val)} images held out of train (stratified); best.safetensors is "
                      "selected on validation accuracy")
-    return Dataset(ds.name, splits["train"], splits["test"], ds.classes, notes, val)
+    return Dataset(ds.name, splits["train"], splits["test"], ds.classes, notes, val, data_cfg.imbalance)
+
+
+
+def parse_imbalance(text: str) -> tuple[str, float]:
+    """'exp:100' -> ('exp', 100.0); the config check refuses anything else."""
+    kind, _, factor = text.partition(":")
+    return kind, float(factor)
+
+
+def imbalance_counts(n_max: int, num_classes: int, kind: str, factor: float) -> list[int]:
+    """Training images per class of a long-tailed profile, largest first, in label order.
+
+    ``exp``: n_c = int(n_max * (1/IF)^(c/(C-1))), Cao et al.'s (LDAM, 2019) profile as their
+    released code computes it (CIFAR-10 at IF 100: 5000, 2997, ..., 83, 50). ``step``: n_max
+    for the first C//2 classes, int(n_max / IF) for the rest."""
+    if kind == "exp":
+        return [int(n_max * (1.0 / factor) ** (c / (num_classes - 1.0))) for c in range(num_classes)]
+    return [n_max if c < num_classes // 2 else int(n_max / factor) for c in range(num_classes)]
+
+
+def imbalanced_indices(labels: torch.Tensor, num_classes: int, kind: str, factor: float, *,
+                       seed: int = 0) -> torch.Tensor:
+    """The indices of a long-tailed subset of ``labels``: class c keeps a seeded random
+    min(n_c, its images), n_c from ``imbalance_counts`` with n_max the largest class."""
+    have = torch.bincount(labels, minlength=num_classes)
+    want = imbalance_counts(int(have.max()), num_classes, kind, factor)
+    g = torch.Generator().manual_seed(seed + 2)  # not the limits' or the validation split's draw
+    picked = []
+    for c in range(num_classes):
+        members = (labels == c).nonzero().flatten()
+        picked.append(members[torch.randperm(len(members), generator=g)[:max(1, want[c])]])
+    return torch.cat(picked).sort().values
 
 
 def stratified_indices(labels: torch.Tensor, n: int, *, seed: int = 0) -> torch.Tensor:

@@ -15,15 +15,17 @@ MAX_ANCHOR_NUMBERS = 2**26
 
 def anchors_command(
     classes: int, dim: int, method: str, *, seed: int = 0, metric: str = "euclidean",
-    scale: float = 1.0, out: Path | None = None,
+    scale: float | str = 1.0, floor_target: float = 0.1, out: Path | None = None,
 ) -> dict:
-    """Build anchors, optionally save them, and return their certificate as a dict."""
+    """Build anchors, optionally save them, and return their certificate as a dict.
+    ``scale``: a number, or "auto" for the scale whose loss floor is ``floor_target`` nats."""
     from ncmcli.anchors import anchor_certificate, make_anchors, resolve_auto
     from ncmcli.distances import get_distance
 
     get_distance(metric)
-    if not scale > 0 or scale != scale or scale == float("inf"):
-        raise UsageError(f"--scale must be a finite number > 0, got {scale}")
+    scale = _scale_option(scale)
+    if not 0 < floor_target < 10:
+        raise UsageError(f"--floor-target must be in (0, 10) nats, got {floor_target}")
     # The certificate compares every pair of anchors: bound C and d before allocating.
     if not 2 <= classes <= MAX_ANCHOR_CLASSES:
         raise UsageError(f"--classes must be in [2, {MAX_ANCHOR_CLASSES}], got {classes}")
@@ -34,7 +36,18 @@ def anchors_command(
         raise UsageError(f"--out {out} is a folder; give a file name such as {Path(out) / 'anchors.safetensors'}")
     a = make_anchors(method, classes, dim, seed=seed)
     label = f"auto ({resolve_auto(classes, dim)})" if method == "auto" else method
-    cert = anchor_certificate(a, label, metric=metric, scale=scale).to_dict()
+    if scale == "auto":
+        from ncmcli.floors import scale_for_floor
+
+        try:
+            value = scale_for_floor(a, metric, floor_target)
+        except ValueError as exc:
+            raise UsageError(f"--scale auto: {exc}") from None
+    else:
+        value = scale
+    cert = anchor_certificate(a, label, metric=metric, scale=value).to_dict()
+    if scale == "auto":
+        cert["scale_setting"], cert["floor_target"] = "auto", floor_target
     if out is not None:
         from safetensors.torch import save_file
 
@@ -46,6 +59,19 @@ def anchors_command(
         except OSError as exc:
             raise UsageError(f"cannot write --out {out} ({exc.strerror or exc})") from None
     return cert
+
+
+def _scale_option(text: float | str) -> float | str:
+    """``--scale``: a finite number > 0, or auto."""
+    if isinstance(text, str) and text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise UsageError(f"--scale must be a number > 0 or auto, got {str(text)[:40]!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise UsageError(f"--scale must be a finite number > 0 or auto, got {text}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------

@@ -52,23 +52,37 @@ def _ood_images(source: str, ck, data_root: str | None, limit: int):
     folder = Path(source)
     if not folder.is_dir():
         raise UsageError(f"--ood {source!r} is neither a dataset ({', '.join(d for d in DATASETS if d != 'folder')}) nor a folder")
+    if (folder / "test").is_dir():  # a train/ + test/ data set: its held-out part only
+        folder = folder / "test"
     files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-    if limit:
-        files = files[:limit]
+    if limit and limit < len(files):  # a seeded sample, not the first classes' files
+        pick = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[:limit]
+        files = [files[i] for i in sorted(pick.tolist())]
     if not files:
         raise UsageError(f"--ood folder {folder} holds no images")
     return torch.stack([load_image(f, c, h)[0] for f in files])
 
 
 def eval_command(target: Path, *, data_root: str | None, device: str, batch_size: int | None = None,
-                 limit: int = 0, ood: str | None = None) -> dict:
-    """Accuracy, loss, per-class accuracy, confusion, and feature diagnostics on the test split."""
+                 limit: int = 0, ood: str | None = None, logit_adjust: float = 0.0,
+                 ood_score: str | None = None) -> dict:
+    """Accuracy, loss, per-class accuracy, confusion, long-tail metrics and feature diagnostics
+    on the test split; ``logit_adjust`` tau > 0 predicts with post-hoc adjusted logits."""
+    import math
+
     import torch
 
-    from ncmcli import checkpoint, diagnostics
+    from ncmcli import checkpoint, diagnostics, scoring
     from ncmcli.batching import Split
     from ncmcli.forward import evaluate
 
+    if not (math.isfinite(logit_adjust) and 0 <= logit_adjust <= 10):
+        raise UsageError(f"--logit-adjust must be in [0, 10], got {logit_adjust}")
+    if ood_score is not None and ood_score not in scoring.OOD_SCORES:
+        from ncmcli.registry import suggest
+
+        raise UsageError(f"--ood-score must be one of {', '.join(scoring.OOD_SCORES)}, got {ood_score!r}"
+                         + suggest(ood_score, scoring.OOD_SCORES))
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if limit < 0:
@@ -82,7 +96,22 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
     ev = evaluate(ck.model, ck.criterion, test, mean=ck.mean, std=ck.std, device=dev,
                   batch_size=batch_size, num_classes=len(ck.classes), keep_outputs=True)
     feats, logits, labels = ev.pop("features"), ev.pop("logits"), ev.pop("labels")  # one pass, not two
-    diag = {"ece_15_bins": diagnostics.expected_calibration_error(torch.softmax(logits, 1), labels)}
+    raw_logits, adjusted = logits, None
+    if logit_adjust > 0:
+        if ck.class_counts is None:
+            raise UsageError(f"--logit-adjust needs the training class counts, and {path} has none "
+                             "(checkpoints from this version of ncm store them)")
+        try:
+            logits = scoring.adjusted_logits(logits, ck.class_counts, logit_adjust)
+        except ValueError as exc:
+            raise UsageError(f"--logit-adjust: {exc}") from None
+        conf = scoring.confusion_of(logits.argmax(1), labels, len(ck.classes))
+        adjusted = {"tau": logit_adjust, "unadjusted_accuracy": ev["accuracy"]}
+        correct = int(conf.diag().sum())
+        ev.update(accuracy=correct / ev["n"], error_pct=100.0 * (1 - correct / ev["n"]), confusion=conf.tolist(),
+                  per_class_accuracy=[int(h) / int(t) if t else None for h, t in zip(conf.diag(), conf.sum(1))])
+    diag = {"ece_15_bins": diagnostics.expected_calibration_error(torch.softmax(logits, 1), labels),
+            "feature_norm_median": feats.double().norm(dim=1).median().item()}
     scores, macro_f1 = diagnostics.per_class_scores(ev["confusion"])
     has_anchors = ck.criterion.uses_anchors
     if has_anchors:
@@ -97,25 +126,47 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
         "per_class_accuracy": dict(zip(ck.classes, ev["per_class_accuracy"])),
         "top5_accuracy": diagnostics.topk_accuracy(logits, labels, 5) if len(ck.classes) > 5 else None,
         "per_class": dict(zip(ck.classes, scores)), "macro_f1": macro_f1,
+        **scoring.imbalance_metrics(ev["confusion"], ck.class_counts),
+        "train_counts": None if ck.class_counts is None else dict(zip(ck.classes, ck.class_counts)),
+        "imbalance": ck.imbalance or None, "logit_adjust": adjusted,
         "classes": ck.classes, "confusion": ev["confusion"], "diagnostics": diag,
     }
+    if has_anchors:
+        result["scale"] = ck.criterion.scale_value()
     if ood is not None:
         images = _ood_images(ood, ck, data_root, limit)
         ood_split = Split(images, torch.zeros(len(images), dtype=torch.int64)).to(dev)
         f_ood, l_ood, _ = diagnostics.extract(ck.model, ck.criterion, ood_split, mean=ck.mean, std=ck.std,
                                               device=dev, batch_size=batch_size)
-        if has_anchors:  # in-distribution = close to some anchor: score = -nearest distance
+        d_ood = None
+        if has_anchors:
             with torch.no_grad():
-                s_in = -nearest
-                s_out = -ck.criterion.distances(f_ood.to(dev)).min(1).values.cpu()
-            score = "negative distance to the nearest anchor"
-        else:  # no anchors: the maximum softmax probability
-            s_in, s_out = torch.softmax(logits, 1).max(1).values, torch.softmax(l_ood, 1).max(1).values
-            score = "maximum softmax probability"
-        fpr, thr = diagnostics.fpr_at_tpr(s_in, s_out, 0.95)
-        result["ood"] = {"source": ood, "n_in": len(s_in), "n_out": len(s_out), "score": score,
-                         "auroc": diagnostics.auroc(s_in, s_out), "fpr_at_95_tpr": fpr}
+                d_ood = ck.criterion.distances(f_ood.to(dev)).cpu()
+        result["ood"] = _open_set(ood, raw_logits, dist if has_anchors else None, l_ood, d_ood, ood_score)
     return result
+
+
+def _open_set(source: str, logits_in, dist_in, logits_out, dist_out, choice: str | None) -> dict:
+    """AUROC and FPR at 95% TPR of every score that applies; the chosen one (default: margin
+    for anchor models, maximum softmax probability otherwise) is the headline. Any AUROC
+    below 0.5 gets a warning: that score ranks unknowns as more known than knowns."""
+    from ncmcli import diagnostics, scoring
+
+    s_in, s_out = scoring.ood_scores(logits_in, dist_in), scoring.ood_scores(logits_out, dist_out)
+    primary = choice or (scoring.DEFAULT_OOD_SCORE if dist_in is not None else "msp")
+    if primary not in s_in:
+        raise UsageError(f"--ood-score {primary} needs an anchor model; this one offers {', '.join(s_in)}")
+    by_score = {}
+    for name in s_in:
+        fpr, _ = diagnostics.fpr_at_tpr(s_in[name], s_out[name], 0.95)
+        by_score[name] = {"auroc": diagnostics.auroc(s_in[name], s_out[name]), "fpr_at_95_tpr": fpr}
+    inverted = [n for n, v in by_score.items() if v["auroc"] < 0.5]
+    better = max(by_score, key=lambda n: by_score[n]["auroc"])
+    warnings = [f"--ood-score {n} has AUROC {by_score[n]['auroc']:.4f} < 0.5: the score ranks unknowns as more "
+                f"known; try --ood-score {better}" for n in inverted]
+    return {"source": source, "n_in": len(logits_in), "n_out": len(logits_out), "score": primary,
+            "score_description": scoring.OOD_SCORES[primary][0], "auroc": by_score[primary]["auroc"],
+            "fpr_at_95_tpr": by_score[primary]["fpr_at_95_tpr"], "by_score": by_score, "warnings": warnings}
 
 
 def _plot_out(out: Path | None, default_dir: Path, stem: str, fmt: str) -> Path:

@@ -46,25 +46,16 @@ def loss_floor(anchors: torch.Tensor, metric: str, scale: float = 1.0) -> float:
         if value is None:
             value = _cosine_floor(a, scale)
     else:
-        logits = -scale * get_distance(metric)(a, a)  # (C, C): feature c sits on anchor c
-        value = torch.nn.functional.cross_entropy(logits, torch.arange(len(a))).item()
+        value = _on_anchor_loss(a, metric, scale)
     if len(_CACHE) >= _CACHE_SIZE:
         _CACHE.pop(next(iter(_CACHE)))
     _CACHE[key] = value
     return value
 
 
-def _equiangular_floor(anchors: torch.Tensor, scale: float, tol: float = 1e-6) -> float | None:
-    """The cosine floor in closed form when every pair of anchors has the same cosine rho
-    (orthonormal: 0; regular simplex: -1/(C-1)) to within ``tol`` (float32 anchors are off by
-    about 3e-8, which moves the floor by about as much); None otherwise.
-
-    Any permutation of the other classes is an isometry of such anchors that fixes a_c, and
-    each class's loss is convex over the unit ball, so averaging a minimiser over those
-    permutations gives one whose cosines to the other anchors are all equal, with the same
-    loss. On that set the gap is u.(a_c - m), m the mean of the other anchors, and a_c - m
-    lies in it, so the best gap is ||a_c - m|| = sqrt(C (1 - rho) / (C - 1)) and the floor
-    log(1 + (C - 1) exp(-s gap))."""
+def _common_cosine(anchors: torch.Tensor, tol: float = 1e-6) -> float | None:
+    """The cosine rho that every pair of (normalised) anchors shares, to within ``tol``
+    (orthonormal: 0; regular simplex: -1/(C-1)), or None when the anchors are not equiangular."""
     a = torch.nn.functional.normalize(anchors, dim=1)
     c = len(a)
     if c < 2:
@@ -79,8 +70,111 @@ def _equiangular_floor(anchors: torch.Tensor, scale: float, tol: float = 1e-6) -
             rho = off[0].item()
         if off.numel() and (off - rho).abs().max().item() > tol:
             return None
-    gap = math.sqrt(max(c * (1.0 - rho) / (c - 1), 0.0))
-    return math.log1p((c - 1) * math.exp(-scale * gap))
+    return rho
+
+
+def _equiangular_gap(anchors: torch.Tensor, metric: str) -> float | None:
+    """For equiangular anchors, the logit gap g per unit of scale at the optimum, so that the
+    floor is log(1 + (C - 1) exp(-s g)); None for other anchors.
+
+    - ``euclidean``: the distance between two anchors, sqrt(2 (1 - rho)) for unit rows.
+      (less the distance of a feature on its anchor, sqrt(eps), as the distance computes them).
+    - ``cosine``: sqrt(C (1 - rho) / (C - 1)) (proof in ``_equiangular_floor``).
+    - ``sqeuclidean``: the squared distance 2 (1 - rho): the loss of features on their
+      anchors, since its true floor is 0 at every scale (see ``scale_for_floor``)."""
+    rho = _common_cosine(anchors)
+    if rho is None:
+        return None
+    c = len(anchors)
+    norms = anchors.double().norm(dim=1)
+    if metric != "cosine" and not bool(((norms - 1).abs() < 1e-6).all()):
+        return None  # Euclidean gaps of unequal rows: left to the general formula
+    if metric == "cosine":
+        return math.sqrt(max(c * (1.0 - rho) / (c - 1), 0.0))
+    # d(a_c, a_j) - d(a_c, a_c) through the distance itself, so that the eps inside the
+    # Euclidean sqrt is accounted for exactly: the pair's distance is sqrt(2 (1 - rho) + eps).
+    from ncmcli.distances import get_distance
+
+    a = anchors[:2].double()
+    d = get_distance(metric)(a[:1], a)  # (1, 2)
+    return float(d[0, 1] - d[0, 0])
+
+
+def _equiangular_floor(anchors: torch.Tensor, scale: float, tol: float = 1e-6) -> float | None:
+    """The cosine floor in closed form when every pair of anchors has the same cosine rho
+    (orthonormal: 0; regular simplex: -1/(C-1)) to within ``tol`` (float32 anchors are off by
+    about 3e-8, which moves the floor by about as much); None otherwise.
+
+    Any permutation of the other classes is an isometry of such anchors that fixes a_c, and
+    each class's loss is convex over the unit ball, so averaging a minimiser over those
+    permutations gives one whose cosines to the other anchors are all equal, with the same
+    loss. On that set the gap is u.(a_c - m), m the mean of the other anchors, and a_c - m
+    lies in it, so the best gap is ||a_c - m|| = sqrt(C (1 - rho) / (C - 1)) and the floor
+    log(1 + (C - 1) exp(-s gap))."""
+    if _common_cosine(anchors, tol) is None:
+        return None
+    gap = _equiangular_gap(anchors, "cosine")
+    return math.log1p((len(anchors) - 1) * math.exp(-scale * gap))
+
+
+def _on_anchor_loss(anchors: torch.Tensor, metric: str, scale: float) -> float:
+    """The mean loss with every feature on its own anchor (E-NCM's exact floor)."""
+    from ncmcli.distances import get_distance
+
+    a = anchors.detach().double().cpu()
+    logits = -scale * get_distance(metric)(a, a)  # (C, C): feature c sits on anchor c
+    return torch.nn.functional.cross_entropy(logits, torch.arange(len(a))).item()
+
+
+MAX_AUTO_SCALE = 1e4  # config.MAX_SCALE: a target no scale below it reaches is refused
+
+
+def scale_for_floor(anchors: torch.Tensor, metric: str, target: float) -> float:
+    """The scale s at which the loss floor equals ``target`` nats (``loss.scale: auto``).
+
+    The floor falls monotonically from log C at s = 0 towards 0, so one s fits each target in
+    (0, log C). Equiangular anchors (orthonormal, simplex) have it in closed form, inverting
+    log(1 + (C - 1) exp(-s g)) = target: s = log((C - 1) / (e^target - 1)) / g. Others are
+    bisected on ``loss_floor`` to a relative 1e-12. sq-NCM's floor is 0 at every scale, so for
+    it the target is the loss of features sitting on their anchors."""
+    from ncmcli.distances import get_distance
+
+    get_distance(metric)
+    a = anchors.detach().double().cpu()
+    c = len(a)
+    if c < 2:
+        raise ValueError("auto needs at least 2 anchors")
+    if not 0 < target < math.log(c):
+        raise ValueError(f"floor_target {target:g} must be in (0, log C = {math.log(c):.4f}) for {c} classes")
+    gap = _equiangular_gap(a, metric)
+    if gap is not None and gap > 0:
+        s = math.log((c - 1) / math.expm1(target)) / gap
+        if s <= MAX_AUTO_SCALE:
+            return s
+        raise ValueError(f"floor_target {target:g} needs scale {s:.4g}, above {MAX_AUTO_SCALE:g}")
+
+    def floor(s: float) -> float:
+        return _on_anchor_loss(a, metric, s) if metric == "sqeuclidean" else loss_floor(a, metric, s)
+
+    lo, hi = 0.0, 1.0
+    while floor(hi) > target:
+        lo, hi = hi, hi * 2.0
+        if hi > MAX_AUTO_SCALE:
+            raise ValueError(f"no scale up to {MAX_AUTO_SCALE:g} brings the floor down to {target:g} nats "
+                             "(anchors too close together?)")
+    while hi - lo > 1e-12 * hi:
+        mid = 0.5 * (lo + hi)
+        if floor(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def top_probability(floor: float) -> float:
+    """The highest probability of the true class the floor allows, e^-floor (exact for
+    equiangular anchors; for others the geometric mean over classes)."""
+    return math.exp(-floor)
 
 
 def _cosine_floor(anchors: torch.Tensor, scale: float, iters: int = 5000, tol: float = 1e-13) -> float:

@@ -7,6 +7,8 @@ features to a prediction. Training, evaluation and checkpoints treat them all al
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,28 +74,49 @@ def fp32(x: torch.Tensor) -> torch.Tensor:
 class NCMLoss(Criterion):
     """Anchor-based Nearest Class Mean loss (E-NCM with ``euclidean``, C-NCM with ``cosine``).
 
-    ``scale`` is an inverse temperature on the distances. The paper has none (1.0): with
+    ``scale`` s is an inverse temperature on the distances. The paper has none (1.0): with
     unit anchors its softmax is flat, so the loss has a floor well above zero (see
-    ``floors.loss_floor``); a larger scale lowers it. It is an extension, off by default.
-    """
+    ``floors.loss_floor``); a larger scale lowers it (``floors.scale_for_floor`` picks the s
+    of a given floor). ``learn_scale`` makes log s a parameter that starts at ``scale``, so
+    s stays positive; the anchors never train either way.
+
+    ``logit_bias`` (C,), when given, is added to the logits in the loss only: Menon et al.'s
+    logit-adjusted loss, tau * log(prior). Prediction stays the nearest anchor."""
 
     uses_anchors = True
 
-    def __init__(self, anchors: torch.Tensor, metric: str = "euclidean", scale: float = 1.0):
+    def __init__(self, anchors: torch.Tensor, metric: str = "euclidean", scale: float = 1.0, *,
+                 learn_scale: bool = False, logit_bias: torch.Tensor | None = None):
         super().__init__()
         if anchors.ndim != 2 or anchors.shape[0] < 2:
             raise ConfigError(f"anchors must be (C >= 2, D), got {tuple(anchors.shape)}")
-        if not scale > 0:
-            raise ConfigError(f"scale must be > 0, got {scale}")
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ConfigError(f"scale must be a finite number > 0, got {scale}")
         self.metric = metric
-        self.scale = float(scale)
         self.distance = get_distance(metric)
+        self.learn_scale = bool(learn_scale)
+        self.initial_scale = float(scale)  # fixed: a plain float, so scale 1 multiplies exactly
+        if self.learn_scale:  # log s: positive whatever the optimiser does
+            self.log_scale = nn.Parameter(torch.tensor(math.log(scale), dtype=torch.float32))
         # A buffer, not a parameter: saved in state_dict, moved by .to(), never trained.
         self.register_buffer("anchors", anchors.detach().clone().float())
+        if logit_bias is not None and tuple(logit_bias.shape) != (anchors.shape[0],):
+            raise ConfigError(f"logit_bias must have shape ({anchors.shape[0]},), got {tuple(logit_bias.shape)}")
+        self.register_buffer("logit_bias", None if logit_bias is None else logit_bias.detach().float().clone(),
+                             persistent=False)  # rebuilt from the class counts, never trained
 
     @property
     def num_classes(self) -> int:
         return self.anchors.shape[0]
+
+    @property
+    def scale(self) -> torch.Tensor | float:
+        """s: a 0-d tensor when learned (gradients flow to log s), else a float."""
+        return self.log_scale.exp() if self.learn_scale else self.initial_scale
+
+    def scale_value(self) -> float:
+        """s as a number (a host read when learned: for logs and files, never in the step)."""
+        return float(self.log_scale.detach().exp().item()) if self.learn_scale else self.initial_scale
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
         features = fp32(features)  # (B, D)
@@ -102,6 +125,12 @@ class NCMLoss(Criterion):
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return -self.scale * self.distances(features)  # (B, C)
 
+    def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(features)
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias.to(logits.dtype)  # (B, C) + (C,)
+        return F.cross_entropy(logits, targets)
+
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         return self.distances(features).argmin(1)  # nearest anchor
 
@@ -109,50 +138,101 @@ class NCMLoss(Criterion):
         return self.anchors.detach(), "anchors"
 
     def loss_floor(self) -> float:
+        """The floor at the current scale (a learned scale moves it)."""
         from ncmcli.floors import loss_floor
 
-        return loss_floor(self.anchors, self.metric, self.scale)
+        return loss_floor(self.anchors, self.metric, self.scale_value())
 
     def extra_repr(self) -> str:
         c, d = self.anchors.shape
-        return f"metric={self.metric}, scale={self.scale}, classes={c}, dim={d}"
+        return (f"metric={self.metric}, scale={self.scale_value():.4g}{' (learned)' if self.learn_scale else ''}, "
+                f"classes={c}, dim={d}")
 
 
 class SoftmaxLoss(Criterion):
     """The SoftMax baseline: Linear(d, C) + cross-entropy. For d = 2 this is the paper's
     extra FC layer with C outputs on top of the 2-D feature."""
 
-    def __init__(self, dim: int, num_classes: int, label_smoothing: float = 0.0):
+    def __init__(self, dim: int, num_classes: int, label_smoothing: float = 0.0, *,
+                 logit_bias: torch.Tensor | None = None):
         super().__init__()
         self.fc = nn.Linear(dim, num_classes)
         self.label_smoothing = float(label_smoothing)  # an extension: 0 is the paper's SoftMax
+        if logit_bias is not None and tuple(logit_bias.shape) != (num_classes,):
+            raise ConfigError(f"logit_bias must have shape ({num_classes},), got {tuple(logit_bias.shape)}")
+        # Menon et al.'s logit-adjusted loss (in the loss only; prediction is the plain argmax)
+        self.register_buffer("logit_bias", None if logit_bias is None else logit_bias.detach().float().clone(),
+                             persistent=False)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(fp32(features))  # (B, C)
 
     def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(features), targets, label_smoothing=self.label_smoothing)
+        logits = self.logits(features)
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
+        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
 
 
 NCM_METRICS = registry.NCM_LOSSES  # loss name -> distance, for the losses with anchors
 assert set(NCM_METRICS.values()) <= set(DISTANCES)
 
 
-def build_ncm(loss_cfg, *, anchors: torch.Tensor | None, dim: int, num_classes: int) -> NCMLoss:
+def logit_bias(tau: float, prior: torch.Tensor | None, num_classes: int) -> torch.Tensor | None:
+    """tau * log(prior) as a (C,) float32 bias, or None when tau is 0 (the loss is then
+    exactly the unadjusted one). ``prior`` is the training class frequencies (or counts)."""
+    if tau == 0:
+        return None
+    if prior is None:
+        raise ConfigError("loss.logit_adjust needs the training class counts (none are known for this model)")
+    prior = torch.as_tensor(prior, dtype=torch.float64).flatten()
+    if len(prior) != num_classes or not bool((prior > 0).all()):
+        raise ConfigError(f"loss.logit_adjust needs a positive count for each of the {num_classes} classes")
+    return (tau * torch.log(prior / prior.sum())).float()
+
+
+def resolve_scale(scale: float | str, floor_target: float, anchors: torch.Tensor, metric: str) -> float:
+    """The number a ``loss.scale`` stands for: itself, or for auto/learn the scale at which the
+    loss floor of ``anchors`` equals ``floor_target`` nats."""
+    from ncmcli.floors import scale_for_floor
+
+    if not isinstance(scale, str):
+        return float(scale)
+    try:
+        return scale_for_floor(anchors, metric, floor_target)
+    except ValueError as exc:
+        raise ConfigError(f"loss.scale={scale}: {exc}") from None
+
+
+def build_ncm(loss_cfg, *, anchors: torch.Tensor | None, dim: int, num_classes: int,
+              prior: torch.Tensor | None = None, scale: float | None = None) -> NCMLoss:
+    """``scale``: the resolved number when known (a checkpoint stores it), else resolved here."""
     if anchors is None or tuple(anchors.shape) != (num_classes, dim):
         raise ConfigError(f"{loss_cfg.name} needs anchors of shape ({num_classes}, {dim})")
-    return NCMLoss(anchors, metric=NCM_METRICS[loss_cfg.name], scale=loss_cfg.scale)
+    metric = NCM_METRICS[loss_cfg.name]
+    if scale is None:
+        scale = resolve_scale(loss_cfg.scale, loss_cfg.floor_target, anchors, metric)
+    return NCMLoss(anchors, metric=metric, scale=scale, learn_scale=loss_cfg.scale == "learn",
+                   logit_bias=logit_bias(loss_cfg.logit_adjust, prior, num_classes))
 
 
-def build_softmax(loss_cfg, *, anchors=None, dim: int, num_classes: int) -> SoftmaxLoss:
-    return SoftmaxLoss(dim, num_classes, label_smoothing=loss_cfg.label_smoothing)
+def build_softmax(loss_cfg, *, anchors=None, dim: int, num_classes: int, prior=None) -> SoftmaxLoss:
+    return SoftmaxLoss(dim, num_classes, label_smoothing=loss_cfg.label_smoothing,
+                       logit_bias=logit_bias(loss_cfg.logit_adjust, prior, num_classes))
 
 
-def build_criterion(loss_cfg, *, anchors: torch.Tensor | None, dim: int, num_classes: int) -> Criterion:
+def build_criterion(loss_cfg, *, anchors: torch.Tensor | None, dim: int, num_classes: int,
+                    prior: torch.Tensor | None = None, scale: float | None = None) -> Criterion:
     """The criterion for a ``loss`` config section, through the registry (``ncmcli.registry``);
-    NCM losses need ``anchors`` of shape (C, dim)."""
+    NCM losses need ``anchors`` of shape (C, dim). ``prior``: the training class counts, for
+    ``loss.logit_adjust``; ``scale``: an NCM loss's resolved scale, when already known."""
     entry = registry.LOSSES.get(loss_cfg.name)
     if entry is None:
         raise ConfigError(f"unknown loss {loss_cfg.name!r}; choose one of: {', '.join(registry.LOSSES)}"
                           + registry.suggest(loss_cfg.name, registry.LOSSES))
-    return entry.build(loss_cfg, anchors=anchors, dim=dim, num_classes=num_classes)
+    kw = {}
+    if "logit_adjust" in entry.keys:
+        kw["prior"] = prior
+    if entry.metric:
+        kw["scale"] = scale
+    return entry.build(loss_cfg, anchors=anchors, dim=dim, num_classes=num_classes, **kw)

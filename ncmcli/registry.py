@@ -28,12 +28,13 @@ class Entry:
         return getattr(importlib.import_module(module), func)(*args, **kwargs)
 
 
+_NCM_KEYS = ("scale", "floor_target", "logit_adjust")
 # -- Losses (criteria). Labels may use the loss config's fields, e.g. {margin}.
 LOSSES: dict[str, Entry] = {
-    "softmax": Entry("SoftMax", "ncmcli.losses:build_softmax", keys=("label_smoothing",)),
-    "encm": Entry("E-NCM", "ncmcli.losses:build_ncm", metric="euclidean", keys=("scale",)),
-    "cncm": Entry("C-NCM", "ncmcli.losses:build_ncm", metric="cosine", keys=("scale",)),
-    "sqncm": Entry("sq-NCM", "ncmcli.losses:build_ncm", metric="sqeuclidean", keys=("scale",)),
+    "softmax": Entry("SoftMax", "ncmcli.losses:build_softmax", keys=("label_smoothing", "logit_adjust")),
+    "encm": Entry("E-NCM", "ncmcli.losses:build_ncm", metric="euclidean", keys=_NCM_KEYS),
+    "cncm": Entry("C-NCM", "ncmcli.losses:build_ncm", metric="cosine", keys=_NCM_KEYS),
+    "sqncm": Entry("sq-NCM", "ncmcli.losses:build_ncm", metric="sqeuclidean", keys=_NCM_KEYS),
     "hinge": Entry("{hinge_label}", "ncmcli.baselines:build_hinge", keys=("hinge_form",)),
     "lsoftmax": Entry("L-Softmax m={margin}", "ncmcli.baselines:build_lsoftmax",
                       keys=("margin", "lambda_base", "lambda_gamma", "lambda_power", "lambda_min", "label_smoothing")),

@@ -16,11 +16,17 @@ def make_optimizer(cfg: Config, model, criterion) -> torch.optim.Optimizer:
     momentum; or AdamW. Neither option is part of the paper."""
     from ncmcli.config import parse_betas
 
-    params = list(model.parameters()) + list(criterion.parameters())
+    # A learned NCM scale (log s) takes no weight decay: decay would pull s towards 1, the
+    # flat softmax the learned scale is there to leave.
+    no_decay = {id(p) for n, p in criterion.named_parameters() if n == "log_scale"}
+    params = [p for p in list(model.parameters()) + list(criterion.parameters()) if id(p) not in no_decay]
+    groups = [{"params": params}]
+    if no_decay:
+        groups.append({"params": [p for p in criterion.parameters() if id(p) in no_decay], "weight_decay": 0.0})
     o = cfg.optim
     if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, betas=parse_betas(o.betas), weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+        return torch.optim.AdamW(groups, lr=o.lr, betas=parse_betas(o.betas), weight_decay=o.weight_decay)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
 
 
 class Warmup:

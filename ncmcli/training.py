@@ -47,8 +47,9 @@ class StopRequest(Protocol):
     def is_set(self) -> bool: ...
 
 
-def build_from_config(cfg, num_classes: int, input_shape):
-    """The feature net, its anchors (None for softmax) and its criterion, from a config."""
+def build_from_config(cfg, num_classes: int, input_shape, class_counts=None):
+    """The feature net, its anchors (None for softmax) and its criterion, from a config.
+    ``class_counts``: the training images per class (the prior of ``loss.logit_adjust``)."""
     from ncmcli.anchors import make_anchors
     from ncmcli.losses import build_criterion
     from ncmcli.registry import NCM_LOSSES as NCM_METRICS
@@ -60,7 +61,9 @@ def build_from_config(cfg, num_classes: int, input_shape):
     anchors = None
     if cfg.loss.name in NCM_METRICS:
         anchors = make_anchors(cfg.anchors.method, num_classes, model.feature_dim, seed=cfg.anchors.seed)
-    criterion = build_criterion(cfg.loss, anchors=anchors, dim=model.feature_dim, num_classes=num_classes)
+    prior = None if class_counts is None else torch.tensor(list(class_counts), dtype=torch.float64)
+    criterion = build_criterion(cfg.loss, anchors=anchors, dim=model.feature_dim, num_classes=num_classes,
+                                prior=prior)
     return model, anchors, criterion
 
 
@@ -148,7 +151,7 @@ def build_run(cfg: Config, device: torch.device) -> Setup:
         torch.use_deterministic_algorithms(True)
     data = load_dataset(cfg.data)
     mean, std = split_stats(data.train, normalization=cfg.data.normalization)  # the paper's: global
-    model, _, criterion = build_from_config(cfg, len(data.classes), data.input_shape)
+    model, _, criterion = build_from_config(cfg, len(data.classes), data.input_shape, data.train_counts)
     model.to(device)
     criterion.to(device)
     # Speed settings; none changes the maths beyond the autocast rounding.
@@ -244,12 +247,39 @@ def result_record(cfg: Config, run: Setup, run_dir: Path, history: list[dict], *
         "train_images_per_s": round(run.progress.train_images / max(run.progress.train_time, 1e-9), 1),
         "wall_time_s": round(time.time() - t_start, 2),
     }
-    if run.criterion.uses_anchors:
-        result["loss_floor"] = run.criterion.loss_floor()
+    result["class_counts"] = dict(zip(run.data.classes, run.data.train_counts))
+    if run.data.imbalance:
+        result["imbalance"] = run.data.imbalance
+    crit = evaluated(run)[1]
+    if crit.uses_anchors:
+        result["loss_floor"] = crit.loss_floor()  # at the final scale
+        result["scale"] = scale_record(cfg, crit)
     if world > 1:
         result["ddp"] = {"world_size": world,
                          "params_identical_across_ranks": _same_on_all_ranks(run.model, run.criterion)}
     return result
+
+
+def scale_record(cfg: Config, crit) -> dict:
+    """What result.json says of an NCM loss's scale: the setting, the number it resolved to at
+    the start, the final one (moved only by learn) and the floor at it."""
+    from ncmcli.floors import loss_floor, top_probability
+
+    value = crit.scale_value()
+    rec = {"setting": cfg.loss.scale, "initial": crit.initial_scale, "value": value, "floor": loss_floor(crit.anchors, crit.metric, value),
+           "top_probability": top_probability(loss_floor(crit.anchors, crit.metric, value))}
+    if isinstance(cfg.loss.scale, str):
+        rec["floor_target"] = cfg.loss.floor_target
+    return rec
+
+
+def scale_comment(cfg: Config, crit) -> str:
+    """config.yaml's note of what auto/learn resolved to (a comment: the config keeps the
+    user's setting, and a checkpoint rebuilds from the anchors or its stored scale)."""
+    if not crit.uses_anchors or not isinstance(cfg.loss.scale, str):
+        return ""
+    return (f"# loss.scale={cfg.loss.scale} resolved to {crit.scale_value():.6g} at the start "
+            f"(loss floor {cfg.loss.floor_target:g} nats)\n")
 
 
 def _announce(cfg: Config, run: Setup, run_dir: Path, device, reporter: ProgressReporter) -> None:
@@ -257,7 +287,10 @@ def _announce(cfg: Config, run: Setup, run_dir: Path, device, reporter: Progress
 
     crit, data, world = run.criterion, run.data, dist_info()[1]
     if crit.uses_anchors:
-        reporter.certificate(anchor_certificate(crit.anchors, cfg.anchors.method, crit.metric, cfg.loss.scale).to_dict())
+        reporter.certificate(anchor_certificate(crit.anchors, cfg.anchors.method, crit.metric, crit.scale_value()).to_dict())
+        if isinstance(cfg.loss.scale, str):
+            reporter.message(f"loss.scale={cfg.loss.scale}: s = {crit.scale_value():.4f}, the scale whose loss floor is "
+                             f"{cfg.loss.floor_target:g} nats" + ("; learned from there" if cfg.loss.scale == "learn" else ""))
     reporter.message(f"run folder: {run_dir}")
     for note in data.notes:
         reporter.message(note)
@@ -334,7 +367,8 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
     else:
         run.run_id = secrets.token_hex(8)  # ties the run's checkpoints to its folder (config.yaml's first line)
         if rank == 0:
-            runfiles.atomic_write_text(run_dir / runfiles.CONFIG, checkpoint.RUN_ID_PREFIX + run.run_id + "\n" + to_yaml(cfg))
+            runfiles.atomic_write_text(run_dir / runfiles.CONFIG, checkpoint.RUN_ID_PREFIX + run.run_id + "\n"
+                                       + scale_comment(cfg, criterion) + to_yaml(cfg))
     _announce(cfg, run, run_dir, device, reporter)
     progress, data = run.progress, run.data
     select_on = "val_acc" if run.val_split is not None else "test_acc"
@@ -351,7 +385,8 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
             check_finite(eval_model, eval_crit, where)
         checkpoint.save(run_dir / name, model=eval_model, criterion=eval_crit, config=cfg, classes=data.classes,
                         mean=run.mean, std=run.std, input_shape=data.input_shape, epoch=epoch, metrics=metrics,
-                        extra=trainstate.pack(state) if state is not None else None, run_id=run.run_id)
+                        extra=trainstate.pack(state) if state is not None else None, run_id=run.run_id,
+                        class_counts=data.train_counts, imbalance=data.imbalance)
 
     def snapshot(epoch_rng: torch.Tensor) -> trainstate.TrainState:
         raw = {} if run.ema is None else {
@@ -416,6 +451,8 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
         ev, val = _evaluate_epoch(cfg, run, device, keep_outputs=tb is not None)
         lr = optimizer.param_groups[0]["lr"]
         if isinstance(scheduler, PlateauOnExcess):
+            if criterion.uses_anchors and criterion.learn_scale:
+                scheduler.floor = criterion.loss_floor()  # a learned scale moves the floor
             scheduler.step(train_loss)
         elif scheduler is not None and not run.per_step:
             scheduler.step()  # multistep counted in epochs
@@ -424,6 +461,8 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
                    "lr": lr, "epoch_time_s": round(epoch_time, 3), "images_per_s": round(seen / max(epoch_time, 1e-9), 1)}
         if val is not None:
             metrics.update(val_loss=val["loss"], val_acc=val["accuracy"], val_error_pct=val["error_pct"])
+        if criterion.uses_anchors:
+            metrics["scale"] = evaluated(run)[1].scale_value()  # moves only with loss.scale=learn
         history.append(metrics)
         # -- Checkpoint: best on validation accuracy when there is a validation split, else on
         # test accuracy (result.json says which); last (resumable) every epoch; one metrics line

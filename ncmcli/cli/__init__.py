@@ -58,14 +58,16 @@ def anchors(
     method: str = typer.Option("auto", "--method", "-m", help="auto, orthogonal, polar, simplex, orthoplex, optimized, random, or a .safetensors/.csv file."),
     seed: int = typer.Option(0, "--seed", help="Seed for random and optimized."),
     metric: str = typer.Option("euclidean", "--metric", help="Distance for the loss floor: euclidean, cosine, sqeuclidean."),
-    scale: float = typer.Option(1.0, "--scale", help="Loss scale for the loss floor."),
+    scale: str = typer.Option("1", "--scale", help="Loss scale s for the loss floor: a number, or auto (the s whose floor is --floor-target)."),
+    floor_target: float = typer.Option(0.1, "--floor-target", help="With --scale auto: the loss floor, in nats, to solve for."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the anchors to this .safetensors file (key 'anchors')."),
     as_json: bool = typer.Option(False, "--json", help="Print the certificate as one JSON document."),
 ) -> None:
     """Build fixed class anchors and print their certificate (angles, loss floor)."""
     from ncmcli import engine
 
-    cert = engine.anchors_command(classes, dim, method, seed=seed, metric=metric, scale=scale, out=out)
+    cert = engine.anchors_command(classes, dim, method, seed=seed, metric=metric, scale=scale,
+                                  floor_target=floor_target, out=out)
     if out is not None:
         err.print(f"wrote {show(str(out))}")
     if as_json:
@@ -167,13 +169,17 @@ def eval_(
     limit: int = typer.Option(0, "--limit", help="Evaluate on a stratified sample of N test images."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass (default: the checkpoint's train.eval_batch_size)."),
     ood: Optional[str] = typer.Option(None, "--ood", help="Open-set check against a dataset name or an image folder."),
+    ood_score: Optional[str] = typer.Option(None, "--ood-score", help="The open-set score to headline: dist, margin, cac, msp or maxlogit (default: margin for anchor models, msp otherwise); every score's AUROC is reported."),
+    logit_adjust: float = typer.Option(0.0, "--logit-adjust", help="Post-hoc logit adjustment tau: predict with logits - tau * log(training prior)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document, with the confusion matrix."),
 ) -> None:
-    """Accuracy, error, loss, per-class accuracy and feature diagnostics on the test split."""
+    """Accuracy, error, loss, per-class accuracy, long-tail metrics and feature diagnostics on the test split."""
     from ncmcli import evaluation
 
     res = evaluation.eval_command(target, data_root=data_root, device=device, limit=limit, ood=ood,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, logit_adjust=logit_adjust, ood_score=ood_score)
+    for warning in res.get("ood", {}).get("warnings", []):
+        err.print(f"warning: {safe_text(warning)}", markup=False)
     if as_json:
         out_json(res)
         return
@@ -184,6 +190,14 @@ def eval_(
     top5 = f"   top-5 {res['top5_accuracy']:.4f}" if res.get("top5_accuracy") is not None else ""
     macro = f"   macro-F1 {res['macro_f1']:.4f}" if res.get("macro_f1") is not None else ""
     con.print(f"accuracy {res['accuracy']:.4f}{top5}   error {res['error_pct']:.2f}%   loss {res['loss']:.4f}{macro}")
+    if res.get("logit_adjust"):
+        la = res["logit_adjust"]
+        con.print(f"post-hoc logit adjustment tau={la['tau']:g}: accuracy {la['unadjusted_accuracy']:.4f} "
+                  f"-> {res['accuracy']:.4f} (prediction: argmax of logits - tau log prior)")
+    tail = "   ".join(f"{k} {res[f'{k}_accuracy']:.4f}" for k in ("head", "medium", "tail")
+                       if res.get(f"{k}_accuracy") is not None)
+    con.print(f"balanced accuracy {res['balanced_accuracy']:.4f}" + (f"   {tail} (thirds by training count)" if tail else "")
+              + (f"   (long-tailed training data: {res['imbalance']})" if res.get("imbalance") else ""))
     diag = res["diagnostics"]
     comp = diag.get("compactness", {}).get("per_class", {})
     t = Table("class", "n", "accuracy", "precision", "recall", "F1", *(["mean dist. to own anchor"] if comp else []))
@@ -203,8 +217,9 @@ def eval_(
         con.print(f"suggested --reject-above {diag['reject_above_at_95_tpr']:.4f} (keeps 95% of test images)")
     if "ood" in res:
         o = res["ood"]
-        con.print(f"open-set vs {show(o['source'])} ({o['n_out']} images, score: {o['score']}): "
+        con.print(f"open-set vs {show(o['source'])} ({o['n_out']} images, score: {o['score']}, {o['score_description']}): "
                   f"AUROC {o['auroc']:.4f}, FPR at 95% TPR {o['fpr_at_95_tpr']:.4f}")
+        con.print("  AUROC by score: " + ", ".join(f"{n} {v['auroc']:.4f}" for n, v in o["by_score"].items()))
 
 
 @app.command()

@@ -57,11 +57,14 @@ def render_certificate(cert: dict, console: Console) -> None:
     t.add_row("mean / max angle", f"{cert['mean_angle_deg']:.2f}° / {cert['max_angle_deg']:.2f}°")
     t.add_row("row norms", f"{cert['norm_min']:.6f} .. {cert['norm_max']:.6f}")
     t.add_row("duplicates", str(len(cert["duplicates"])) if cert["duplicates"] else "none")
+    how = f"auto: floor {cert['floor_target']:g} nats" if cert.get("scale_setting") == "auto" else "given"
+    t.add_row("scale", f"{cert['scale']:.6g} ({how})")
     t.add_row(
         "loss floor",
-        f"{cert['loss_floor']:.4f} nats ({cert['metric']}, scale {cert['scale']:g}; "
+        f"{cert['loss_floor']:.4f} nats ({cert['metric']}, scale {cert['scale']:.4g}; "
         "the lowest mean loss any features can reach)",
     )
+    t.add_row("top probability", f"{cert['top_probability']:.4f} (e^-floor: the most the true class can get)")
     console.print(t)
 
 
