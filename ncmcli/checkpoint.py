@@ -198,6 +198,8 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
         raise CheckpointError(f"{path}: 'class_counts' must be a count per class")
     stored_scale = _stored_scale(meta, path)
 
+    placeholder_prior = torch.ones(len(classes))  # made outside the meta device: it is read
+
     def build(device):
         with torch.device(device):
             net = build_net(cfg.model.arch, in_channels=shape[0], image_size=shape[1], dropout=cfg.model.dropout,
@@ -206,7 +208,7 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
             if anchors_like is not None:
                 anchors_like[:, 0] = 1.0
             crit = build_criterion(cfg.loss, anchors=anchors_like, dim=net.feature_dim, num_classes=len(classes),
-                                   prior=torch.ones(len(classes)), scale=1.0)
+                                   prior=placeholder_prior, scale=1.0)
         return net, crit
 
     # -- Validate every size on the meta device (no memory) against the file's header

@@ -185,7 +185,9 @@ def logit_bias(tau: float, prior: torch.Tensor | None, num_classes: int) -> torc
         return None
     if prior is None:
         raise ConfigError("loss.logit_adjust needs the training class counts (none are known for this model)")
-    prior = torch.as_tensor(prior, dtype=torch.float64).flatten()
+    if not isinstance(prior, torch.Tensor):
+        prior = torch.tensor(list(prior), dtype=torch.float64, device="cpu")
+    prior = prior.detach().to("cpu", torch.float64).flatten()  # .to, not a factory: safe on the meta device
     if len(prior) != num_classes or not bool((prior > 0).all()):
         raise ConfigError(f"loss.logit_adjust needs a positive count for each of the {num_classes} classes")
     return (tau * torch.log(prior / prior.sum())).float()
