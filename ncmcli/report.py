@@ -136,16 +136,41 @@ def _flat(tree: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in dotted(tree).items()}
 
 
-def load_runs(paths: list[Path]) -> list[Run]:
+# Besides the test error, a report can aggregate any number a run's result.json records for its
+# final epoch (``--metric``): accuracies are shown in %, like the error.
+METRICS = {"test_error_pct": "Test error %", "test_acc": "Test accuracy %", "train_acc": "Training accuracy %",
+           "test_balanced_acc": "Balanced test accuracy %", "test_head_acc": "Head-third test accuracy %",
+           "test_medium_acc": "Medium-third test accuracy %", "test_tail_acc": "Tail-third test accuracy %",
+           "scale": "Final NCM scale s"}
+
+
+def metric_value(result: dict, metric: str) -> float:
+    """``metric`` of one result.json, in the unit the report shows (accuracies in %)."""
+    value = result["test_error_pct"] if metric == "test_error_pct" else result.get("final", {}).get(metric)
+    if value is None:
+        raise KeyError(metric)
+    return 100.0 * float(value) if metric.endswith("_acc") else float(value)
+
+
+def _lacks(result: dict, metric: str) -> bool:
+    return metric != "test_error_pct" and result.get("final", {}).get(metric) is None
+
+
+def load_runs(paths: list[Path], metric: str = "test_error_pct") -> list[Run]:
+    if metric not in METRICS:
+        raise UsageError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}" + registry.suggest(metric, METRICS))
     runs = []
     for run in find_runs(paths):
         try:
             result = json.loads((run / "result.json").read_text())
             cfg = from_dict(load_yaml_text((run / "config.yaml").read_text(), str(run / "config.yaml")))
-            error = float(result["test_error_pct"])
+            error = None if _lacks(result, metric) else metric_value(result, metric)
         except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError, NcmError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise NcmError(f"{run}: unreadable run ({reason[:120]})") from None
+        if error is None:
+            raise UsageError(f"{run}: result.json records no {metric} (long-tailed runs record head/medium/tail, "
+                             "NCM runs their scale)")
         labels = (dataset_label(cfg.data), method_label(cfg.loss), cfg.model.dropout, cfg.model.arch)
         # Keys the run's loss never reads (lambda_gamma on SoftMax) neither split nor label it.
         runs.append(Run(str(run), error, registry.keys_read(_flat(cfg.to_dict())), labels, cfg))
@@ -158,14 +183,14 @@ def varying_keys(runs: list[Run]) -> list[str]:
     return [k for k in keys if len({repr(r.flat[k]) for r in runs if k in r.flat}) > 1]
 
 
-def collect(paths: list[Path], by: list[str] = ()) -> list[Cell]:
+def collect(paths: list[Path], by: list[str] = (), metric: str = "test_error_pct") -> list[Cell]:
     """Cells of runs that differ in nothing but the seed (and paths), or, with ``by``, in
     nothing but what ``by`` leaves out. A key that varies between runs of the same data set,
     net, method and p becomes a setting of the cell (a column), so such runs are never
     averaged together."""
     from ncmcli.config import SCHEMA
 
-    runs = load_runs(paths)
+    runs = load_runs(paths, metric)
     for key in by:
         if key not in SCHEMA:
             raise UsageError(f"--by {key}: not a config key (see the README's config table)")
@@ -184,6 +209,8 @@ def collect(paths: list[Path], by: list[str] = ()) -> list[Cell]:
         if key not in cells:
             dataset, method, dropout, net = r.labels
             value, other_net = paper_value(paper, dataset, net, method, dropout)
+            if metric != "test_error_pct":  # the paper reports errors only
+                value, other_net = None, False
             cells[key] = Cell(dataset, method, dropout, net=net, paper=value,
                               settings={k: r.flat.get(k) for k in by} if by else settings)
             if other_net:
@@ -248,12 +275,12 @@ def _col(c: Cell) -> str:
     return c.dataset if PAPER_ARCH.get(c.dataset) == c.net else f"{c.dataset} [{c.net}]"
 
 
-def tables(cells: list[Cell]) -> list[tuple[str, list[str], list[list[str]]]]:
+def tables(cells: list[Cell], metric: str = "test_error_pct") -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) views of the cells: Figure 2 (the 2-D MNIST net), error by
     method and data set (the shape of Table 2), and, where runs vary the dropout of the
     SoftMax/C-NCM/E-NCM cells, error by dropout p (the shape of Table 3)."""
     if any(c.settings for c in cells):
-        return [_settings_table(cells)]
+        return [_settings_table(cells, METRICS[metric])]
     out = []
     fig2 = [c for c in cells if is_figure2(c)]
     if fig2:
@@ -274,7 +301,7 @@ def tables(cells: list[Cell]) -> list[tuple[str, list[str], list[list[str]]]]:
                 vals = _fmt(index.get((m, p, col)))
                 row += vals if col in with_paper else vals[:1]
             rows.append(row)
-        title = "Test error % by method and data set (mean ± std over seeds)"
+        title = f"{METRICS[metric]} by method and data set (mean ± std over seeds)"
         if any(c.dataset in PAPER_ARCH for c in main):
             title += "; paper column: Table 2, or Table 3 for SoftMax and other p"
         out.append((title, header, rows))
@@ -290,21 +317,21 @@ def tables(cells: list[Cell]) -> list[tuple[str, list[str], list[list[str]]]]:
             for m in ("SoftMax", "C-NCM", "E-NCM"):
                 if any(_col(c) == d and c.method == m for c in t3):
                     rows.append([d, m] + [v for p in ps for v in _fmt(index.get((d, m, p)))[:width]])
-        out.append(("Test error % by dropout p (the shape of Table 3)", header, rows))
+        out.append((f"{METRICS[metric]} by dropout p (the shape of Table 3)", header, rows))
     return out
 
 
-def _settings_table(cells: list[Cell]) -> tuple[str, list[str], list[list[str]]]:
+def _settings_table(cells: list[Cell], what: str = "Test error %") -> tuple[str, list[str], list[list[str]]]:
     """One row per cell, with a column per key that varies: for runs whose settings differ
     beyond data set, net, method and p (or a --by grouping)."""
     keys = list(dict.fromkeys(k for c in cells for k in c.settings))
     header = ["data set", "net", "method", "p", *keys, "ours", "paper", "Δ"]
     rows = [[c.dataset, c.net, c.method, f"{c.dropout:g}", *(_show(c.settings.get(k, "")) for k in keys), *_fmt(c)]
             for c in cells]
-    return "Test error % per setting (mean ± std over seeds; a column per key that varies)", header, rows
+    return f"{what} per setting (mean ± std over seeds; a column per key that varies)", header, rows
 
 
-def render(cells: list[Cell], fmt: str) -> str:
+def render(cells: list[Cell], fmt: str, metric: str = "test_error_pct") -> str:
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if fmt == "json":
@@ -322,7 +349,7 @@ def render(cells: list[Cell], fmt: str) -> str:
                         ";".join(d["marks"])])
         return buf.getvalue().rstrip("\n")
     parts = []
-    for title, header, rows in tables(cells):
+    for title, header, rows in tables(cells, metric):
         if fmt == "md":
             parts.append(f"**{title}**\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
                          + "\n".join("| " + " | ".join(r) + " |" for r in rows))

@@ -239,7 +239,9 @@ def result_record(cfg: Config, run: Setup, run_dir: Path, history: list[dict], *
         "status": "completed", "run_dir": str(run_dir), "preset": preset, "overrides": list(overrides),
         "dataset": run.data.name, "arch": cfg.model.arch, "loss": cfg.loss.name, "seed": cfg.seed,
         "epochs": cfg.train.epochs, "device": str(device),
-        "final": {k: final[k] for k in ("epoch", "train_loss", "test_loss", "test_acc", "test_error_pct")},
+        "final": {k: final[k] for k in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_error_pct",
+                                        "test_balanced_acc", "test_head_acc", "test_medium_acc", "test_tail_acc", "scale")
+                  if k in final},
         "best": {k: best[k] for k in ("epoch", "test_acc", "test_error_pct", "val_acc", "val_error_pct") if k in best},
         "best_selected_on": "validation" if run.val_split is not None else "test",
         "test_acc": final["test_acc"], "test_error_pct": final["test_error_pct"],
@@ -334,6 +336,27 @@ def _evaluate_epoch(cfg: Config, run: Setup, device, *, keep_outputs: bool) -> t
         ev["feature_diagnostics"] = feature_diagnostics(eval_crit, ev.pop("features"), ev.pop("labels"))
     val = None if run.val_split is None else evaluate(eval_model, eval_crit, run.val_split, **kw)
     return ev, val
+
+
+def _epoch_metrics(run: Setup, epoch: int, train_loss: float, train_acc: float, ev: dict, val: dict | None, *,
+                   lr: float, images_per_s: float, epoch_time: float) -> dict:
+    """One metrics.jsonl line: losses and accuracies, balanced test accuracy (and, on
+    long-tailed data, head/medium/tail), and an NCM loss's scale (moved only by learn)."""
+    from ncmcli.scoring import imbalance_metrics
+
+    metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+               "test_loss": ev["loss"], "test_acc": ev["accuracy"], "test_error_pct": ev["error_pct"],
+               "lr": lr, "epoch_time_s": round(epoch_time, 3), "images_per_s": images_per_s}
+    tail = imbalance_metrics(ev["confusion"], run.data.train_counts if run.data.imbalance else None)
+    metrics["test_balanced_acc"] = tail["balanced_accuracy"]
+    if run.data.imbalance:
+        metrics.update({f"test_{k}_acc": tail[f"{k}_accuracy"] for k in ("head", "medium", "tail")})
+    if val is not None:
+        metrics.update(val_loss=val["loss"], val_acc=val["accuracy"], val_error_pct=val["error_pct"])
+    crit = evaluated(run)[1]
+    if crit.uses_anchors:
+        metrics["scale"] = crit.scale_value()
+    return metrics
 
 
 def _interrupt(stop: StopRequest, run_dir: Path, epoch: int, step: int) -> Interrupted:
@@ -456,13 +479,8 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
             scheduler.step(train_loss)
         elif scheduler is not None and not run.per_step:
             scheduler.step()  # multistep counted in epochs
-        metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / seen,
-                   "test_loss": ev["loss"], "test_acc": ev["accuracy"], "test_error_pct": ev["error_pct"],
-                   "lr": lr, "epoch_time_s": round(epoch_time, 3), "images_per_s": round(seen / max(epoch_time, 1e-9), 1)}
-        if val is not None:
-            metrics.update(val_loss=val["loss"], val_acc=val["accuracy"], val_error_pct=val["error_pct"])
-        if criterion.uses_anchors:
-            metrics["scale"] = evaluated(run)[1].scale_value()  # moves only with loss.scale=learn
+        metrics = _epoch_metrics(run, epoch, train_loss, correct.item() / seen, ev, val, lr=lr,
+                                 images_per_s=round(seen / max(epoch_time, 1e-9), 1), epoch_time=epoch_time)
         history.append(metrics)
         # -- Checkpoint: best on validation accuracy when there is a validation split, else on
         # test accuracy (result.json says which); last (resumable) every epoch; one metrics line

@@ -9,7 +9,7 @@ import torch
 
 from conftest import assert_clean_error
 from ncmcli.config import ConfigError, LossConfig
-from ncmcli.data import imbalance_counts, imbalanced_indices
+from ncmcli.subsets import imbalance_counts, imbalanced_indices
 from ncmcli.losses import build_criterion
 from ncmcli.presets import resolve
 from ncmcli.scoring import adjusted_logits, imbalance_metrics

@@ -20,7 +20,7 @@ LAYERS = {
     2: {"training", "evaluation"},
     1: {"models", "losses", "baselines", "anchors", "distances", "data", "batching", "images", "foldercache",
         "checkpoint", "trainstate", "runfiles", "runtime", "forward", "schedules", "diagnostics", "plots", "fakedata",
-        "export", "tblog", "floors"},
+        "export", "tblog", "floors", "scoring", "subsets"},
     0: {"config", "presets", "registry", "netspecs", "errors", "__init__"},
 }
 LAYER_OF = {name: level for level, names in LAYERS.items() for name in names}
@@ -126,7 +126,7 @@ def test_loss_fields_a_loss_does_not_read_change_nothing():
 
     other = {"scale": 3.0, "hinge_form": "weston-watkins", "margin": 3, "lambda_base": 10.0,
              "lambda_gamma": 0.5, "lambda_power": 2.0, "lambda_min": 0.5, "center_weight": 0.5,
-             "center_alpha": 0.1, "label_smoothing": 0.2}
+             "center_alpha": 0.1, "label_smoothing": 0.2, "floor_target": 0.5, "logit_adjust": 1.0}
     fields = {f.name for f in dataclasses.fields(LossConfig)} - {"name"}
     assert set(other) == fields, "give every new LossConfig field a second value here"
     anchors = torch.nn.functional.normalize(torch.randn(4, 6, generator=torch.Generator().manual_seed(0)), dim=1)

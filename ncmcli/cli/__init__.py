@@ -289,6 +289,7 @@ def report(
     fmt: str = typer.Option("table", "--format", "-f", help="table, md, csv or json."),
     by: List[str] = typer.Option([], "--by", help="Group runs by this config key (repeatable) instead of by everything but the seed."),
     per_run: bool = typer.Option(False, "--per-run", help="With --format csv: one row per run, with every key that varies."),
+    metric: str = typer.Option("test_error_pct", "--metric", help="What to aggregate: test_error_pct, test_acc, train_acc, test_balanced_acc, test_head_acc, test_medium_acc, test_tail_acc or scale (final epoch)."),
 ) -> None:
     """Final test error per group of runs (mean ± std over seeds), beside the paper's numbers.
     Runs that differ in anything but the seed (and paths) are never averaged together."""
@@ -301,7 +302,7 @@ def report(
             raise typer.BadParameter("--per-run goes with --format csv", param_hint="--per-run")
         sys.stdout.write(rep.per_run_csv(paths) + "\n")
         return
-    text = rep.render(rep.collect(paths, by=list(by)), fmt)
+    text = rep.render(rep.collect(paths, by=list(by), metric=metric), fmt, metric)
     if fmt in ("table", "md"):  # human-readable: no control characters from folder names
         text = "\n".join(safe_text(line) for line in text.split("\n"))
     sys.stdout.write(text + "\n")
