@@ -12,7 +12,7 @@ SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"
 
 def test_every_benchmark_is_listed():
     assert SCRIPTS == ["convergence.py", "cpu_net.py", "export_speed.py", "gpu.py", "loss_overhead.py", "pipeline_efficiency.py", "startup.py",
-                       "vs_dataloader.py"]
+                       "study_table.py", "vs_dataloader.py"]
 
 
 @pytest.mark.slow
@@ -54,3 +54,17 @@ def test_convergence_check_reports_range_and_least_squares_trend(tmp_path):
     assert (epochs, span, converged, acc) == ("20", "17-20", "no", "90.0%")
     assert float(moved) == pytest.approx((tail.max() - tail.min()).item(), abs=0.006)
     assert float(change) == pytest.approx(3 * slope.item(), abs=0.006)
+
+
+def test_study_table_is_the_mean_and_std_of_each_cells_runs(tmp_path):
+    import statistics
+
+    proc = subprocess.run([sys.executable, str(BENCH / "study_table.py"), "--dry-run", "--columns",
+                           "error,train_acc,scale,auroc_dist,tail,la_acc"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    header, _, row = proc.stdout.strip().splitlines()
+    cells = dict(zip([h.strip() for h in header.strip("|").split("|")], [v.strip() for v in row.strip("|").split("|")]))
+    assert cells["n"] == "2" and cells["test error %"] == f"11.00 ± {statistics.stdev([10.0, 12.0]):.2f}"
+    assert cells["train acc %"] == f"85.00 ± {statistics.stdev([90.0, 80.0]):.2f}"
+    assert cells["final s"] == "3.50 ± 0.71" and cells["AUROC dist"] == "0.3000 ± 0.1414"
+    assert cells["tail %"] == "42.50 ± 3.54" and cells["acc % (post-hoc LA)"] == ""  # no eval-la1.json
