@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ncmcli.errors import ConfigError
+from ncmcli.errors import ConfigError, special_file
 from ncmcli.floors import loss_floor, top_probability
 from ncmcli.registry import ANCHOR_FILE_SUFFIXES, ANCHOR_METHODS
 
@@ -188,7 +188,8 @@ def _optimized(c: int, d: int, seed: int, steps: int = 1500) -> torch.Tensor:
 
 def _from_file(path: Path, c: int, d: int) -> torch.Tensor:
     if not path.is_file():
-        raise ConfigError(f"anchor file not found: {path}")
+        kind = special_file(path)
+        raise ConfigError(f"anchor file {path} is {kind}, not a regular file" if kind else f"anchor file not found: {path}")
     try:
         if path.suffix == ".csv":
             rows = [

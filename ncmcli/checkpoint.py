@@ -15,18 +15,16 @@ from pathlib import Path
 
 import torch
 
-from ncmcli.errors import CheckpointError, NcmError
-from ncmcli.runfiles import atomic_write
+from ncmcli.config import MAX_CLASSES, MAX_FEATURE_DIM, MAX_PARAMS, MAX_SCALE  # the bounds training checks too
+from ncmcli.errors import CheckpointError, NcmError, special_file
+from ncmcli.runfiles import atomic_write, bounded_json
 
 FORMAT = "ncm-checkpoint"
 FORMAT_VERSION = 1
 _ANCHOR_KEY = "anchors"
 # Bounds checked before anything is built or read: a crafted 100 KB file must not make ncm
 # allocate gigabytes. The largest paper net (CIFAR-100, d=512) has about 10M parameters.
-MAX_SIDE = 1024
-MAX_FEATURE_DIM = 65536
-MAX_CLASSES = 100_000
-MAX_PARAMS = 2**28  # 1 GiB of float32
+MAX_SIDE = 1024  # above data.image_size's 512: a checkpoint may come from elsewhere
 
 
 @dataclass
@@ -96,11 +94,12 @@ def save(
 
 def _meta_json(meta: dict, key: str, path: Path):
     try:
-        return json.loads(meta[key])
+        return bounded_json(meta[key])
     except KeyError:
         raise CheckpointError(f"{path}: checkpoint metadata lacks '{key}'") from None
     except (TypeError, ValueError):
-        raise CheckpointError(f"{path}: checkpoint metadata '{key}' is not valid JSON") from None
+        raise CheckpointError(f"{path}: not a valid ncm checkpoint (metadata '{key}' is not valid JSON, "
+                              "or nested too deeply)") from None
 
 
 def read_metadata(path: Path) -> dict:
@@ -111,7 +110,9 @@ def read_metadata(path: Path) -> dict:
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        kind = special_file(path)
+        raise CheckpointError(f"{path} is {kind}, not a checkpoint file; refusing to open it" if kind
+                              else f"checkpoint not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
@@ -287,6 +288,6 @@ def _stored_scale(meta: dict, path: Path) -> float | None:
         value = float(meta["scale"])
     except ValueError:
         raise CheckpointError(f"{path}: checkpoint metadata 'scale' is not a number") from None
-    if not (math.isfinite(value) and 0 < value <= 1e4):
-        raise CheckpointError(f"{path}: checkpoint scale {meta['scale'][:20]} is not in (0, 1e4]")
+    if not (math.isfinite(value) and 0 < value <= MAX_SCALE):
+        raise CheckpointError(f"{path}: checkpoint scale {meta['scale'][:20]} is not in (0, {MAX_SCALE:g}]")
     return value

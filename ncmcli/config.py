@@ -181,8 +181,12 @@ def _schema(cls: type = Config, prefix: str = "") -> dict[str, type]:
 SCHEMA: dict[str, type] = _schema()
 MAX_SEED = 2**63 - 1
 ARCH_NAMES = tuple(_ARCH_NAMES)
-MAX_FEATURE_DIM = 65536  # what checkpoint loading accepts
+# Bounds that training and checkpoint loading share (ncmcli.checkpoint imports these), so
+# that whatever `ncm train` accepts, `eval`, `predict`, `export` and `--resume` load too.
+MAX_FEATURE_DIM = 65536
 MAX_SCALE = 1e4  # beyond this exp(-s d) underflows float32 for any distance above 0.01
+MAX_CLASSES = 100_000
+MAX_PARAMS = 2**28  # 1 GiB of float32: checked when the net is built, and before loading one
 
 
 def quote(value: Any, limit: int = 80) -> str:

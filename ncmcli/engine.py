@@ -106,7 +106,9 @@ def _check_resume_integrity(run_dir: Path, cfg, config_text: str) -> None:
         raise CheckpointError(f"{run_dir / 'last.safetensors'} belongs to another run (run id {meta.get('run_id')!s:.20}, "
                               f"this folder's is {folder_id}); refusing to resume from it")
     try:
-        saved = from_dict(json.loads(meta["config"]))
+        from ncmcli.runfiles import bounded_json
+
+        saved = from_dict(bounded_json(meta["config"]))
     except (KeyError, ValueError, NcmError):
         raise CheckpointError(f"{run_dir / 'last.safetensors'}: no readable config in the checkpoint") from None
     a, b = saved.to_dict(), cfg.to_dict()

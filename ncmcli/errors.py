@@ -21,6 +21,25 @@ class DataError(NcmError):
     """A dataset that is missing, unreadable or malformed."""
 
 
+def special_file(path) -> str | None:
+    """What a path is when it exists but is not a regular file or a folder ("a FIFO", "a
+    socket", "a device"), else None. ncm never opens such a path: reading one can block forever."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+
+
 class CheckpointError(NcmError):
     """A checkpoint that is missing, corrupt, truncated or not ncm's."""
 

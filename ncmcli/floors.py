@@ -126,7 +126,7 @@ def _on_anchor_loss(anchors: torch.Tensor, metric: str, scale: float) -> float:
     return torch.nn.functional.cross_entropy(logits, torch.arange(len(a))).item()
 
 
-MAX_AUTO_SCALE = 1e4  # config.MAX_SCALE: a target no scale below it reaches is refused
+MAX_AUTO_SCALE = 1e4  # = config.MAX_SCALE (a test checks): a target no scale below it reaches is refused
 
 
 def scale_for_floor(anchors: torch.Tensor, metric: str, target: float) -> float:

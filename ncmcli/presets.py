@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from ncmcli.config import Config, ConfigError, _flatten, build, parse_override, quote
+from ncmcli.errors import special_file
 
 MAX_PRESET_BYTES = 64 * 1024  # presets are a few hundred bytes; a bigger file is a mistake or an attack
 MAX_YAML_DEPTH = 16  # the schema is two levels deep
@@ -47,7 +48,9 @@ def _preset_path(name: str, near: Path | None = None) -> Path:
         if near is not None and not p.is_absolute():
             p = near / p
         if not p.is_file():
-            raise ConfigError(f"preset file not found: {quote(str(p))}")
+            kind = special_file(p)
+            raise ConfigError(f"preset file {quote(str(p))} is {kind}, not a regular file" if kind
+                              else f"preset file not found: {quote(str(p))}")
         return p
     path = presets_dir() / f"{name}.yaml"
     if not path.is_file():

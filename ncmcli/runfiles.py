@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ncmcli.errors import CheckpointError, UsageError
+from ncmcli.errors import CheckpointError, UsageError, special_file
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -93,6 +93,30 @@ def append_metrics(path: Path, metrics: dict) -> None:
         fh.write(json.dumps(metrics) + "\n")
 
 
+MAX_JSON_DEPTH = 64  # ncm's own files nest 4 deep; deeper input is refused before parsing
+_JSON_STRING = None
+
+
+def bounded_json(text: str, max_depth: int = MAX_JSON_DEPTH):
+    """``json.loads`` that refuses input nested deeper than ``max_depth`` (ValueError) before
+    parsing it: deeply nested brackets would otherwise end in a RecursionError."""
+    import re
+
+    global _JSON_STRING
+    if text.count("[") + text.count("{") > max_depth:
+        if _JSON_STRING is None:
+            _JSON_STRING = re.compile(r'"(?:\\.|[^"\\])*"')
+        depth = 0
+        for ch in _JSON_STRING.sub("", text):
+            if ch in "[{":
+                depth += 1
+                if depth > max_depth:
+                    raise ValueError(f"JSON nested deeper than {max_depth} levels")
+            elif ch in "]}":
+                depth -= 1
+    return json.loads(text)
+
+
 def read_metrics(path: Path, note: Callable[[str], None] | None = None) -> list[dict]:
     """metrics.jsonl as a list of epochs; a blank or partial line (left by a crash mid-write)
     is skipped, with a note, rather than failing the run or the plot."""
@@ -101,7 +125,7 @@ def read_metrics(path: Path, note: Callable[[str], None] | None = None) -> list[
     out = []
     for n, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         try:
-            row = json.loads(line)
+            row = bounded_json(line)
             if not isinstance(row, dict) or "epoch" not in row:
                 raise ValueError
             out.append(row)
@@ -199,6 +223,9 @@ def resolve_checkpoint(target: Path) -> Path:
             if (target / name).is_file():
                 return target / name
         raise CheckpointError(f"{target} holds no best.safetensors or last.safetensors")
+    kind = special_file(target)
+    if kind:
+        raise UsageError(f"{target} is {kind}, not a checkpoint file; refusing to open it")
     if not target.exists():
         raise UsageError(f"checkpoint not found: {target}")
     return target

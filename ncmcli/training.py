@@ -19,7 +19,7 @@ from torch import nn
 
 from ncmcli import checkpoint, runfiles, trainstate
 from ncmcli.config import Config, to_yaml
-from ncmcli.errors import NcmError
+from ncmcli.errors import ConfigError as NcmConfigError, NcmError
 from ncmcli.forward import evaluate
 from ncmcli.runtime import dist_info
 from ncmcli.schedules import PlateauOnExcess, Warmup, make_optimizer, make_scheduler
@@ -152,6 +152,7 @@ def build_run(cfg: Config, device: torch.device) -> Setup:
     data = load_dataset(cfg.data)
     mean, std = split_stats(data.train, normalization=cfg.data.normalization)  # the paper's: global
     model, _, criterion = build_from_config(cfg, len(data.classes), data.input_shape, data.train_counts)
+    _check_size(model, criterion, len(data.classes))
     model.to(device)
     criterion.to(device)
     # Speed settings; none changes the maths beyond the autocast rounding.
@@ -184,6 +185,18 @@ def build_run(cfg: Config, device: torch.device) -> Setup:
         mean=mean, std=std, train_split=train_split, test_split=data.test.to(device),
         val_split=data.val.to(device) if data.val is not None else None, steps_per_epoch=steps_per_epoch,
         warmup=Warmup(optimizer, round(cfg.optim.warmup_epochs * steps_per_epoch)))
+
+
+def _check_size(model: nn.Module, criterion: nn.Module, num_classes: int) -> None:
+    """Refuse, before training, a model that checkpoint loading would refuse afterwards."""
+    from ncmcli.config import MAX_CLASSES, MAX_PARAMS
+
+    n = sum(t.numel() for m in (model, criterion) for t in m.state_dict().values())
+    if n > MAX_PARAMS:
+        raise NcmConfigError(f"the model has {n:,} parameters and buffers, above the {MAX_PARAMS:,} a checkpoint may "
+                             "hold; lower model.feature_dim or data.image_size")
+    if num_classes > MAX_CLASSES:
+        raise NcmConfigError(f"{num_classes:,} classes is above the {MAX_CLASSES:,} a checkpoint may hold")
 
 
 def update_ema(run: Setup) -> None:

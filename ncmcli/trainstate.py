@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ncmcli.errors import CheckpointError
+from ncmcli.runfiles import bounded_json
 
 PREFIX = "state."
 
@@ -84,7 +85,7 @@ def unpack(path: Path) -> TrainState:
     if "train_state" not in meta:
         raise CheckpointError(f"{path} holds no train state (only last.safetensors of a run can resume)")
     try:
-        doc = json.loads(meta["train_state"])
+        doc = bounded_json(meta["train_state"])
         progress = Progress(**doc["progress"])
         with safe_open(str(path), framework="pt") as fh:
             tensors = {k: fh.get_tensor(k) for k in fh.keys() if k.startswith(PREFIX)}
