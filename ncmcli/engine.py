@@ -305,10 +305,11 @@ def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, t
             "failed": sum("error" in r for r in results)}
 
 
-def export_command(target: Path, *, fmt: str, out: Path | None) -> Path:
-    """Export a checkpoint (or a run folder's best) as ONNX or TorchScript; returns the file."""
+def export_command(target: Path, *, fmt: str, out: Path | None) -> tuple[Path, str]:
+    """Export a checkpoint (or a run folder's best) as ONNX or TorchScript; returns the file
+    and its input, e.g. ``(B, 3, 64, 64) uint8, RGB``."""
     from ncmcli import checkpoint
-    from ncmcli.export import FORMATS, export
+    from ncmcli.export import FORMATS, export, input_description
     from ncmcli.runfiles import resolve_checkpoint
 
     if fmt not in FORMATS:
@@ -318,4 +319,5 @@ def export_command(target: Path, *, fmt: str, out: Path | None) -> Path:
         out = path.with_suffix(".onnx" if fmt == "onnx" else ".torchscript.pt")
     elif Path(out).is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name")
-    return export(checkpoint.load(path, "cpu"), fmt, Path(out))
+    ck = checkpoint.load(path, "cpu")
+    return export(ck, fmt, Path(out)), input_description(ck)

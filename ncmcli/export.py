@@ -44,6 +44,38 @@ def output_names(with_distances: bool) -> list[str]:
     return ["logits", "prediction", *(["distances"] if with_distances else [])]
 
 
+def client_metadata(ck, names: list[str]) -> dict[str, str]:
+    """What a client needs to use the ONNX file alone (its ``metadata_props``): class names,
+    the input's shape, type and channel order, the resize rule and the normalisation (built
+    in), as the strings ONNX metadata holds."""
+    import json
+
+    c, h, w = ck.input_shape
+    resize = ck.config.data.resize
+    rule = (f"shorter side to {h} px (bilinear), then a centre crop to {h}x{w}" if resize == "crop"
+            else f"stretch to {h}x{w} px (bilinear)")
+    meta = {
+        "ncm.classes": json.dumps(list(ck.classes)),
+        "ncm.input_shape": json.dumps(["B", c, h, w]),
+        "ncm.input_dtype": "uint8",
+        "ncm.channel_order": "L (grayscale)" if c == 1 else "RGB",
+        "ncm.layout": "NCHW",
+        "ncm.resize": rule,
+        "ncm.normalization": json.dumps({"built_in": True, "mean": list(ck.mean), "std": list(ck.std),
+                                         "applied_as": "(x / 255 - mean) / std"}),
+        "ncm.outputs": json.dumps(names),
+        "ncm.loss": ck.config.loss.name,
+    }
+    if ck.criterion.uses_anchors:
+        meta["ncm.scale"] = repr(ck.criterion.scale_value())
+    return meta
+
+
+def input_description(ck) -> str:
+    c, h, w = ck.input_shape
+    return f"(B, {c}, {h}, {w}) uint8, {'grayscale' if c == 1 else 'RGB'}"
+
+
 def export(ck, fmt: str, out: Path) -> Path:
     """Write ``ck`` (a loaded checkpoint) as ``fmt`` to ``out``, atomically."""
     from ncmcli.runfiles import atomic_write
@@ -69,10 +101,16 @@ def export(ck, fmt: str, out: Path) -> Path:
         raise UsageError("ONNX export needs the export extra: pip install 'ncmcli[export]'")
 
     def write(tmp: Path) -> None:
+        import onnx
+
         batch = torch.export.Dim("batch", min=1, max=65536)
         program = torch.onnx.export(wrapper, (example,), input_names=["images"], output_names=names,
                                     dynamic_shapes={"images": {0: batch}}, dynamo=True, verbose=False)
         program.save(str(tmp))
+        model = onnx.load(str(tmp))
+        for key, value in client_metadata(ck, names).items():
+            model.metadata_props.add(key=key, value=value)
+        onnx.save(model, str(tmp))
 
     atomic_write(out, write)
     return out

@@ -269,8 +269,8 @@ def test_onnx_and_torchscript_exports_match_pytorch(trained_ckpts, tmp_path, pre
     ck_path = trained_ckpts[preset]
     ck = checkpoint.load(ck_path)
     ref_model = Exported(ck.model, ck.criterion, ck.mean, ck.std).eval()
-    onnx_file = export_command(ck_path, fmt="onnx", out=tmp_path / "m.onnx")
-    ts_file = export_command(ck_path, fmt="torchscript", out=tmp_path / "m.pt")
+    onnx_file, _ = export_command(ck_path, fmt="onnx", out=tmp_path / "m.onnx")
+    ts_file, _ = export_command(ck_path, fmt="torchscript", out=tmp_path / "m.pt")
     session = ort.InferenceSession(str(onnx_file))
     scripted = torch.jit.load(str(ts_file))
     for batch in (1, 7, 33):  # the batch size is dynamic
@@ -297,7 +297,7 @@ def test_an_exported_onnx_file_runs_without_ncm(trained_ckpts, tmp_path):
 
     from ncmcli.engine import export_command
 
-    f = export_command(trained_ckpts["quickstart"], fmt="onnx", out=tmp_path / "m.onnx")
+    f, _ = export_command(trained_ckpts["quickstart"], fmt="onnx", out=tmp_path / "m.onnx")
     code = ("import sys; sys.modules['ncmcli'] = None\n"  # any import of ncm would fail
             "import numpy as np, onnxruntime as ort\n"
             f"s = ort.InferenceSession({str(f)!r})\n"
@@ -336,3 +336,38 @@ def test_tensorboard_scalars_mirror_metrics_jsonl(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [(e.step, e.value) for e in acc.Scalars("test/test_acc")]
     assert logged == [(m["epoch"], pytest.approx(m["test_acc"], abs=1e-6)) for m in lines]
+
+
+def test_onnx_metadata_lets_a_client_classify_alone(trained_ckpts, tmp_path, ncm):
+    """The ONNX file carries class names, input shape, channel order, resize rule and the
+    normalisation: a client with only onnxruntime and PIL reproduces `ncm predict`."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    ck_path = trained_ckpts["quickstart"]
+    proc = ncm("export", ck_path, "--out", tmp_path / "m.onnx")
+    assert proc.returncode == 0 and "(B, 1, 28, 28) uint8, grayscale" in proc.stderr, proc.stderr
+    img = tmp_path / "shirt.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 56), dtype=np.uint8), "L").save(img)
+    code = ("import sys, json; sys.modules['ncmcli'] = None\n"
+            "import numpy as np, onnxruntime as ort\n"
+            "from PIL import Image\n"
+            f"s = ort.InferenceSession({str(tmp_path / 'm.onnx')!r})\n"
+            "meta = s.get_modelmeta().custom_metadata_map\n"
+            "classes = json.loads(meta['ncm.classes']); _, c, h, w = json.loads(meta['ncm.input_shape'])\n"
+            f"im = Image.open({str(img)!r}).convert('L' if c == 1 else 'RGB')\n"
+            "k = h / min(im.size); im = im.resize((max(h, round(im.width * k)), max(h, round(im.height * k))), Image.BILINEAR)\n"
+            "l, t = (im.width - w) // 2, (im.height - h) // 2; im = im.crop((l, t, l + w, t + h))\n"
+            "x = np.asarray(im, np.uint8).reshape(1, c, h, w)\n"
+            "print(json.dumps({'label': classes[int(s.run(None, {'images': x})[1][0])], 'meta': meta}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    client = json.loads(out.stdout)
+    assert json.loads(client["meta"]["ncm.classes"])[0] == "T-shirt/top"
+    assert "centre crop" in client["meta"]["ncm.resize"] and client["meta"]["ncm.input_dtype"] == "uint8"
+    pred = json.loads(ncm("predict", img, "--checkpoint", ck_path, "--json").stdout)["predictions"][0]
+    assert client["label"] == pred["label"]

@@ -277,9 +277,9 @@ def export(
     """A self-contained model: raw uint8 images in; logits, prediction (and anchor distances) out."""
     from ncmcli import engine
 
-    path = engine.export_command(target, fmt=fmt, out=out)
-    err.print(f"wrote {show(str(path))} (input: uint8 images, batch x {'channels x size x size'}; "
-              "normalisation built in)")
+    path, shape = engine.export_command(target, fmt=fmt, out=out)
+    err.print(f"wrote {show(str(path))} (input: {shape}; normalisation built in"
+              + ("; class names and preprocessing in its metadata_props" if fmt == "onnx" else "") + ")")
     sys.stdout.write(f"{safe_text(str(path))}\n")
 
 
