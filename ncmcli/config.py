@@ -47,9 +47,11 @@ class DataConfig:
     hflip: bool = False  # random horizontal flips only (implied by augment): Liu et al.'s plain CIFAR-10
     normalization: str = "global"  # the paper's one mean and std over all pixels; channel = per RGB channel
     download: bool = True  # torchvision downloads into root; off = fail fast offline
-    channels: int = 0  # folder only: 1 or 3; 0 = 3 (RGB), the common case for photos
+    channels: int = 0  # folder only: 1 or 3; 0 = from the images (1 when every sampled one is grayscale, else 3)
     resize: str = "crop"  # folder and predict: keep the aspect ratio (shorter side, centre crop) or squash
     image_size: int = 0  # folder only: square side in pixels; 0 = from the images (median shorter side, 8..64)
+    test_dir: str = ""  # folder only: the held-out subfolder; "" = test/, else val/ (what photo sets ship)
+    extensions: str = ""  # folder only: comma-separated file endings to read; "" = torchvision ImageFolder's
     limit_train: int = 0  # a stratified sample of N training images (0 = all): quick checks
     limit_test: int = 0  # likewise for the test split
     subset_seed: int = 0  # the limits' sample: fixed across run seeds, so runs compare on the same images
@@ -409,6 +411,8 @@ def _check(cfg: Config) -> None:
     need(cfg.data.image_size == 0 or 8 <= cfg.data.image_size <= 512,
          f"data.image_size must be 0 or in [8, 512], got {cfg.data.image_size}")
     need(cfg.data.limit_train >= 0 and cfg.data.limit_test >= 0, "data.limit_train/limit_test must be >= 0")
+    need("/" not in cfg.data.test_dir and "\\" not in cfg.data.test_dir and cfg.data.test_dir not in ("..", "train"),
+         f"data.test_dir must be a subfolder name of data.root such as val, got {quote(cfg.data.test_dir)}")
     need(cfg.data.val_split >= 0 and (cfg.data.val_split < 1 or cfg.data.val_split.is_integer()),
          f"data.val_split must be a fraction in [0, 1) or a whole count of images, got {cfg.data.val_split:g}")
     need(_imbalance_ok(cfg.data.imbalance),

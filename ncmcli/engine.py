@@ -305,7 +305,7 @@ def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, t
             "failed": sum("error" in r for r in results)}
 
 
-def export_command(target: Path, *, fmt: str, out: Path | None) -> tuple[Path, str]:
+def export_command(target: Path, *, fmt: str, out: Path | None, which: str = "best") -> tuple[Path, str]:
     """Export a checkpoint (or a run folder's best) as ONNX or TorchScript; returns the file
     and its input, e.g. ``(B, 3, 64, 64) uint8, RGB``."""
     from ncmcli import checkpoint
@@ -314,7 +314,7 @@ def export_command(target: Path, *, fmt: str, out: Path | None) -> tuple[Path, s
 
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    path = resolve_checkpoint(Path(target))
+    path = resolve_checkpoint(Path(target), which)
     if out is None:
         out = path.with_suffix(".onnx" if fmt == "onnx" else ".torchscript.pt")
     elif Path(out).is_dir():

@@ -65,7 +65,7 @@ def _ood_images(source: str, ck, data_root: str | None, limit: int):
 
 def eval_command(target: Path, *, data_root: str | None, device: str, batch_size: int | None = None,
                  limit: int = 0, ood: str | None = None, logit_adjust: float = 0.0,
-                 ood_score: str | None = None) -> dict:
+                 ood_score: str | None = None, which: str = "best") -> dict:
     """Accuracy, loss, per-class accuracy, confusion, long-tail metrics and feature diagnostics
     on the test split; ``logit_adjust`` tau > 0 predicts with post-hoc adjusted logits."""
     import math
@@ -87,7 +87,7 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if limit < 0:
         raise UsageError(f"--limit must be >= 0, got {limit}")
-    path = resolve_checkpoint(target)
+    path = resolve_checkpoint(target, which)
     dev = pick_device(device)
     ck = checkpoint.load(path, dev)
     batch_size = batch_size or ck.config.train.eval_batch_size  # the checkpoint's own setting
@@ -184,7 +184,7 @@ def _plot_out(out: Path | None, default_dir: Path, stem: str, fmt: str) -> Path:
 
 def plot_command(kind: str, target: Path | list[Path], *, out: Path | None, fmt: str = "png",
                  device: str = "auto", split: str = "test", max_points: int = 5000,
-                 data_root: str | None = None) -> Path:
+                 data_root: str | None = None, which: str = "best") -> Path:
     """Draw one plot and return the file written."""
     import dataclasses
 
@@ -210,7 +210,7 @@ def plot_command(kind: str, target: Path | list[Path], *, out: Path | None, fmt:
         return plots.curves(runs, _plot_out(out, beside, "curves", fmt))
     if split not in ("train", "test"):
         raise UsageError(f"--split must be train or test, got {split!r}")
-    path = resolve_checkpoint(target)
+    path = resolve_checkpoint(target, which)
     dev = pick_device(device)
     ck = checkpoint.load(path, dev)
     name = f"{ck.config.loss.name} {ck.config.model.arch} on {ck.config.data.name}, epoch {ck.epoch}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def decode_all(files: list[Path], channels: int, size: int, threads: int | None 
 
 
 def load_cached(root: Path, split: str, files: list[Path], labels: torch.Tensor, channels: int, size: int,
-                notes: list[str], resize: str = "crop") -> torch.Tensor:
+                notes: list[str], resize: str = "crop", say=None) -> torch.Tensor:
     """The decoded images of ``files``, from the cache when it matches the folder, else
     decoded now and cached. Cache problems never fail a run: they become ``notes``."""
     from safetensors import SafetensorError, safe_open
@@ -80,7 +81,12 @@ def load_cached(root: Path, split: str, files: list[Path], labels: torch.Tensor,
         except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             notes.append(f"folder cache {path} is unreadable ({reason[:80]}); rebuilding it")
+    if say is not None:  # before the wait, not after it
+        say(f"decoding {len(files):,} images of {root / split} into the cache (once; later runs load it in seconds)")
+    t0 = time.time()
     images = decode_all(files, channels, size, resize=resize)
+    if say is not None:
+        say(f"decoded {len(files):,} images in {time.time() - t0:.1f} s")
     meta = {"format": FORMAT, "key": key, "root": str(root.resolve()), "split": split,
             "files": str(len(files)), "labels_sha256": hashlib.sha256(labels.numpy().tobytes()).hexdigest()}
     try:

@@ -156,6 +156,7 @@ def curves(runs: list[Path], out: Path) -> Path:
     plt = _pyplot()
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
     colors = _colors(max(len(runs), 1))
+    has_val = False
     for color, run, label in zip(colors, runs, curve_labels(runs)):
         rows = read_metrics(run / METRICS)
         if not rows:
@@ -169,10 +170,14 @@ def curves(runs: list[Path], out: Path) -> Path:
         epochs = [r["epoch"] for r in rows]
         ax_loss.plot(epochs, [r["train_loss"] for r in rows], color=color, label=label)
         ax_err.plot(epochs, [r["test_error_pct"] for r in rows], color=color, label=label)
+        if any("val_error_pct" in r for r in rows):  # the curve best.safetensors is chosen on
+            val = [(r["epoch"], r["val_error_pct"]) for r in rows if "val_error_pct" in r]
+            ax_err.plot(*zip(*val), color=color, linestyle=":", label=f"{label} (validation)")
+            has_val = True
         if floor is not None:
             ax_loss.axhline(floor, color=color, linestyle="--", linewidth=1)
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss (dashed: NCM loss floor)")
-    ax_err.set(xlabel="epoch", ylabel="test error %", title="test error")
+    ax_err.set(xlabel="epoch", ylabel="error %", title="test error (dotted: validation)" if has_val else "test error")
     for ax in (ax_loss, ax_err):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers

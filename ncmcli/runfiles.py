@@ -215,14 +215,22 @@ def prepare_run_dir(out: Path | None, runs_root: Path, name: str, force: bool) -
     return run_dir, created
 
 
-def resolve_checkpoint(target: Path) -> Path:
-    """A checkpoint file, or a run folder meaning its best.safetensors."""
+WHICH = ("best", "last")
+
+
+def resolve_checkpoint(target: Path, which: str = "best") -> Path:
+    """A checkpoint file, or a run folder meaning its best.safetensors (``which="last"``: its
+    last.safetensors, the final epoch). A folder without the one asked for falls back to the
+    other only for ``best`` (a run stopped before its first epoch ended has only ``last``)."""
+    if which not in WHICH:
+        raise UsageError(f"--which must be best or last, got {which!r}")
     target = Path(target)
     if target.is_dir():
-        for name in ("best.safetensors", "last.safetensors"):
+        names = (LAST,) if which == "last" else (BEST, LAST)
+        for name in names:
             if (target / name).is_file():
                 return target / name
-        raise CheckpointError(f"{target} holds no best.safetensors or last.safetensors")
+        raise CheckpointError(f"{target} holds no {' or '.join(names)}")
     kind = special_file(target)
     if kind:
         raise UsageError(f"{target} is {kind}, not a checkpoint file; refusing to open it")
@@ -231,14 +239,14 @@ def resolve_checkpoint(target: Path) -> Path:
     return target
 
 
-def find_checkpoint(explicit: Path | None, env: dict, cwd: Path) -> tuple[Path, str]:
+def find_checkpoint(explicit: Path | None, env: dict, cwd: Path, which: str = "best") -> tuple[Path, str]:
     """(checkpoint, why): --checkpoint, else $NCM_CHECKPOINT, else the newest
-    runs/**/best.safetensors under the current folder."""
+    runs/**/best.safetensors (or last, with ``which``) under the current folder."""
     if explicit is not None:
-        return resolve_checkpoint(explicit), "--checkpoint"
+        return resolve_checkpoint(explicit, which), "--checkpoint"
     if env.get("NCM_CHECKPOINT"):
-        return resolve_checkpoint(Path(env["NCM_CHECKPOINT"])), "$NCM_CHECKPOINT"
-    found = sorted((cwd / "runs").glob("**/best.safetensors"), key=lambda p: p.stat().st_mtime)
+        return resolve_checkpoint(Path(env["NCM_CHECKPOINT"]), which), "$NCM_CHECKPOINT"
+    found = sorted((cwd / "runs").glob(f"**/{BEST if which == 'best' else LAST}"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise UsageError("no checkpoint: pass --checkpoint, set $NCM_CHECKPOINT, or train one into ./runs")
     return found[-1], "the newest under ./runs"

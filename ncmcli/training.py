@@ -139,7 +139,7 @@ class Setup:
     run_id: str | None = None
 
 
-def build_run(cfg: Config, device: torch.device) -> Setup:
+def build_run(cfg: Config, device: torch.device, say=None) -> Setup:
     """Seeds, threads, data, model, anchors, criterion, the speed settings, optimiser, schedule."""
     from ncmcli.batching import split_stats
     from ncmcli.data import load_dataset
@@ -149,7 +149,7 @@ def build_run(cfg: Config, device: torch.device) -> Setup:
     torch.manual_seed(cfg.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    data = load_dataset(cfg.data)
+    data = load_dataset(cfg.data, say=say)
     mean, std = split_stats(data.train, normalization=cfg.data.normalization)  # the paper's: global
     model, _, criterion = build_from_config(cfg, len(data.classes), data.input_shape, data.train_counts)
     _check_size(model, criterion, len(data.classes))
@@ -256,7 +256,7 @@ def result_record(cfg: Config, run: Setup, run_dir: Path, history: list[dict], *
                                         "test_balanced_acc", "test_head_acc", "test_medium_acc", "test_tail_acc", "scale")
                   if k in final},
         "best": {k: best[k] for k in ("epoch", "test_acc", "test_error_pct", "val_acc", "val_error_pct") if k in best},
-        "best_selected_on": "validation" if run.val_split is not None else "test",
+        "best_selected_on": {"val_acc": "validation", "test_acc": "test", "epoch": "last epoch"}[selection(run)[0]],
         "test_acc": final["test_acc"], "test_error_pct": final["test_error_pct"],
         "checkpoint": str(run_dir / runfiles.BEST), "last_checkpoint": str(run_dir / runfiles.LAST),
         "train_images_per_s": round(run.progress.train_images / max(run.progress.train_time, 1e-9), 1),
@@ -297,6 +297,26 @@ def scale_comment(cfg: Config, crit) -> str:
             f"(loss floor {cfg.loss.floor_target:g} nats)\n")
 
 
+MIN_SELECT_VAL, WARN_VAL = 50, 200  # validation images: below these best is not chosen / may be noise
+
+
+def selection(run: Setup) -> tuple[str, str]:
+    """(the metric best.safetensors is chosen on, a warning or ""). On a validation split of
+    fewer than 50 images one image moves the accuracy by more than 2 points, so best follows
+    the last epoch instead; under 200 it is chosen, with a warning."""
+    if run.val_split is None:
+        return "test_acc", ""
+    n = len(run.val_split)
+    point = 100.0 / n
+    if n < MIN_SELECT_VAL:
+        return "epoch", (f"warning: the validation split has only {n} images (one is {point:.1f} points of accuracy): "
+                         f"too few to choose on, so best.safetensors follows the last epoch (raise data.val_split)")
+    if n < WARN_VAL:
+        return "val_acc", (f"warning: the validation split has only {n} images (one is {point:.1f} points of accuracy): "
+                           "best.safetensors may be chosen by noise; compare with --which last")
+    return "val_acc", ""
+
+
 def _announce(cfg: Config, run: Setup, run_dir: Path, device, reporter: ProgressReporter) -> None:
     from ncmcli.anchors import anchor_certificate
 
@@ -315,6 +335,8 @@ def _announce(cfg: Config, run: Setup, run_dir: Path, device, reporter: Progress
                      f"device: {device}"
                      + (f"; DDP over {world} processes, {cfg.train.batch_size // world} images each per step"
                         if world > 1 else ""))
+    if selection(run)[1]:
+        reporter.message(selection(run)[1])
 
 
 def _tensorboard(cfg: Config, run_dir: Path, rank: int, first_epoch: int):
@@ -395,7 +417,7 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
         for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-write (SIGKILL)
             stale.unlink(missing_ok=True)
     # -- Setup (data, model, criterion, optimiser, schedule), then resume or a new config.yaml
-    run = build_run(cfg, device)
+    run = build_run(cfg, device, reporter.message)
     model, criterion, optimizer, scheduler = run.model, run.criterion, run.optimizer, run.scheduler
     if resume:
         restore(run, run_dir, device)
@@ -407,7 +429,7 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
                                        + scale_comment(cfg, criterion) + to_yaml(cfg))
     _announce(cfg, run, run_dir, device, reporter)
     progress, data = run.progress, run.data
-    select_on = "val_acc" if run.val_split is not None else "test_acc"
+    select_on = selection(run)[0]
 
     def save(name: str, epoch: int, metrics: dict, state: trainstate.TrainState | None = None) -> None:
         if rank != 0:  # only rank 0 writes files

@@ -79,9 +79,10 @@ def test_image_folder(tmp_path):
     assert ds.train.images.shape == (9, 1, 16, 16) and ds.test.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     rgb = load_dataset(DataConfig(name="folder", root=str(tmp_path), image_size=32))
     assert rgb.input_shape == (3, 32, 32)
-    # image_size 0: the side suits the images (median shorter side 12, rounded to 8 -> 16).
+    # image_size 0: the side suits the images (median shorter side 12: a multiple of 4, which
+    # every net builds at, so it is kept rather than rounded up to 16).
     auto = load_dataset(DataConfig(name="folder", root=str(tmp_path)))
-    assert auto.input_shape == (3, 16, 16) and any("16x16" in n for n in auto.notes)
+    assert auto.input_shape == (3, 12, 12) and any("12x12" in n for n in auto.notes)
 
 
 def test_image_folder_errors(tmp_path):
@@ -177,3 +178,59 @@ def test_auto_loader_follows_the_memory_budget(tmp_path):
     tiny_budget = load_dataset(DataConfig(name="folder", root=str(tmp_path), loader="auto", memory_budget_gb=1e-9))
     assert isinstance(small.train, Split) and isinstance(tiny_budget.train, FileSplit)
     assert tiny_budget.input_shape == (3, 8, 8)  # the images' own side (image_size 0)
+
+
+def test_folder_with_val_and_no_test_trains_with_a_note(tmp_path, ncm):
+    import shutil
+
+    make_folder(tmp_path / "ab", classes=("ants", "bees"), per_class=6, size=(28, 28), mode="L")
+    shutil.move(str(tmp_path / "ab" / "test"), str(tmp_path / "ab" / "val"))
+    (tmp_path / "ab" / "train" / "ants" / "placeholder.gif").write_bytes(b"GIF89a")
+    proc = ncm("train", "--preset", "folder", "--set", f"data.root={tmp_path / 'ab'}", "--set", "train.epochs=1",
+               "--set", "data.val_split=0", "--out", tmp_path / "run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "val/ is the held-out split" in proc.stderr
+    assert "skipped 1 files that are not images (1 .gif)" in proc.stderr
+    assert "grayscale images: 1 channel" in proc.stderr
+    assert "median shorter side is 28 px" in proc.stderr  # 28 kept, not rounded to 32
+    from ncmcli import checkpoint
+
+    assert checkpoint.load(tmp_path / "run" / "best.safetensors").input_shape == (1, 28, 28)
+    # data.extensions reads the .gif too (and fails on it, being no image: a clear error)
+    proc = ncm("train", "--preset", "folder", "--set", f"data.root={tmp_path / 'ab'}", "--set", "data.extensions=png",
+               "--set", "data.test_dir=val", "--set", "train.epochs=1", "--set", "data.val_split=0", "--out", tmp_path / "r2")
+    assert proc.returncode == 0 and "skipped 1 files" in proc.stderr, proc.stderr
+
+
+def test_folder_layout_errors_say_what_is_there(tmp_path, ncm):
+    from conftest import assert_clean_error
+
+    assert_clean_error(ncm("train", "--preset", "folder", "--set", f"data.root={tmp_path / 'nope'}"), 1, "does not exist")
+    (tmp_path / "f" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "f" / "holdout").mkdir()
+    proc = ncm("train", "--preset", "folder", "--set", f"data.root={tmp_path / 'f'}")
+    assert_clean_error(proc, 1, "it holds holdout/, train/")
+    assert_clean_error(ncm("train", "--preset", "folder", "--set", f"data.root={tmp_path / 'f'}",
+                           "--set", "data.test_dir=elsewhere"), 1, "data.test_dir=elsewhere")
+
+
+def test_first_decode_is_announced_before_the_wait(tmp_path, monkeypatch):
+    from ncmcli import data, foldercache
+
+    make_folder(tmp_path / "f", per_class=2, size=(16, 16))
+    said, real = [], foldercache.decode_all
+
+    def decode(*a, **k):
+        said.append("decode started")
+        return real(*a, **k)
+
+    monkeypatch.setattr(foldercache, "decode_all", decode)
+    monkeypatch.setenv("NCM_CACHE", str(tmp_path / "cache"))
+    from ncmcli.presets import resolve
+
+    cfg = resolve("folder", [f"data.root={tmp_path / 'f'}"]).data
+    data.load_dataset(cfg, say=said.append)
+    assert said[0].startswith("decoding 6 images of") and said[1] == "decode started"
+    said.clear()
+    data.load_dataset(cfg, say=said.append)  # cached now: nothing to announce
+    assert said == []

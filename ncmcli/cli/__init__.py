@@ -155,9 +155,10 @@ def train(
         out_json(result)
     else:
         on = result.get("best_selected_on", "test")
-        err.print(f"test accuracy {result['test_acc']:.4f} (best.safetensors: epoch {result['best']['epoch']}, "
-                  f"test accuracy {result['best']['test_acc']:.4f}, selected on {on} accuracy) "
-                  f"in {result['wall_time_s']:.1f}s")
+        how = "the last epoch" if on == "last epoch" else f"selected on {on} accuracy"
+        err.print(f"test accuracy {result['test_acc']:.4f} at epoch {result['final']['epoch']} (last.safetensors); "
+                  f"best.safetensors: epoch {result['best']['epoch']}, test accuracy {result['best']['test_acc']:.4f}, "
+                  f"{how}; in {result['wall_time_s']:.1f}s")
         sys.stdout.write(f"{safe_text(result['checkpoint'])}\n")
 
 
@@ -172,12 +173,14 @@ def eval_(
     ood_score: Optional[str] = typer.Option(None, "--ood-score", help="The open-set score to headline: dist, margin, cac, msp or maxlogit (default: margin for anchor models, msp otherwise); every score's AUROC is reported."),
     logit_adjust: float = typer.Option(0.0, "--logit-adjust", help="Post-hoc logit adjustment tau: predict with logits - tau * log(training prior)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document, with the confusion matrix."),
+    which: str = typer.Option("best", "--which", help="With a run folder: best (best.safetensors) or last (the final epoch, last.safetensors)."),
 ) -> None:
     """Accuracy, error, loss, per-class accuracy, long-tail metrics and feature diagnostics on the test split."""
     from ncmcli import evaluation
 
     res = evaluation.eval_command(target, data_root=data_root, device=device, limit=limit, ood=ood,
-                                  batch_size=batch_size, logit_adjust=logit_adjust, ood_score=ood_score)
+                                  batch_size=batch_size, logit_adjust=logit_adjust, ood_score=ood_score,
+                                  which=which)
     for warning in res.get("ood", {}).get("warnings", []):
         err.print(f"warning: {safe_text(warning)}", markup=False)
     if as_json:
@@ -232,13 +235,14 @@ def predict(
     batch_size: int = typer.Option(256, "--batch-size", help="Images decoded and classified at a time (bounds memory)."),
     resize: Optional[str] = typer.Option(None, "--resize", help="crop (keep the aspect ratio: shorter side, centre crop) or squash; default: the checkpoint's data.resize."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document."),
+    which: str = typer.Option("best", "--which", help="With a run folder: best (best.safetensors) or last (the final epoch, last.safetensors)."),
 ) -> None:
     """Classify images with a checkpoint (preprocessing comes from the checkpoint)."""
     from ncmcli import engine
 
     from ncmcli.runfiles import find_checkpoint
 
-    path, why = find_checkpoint(checkpoint, dict(os.environ), Path.cwd())
+    path, why = find_checkpoint(checkpoint, dict(os.environ), Path.cwd(), which)
     if why != "--checkpoint":
         err.print(f"using {show(str(path))} ({show(why)})")
     res = engine.predict_command(inputs, checkpoint_path=path, device=device, top_k=top_k, reject_above=reject_above,
@@ -273,11 +277,12 @@ def export(
     target: Path = typer.Argument(..., help="A checkpoint, or a run folder (its best.safetensors)."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: beside the checkpoint)."),
+    which: str = typer.Option("best", "--which", help="With a run folder: best (best.safetensors) or last (the final epoch, last.safetensors)."),
 ) -> None:
     """A self-contained model: raw uint8 images in; logits, prediction (and anchor distances) out."""
     from ncmcli import engine
 
-    path, shape = engine.export_command(target, fmt=fmt, out=out)
+    path, shape = engine.export_command(target, fmt=fmt, out=out, which=which)
     err.print(f"wrote {show(str(path))} (input: {shape}; normalisation built in"
               + ("; class names and preprocessing in its metadata_props" if fmt == "onnx" else "") + ")")
     sys.stdout.write(f"{safe_text(str(path))}\n")

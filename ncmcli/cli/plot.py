@@ -14,6 +14,7 @@ plot_app = typer.Typer(help="Draw Figures 2 and 3, confusion matrices and angle 
                        no_args_is_help=True)
 _OUT = typer.Option(None, "--out", "-o", help="File or folder to write (default: beside the checkpoint).")
 _FMT = typer.Option("png", "--format", help="png, svg or pdf.")
+_WHICH = typer.Option("best", "--which", help="With a run folder: best or last (the final epoch).")
 
 
 def _plot(kind: str, target, **kw) -> None:
@@ -30,11 +31,11 @@ def plot_features(
     max_points: int = typer.Option(5000, "--max-points", help="Draw at most this many features (0 = all)."),
     data_root: Optional[str] = typer.Option(None, "--data-root"),
     device: str = typer.Option("auto", "--device"),
-    out: Optional[Path] = _OUT, fmt: str = _FMT,
+    out: Optional[Path] = _OUT, fmt: str = _FMT, which: str = _WHICH,
 ) -> None:
     """The paper's Figure 2: deep features by class, anchors as stars (PCA when d > 2)."""
     _plot("features", checkpoint, out=out, fmt=fmt, device=device, split=split, max_points=max_points,
-          data_root=data_root)
+          data_root=data_root, which=which)
 
 
 @plot_app.command("curves")
@@ -50,16 +51,18 @@ def plot_curves(
 def plot_confusion(
     checkpoint: Path = typer.Argument(...), data_root: Optional[str] = typer.Option(None, "--data-root"),
     device: str = typer.Option("auto", "--device"), out: Optional[Path] = _OUT, fmt: str = _FMT,
+    which: str = _WHICH,
 ) -> None:
     """Row-normalised confusion matrix on the test split."""
-    _plot("confusion", checkpoint, out=out, fmt=fmt, device=device, data_root=data_root)
+    _plot("confusion", checkpoint, out=out, fmt=fmt, device=device, data_root=data_root, which=which)
 
 
 @plot_app.command("angles")
 def plot_angles(
     checkpoint: Path = typer.Argument(...), data_root: Optional[str] = typer.Option(None, "--data-root"),
     max_points: int = typer.Option(0, "--max-points"), device: str = typer.Option("auto", "--device"),
-    out: Optional[Path] = _OUT, fmt: str = _FMT,
+    out: Optional[Path] = _OUT, fmt: str = _FMT, which: str = _WHICH,
 ) -> None:
     """Angles from each test feature to its own anchor and to the nearest other one."""
-    _plot("angles", checkpoint, out=out, fmt=fmt, device=device, data_root=data_root, max_points=max_points)
+    _plot("angles", checkpoint, out=out, fmt=fmt, device=device, data_root=data_root, max_points=max_points,
+          which=which)
