@@ -151,6 +151,7 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
     except yaml.YAMLError:
         raise CheckpointError(f"{run_dir / 'config.yaml'} is not valid YAML") from None
     _check_resume_integrity(run_dir, cfg, config_text)
+    old_epochs = cfg.train.epochs
     for text in overrides:
         key, value = cfgmod.parse_override(text)
         if key != "train.epochs":
@@ -165,6 +166,10 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
     if progress.epoch >= cfg.train.epochs and progress.step == 0:
         raise UsageError(f"{run_dir} already finished {progress.epoch} epochs; extend it with --set train.epochs=N")
     dev, rank, _ = setup_distributed(device)
+    if cfg.train.epochs != old_epochs and cfg.optim.schedule == "cosine":
+        reporter.message(f"note: the cosine schedule spans train.epochs, so extending {old_epochs} -> "
+                         f"{cfg.train.epochs} epochs re-spans it: the lr jumps to where the longer cosine is "
+                         f"at step {progress.global_step}, not where the old one would have ended")
 
     def run() -> dict:
         if overrides and rank == 0:

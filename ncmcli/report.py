@@ -50,6 +50,8 @@ class Cell:
     marks: set = field(default_factory=set)
     paper: float | None = None
     settings: dict = field(default_factory=dict)  # keys that vary across the runs, beyond the labels
+    seeds: list = field(default_factory=list)  # one per run: a repeated seed is not a new sample
+    pooled: list = field(default_factory=list)  # --by: keys whose values differ inside the cell
 
     @property
     def n(self) -> int:
@@ -220,7 +222,15 @@ def collect(paths: list[Path], by: list[str] = (), metric: str = "test_error_pct
             cell.paper = None  # a --by group that mixes cells has no one paper number
         cell.errors.append(r.error)
         cell.runs.append(r.path)
+        cell.seeds.append(r.flat.get("seed"))
         _mark(cell, r.cfg)
+    if by:  # what a --by grouping averages over besides the seed: say so
+        members = {}
+        for r in runs:
+            members.setdefault(tuple(repr(r.flat.get(k)) for k in by), []).append(r)
+        for key, cell in cells.items():
+            group = members.get(key, [])
+            cell.pooled = [k for k in varying_keys(group) if k not in by and k not in IGNORED_KEYS]
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     return sorted(cells.values(), key=lambda c: (order.get(c.method, 99), c.dataset, c.net, c.dropout,
                                                  repr(sorted(c.settings.items()))))
@@ -262,7 +272,9 @@ def _show(value) -> str:
 def _fmt(cell: Cell | None) -> tuple[str, str, str]:
     if cell is None:
         return "", "", ""
-    ours = f"{cell.mean:.2f}" + (f" ± {cell.std:.2f}" if cell.std is not None else "") + f" (n={cell.n})"
+    distinct = len(set(map(repr, cell.seeds))) if cell.seeds else cell.n
+    count = f"n={cell.n}" if distinct == cell.n else f"n={cell.n} runs, {distinct} seed{'s' if distinct > 1 else ''}"
+    ours = f"{cell.mean:.2f}" + (f" ± {cell.std:.2f}" if cell.std is not None else "") + f" ({count})"
     if cell.marks:
         ours += " *" + ",".join(sorted(cell.marks))
     paper = "n/a" if cell.paper is None else f"{cell.paper:.2f}"
@@ -363,6 +375,12 @@ def render(cells: list[Cell], fmt: str, metric: str = "test_error_pct") -> str:
              "subset": "subset = trained or tested on part of the data"}
     if marks:
         parts.append("* marks: " + "; ".join(notes[m] for m in sorted(marks)))
+    pooled = list(dict.fromkeys(k for c in cells for k in c.pooled))
+    if pooled:
+        parts.append("pooled over: " + ", ".join(pooled) + " (runs that differ in these are averaged together "
+                     "by --by; drop --by to keep them apart)")
+    if any(len(set(map(repr, c.seeds))) < c.n for c in cells):
+        parts.append("Some cells repeat a seed: their ± is over runs, not independent seeds.")
     if any(c.paper is not None for c in cells):
         parts.append("Paper column: " + json.loads(PAPER_FILE.read_text())["source"])
     return "\n\n".join(parts)

@@ -220,3 +220,45 @@ def test_a_broken_result_json_names_the_run(ncm, tmp_path):
     from conftest import assert_clean_error
 
     assert_clean_error(ncm("report", tmp_path), 1, "broken: unreadable run")
+
+
+def _fake_run(root, name, sets, err):
+    import json
+
+    from ncmcli.config import to_yaml
+    from ncmcli.presets import resolve
+
+    run = root / name
+    run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(resolve("quickstart", sets)))
+    (run / "result.json").write_text(json.dumps({"test_error_pct": err}))
+
+
+def test_repeated_seeds_and_pooled_by_are_said_plainly(tmp_path):
+    from ncmcli.report import collect, render
+
+    _fake_run(tmp_path, "a", ["seed=0"], 10.0)
+    _fake_run(tmp_path, "b", ["seed=0"], 12.0)
+    _fake_run(tmp_path, "c", ["seed=1", "optim.lr=0.01", "model.dropout=0.2"], 11.0)
+    text = render(collect([tmp_path]), "table")
+    assert "(n=2 runs, 1 seed)" in text and "not independent seeds" in text
+    assert "(n=1)" in text
+    text = render(collect([tmp_path], by=["loss.name"]), "md")
+    assert "(n=3 runs, 2 seeds)" in text
+    assert "pooled over: optim.lr, model.dropout" in text or "pooled over: model.dropout, optim.lr" in text
+    # Distinct seeds and no pooling: neither note.
+    other = tmp_path / "other"
+    other.mkdir()
+    _fake_run(other, "a", ["seed=0"], 10.0)
+    _fake_run(other, "b", ["seed=1"], 12.0)
+    text = render(collect([other], by=["loss.name"]), "table")
+    assert "pooled over" not in text and "runs," not in text and "(n=2)" in text
+
+
+def test_resuming_a_cosine_run_longer_says_it_re_spans(tmp_path, ncm):
+    out = tmp_path / "run"
+    assert ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=200",
+               "--set", "data.limit_test=50", "--out", out).returncode == 0
+    proc = ncm("train", "--resume", out, "--set", "train.epochs=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "re-spans it" in proc.stderr
