@@ -14,7 +14,7 @@ import torch
 
 from ncmcli.errors import ConfigError, special_file
 from ncmcli.floors import loss_floor, top_probability
-from ncmcli.registry import ANCHOR_FILE_SUFFIXES, ANCHOR_METHODS
+from ncmcli.registry import ANCHOR_FILE_SUFFIXES, ANCHOR_METHODS, suggest
 
 METHODS = tuple(ANCHOR_METHODS)
 
@@ -62,7 +62,7 @@ def make_anchors(method: str, num_classes: int, dim: int, *, seed: int = 0) -> t
     else:
         raise ConfigError(
             f"unknown anchor method {method!r}; choose one of: {', '.join(METHODS)}, "
-            f"or a .safetensors/.csv file"
+            f"or a .safetensors/.csv file" + suggest(method, METHODS)
         )
     return _unit_rows(a).float()
 

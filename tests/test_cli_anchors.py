@@ -83,3 +83,16 @@ def test_help_does_not_import_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "Usage" in proc.stdout
+
+
+def test_a_mistyped_method_gets_a_did_you_mean(ncm):
+    from conftest import assert_clean_error
+
+    assert_clean_error(ncm("anchors", "-C", "10", "-d", "9", "--method", "simplx"), 2, "(did you mean 'simplex'?)")
+
+
+def test_help_shows_no_type_after_plain_flags(ncm):
+    for cmd in (("train",), ("eval",), ("predict",), ("export",), ("anchors",), ("report",)):
+        text = ncm(*cmd, "--help").stdout
+        flags = [ln for ln in text.splitlines() if "--json" in ln or "--force" in ln or "--quiet" in ln]
+        assert all("<bool>" not in ln for ln in flags), (cmd, flags)

@@ -43,8 +43,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.", metavar=""),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.", metavar=""),
 ) -> None:
     if debug:
         _state["debug"] = True
@@ -61,7 +61,7 @@ def anchors(
     scale: str = typer.Option("1", "--scale", help="Loss scale s for the loss floor: a number, or auto (the s whose floor is --floor-target)."),
     floor_target: float = typer.Option(0.1, "--floor-target", help="With --scale auto: the loss floor, in nats, to solve for."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the anchors to this .safetensors file (key 'anchors')."),
-    as_json: bool = typer.Option(False, "--json", help="Print the certificate as one JSON document."),
+    as_json: bool = typer.Option(False, "--json", help="Print the certificate as one JSON document.", metavar=""),
 ) -> None:
     """Build fixed class anchors and print their certificate (angles, loss floor)."""
     from ncmcli import engine
@@ -92,15 +92,15 @@ def presets() -> None:
 def train(
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (see 'ncm presets') or a YAML file."),
     overrides: List[str] = typer.Option([], "--set", "-s", help="Override a config key: --set optim.lr=0.05 (repeatable)."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as YAML and exit."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as YAML and exit.", metavar=""),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: a new one under --runs)."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Parent of new run folders."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps."),
-    force: bool = typer.Option(False, "--force", help="Train into an --out folder that already holds a run."),
+    force: bool = typer.Option(False, "--force", help="Train into an --out folder that already holds a run.", metavar=""),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder exactly (only --set train.epochs=N may change)."),
     name: Optional[str] = typer.Option(None, "--name", help="Prefix of the new run folder (default: the preset's name)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON document on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON document on stdout.", metavar=""),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr.", metavar=""),
     log_every: float = typer.Option(30.0, "--log-every", help="Without a terminal: a progress line every this many seconds."),
 ) -> None:
     """Train a model; writes config.yaml, metrics.jsonl, best/last.safetensors, result.json."""
@@ -172,7 +172,7 @@ def eval_(
     ood: Optional[str] = typer.Option(None, "--ood", help="Open-set check against a dataset name or an image folder."),
     ood_score: Optional[str] = typer.Option(None, "--ood-score", help="The open-set score to headline: dist, margin, cac, msp or maxlogit (default: margin for anchor models, msp otherwise); every score's AUROC is reported."),
     logit_adjust: float = typer.Option(0.0, "--logit-adjust", help="Post-hoc logit adjustment tau: predict with logits - tau * log(training prior)."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON document, with the confusion matrix."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document, with the confusion matrix.", metavar=""),
     which: str = typer.Option("best", "--which", help="With a run folder: best (best.safetensors) or last (the final epoch, last.safetensors)."),
 ) -> None:
     """Accuracy, error, loss, per-class accuracy, long-tail metrics and feature diagnostics on the test split."""
@@ -234,7 +234,7 @@ def predict(
     device: str = typer.Option("auto", "--device"),
     batch_size: int = typer.Option(256, "--batch-size", help="Images decoded and classified at a time (bounds memory)."),
     resize: Optional[str] = typer.Option(None, "--resize", help="crop (keep the aspect ratio: shorter side, centre crop) or squash; default: the checkpoint's data.resize."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON document."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document.", metavar=""),
     which: str = typer.Option("best", "--which", help="With a run folder: best (best.safetensors) or last (the final epoch, last.safetensors)."),
 ) -> None:
     """Classify images with a checkpoint (preprocessing comes from the checkpoint)."""
@@ -293,7 +293,7 @@ def report(
     paths: List[Path] = typer.Argument(..., help="Run folders, or folders that contain them."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, md, csv or json."),
     by: List[str] = typer.Option([], "--by", help="Group runs by this config key (repeatable) instead of by everything but the seed."),
-    per_run: bool = typer.Option(False, "--per-run", help="With --format csv: one row per run, with every key that varies."),
+    per_run: bool = typer.Option(False, "--per-run", help="With --format csv: one row per run, with every key that varies.", metavar=""),
     metric: str = typer.Option("test_error_pct", "--metric", help="What to aggregate: test_error_pct, test_acc, train_acc, test_balanced_acc, test_head_acc, test_medium_acc, test_tail_acc or scale (final epoch)."),
 ) -> None:
     """Final test error per group of runs (mean ± std over seeds), beside the paper's numbers.
