@@ -236,7 +236,8 @@ def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | 
 
 
 def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, top_k: int = 3,
-                    reject_above: float | None = None, batch_size: int = 256, resize: str | None = None) -> dict:
+                    reject_above: float | None = None, batch_size: int = 256, resize: str | None = None,
+                    reject_below_margin: float | None = None) -> dict:
     """Top-k classes for each image; unreadable files are reported, the rest go on."""
     import torch
 
@@ -253,6 +254,8 @@ def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, t
         raise UsageError(f"--resize must be crop or squash, got {resize!r}")
     if reject_above is not None and not reject_above > 0:
         raise UsageError(f"--reject-above must be > 0, got {reject_above}")
+    if reject_below_margin is not None and not reject_below_margin >= 0:
+        raise UsageError(f"--reject-below-margin must be >= 0, got {reject_below_margin}")
     files: list[Path] = []
     for p in inputs:
         p = Path(p)
@@ -267,6 +270,8 @@ def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, t
             raise UsageError(f"no such file or folder: {p}")
     dev = pick_device(device)
     ck = checkpoint.load(checkpoint_path, dev)
+    if reject_below_margin is not None and not ck.criterion.uses_anchors:
+        raise UsageError("--reject-below-margin needs an anchor model (encm, cncm); this checkpoint has none")
     if reject_above is not None and not ck.criterion.uses_anchors:
         raise UsageError("--reject-above needs an anchor model (encm, cncm); this checkpoint has none")
     c, h, _ = ck.input_shape
@@ -306,6 +311,8 @@ def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, t
             rec["second_anchor_margin"] = None if two is None else round((two[row, 1] - two[row, 0]).item(), 6)
             if reject_above is not None and dist[row].item() > reject_above:
                 rec["label"] = "unknown"  # farther than the threshold from every anchor
+            if reject_below_margin is not None and rec["second_anchor_margin"] < reject_below_margin:
+                rec["label"] = "unknown"  # no anchor clearly nearer than the next one
     return {"checkpoint": str(checkpoint_path), "input_size": [c, h, h], "resize": resize, "predictions": results,
             "failed": sum("error" in r for r in results)}
 

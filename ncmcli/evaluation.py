@@ -120,6 +120,8 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
         diag.update(diagnostics.anchor_report(dist, labels, ck.classes))
         nearest = dist.min(1).values
         diag["reject_above_at_95_tpr"] = torch.quantile(nearest.double(), 0.95).item()
+        two = dist.topk(2, dim=1, largest=False).values
+        diag["reject_below_margin_at_95_tpr"] = torch.quantile((two[:, 1] - two[:, 0]).double(), 0.05).item()
     result = {
         "checkpoint": str(path), "dataset": data.name, "epoch": ck.epoch,
         "accuracy": ev["accuracy"], "error_pct": ev["error_pct"], "loss": ev["loss"], "n": ev["n"],

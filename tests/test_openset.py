@@ -65,3 +65,26 @@ def test_eval_reports_every_score_and_warns_on_stderr(tmp_path, ncm):
         assert f"--ood-score {name} has AUROC" in proc.stderr
     assert len(res["warnings"]) == len(inverted)
     assert ncm("eval", out, "--ood-score", "marign").stderr.count("did you mean 'margin'") == 1
+
+
+def test_predict_rejects_below_a_margin(tmp_path, ncm):
+    import json
+
+    from ncmcli.fakedata import make_folder
+
+    out = tmp_path / "run"
+    assert ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=300",
+               "--set", "data.limit_test=100", "--out", out).returncode == 0
+    make_folder(tmp_path / "imgs", classes=("a",), per_class=4, size=(28, 28), mode="L")
+
+    def labels(threshold):
+        proc = ncm("predict", tmp_path / "imgs", "--checkpoint", out, "--json", "--reject-below-margin", threshold)
+        assert proc.returncode == 0, proc.stderr
+        return [(p["label"], p["second_anchor_margin"]) for p in json.loads(proc.stdout)["predictions"]]
+
+    assert all(label != "unknown" for label, _ in labels("0"))
+    assert all(label == "unknown" for label, _ in labels("1e6"))
+    mid = sorted(m for _, m in labels("0"))[len(labels("0")) // 2]
+    assert all((label == "unknown") == (m < mid) for label, m in labels(str(mid)))
+    ev = json.loads(ncm("eval", out, "--json").stdout)["diagnostics"]
+    assert ev["reject_below_margin_at_95_tpr"] >= 0

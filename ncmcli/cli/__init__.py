@@ -217,7 +217,8 @@ def eval_(
         con.print(f"compactness: distance to own anchor mean {c['mean']:.4f}, median {c['median']:.4f}")
         con.print(f"separation: mean distance to the nearest other anchor {sep['mean_nearest_other_anchor']:.4f}; "
                   f"{sep['own_voronoi_cell_share']:.4f} of features in their own anchor's cell")
-        con.print(f"suggested --reject-above {diag['reject_above_at_95_tpr']:.4f} (keeps 95% of test images)")
+        con.print(f"suggested --reject-below-margin {diag['reject_below_margin_at_95_tpr']:.4f} or --reject-above "
+                  f"{diag['reject_above_at_95_tpr']:.4f} (each keeps 95% of test images; check them with --ood)")
     if "ood" in res:
         o = res["ood"]
         con.print(f"open-set vs {show(o['source'])} ({o['n_out']} images, score: {o['score']}, {o['score_description']}): "
@@ -231,6 +232,7 @@ def predict(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Default: $NCM_CHECKPOINT, else the newest runs/**/best.safetensors."),
     top_k: int = typer.Option(3, "--top-k", "-k", help="How many classes to show per image."),
     reject_above: Optional[float] = typer.Option(None, "--reject-above", help="Label an image 'unknown' when it is farther than this from every anchor."),
+    reject_below_margin: Optional[float] = typer.Option(None, "--reject-below-margin", help="Label an image 'unknown' when the second-nearest anchor is less than this farther than the nearest (the margin score; see ncm eval --ood)."),
     device: str = typer.Option("auto", "--device"),
     batch_size: int = typer.Option(256, "--batch-size", help="Images decoded and classified at a time (bounds memory)."),
     resize: Optional[str] = typer.Option(None, "--resize", help="crop (keep the aspect ratio: shorter side, centre crop) or squash; default: the checkpoint's data.resize."),
@@ -246,6 +248,7 @@ def predict(
     if why != "--checkpoint":
         err.print(f"using {show(str(path))} ({show(why)})")
     res = engine.predict_command(inputs, checkpoint_path=path, device=device, top_k=top_k, reject_above=reject_above,
+                                 reject_below_margin=reject_below_margin,
                                  batch_size=batch_size, resize=resize)
     resized = sum(bool(r.get("resized")) for r in res["predictions"])
     if resized:
