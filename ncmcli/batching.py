@@ -171,13 +171,54 @@ def augment(images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torc
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+RRC_SCALE, RRC_RATIO, RRC_TRIES = (0.08, 1.0), (3 / 4, 4 / 3), 10  # torchvision's RandomResizedCrop defaults
+
+
+def draw_resized_crop(batch: int, h: int, w: int, generator: torch.Generator):
+    """RandomResizedCrop's boxes (B, 4) as (x1, y1, x2, y2) and flips (B,): an area share in
+    [0.08, 1] and an aspect ratio in [3/4, 4/3] (log-uniform), the first of 10 tries that
+    fits, else the whole image (torchvision falls back to a centre crop; for square images
+    that is the whole image)."""
+    area = h * w * (RRC_SCALE[0] + (RRC_SCALE[1] - RRC_SCALE[0]) * torch.rand(batch, RRC_TRIES, generator=generator))
+    lo, hi = torch.log(torch.tensor(RRC_RATIO))
+    ratio = torch.exp(lo + (hi - lo) * torch.rand(batch, RRC_TRIES, generator=generator))
+    cw, ch = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
+    ok = (cw >= 1) & (cw <= w) & (ch >= 1) & (ch <= h)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((batch,), -1))
+    u = torch.rand(batch, 2, generator=generator)
+    flip = torch.rand(batch, generator=generator) < 0.5
+    rows = torch.arange(batch)
+    cw = torch.where(first >= 0, cw[rows, first.clamp_min(0)], torch.tensor(float(w)))
+    ch = torch.where(first >= 0, ch[rows, first.clamp_min(0)], torch.tensor(float(h)))
+    x1 = (u[:, 0] * (w - cw + 1)).floor().clamp(max=w - cw)
+    y1 = (u[:, 1] * (h - ch + 1)).floor().clamp(max=h - ch)
+    return torch.stack([x1, y1, x1 + cw, y1 + ch], 1), flip
+
+
+def resized_crop(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Crop each uint8 image to its box and resize it back to (H, W) bilinearly, all in one
+    batched ``torchvision.ops.roi_align`` (one sample per output pixel: plain bilinear
+    sampling at pixel centres, as torchvision's resized_crop does inside the box; on the
+    outermost pixels it blends in the real neighbours instead of repeating the crop's edge),
+    then flip where ``flip``."""
+    from torchvision.ops import roi_align
+
+    b, c, h, w = images.shape
+    dev = images.device
+    rois = torch.cat([torch.arange(b, dtype=torch.float32, device=dev)[:, None], boxes.to(dev, torch.float32)], 1)
+    out = roi_align(images.float(), rois, output_size=(h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    out = torch.where(flip.to(dev)[:, None, None, None], out.flip(3), out)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
 def batches(
     split, batch_size: int, *, mean, std, device, generator: torch.Generator | None = None,
-    augment_batches: bool = False, flip_batches: bool = False, skip: int = 0, rank: int = 0, world: int = 1,
+    augment_batches: bool | str = False, flip_batches: bool = False, skip: int = 0, rank: int = 0, world: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised (x, y) batches; shuffled when a generator is given (a fresh order each call).
     ``augment_batches`` is CIFAR-10+'s pad-crop-flip; ``flip_batches`` alone mirrors only
-    (Liu et al.'s plain CIFAR-10): the same draws with a padding of 0.
+    (Liu et al.'s plain CIFAR-10): the same draws with a padding of 0. ``augment_batches=
+    "randomresizedcrop"`` is torchvision's RandomResizedCrop + flip instead, for photos.
 
     ``skip`` passes over the first batches (drawing their random numbers all the same), so a
     run resumed mid-epoch sees exactly the batches it would have seen. With ``world`` > 1
@@ -190,13 +231,16 @@ def batches(
     for i, start in enumerate(range(0, n, batch_size)):
         size = min(batch_size, n - start)
         pad = 4 if augment_batches else 0
-        draws = draw_augment(size, generator, pad) + (pad,) if augment_batches or flip_batches else None
+        if augment_batches == "randomresizedcrop":
+            draws = draw_resized_crop(size, *split.shape[1:], generator)
+        else:
+            draws = draw_augment(size, generator, pad) + (pad,) if augment_batches or flip_batches else None
         if i < skip or size < world:
             continue
         idx = order[start:start + size] if order is not None else torch.arange(start, start + size)
         if world > 1:
             idx = idx[rank::world]
-            draws = tuple(d[rank::world] for d in draws[:3]) + draws[3:] if draws is not None else None
+            draws = tuple(d[rank::world] if torch.is_tensor(d) else d for d in draws) if draws is not None else None
         plan.append((idx, draws))
     if isinstance(split, FileSplit):
         raw = split.loader(device).run([idx.tolist() for idx, _ in plan])
@@ -205,5 +249,5 @@ def batches(
     for (idx, draws), x in zip(plan, raw):
         x = x.to(device, non_blocking=True)
         if draws is not None:
-            x = augment(x, *draws)
+            x = resized_crop(x, *draws) if len(draws) == 2 else augment(x, *draws)
         yield normalize(x, mean, std), split.labels[idx.to(split.labels.device)].to(device, non_blocking=True)

@@ -43,7 +43,9 @@ TRISTATE = ("auto", "true", "false")
 class DataConfig:
     name: str = "quickstart"  # one of DATASETS; quickstart ships inside the package
     root: str = ""  # "" = $NCM_DATA, else ~/.cache/ncm/data: one cache per user, not per run
-    augment: bool = False  # pad 4 + random 32x32 crop + h-flip: the paper's CIFAR-10+
+    # true: pad 4 + random crop + h-flip, the paper's CIFAR-10+; randomresizedcrop: torchvision's
+    # RandomResizedCrop (area 8-100%, ratio 3/4-4/3) + h-flip, what fine-tuning on photos uses.
+    augment: bool | str = False
     hflip: bool = False  # random horizontal flips only (implied by augment): Liu et al.'s plain CIFAR-10
     normalization: str = "global"  # the paper's one mean and std over all pixels; channel = per RGB channel
     download: bool = True  # torchvision downloads into root; off = fail fast offline
@@ -77,6 +79,9 @@ class ModelConfig:
     # The feature FC: linear (features can reach anchors with negative coordinates), or
     # linear-bn-relu, Liu et al.'s ip1 -> BN -> ReLU that their L-Softmax/Hinge models use.
     head: str = "linear"
+    # Fine-tuning: train only the feature FC (and the criterion) for this many epochs first, so
+    # that a fresh head does not wreck pretrained features; 0 = train everything from the start.
+    freeze_backbone_epochs: int = 0
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,9 @@ class OptimConfig:
     momentum: float = 0.9  # the paper's SGD momentum
     weight_decay: float = 5e-4  # the paper's weight decay
     nesterov: bool = False  # sgd: Nesterov momentum; not part of the paper
+    # The backbone's lr as a fraction of optim.lr (the feature FC and criterion keep optim.lr):
+    # below 1 for pretrained backbones, which need smaller steps than a fresh head; 1 = the paper.
+    backbone_lr_factor: float = 1.0
     betas: str = "0.9,0.999"  # adamw: (beta1, beta2)
     warmup_epochs: float = 0.0  # a linear ramp of the lr over this many epochs, in front of any schedule
     schedule: str = "plateau"  # the paper divides lr by 10 when the training loss plateaus
@@ -219,6 +227,13 @@ def coerce(key: str, value: Any) -> Any:
         return _coerce_int_list(key, value)
     if key == "loss.scale":
         return _coerce_scale(key, value)
+    if key == "data.augment":
+        if isinstance(value, str) and value.strip().lower() == "randomresizedcrop":
+            return "randomresizedcrop"
+        try:
+            return _coerce_as(key, value, bool)
+        except ConfigError:
+            raise ConfigError(f"{key}: expected true, false or randomresizedcrop, got {quote(value)}") from None
     return _coerce_as(key, value, typ)
 
 
@@ -377,6 +392,9 @@ def _check(cfg: Config) -> None:
     need(cfg.optim.name in OPTIMIZERS, f"optim.name: {quote(cfg.optim.name)} is not one of {', '.join(OPTIMIZERS)}")
     need(not cfg.optim.nesterov or (cfg.optim.name == "sgd" and cfg.optim.momentum > 0),
          "optim.nesterov needs optim.name=sgd and optim.momentum > 0")
+    need(0 < cfg.optim.backbone_lr_factor <= 1, f"optim.backbone_lr_factor must be in (0, 1], got {cfg.optim.backbone_lr_factor}")
+    need(0 <= cfg.model.freeze_backbone_epochs < cfg.train.epochs or cfg.model.freeze_backbone_epochs == 0,
+         f"model.freeze_backbone_epochs must be below train.epochs ({cfg.train.epochs}), got {cfg.model.freeze_backbone_epochs}")
     need(cfg.optim.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {cfg.optim.warmup_epochs}")
     need(_betas_ok(cfg.optim.betas), f"optim.betas must be two numbers in [0, 1) such as 0.9,0.999, got {quote(cfg.optim.betas)}")
     need(0 <= cfg.loss.label_smoothing < 1, f"loss.label_smoothing must be in [0, 1), got {cfg.loss.label_smoothing}")

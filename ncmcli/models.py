@@ -127,6 +127,14 @@ def _pretrained_weights(spec: ResNetSpec):
     return weights
 
 
+def backbone_parameters(net: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of a feature net but its feature FC (``fc``) and head: what
+    ``optim.backbone_lr_factor`` slows and ``model.freeze_backbone_epochs`` freezes."""
+    head = {id(p) for name in ("fc", "head") if getattr(net, name, None) is not None
+            for p in getattr(net, name).parameters()}
+    return [p for p in net.parameters() if id(p) not in head]
+
+
 def build_net(
     arch: str,
     *,

@@ -81,8 +81,12 @@ def dataset_label(data) -> str:
         return PAPER_DATASETS[(data.name, data.augment)]
     if data.name == "folder" and data.root:
         # Your own folder is not the paper's data set, even when it holds CIFAR-10 images.
-        return f"folder {Path(data.root).name}" + ("+" if data.augment else "")
-    return registry.DATASETS[data.name].label + ("+" if data.augment else "")
+        return f"folder {Path(data.root).name}" + _plus(data.augment)
+    return registry.DATASETS[data.name].label + _plus(data.augment)
+
+
+def _plus(augment) -> str:
+    return "+rrc" if augment == "randomresizedcrop" else "+" if augment else ""
 
 
 def find_runs(paths: list[Path]) -> list[Path]:

@@ -151,6 +151,8 @@ def build_run(cfg: Config, device: torch.device, say=None) -> Setup:
         torch.use_deterministic_algorithms(True)
     data = load_dataset(cfg.data, say=say)
     mean, std = split_stats(data.train, normalization=cfg.data.normalization)  # the paper's: global
+    if cfg.model.pretrained:  # the statistics the pretrained weights were trained with
+        mean, std = imagenet_stats(data.input_shape[0])
     model, _, criterion = build_from_config(cfg, len(data.classes), data.input_shape, data.train_counts)
     _check_size(model, criterion, len(data.classes))
     model.to(device)
@@ -165,6 +167,9 @@ def build_run(cfg: Config, device: torch.device, say=None) -> Setup:
     # The compiled and DDP wrappers only run the steps; checkpoints save the plain modules.
     step = TrainStep(torch.compile(model) if cfg.train.compile else model, criterion, amp_dtype, memory_format)
     if dist_info()[1] > 1:
+        if cfg.model.freeze_backbone_epochs:  # DDP expects a gradient for every parameter it wraps
+            raise NcmConfigError("model.freeze_backbone_epochs is not supported under torchrun (DDP); train the "
+                                 "frozen epochs in one process, then --resume under torchrun")
         step = nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
     train_split = data.train.to(device)
     steps_per_epoch = math.ceil(len(train_split) / cfg.train.batch_size)
@@ -197,6 +202,28 @@ def _check_size(model: nn.Module, criterion: nn.Module, num_classes: int) -> Non
                              "hold; lower model.feature_dim or data.image_size")
     if num_classes > MAX_CLASSES:
         raise NcmConfigError(f"{num_classes:,} classes is above the {MAX_CLASSES:,} a checkpoint may hold")
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's weights
+
+
+def imagenet_stats(channels: int) -> tuple[list[float], list[float]]:
+    """ImageNet's per-channel mean and std (their means for a grayscale input)."""
+    if channels == 3:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return [sum(IMAGENET_MEAN) / 3], [sum(IMAGENET_STD) / 3]
+
+
+def start_epoch(cfg: Config, run: Setup, epoch: int) -> None:
+    """Train mode for the epoch; with ``model.freeze_backbone_epochs`` the backbone takes no
+    gradients (so no updates, no weight decay) until that many epochs have passed."""
+    from ncmcli.models import backbone_parameters
+
+    run.model.train()
+    run.criterion.train()
+    if cfg.model.freeze_backbone_epochs:
+        for p in backbone_parameters(run.model):
+            p.requires_grad_(epoch > cfg.model.freeze_backbone_epochs)
 
 
 def update_ema(run: Setup) -> None:
@@ -459,8 +486,7 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
     sync_every = 1 if device.type == "cpu" else 25
     for epoch in range(progress.epoch + 1, cfg.train.epochs + 1):
         # -- Train one epoch; loss and accuracy accumulate on the device (no per-step sync)
-        model.train()
-        criterion.train()
+        start_epoch(cfg, run, epoch)  # train mode; the backbone frozen for the first epochs, if asked
         epoch_rng = run.gen.get_state()  # a mid-epoch resume replays this epoch's order from here
         reporter.epoch_start(epoch, cfg.train.epochs, run.steps_per_epoch)
         skip = progress.step

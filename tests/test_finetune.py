@@ -1,0 +1,109 @@
+"""Fine-tuning what the user has: RandomResizedCrop on batched tensors, a backbone lr factor,
+frozen backbone epochs, and ImageNet statistics with pretrained weights."""
+
+import pytest
+import torch
+
+from ncmcli.batching import batches, draw_resized_crop, resized_crop
+from ncmcli.config import ConfigError
+from ncmcli.presets import resolve
+
+
+def test_resized_crop_matches_a_per_image_bilinear_resize():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8, generator=g)
+    boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0], [4.0, 2.0, 12.0, 10.0], [3.0, 5.0, 11.0, 15.0]])
+    out = resized_crop(images, boxes, torch.tensor([False, False, True]))
+    assert torch.equal(out[0], images[0])  # the whole image, unflipped: unchanged
+    for i in (1, 2):  # naive reference: crop, then bilinear resize (pixel centres), then flip
+        x1, y1, x2, y2 = boxes[i].long().tolist()
+        crop = images[i:i + 1, :, y1:y2, x1:x2].float()
+        ref = torch.nn.functional.interpolate(crop, size=(16, 16), mode="bilinear", align_corners=False)
+        if i == 2:
+            ref = ref.flip(3)
+        # Inside the border they agree to rounding; on the outermost output pixels roi_align
+        # blends in the real pixels just outside the box where a crop-then-resize repeats the
+        # crop's edge (a sub-pixel difference in where the box ends).
+        assert (out[i].float() - ref[0].round())[:, 1:-1, 1:-1].abs().max() <= 1, i
+
+
+def test_resized_crop_draws_follow_torchvisions_ranges():
+    g = torch.Generator().manual_seed(1)
+    boxes, flip = draw_resized_crop(4000, 32, 24, g)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert bool((boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 24).all() and (boxes[:, 3] <= 32).all())
+    area = w * h / (32 * 24)
+    assert area.min() >= 0.07 and area.max() <= 1.0
+    ratio = w / h
+    fitted = area < 1
+    assert ratio[fitted].min() >= 3 / 4 - 0.1 and ratio[fitted].max() <= 4 / 3 + 0.1  # rounding to pixels
+    assert 0.45 < flip.float().mean() < 0.55
+    # Seeded: the same generator state draws the same boxes.
+    a = draw_resized_crop(8, 32, 32, torch.Generator().manual_seed(5))[0]
+    assert torch.equal(a, draw_resized_crop(8, 32, 32, torch.Generator().manual_seed(5))[0])
+
+
+def test_randomresizedcrop_is_a_config_value_and_trains(tmp_path, ncm):
+    assert resolve("quickstart", ["data.augment=randomresizedcrop"]).data.augment == "randomresizedcrop"
+    assert resolve("quickstart", ["data.augment=true"]).data.augment is True
+    with pytest.raises(ConfigError, match="randomresizedcrop"):
+        resolve("quickstart", ["data.augment=cutout"])
+    from ncmcli.batching import Split
+
+    split = Split(torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8), torch.arange(10))
+    a = [x for x, _ in batches(split, 5, mean=[0.5], std=[0.2], device="cpu", generator=torch.Generator().manual_seed(0),
+                               augment_batches="randomresizedcrop")]
+    plain = [x for x, _ in batches(split, 5, mean=[0.5], std=[0.2], device="cpu", generator=torch.Generator().manual_seed(0))]
+    assert a[0].shape == plain[0].shape and not torch.equal(a[0], plain[0])
+    proc = ncm("train", "--preset", "quickstart", "--set", "data.augment=randomresizedcrop", "--set", "train.epochs=1",
+               "--set", "data.limit_train=200", "--set", "data.limit_test=50", "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_backbone_lr_factor_and_frozen_epochs(tmp_path):
+    from safetensors.torch import load_file
+
+    from ncmcli.engine import Reporter
+    from ncmcli.models import backbone_parameters
+    from ncmcli.schedules import make_optimizer
+    from ncmcli.training import build_from_config, train
+
+    cfg = resolve("quickstart-softmax", ["optim.backbone_lr_factor=0.1"])
+    model, _, crit = build_from_config(cfg, 10, (1, 28, 28))
+    opt = make_optimizer(cfg, model, crit)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    back = backbone_parameters(model)
+    assert back and all(lr_of[id(p)] == pytest.approx(0.1 * cfg.optim.lr) for p in back)
+    assert all(lr_of[id(p)] == cfg.optim.lr for p in [*model.fc.parameters(), *crit.parameters()])
+    assert len(make_optimizer(resolve("quickstart", []), model, crit).param_groups) == 1  # factor 1: one group
+
+    from test_reliability import StopAfter
+
+    from ncmcli.training import Interrupted
+
+    c = resolve("quickstart-softmax", ["data.limit_train=128", "data.limit_test=32", "train.batch_size=64",
+                                       "train.num_threads=1", "train.epochs=2", "model.freeze_backbone_epochs=1"])
+    torch.manual_seed(c.seed)  # what train() builds first: the same initial weights
+    init, _, _ = build_from_config(c, 10, (1, 28, 28))
+    start = {k: v.clone() for k, v in init.state_dict().items()}
+    frozen = {n for n, p in init.named_parameters() if any(p is q for q in backbone_parameters(init))}
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.raises(Interrupted):  # stop after epoch 1 (2 steps + the after-epoch check)
+        train(c, run_dir=out, device=torch.device("cpu"), reporter=Reporter(), stop=StopAfter(3))
+    after_one = load_file(str(out / "last.safetensors"))
+    assert frozen and all(torch.equal(after_one[f"model.{n}"], start[n]) for n in frozen)
+    assert not torch.equal(after_one["model.fc.weight"], start["fc.weight"])  # the feature FC trained
+    train(c, run_dir=out, device=torch.device("cpu"), reporter=Reporter(), resume=True)
+    after_two = load_file(str(out / "last.safetensors"))
+    assert any(not torch.equal(after_two[f"model.{n}"], start[n]) for n in frozen)  # epoch 2 trains it all
+    with pytest.raises(ConfigError, match="freeze_backbone_epochs"):
+        resolve("quickstart", ["model.freeze_backbone_epochs=8"])
+
+
+def test_pretrained_models_normalise_with_imagenet_statistics():
+    from ncmcli.training import imagenet_stats
+
+    assert imagenet_stats(3) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    mean, std = imagenet_stats(1)
+    assert mean == [pytest.approx(0.449)] and std == [pytest.approx(0.226)]
