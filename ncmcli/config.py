@@ -57,6 +57,9 @@ class DataConfig:
     limit_train: int = 0  # a stratified sample of N training images (0 = all): quick checks
     limit_test: int = 0  # likewise for the test split
     subset_seed: int = 0  # the limits' sample: fixed across run seeds, so runs compare on the same images
+    # Keep only these classes (comma-separated names or indices) in every split, relabelled in
+    # their original order; "" = all. Applied before the limits: open-set splits, subsets.
+    classes: str = ""
     # A long-tailed training split: exp:IF (Cao et al.'s exponential profile, largest class
     # IF times the smallest) or step:IF (half the classes IF times smaller); "" = as the data
     # came. Applied after limit_train, before val_split; the test split stays balanced.

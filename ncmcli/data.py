@@ -54,6 +54,41 @@ class Dataset:
         return torch.bincount(self.train.labels.cpu(), minlength=len(self.classes)).tolist()
 
 
+def keep_classes(ds: Dataset, spec: str) -> Dataset:
+    """``ds`` with only the classes ``spec`` names (comma-separated names or indices), in
+    their original label order, relabelled 0..k-1; every split is filtered alike."""
+    from ncmcli.errors import ConfigError
+    from ncmcli.registry import suggest
+
+    wanted = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        if part in ds.classes:
+            wanted.append(ds.classes.index(part))
+        elif part.isdigit() and int(part) < len(ds.classes):
+            wanted.append(int(part))
+        else:
+            shown = ", ".join(ds.classes[:20]) + (", ..." if len(ds.classes) > 20 else "")
+            raise ConfigError(f"data.classes: {part[:40]!r} is not a class of {ds.name} (indices 0..{len(ds.classes) - 1}"
+                              f" or one of: {shown})" + suggest(part, ds.classes))
+    keep = sorted(set(wanted))
+    if len(keep) < 2:
+        raise ConfigError(f"data.classes must name at least 2 classes, got {spec[:60]!r}")
+    remap = torch.full((len(ds.classes),), -1, dtype=torch.int64)
+    remap[keep] = torch.arange(len(keep))
+
+    def filt(split):
+        if split is None:
+            return None
+        idx = (remap[split.labels] >= 0).nonzero().flatten()
+        part = split.subset(idx)
+        part.labels = remap[part.labels]
+        return part
+
+    return Dataset(ds.name, filt(ds.train), filt(ds.test), [ds.classes[i] for i in keep], list(ds.notes))
+
+
 def default_root() -> Path:
     """$NCM_DATA, else $XDG_CACHE_HOME/ncm/data, else ~/.cache/ncm/data."""
     if os.environ.get("NCM_DATA"):
@@ -86,6 +121,10 @@ def load_dataset(data_cfg, *, train: bool = True, say=None) -> Dataset:
     else:  # the config schema already refuses other names
         raise DataError(f"unknown dataset {name!r}")
     notes = list(ds.notes)
+    if data_cfg.classes:
+        ds = keep_classes(ds, data_cfg.classes)
+        notes.append(f"classes: {len(ds.classes)} kept (data.classes): {', '.join(ds.classes[:10])}"
+                     + (", ..." if len(ds.classes) > 10 else ""))
     splits = {}
     for split_name, split, limit in (("train", ds.train, data_cfg.limit_train), ("test", ds.test, data_cfg.limit_test)):
         if split is None:

@@ -24,12 +24,13 @@ def imbalance_metrics(confusion, train_counts: list[int] | None) -> dict:
     """Balanced accuracy (the mean per-class recall over classes with test images) and, when
     the training counts are known, the accuracy of the head, medium and tail thirds (classes
     ranked by training count, most first, ties by label; C = 10 splits 4/3/3) and of the
-    many/medium/few groups (> 100, 20..100, < 20 training images)."""
+    many/medium/few groups (> 100, 20..100, < 20 training images). Equal counts have no head
+    or tail: only the balanced accuracy is returned then."""
     conf = torch.as_tensor(confusion, dtype=torch.int64)
     totals = conf.sum(1)
     recalls = [int(conf[c, c]) / int(totals[c]) for c in range(len(conf)) if totals[c] > 0]
     out: dict = {"balanced_accuracy": sum(recalls) / len(recalls) if recalls else None}
-    if train_counts is None:
+    if train_counts is None or len(set(train_counts)) == 1:  # balanced: no head or tail to speak of
         return out
     c = len(train_counts)
     order = sorted(range(c), key=lambda i: (-train_counts[i], i))

@@ -234,3 +234,20 @@ def test_first_decode_is_announced_before_the_wait(tmp_path, monkeypatch):
     said.clear()
     data.load_dataset(cfg, say=said.append)  # cached now: nothing to announce
     assert said == []
+
+
+def test_data_classes_filters_every_split_and_names_the_valid_ones(tmp_path, ncm):
+    from conftest import assert_clean_error
+    from ncmcli.data import load_dataset
+    from ncmcli.presets import resolve
+
+    make_folder(tmp_path / "f", classes=("ant", "bee", "cat", "dog"), per_class=3, size=(12, 12))
+    ds = load_dataset(resolve("folder", [f"data.root={tmp_path / 'f'}", "data.classes=dog,1", "data.val_split=0"]).data)
+    assert ds.classes == ["bee", "dog"]  # original order, relabelled 0..k-1
+    assert ds.train.labels.tolist() == [0, 0, 0, 1, 1, 1] and ds.test.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    q = load_dataset(resolve("quickstart", ["data.classes=0,1,2,4,5,9", "data.limit_train=600"]).data)
+    assert len(q.classes) == 6 and len(q.train) == 600 and q.test.labels.max().item() == 5
+    proc = ncm("train", "--preset", "quickstart", "--set", "data.classes=Trousr,3")
+    assert_clean_error(proc, 2, "did you mean 'Trouser'")
+    assert "T-shirt/top" in proc.stderr
+    assert_clean_error(ncm("train", "--preset", "quickstart", "--set", "data.classes=3"), 2, "at least 2 classes")

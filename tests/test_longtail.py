@@ -80,9 +80,10 @@ def test_imbalance_metrics_on_a_hand_made_confusion():
     m = imbalance_metrics(conf, None)
     assert m["balanced_accuracy"] == pytest.approx((90 / 91 + sum(hits[1:]) / 10) / 6)
     assert set(m) == {"balanced_accuracy"}
-    # C = 10 splits 4 / 3 / 3; ties in count go by label.
-    m = imbalance_metrics(torch.eye(10, dtype=torch.int64), [5] * 10)
+    # C = 10 splits 4 / 3 / 3; ties in count go by label; equal counts have no thirds.
+    m = imbalance_metrics(torch.eye(10, dtype=torch.int64), [9] + [5] * 8 + [1])
     assert m["thirds"] == {"head": [0, 1, 2, 3], "medium": [4, 5, 6], "tail": [7, 8, 9]}
+    assert set(imbalance_metrics(torch.eye(10, dtype=torch.int64), [5] * 10)) == {"balanced_accuracy"}
 
 
 @pytest.mark.parametrize("name", ["softmax", "encm", "cncm"])
