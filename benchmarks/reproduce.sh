@@ -16,6 +16,7 @@
 #                   then evaluated (ECE, feature norm, open-set vs CIFAR-10); needs CIFAR10_DIR
 #           longtail: CIFAR-10-LT (data.imbalance=exp:100 on a 20k stratified sample, so
 #                   n_max = 2000), SoftMax vs E-NCM/C-NCM, logit adjustment; needs CIFAR10_DIR
+#           openset: the two known/unknown pairs of the README's open-set table; needs CIFAR10_DIR
 #           cpu:    the short Fashion-MNIST comparison;  smoke: tiny, for tests
 #   OUT     where the runs go (default: sweeps/TARGET)
 #
@@ -36,11 +37,12 @@
 #   CIFAR10_DIR=/data/cifar10 benchmarks/reproduce.sh study      # the CPU study
 set -euo pipefail
 
-TARGET="${1:?usage: reproduce.sh table2|table3|figure2|study|study-long|cpu|smoke [OUT]}"
+TARGET="${1:?usage: reproduce.sh table2|table3|figure2|study|study-long|scale|longtail|openset|cpu|smoke [OUT]}"
 OUT="${2:-sweeps/$TARGET}"
 NCM="${NCM:-ncm}"
 read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
 if [[ "$TARGET" == study* ]]; then SEEDS="${SEEDS:-0 1}"
+elif [[ "$TARGET" == openset ]]; then SEEDS="${SEEDS:-0}"
 else SEEDS="${SEEDS:-0 1 2}"; fi
 
 cells=()   # "name preset [--set k=v ...]": one cell, run once per seed
@@ -148,11 +150,27 @@ case "$TARGET" in
     done
     # Run IF 100 first (the question), then IF 10.
     cells=("${cells[0]}" "${cells[1]}" "${cells[@]:4}" "${cells[2]}" "${cells[3]}") ;;
+  openset)
+    : "${CIFAR10_DIR:?the open-set check needs CIFAR10_DIR (a folder with train/ and test/)}"
+    # Two real known/unknown pairs for `ncm eval --ood`: the fashion-mnist-cpu-encm preset (all
+    # 60k images) against all 10,000 CIFAR-10 test images in grayscale 28x28; and CIFAR-10's
+    # 6 known / 4 unknown split (CAC's split 0: known airplane, automobile, bird, deer, dog,
+    # truck) on a 6,000-image stratified sample, the cifar10-cpu net, 15 epochs, against 2,000 of
+    # the 4,000 unknown test images.
+    U="$OUT/unknown4/test"
+    for c in cat frog horse ship; do
+      if [ ! -d "$U/$c" ]; then mkdir -p "$U/$c" && ln -s "$CIFAR10_DIR"/test/"$c"/* "$U/$c/"; fi
+    done
+    cells+=("fmnist-encm fashion-mnist-cpu-encm :: ood:--ood $CIFAR10_DIR")
+    K="--set data.name=folder --set data.root=$CIFAR10_DIR --set data.classes=0,1,2,4,5,9"
+    K="$K --set data.limit_train=6000 --set data.limit_test=3000 --set model.arch=cifar10-cpu --set model.dropout=0"
+    K="$K --set train.epochs=15 --set train.batch_size=128 --set optim.schedule=multistep --set optim.milestones=10,13"
+    cells+=("c10-6known-encm cifar10-encm $K :: ood:--ood $U --limit 2000") ;;
   cpu)
     for m in softmax hinge lsoftmax2 lsoftmax4 center cncm encm; do cells+=("fashion-mnist-cpu-$m fashion-mnist-cpu-$m"); done ;;
   smoke)
     cells=("quickstart quickstart" "quickstart-softmax quickstart-softmax") ;;
-  *) echo "reproduce.sh: unknown target '$TARGET' (table2, table3, figure2, study, study-long, cpu, smoke)" >&2; exit 2 ;;
+  *) echo "reproduce.sh: unknown target '$TARGET' (table2, table3, figure2, study, study-long, scale, longtail, openset, cpu, smoke)" >&2; exit 2 ;;
 esac
 
 mkdir -p "$OUT/logs"
