@@ -207,6 +207,8 @@ def collect(paths: list[Path], by: list[str] = (), metric: str = "test_error_pct
         # Keys that split some (data set, net, method, p) group: these become columns.
         group_keys = [k for k in vary if k not in LABEL_KEYS and any(
             len({repr(r.flat.get(k)) for r in runs if r.labels == lab}) > 1 for lab in {r.labels for r in runs})]
+        if group_keys:  # a per-setting table: every key that differs between its rows gets a column
+            group_keys = [k for k in vary if k not in LABEL_KEYS]
     paper = load_paper()
     cells: dict[tuple, Cell] = {}
     for r in runs:

@@ -262,3 +262,13 @@ def test_resuming_a_cosine_run_longer_says_it_re_spans(tmp_path, ncm):
     proc = ncm("train", "--resume", out, "--set", "train.epochs=2")
     assert proc.returncode == 0, proc.stderr
     assert "re-spans it" in proc.stderr
+
+
+def test_keys_that_differ_between_rows_get_a_column_in_a_settings_table(tmp_path):
+    from ncmcli.report import collect, render
+
+    _fake_run(tmp_path, "a", ["seed=0", "optim.lr=0.1", "data.hflip=true"], 10.0)
+    _fake_run(tmp_path, "b", ["seed=0", "optim.lr=0.05", "data.hflip=true"], 12.0)
+    _fake_run(tmp_path, "c", ["seed=0", "loss.name=softmax", "data.hflip=false"], 11.0)
+    header = render(collect([tmp_path]), "table").splitlines()[1]
+    assert "optim.lr" in header and "data.hflip" in header  # hflip never splits a cell, but differs by row
