@@ -135,7 +135,13 @@ def curve_labels(runs: list[Path]) -> list[str]:
         except (OSError, NcmError, ValueError):
             tree = None
         # A loss key this run's loss never reads (lambda_gamma on SoftMax) says nothing about it.
-        flats.append(keys_read(dotted(tree)) if isinstance(tree, dict) else {})
+        flat = keys_read(dotted(tree)) if isinstance(tree, dict) else {}
+        try:  # what 0 and auto became (the image side, the scale), when the run has finished
+            resolved = json.loads((run / "result.json").read_text()).get("resolved") or {}
+        except (OSError, ValueError, AttributeError):
+            resolved = {}
+        flat.update({k: v for k, v in resolved.items() if k in flat} if isinstance(resolved, dict) else {})
+        flats.append(flat)
     keys = sorted({k for f in flats for k in f} - {"description", "data.root"})
     # A key varies if the runs that read it disagree on it.
     vary = [k for k in keys if len({repr(f[k]) for f in flats if k in f}) > 1]

@@ -179,7 +179,9 @@ def load_runs(paths: list[Path], metric: str = "test_error_pct") -> list[Run]:
                              "NCM runs their scale)")
         labels = (dataset_label(cfg.data), method_label(cfg.loss), cfg.model.dropout, cfg.model.arch)
         # Keys the run's loss never reads (lambda_gamma on SoftMax) neither split nor label it.
-        runs.append(Run(str(run), error, registry.keys_read(_flat(cfg.to_dict())), labels, cfg))
+        flat = registry.keys_read(_flat(cfg.to_dict()))
+        flat.update({k: v for k, v in (result.get("resolved") or {}).items() if k in flat})  # 28, not 0
+        runs.append(Run(str(run), error, flat, labels, cfg))
     return runs
 
 

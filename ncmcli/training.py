@@ -290,6 +290,7 @@ def result_record(cfg: Config, run: Setup, run_dir: Path, history: list[dict], *
         "wall_time_s": round(time.time() - t_start, 2),
     }
     result["class_counts"] = dict(zip(run.data.classes, run.data.train_counts))
+    result["resolved"] = resolved_settings(cfg, run)
     if run.data.imbalance:
         result["imbalance"] = run.data.imbalance
     crit = evaluated(run)[1]
@@ -300,6 +301,19 @@ def result_record(cfg: Config, run: Setup, run_dir: Path, history: list[dict], *
         result["ddp"] = {"world_size": world,
                          "params_identical_across_ranks": _same_on_all_ranks(run.model, run.criterion)}
     return result
+
+
+def resolved_settings(cfg: Config, run: Setup) -> dict:
+    """What the keys left to ncm became (a folder's image side and channels, an auto scale):
+    reports and plot legends show these instead of 0 or auto."""
+    c, h, _ = run.data.input_shape
+    out = {}
+    if cfg.data.name == "folder":
+        out.update({"data.image_size": h, "data.channels": c})
+    crit = run.criterion
+    if crit.uses_anchors and cfg.loss.scale == "auto":
+        out["loss.scale"] = f"auto={crit.initial_scale:.4g}"
+    return out
 
 
 def scale_record(cfg: Config, crit) -> dict:

@@ -272,3 +272,20 @@ def test_keys_that_differ_between_rows_get_a_column_in_a_settings_table(tmp_path
     _fake_run(tmp_path, "c", ["seed=0", "loss.name=softmax", "data.hflip=false"], 11.0)
     header = render(collect([tmp_path]), "table").splitlines()[1]
     assert "optim.lr" in header and "data.hflip" in header  # hflip never splits a cell, but differs by row
+
+
+def test_reports_and_legends_show_resolved_values(tmp_path):
+    import json
+
+    from ncmcli.plots import curve_labels
+    from ncmcli.report import collect, render
+
+    for name, side, err in (("a", 28, 10.0), ("b", 32, 12.0)):
+        _fake_run(tmp_path, name, ["data.name=folder", "data.root=/x", "data.image_size=0", f"seed={side}"], err)
+        res = json.loads((tmp_path / name / "result.json").read_text())
+        res["resolved"] = {"data.image_size": side, "loss.scale": "auto=3.146"}
+        (tmp_path / name / "result.json").write_text(json.dumps(res))
+        (tmp_path / name / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 1.0, "test_error_pct": err}) + "\n")
+    text = render(collect([tmp_path]), "table")
+    assert "data.image_size" in text and " 28 " in text and " 32 " in text
+    assert curve_labels([tmp_path / "a", tmp_path / "b"]) == ["image_size=28, seed=28", "image_size=32, seed=32"]
