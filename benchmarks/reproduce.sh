@@ -152,8 +152,9 @@ case "$TARGET" in
     cells=("${cells[0]}" "${cells[1]}" "${cells[@]:4}" "${cells[2]}" "${cells[3]}") ;;
   openset)
     : "${CIFAR10_DIR:?the open-set check needs CIFAR10_DIR (a folder with train/ and test/)}"
-    # Two real known/unknown pairs for `ncm eval --ood`: the fashion-mnist-cpu-encm preset (all
-    # 60k images) against all 10,000 CIFAR-10 test images in grayscale 28x28; and CIFAR-10's
+    # Two real known/unknown pairs for `ncm eval --ood`, each at scale 1 and auto: the
+    # fashion-mnist-cpu-encm preset (all 60k images) against all 10,000 CIFAR-10 test images in
+    # grayscale 28x28; and CIFAR-10's
     # 6 known / 4 unknown split (CAC's split 0: known airplane, automobile, bird, deer, dog,
     # truck) on a 6,000-image stratified sample, the cifar10-cpu net, 15 epochs, against 2,000 of
     # the 4,000 unknown test images.
@@ -161,11 +162,14 @@ case "$TARGET" in
     for c in cat frog horse ship; do
       if [ ! -d "$U/$c" ]; then mkdir -p "$U/$c" && ln -s "$CIFAR10_DIR"/test/"$c"/* "$U/$c/"; fi
     done
-    cells+=("fmnist-encm fashion-mnist-cpu-encm :: ood:--ood $CIFAR10_DIR")
+    for s in 1 auto; do
+      cells+=("fmnist-encm-s$s fashion-mnist-cpu-encm --set loss.scale=$s --set train.num_threads=1 :: ood:--ood $CIFAR10_DIR")
+    done
     K="--set data.name=folder --set data.root=$CIFAR10_DIR --set data.classes=0,1,2,4,5,9"
     K="$K --set data.limit_train=6000 --set data.limit_test=3000 --set model.arch=cifar10-cpu --set model.dropout=0"
     K="$K --set train.epochs=15 --set train.batch_size=128 --set optim.schedule=multistep --set optim.milestones=10,13"
-    cells+=("c10-6known-encm cifar10-encm $K :: ood:--ood $U --limit 2000") ;;
+    K="$K --set train.num_threads=1"
+    for s in 1 auto; do cells+=("c10-6known-encm-s$s cifar10-encm $K --set loss.scale=$s :: ood:--ood $U --limit 2000"); done ;;
   cpu)
     for m in softmax hinge lsoftmax2 lsoftmax4 center cncm encm; do cells+=("fashion-mnist-cpu-$m fashion-mnist-cpu-$m"); done ;;
   smoke)
