@@ -114,8 +114,8 @@ class LossConfig:
     lambda_base: float = 1000.0
     # Defaults: the released CIFAR-10 m=2 model (MNIST: 2.5e-5, 35; CIFAR-10+: 1e-5, 45).
     lambda_gamma: float = 2e-5
-    lambda_power: float = 45.0
-    lambda_min: float = 0.0
+    lambda_power: float = 45.0  # L-Softmax: the annealing's power (see lambda_base)
+    lambda_min: float = 0.0  # L-Softmax: the floor lambda anneals to (0 = the pure margin loss)
     center_weight: float = 0.003  # center loss lambda: Wen et al.'s main setting
     center_alpha: float = 0.5  # center loss centre learning rate: Wen et al.'s setting
     label_smoothing: float = 0.0  # softmax, center, lsoftmax: not part of the paper (0 = off)

@@ -21,3 +21,20 @@ def test_readme_documents_every_command_and_config_key():
         assert cmd in text, cmd
     for key in SCHEMA:
         assert f"`{key}`" in text, key
+
+
+def test_readme_config_table_is_the_generated_one():
+    import subprocess
+    import sys
+
+    from conftest import REPO as root
+
+    generated = subprocess.run([sys.executable, str(root / "scripts" / "config_table.py")], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    text = (root / "README.md").read_text()
+    start = text.index("<!-- config-table:start")
+    start = text.index("-->", start) + 3
+    assert text[start:text.index("<!-- config-table:end -->")].strip() == generated, \
+        "README's config table is stale: run python scripts/config_table.py --write"
+    for name in ("tiny", "resnet34-cifar", "lsoftmax", "center", "sqncm"):  # every arch and loss is listed
+        assert f"`{name}`" in generated
