@@ -313,7 +313,8 @@ def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, t
                 rec["label"] = "unknown"  # farther than the threshold from every anchor
             if reject_below_margin is not None and rec["second_anchor_margin"] < reject_below_margin:
                 rec["label"] = "unknown"  # no anchor clearly nearer than the next one
-    return {"checkpoint": str(checkpoint_path), "input_size": [c, h, h], "resize": resize, "predictions": results,
+    return {"checkpoint": str(checkpoint_path), "epoch": ck.epoch, "input_size": [c, h, h], "resize": resize,
+            "predictions": results,
             "failed": sum("error" in r for r in results)}
 
 

@@ -65,7 +65,7 @@ def _ood_images(source: str, ck, data_root: str | None, limit: int):
 
 def eval_command(target: Path, *, data_root: str | None, device: str, batch_size: int | None = None,
                  limit: int = 0, ood: str | None = None, logit_adjust: float = 0.0,
-                 ood_score: str | None = None, which: str = "best") -> dict:
+                 ood_score: str | None = None, which: str = "best", ood_limit: int | None = None) -> dict:
     """Accuracy, loss, per-class accuracy, confusion, long-tail metrics and feature diagnostics
     on the test split; ``logit_adjust`` tau > 0 predicts with post-hoc adjusted logits."""
     import math
@@ -87,6 +87,8 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if limit < 0:
         raise UsageError(f"--limit must be >= 0, got {limit}")
+    if ood_limit is not None and ood_limit < 0:
+        raise UsageError(f"--ood-limit must be >= 0, got {ood_limit}")
     path = resolve_checkpoint(target, which)
     dev = pick_device(device)
     ck = checkpoint.load(path, dev)
@@ -136,7 +138,7 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
     if has_anchors:
         result["scale"] = ck.criterion.scale_value()
     if ood is not None:
-        images = _ood_images(ood, ck, data_root, limit)
+        images = _ood_images(ood, ck, data_root, limit if ood_limit is None else ood_limit)
         ood_split = Split(images, torch.zeros(len(images), dtype=torch.int64)).to(dev)
         f_ood, l_ood, _ = diagnostics.extract(ck.model, ck.criterion, ood_split, mean=ck.mean, std=ck.std,
                                               device=dev, batch_size=batch_size)

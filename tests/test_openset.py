@@ -65,6 +65,8 @@ def test_eval_reports_every_score_and_warns_on_stderr(tmp_path, ncm):
         assert f"--ood-score {name} has AUROC" in proc.stderr
     assert len(res["warnings"]) == len(inverted)
     assert ncm("eval", out, "--ood-score", "marign").stderr.count("did you mean 'margin'") == 1
+    res = json.loads(ncm("eval", out, "--ood", tmp_path / "other", "--ood-limit", "7", "--json").stdout)
+    assert res["ood"]["n_out"] == 7 and res["n"] == 100  # --ood-limit samples the unknowns only
 
 
 def test_predict_rejects_below_a_margin(tmp_path, ncm):

@@ -170,6 +170,7 @@ def eval_(
     limit: int = typer.Option(0, "--limit", help="Evaluate on a stratified sample of N test images."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass (default: the checkpoint's train.eval_batch_size)."),
     ood: Optional[str] = typer.Option(None, "--ood", help="Open-set check against a dataset name or an image folder."),
+    ood_limit: Optional[int] = typer.Option(None, "--ood-limit", help="A seeded sample of N open-set images (default: --limit; 0 = all)."),
     ood_score: Optional[str] = typer.Option(None, "--ood-score", help="The open-set score to headline: dist, margin, cac, msp or maxlogit (default: margin for anchor models, msp otherwise); every score's AUROC is reported."),
     logit_adjust: float = typer.Option(0.0, "--logit-adjust", help="Post-hoc logit adjustment tau: predict with logits - tau * log(training prior)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document, with the confusion matrix.", metavar=""),
@@ -180,7 +181,7 @@ def eval_(
 
     res = evaluation.eval_command(target, data_root=data_root, device=device, limit=limit, ood=ood,
                                   batch_size=batch_size, logit_adjust=logit_adjust, ood_score=ood_score,
-                                  which=which)
+                                  which=which, ood_limit=ood_limit)
     for warning in res.get("ood", {}).get("warnings", []):
         err.print(f"warning: {safe_text(warning)}", markup=False)
     if as_json:
@@ -250,6 +251,7 @@ def predict(
     res = engine.predict_command(inputs, checkpoint_path=path, device=device, top_k=top_k, reject_above=reject_above,
                                  reject_below_margin=reject_below_margin,
                                  batch_size=batch_size, resize=resize)
+    err.print(f"model: {show(res['checkpoint'])}, epoch {res['epoch']}")
     resized = sum(bool(r.get("resized")) for r in res["predictions"])
     if resized:
         c, h, w = res["input_size"]
