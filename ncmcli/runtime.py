@@ -52,13 +52,60 @@ def setup_distributed(device: str):
     if world <= 1:
         return pick_device(device), 0, 1
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
+    available = torch.cuda.is_available()
+    dev, backend = torchrun_device(device, local, available, torch.cuda.device_count() if available else 0)
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+        torch.distributed.init_process_group(backend)
     return dev, rank, world
+
+
+def torchrun_device(device: str, local_rank: int, cuda_available: bool, device_count: int):
+    """(this rank's device, the process-group backend) under torchrun. ``auto`` and ``cuda``
+    put local rank r on cuda:r (NCCL) when there are GPUs, else the CPU (gloo); ``cuda:N``
+    starts the ranks at GPU N (rank r on cuda:N+r), so that ``--device cuda:1`` on a
+    one-process run trains on GPU 1 rather than silently on the CPU; ``cpu`` is gloo."""
+    if device == "cpu" or (device == "auto" and not cuda_available):
+        return torch.device("cpu"), "gloo"
+    if device in ("auto", "cuda"):
+        first = 0
+    elif device.startswith("cuda:") and device[5:].isdigit():
+        first = int(device[5:])
+    else:
+        raise UsageError(f"--device {device[:40]!r} under torchrun: use auto, cpu, cuda or cuda:N")
+    if not cuda_available:
+        raise UsageError(f"--device {device} was asked for under torchrun, but no CUDA GPU is available")
+    index = first + local_rank
+    if index >= device_count:
+        raise UsageError(f"--device {device} with local rank {local_rank} needs cuda:{index}, but there are only "
+                         f"{device_count} CUDA devices")
+    return torch.device("cuda", index), "nccl"
+
+
+def rank0_first(fn):
+    """Run ``fn`` on rank 0 first, then on the other ranks (a barrier between): data
+    preparation that downloads or caches into a shared folder happens once, not racing."""
+    rank, world = dist_info()
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()
+    try:
+        return fn()
+    finally:
+        if world > 1 and rank == 0:
+            torch.distributed.barrier()
+
+
+def gather_rng(state: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """Every rank's CUDA RNG state (a CPU byte tensor), in rank order, on every rank: the
+    checkpoint (written by rank 0) keeps one per rank, so each resumes its own."""
+    rank, world = dist_info()
+    if world == 1:
+        return [state]
+    on = state.to(device) if device.type == "cuda" else state
+    parts = [torch.empty_like(on) for _ in range(world)]
+    torch.distributed.all_gather(parts, on)
+    return [p.cpu() for p in parts]
 
 
 def teardown_distributed(ok: bool) -> None:

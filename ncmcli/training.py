@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from ncmcli import checkpoint, runfiles, trainstate
 from ncmcli.config import Config, to_yaml
 from ncmcli.errors import ConfigError as NcmConfigError, NcmError
 from ncmcli.forward import evaluate
-from ncmcli.runtime import dist_info
+from ncmcli.runtime import dist_info, gather_rng, rank0_first
 from ncmcli.schedules import PlateauOnExcess, Warmup, make_optimizer, make_scheduler
 
 
@@ -148,8 +149,9 @@ def build_run(cfg: Config, device: torch.device, say=None) -> Setup:
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.seed)
     if cfg.train.deterministic:
+        deterministic_setup(cfg, device.type, os.environ)
         torch.use_deterministic_algorithms(True)
-    data = load_dataset(cfg.data, say=say)
+    data = rank0_first(lambda: load_dataset(cfg.data, say=say))  # one download or cache build, not one per rank
     mean, std = split_stats(data.train, normalization=cfg.data.normalization)  # the paper's: global
     if cfg.model.pretrained:  # the statistics the pretrained weights were trained with
         mean, std = imagenet_stats(data.input_shape[0])
@@ -202,6 +204,18 @@ def _check_size(model: nn.Module, criterion: nn.Module, num_classes: int) -> Non
                              "hold; lower model.feature_dim or data.image_size")
     if num_classes > MAX_CLASSES:
         raise NcmConfigError(f"{num_classes:,} classes is above the {MAX_CLASSES:,} a checkpoint may hold")
+
+
+def deterministic_setup(cfg: Config, device_type: str, env) -> None:
+    """What ``train.deterministic`` needs on CUDA: cuBLAS's fixed workspace (its GEMMs are
+    otherwise nondeterministic, and torch raises at the first Linear), set in ``env`` before
+    any CUDA work; and no op without a deterministic CUDA kernel, refused up front by name."""
+    if device_type != "cuda":
+        return
+    if cfg.model.arch.startswith("resnet"):
+        raise NcmConfigError("train.deterministic on CUDA cannot train model.arch=" + cfg.model.arch
+                             + ": adaptive_avg_pool2d's backward has no deterministic CUDA kernel")
+    env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's weights
@@ -265,8 +279,12 @@ def restore(run: Setup, run_dir: Path, device: torch.device) -> None:
     trainstate.restore_scheduler(run.scheduler, state.scheduler)
     run.gen.set_state(state.data_rng)
     torch.set_rng_state(state.torch_rng)
-    if device.type == "cuda" and state.cuda_rng:
-        torch.cuda.set_rng_state_all(state.cuda_rng)
+    if device.type == "cuda":  # only this rank's own device, from its own saved state
+        mine = trainstate.rng_for_rank(state.cuda_rng, dist_info()[0])
+        if mine is not None:
+            torch.cuda.set_rng_state(mine, device)
+    if state.scaler and run.scaler.is_enabled():
+        run.scaler.load_state_dict(state.scaler)  # the fp16 loss scale carries on, not from 65536
     run.progress = state.progress
     run.run_id = checkpoint.run_id_of_config((run_dir / runfiles.CONFIG).read_text(encoding="utf-8", errors="replace"))
 
@@ -493,7 +511,8 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
             **{f"criterion.{k}": v for k, v in criterion.state_dict().items()}}
         return trainstate.TrainState(
             progress, optimizer.state_dict(), scheduler.state_dict() if scheduler is not None else None,
-            epoch_rng, torch.get_rng_state(), torch.cuda.get_rng_state_all() if device.type == "cuda" else [], raw)
+            epoch_rng, torch.get_rng_state(), gather_rng(torch.cuda.get_rng_state(device), device)
+            if device.type == "cuda" else [], raw, run.scaler.state_dict() if run.scaler.is_enabled() else None)
 
     history = runfiles.read_metrics(run_dir / runfiles.METRICS, reporter.message) if resume else []
     tb = _tensorboard(cfg, run_dir, rank, progress.epoch + 1)

@@ -39,9 +39,16 @@ class TrainState:
     scheduler: dict | None
     data_rng: torch.Tensor  # the data generator's state at the start of epoch ``epoch + 1``
     torch_rng: torch.Tensor
-    cuda_rng: list = field(default_factory=list)
+    cuda_rng: list = field(default_factory=list)  # one CUDA RNG state per rank (rank order)
     # With EMA on, the checkpoint's model is the average; the live weights travel here.
     raw: dict = field(default_factory=dict)  # "model.<key>" / "criterion.<key>" -> tensor
+    scaler: dict | None = None  # the fp16 GradScaler's state (its loss scale and growth tracker)
+
+
+def rng_for_rank(cuda_rng: list, rank: int):
+    """This rank's CUDA RNG state, or None when the checkpoint has none for it (resumed with
+    more processes than it was written with: that rank starts its CUDA RNG afresh)."""
+    return cuda_rng[rank] if 0 <= rank < len(cuda_rng) else None
 
 
 def _jsonable(obj):
@@ -71,6 +78,7 @@ def pack(state: TrainState) -> tuple[dict, str]:
         "progress": state.progress.__dict__,
         "param_groups": _jsonable(state.optimizer["param_groups"]),
         "scheduler": None if state.scheduler is None else _jsonable(state.scheduler),
+        "scaler": None if not state.scaler else _jsonable(state.scaler),
     }
     return tensors, json.dumps(meta)
 
@@ -99,7 +107,8 @@ def unpack(path: Path) -> TrainState:
         # Numerically: with 11 or more GPUs a string sort would restore ".10" before ".2".
         cuda = [tensors[k] for k in sorted(cuda_keys, key=lambda k: int(k.rsplit(".", 1)[1]))]
         return TrainState(progress, {"state": optim_state, "param_groups": doc["param_groups"]},
-                          doc["scheduler"], tensors[f"{PREFIX}rng.data"], tensors[f"{PREFIX}rng.torch"], cuda, raw)
+                          doc["scheduler"], tensors[f"{PREFIX}rng.data"], tensors[f"{PREFIX}rng.torch"], cuda, raw,
+                          doc.get("scaler"))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: damaged train state ({exc})") from None
 
