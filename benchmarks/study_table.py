@@ -41,6 +41,7 @@ COLUMNS = {  # name -> (header, extractor(run folder) -> number or None)
     "auroc_margin": ("AUROC margin", lambda r: _ood(r, "margin")),
     "auroc_msp": ("AUROC msp", lambda r: _ood(r, "msp")),
     "auroc_cac": ("AUROC cac", lambda r: _ood(r, "cac")),
+    "auroc_maxlogit": ("AUROC maxlogit", lambda r: _ood(r, "maxlogit")),
     "acc": ("acc %", lambda r: _pct((_json(r, "eval.json") or {}).get("accuracy"))),
     "balanced": ("balanced %", lambda r: _pct((_json(r, "eval.json") or {}).get("balanced_accuracy"))),
     "head": ("head %", lambda r: _pct((_json(r, "eval.json") or {}).get("head_accuracy"))),
@@ -54,8 +55,11 @@ COLUMNS = {  # name -> (header, extractor(run folder) -> number or None)
 
 
 def _ood(run: Path, score: str):
-    ev = _json(run, "eval.json") or {}
-    return ((ev.get("ood") or {}).get("by_score") or {}).get(score, {}).get("auroc")
+    for name in ("eval.json", "ood.json"):  # reproduce.sh names an open-set-only evaluation ood
+        found = (((_json(run, name) or {}).get("ood") or {}).get("by_score") or {}).get(score, {}).get("auroc")
+        if found is not None:
+            return found
+    return None
 
 
 def _stat(values: list[float], digits: int) -> str:

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ncmcli.batching import FileSplit, Split
+from ncmcli.batching import Split
 from ncmcli.errors import DataError
-from ncmcli.images import IMAGE_SUFFIXES, load_image
 from ncmcli.subsets import imbalanced_indices, parse_imbalance, stratified_indices  # noqa: F401 (re-exported)
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -114,10 +113,12 @@ def load_dataset(data_cfg, *, train: bool = True, say=None) -> Dataset:
 
             raise ConfigError("data.name=folder needs data.root=PATH, a folder with train/<class>/ and "
                               "test/<class>/ subfolders (e.g. --preset folder --set data.root=PATH)")
-        ds = _folder(root, data_cfg.channels, data_cfg.image_size, train,
+        from ncmcli.folders import load_folder
+
+        ds = Dataset("folder", *load_folder(root, data_cfg.channels, data_cfg.image_size, train,
                      loader=data_cfg.loader, budget_gb=data_cfg.memory_budget_gb, workers=data_cfg.workers,
                      cache=data_cfg.cache, resize=data_cfg.resize, test_dir=data_cfg.test_dir,
-                     extensions=data_cfg.extensions, say=say)
+                     extensions=data_cfg.extensions, say=say))
     else:  # the config schema already refuses other names
         raise DataError(f"unknown dataset {name!r}")
     notes = list(ds.notes)
@@ -139,28 +140,39 @@ def load_dataset(data_cfg, *, train: bool = True, say=None) -> Dataset:
             notes.append(f"warning: the {split_name} split has no images of {len(missing)} "
                          f"class{'es' if len(missing) > 1 else ''}: {names}")
         splits[split_name] = split
-    if splits["train"] is not None and data_cfg.imbalance:
-        kind, factor = parse_imbalance(data_cfg.imbalance)
-        keep = imbalanced_indices(splits["train"].labels, len(ds.classes), kind, factor, seed=data_cfg.subset_seed)
-        splits["train"] = splits["train"].subset(keep)
-        counts = torch.bincount(splits["train"].labels, minlength=len(ds.classes)).tolist()
-        notes.append(f"train: long-tailed ({data_cfg.imbalance}, data.subset_seed={data_cfg.subset_seed}), "
-                     f"{len(keep)} images; per class: {', '.join(map(str, counts))}")
     val = None
+    if splits["train"] is not None and data_cfg.imbalance:
+        splits["train"] = _long_tail(splits["train"], len(ds.classes), data_cfg, notes)
     if splits["train"] is not None and data_cfg.val_split:
-        train_split = splits["train"]
-        n_val = int(data_cfg.val_split) if data_cfg.val_split >= 1 else round(data_cfg.val_split * len(train_split))
-        if not 1 <= n_val < len(train_split):
-            raise DataError(f"data.val_split={data_cfg.val_split:g} leaves {n_val} of {len(train_split)} "
-                            "training images for validation; it needs at least 1 and must leave some to train on")
-        val_idx = stratified_indices(train_split.labels, n_val, seed=data_cfg.subset_seed + 1)
-        keep = torch.ones(len(train_split), dtype=torch.bool)
-        keep[val_idx] = False
-        val, splits["train"] = train_split.subset(val_idx), train_split.subset(keep.nonzero().flatten())
-        notes.append(f"validation: {len(val)} images held out of train (stratified); best.safetensors is "
-                     "selected on them" + (" (when there are at least 50)" if len(val) < 50 else ""))
+        splits["train"], val = _hold_out(splits["train"], data_cfg, notes)
     return Dataset(ds.name, splits["train"], splits["test"], ds.classes, notes, val, data_cfg.imbalance)
 
+
+
+def _long_tail(train, num_classes: int, data_cfg, notes: list[str]):
+    """The ``data.imbalance`` profile applied to the training split."""
+    kind, factor = parse_imbalance(data_cfg.imbalance)
+    keep = imbalanced_indices(train.labels, num_classes, kind, factor, seed=data_cfg.subset_seed)
+    train = train.subset(keep)
+    counts = torch.bincount(train.labels, minlength=num_classes).tolist()
+    notes.append(f"train: long-tailed ({data_cfg.imbalance}, data.subset_seed={data_cfg.subset_seed}), "
+                 f"{len(keep)} images; per class: {', '.join(map(str, counts))}")
+    return train
+
+
+def _hold_out(train, data_cfg, notes: list[str]):
+    """(train, validation): ``data.val_split`` images held out of train, stratified, seeded."""
+    n_val = int(data_cfg.val_split) if data_cfg.val_split >= 1 else round(data_cfg.val_split * len(train))
+    if not 1 <= n_val < len(train):
+        raise DataError(f"data.val_split={data_cfg.val_split:g} leaves {n_val} of {len(train)} "
+                        "training images for validation; it needs at least 1 and must leave some to train on")
+    val_idx = stratified_indices(train.labels, n_val, seed=data_cfg.subset_seed + 1)
+    keep = torch.ones(len(train), dtype=torch.bool)
+    keep[val_idx] = False
+    val = train.subset(val_idx)
+    notes.append(f"validation: {len(val)} images held out of train (stratified); best.safetensors is "
+                 "selected on them" + (" (when there are at least 50)" if len(val) < 50 else ""))
+    return train.subset(keep.nonzero().flatten()), val
 
 
 # ---------------------------------------------------------------------------------------
@@ -280,133 +292,3 @@ def _cifar(name: str, root: Path, download: bool, want_train: bool) -> Dataset:
     except Exception as exc:
         raise DataError(f"{name} in {folder} is unreadable ({str(exc).splitlines()[0]}); delete it to re-download") from None
     return Dataset(name, splits.get("train"), splits["test"], classes)
-
-
-# torchvision's ImageFolder extensions: what a folder of photos holds (GIF placeholders are not)
-FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-def _folder(root: Path, channels: int, size: int, want_train: bool, *, loader: str = "auto",
-            budget_gb: float = 4.0, workers: int = 2, cache: bool = True, resize: str = "crop",
-            test_dir: str = "", extensions: str = "", say=None) -> Dataset:
-    """root/train/<class>/* and root/test/<class>/* (or root/val/ when there is no test/, or
-    ``test_dir``); class names are the folder names. Held in memory as uint8 (``loader:
-    tensor``, or ``auto`` when the decoded images fit in ``budget_gb``), decoded once and
-    cached (``foldercache``) unless ``cache`` is off; else decoded per batch by DataLoader
-    workers. ``channels`` 0 means 1 when every sampled image is grayscale, else 3; ``size`` 0
-    picks a side that suits the images (``probe_size``). Only regular files with an image
-    extension are read: others are skipped with a note (a FIFO would block)."""
-    from ncmcli.foldercache import load_cached
-
-    notes: list[str] = []
-    held_out = _held_out_dir(root, test_dir, notes)
-    if want_train and not (root / "train").is_dir():
-        raise DataError(f"image folder {root} has no train/ subfolder ({_subfolders(root)})")
-    suffixes = tuple(e if e.startswith(".") else f".{e}" for e in extensions.lower().replace(" ", "").split(",") if e) \
-        or FOLDER_EXTENSIONS
-    train_dir = root / "train" if want_train else root / held_out
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    if len(classes) < 2:
-        raise DataError(f"{train_dir} needs at least 2 class folders, found {len(classes)}")
-    index = {c: i for i, c in enumerate(classes)}
-    listed, skipped = {}, {}
-    for split, folder in (("train", "train"), ("test", held_out)) if want_train else (("test", held_out),):
-        files, labels = [], []
-        for cdir in sorted(p for p in (root / folder).iterdir() if p.is_dir()):
-            if cdir.name not in index:
-                raise DataError(f"{cdir}: class '{cdir.name}' is not among the training classes")
-            for f in sorted(cdir.iterdir()):
-                if f.suffix.lower() not in suffixes:
-                    if not f.is_dir():
-                        skipped[f.suffix.lower() or "(none)"] = skipped.get(f.suffix.lower() or "(none)", 0) + 1
-                    continue
-                if not f.is_file():
-                    notes.append(f"skipped {f}: not a regular file")
-                    continue
-                files.append(f)
-                labels.append(index[cdir.name])
-        if not files:
-            raise DataError(f"{root / folder} holds no images ({', '.join(suffixes)}; data.extensions chooses others)")
-        listed[split] = (files, torch.tensor(labels, dtype=torch.int64))
-    if skipped:
-        notes.append(f"skipped {sum(skipped.values())} files that are not images ("
-                     + ", ".join(f"{n} {ext}" for ext, n in sorted(skipped.items())) + "); data.extensions chooses others")
-    sample = listed["train" if want_train else "test"][0]
-    if channels == 0:
-        channels = 1 if all_grayscale(sample) else 3
-        if channels == 1:
-            notes.append("grayscale images: 1 channel (data.channels=3 reads them as RGB)")
-    if size == 0:
-        size, median = probe_size(sample, detail=True)
-        notes.append(f"image size {size}x{size}: the median shorter side is {median} px"
-                     + (f", kept within 8..64 for a CPU-sized net" if size != median else "")
-                     + f"; set data.image_size=... to choose")
-    splits = {}
-    for split, (files, targets) in listed.items():
-        in_memory = loader == "tensor" or (loader == "auto" and len(files) * channels * size * size <= budget_gb * 2**30)
-        if in_memory and cache:
-            splits[split] = Split(load_cached(root, split, files, targets, channels, size, notes, resize, say=say), targets)
-        elif in_memory:
-            splits[split] = Split(torch.stack([load_image(f, channels, size, resize)[0] for f in files]), targets)
-        else:
-            splits[split] = FileSplit(files, targets, channels, size, workers, resize)
-    return Dataset("folder", splits.get("train"), splits["test"], classes, notes)
-
-
-def _subfolders(root: Path) -> str:
-    names = sorted(p.name + "/" for p in root.iterdir() if p.is_dir())[:12]
-    return f"it holds {', '.join(names)}" if names else "it holds no subfolders"
-
-
-def _held_out_dir(root: Path, test_dir: str, notes: list[str]) -> str:
-    """The held-out split's subfolder: ``test_dir`` if set, else test/, else val/ (with a note)."""
-    if not root.is_dir():
-        raise DataError(f"data.root {root} does not exist" if not root.exists() else f"data.root {root} is not a folder")
-    if test_dir:
-        if not (root / test_dir).is_dir():
-            raise DataError(f"data.test_dir={test_dir}: {root / test_dir} is not a folder ({_subfolders(root)})")
-        return test_dir
-    if (root / "test").is_dir():
-        return "test"
-    if (root / "val").is_dir():
-        notes.append(f"no test/ in {root}: val/ is the held-out split (data.test_dir names another)")
-        return "val"
-    raise DataError(f"image folder {root} needs train/<class>/ and test/<class>/ (or val/) subfolders; "
-                    f"{_subfolders(root)} (data.test_dir names the held-out one)")
-
-
-def all_grayscale(files: list[Path], sample: int = 32) -> bool:
-    """Whether every one of up to ``sample`` evenly spread files is a grayscale image."""
-    from PIL import Image
-
-    step = max(1, len(files) // sample)
-    modes = set()
-    for f in files[::step][:sample]:
-        try:
-            with Image.open(f) as im:
-                modes.add(im.mode)
-        except Exception:  # an unreadable file fails later, with its own message
-            continue
-    return bool(modes) and modes <= {"L", "1", "I;16", "I;16B", "I;16L", "I", "LA"}
-
-
-def probe_size(files: list[Path], sample: int = 32, detail: bool = False):
-    """A square side that suits a folder's images: the median shorter side of up to
-    ``sample`` evenly spread files, kept as it is when it is a multiple of 4 within [8, 64]
-    (MNIST's 28), else rounded to a multiple of 8 and kept within [8, 64] (above 64 a
-    CPU-sized run gets slow). ``detail``: (side, median) instead of the side."""
-    from PIL import Image
-
-    step = max(1, len(files) // sample)
-    sides = []
-    for f in files[::step][:sample]:
-        try:
-            with Image.open(f) as im:
-                sides.append(min(im.size))
-        except Exception:  # an unreadable file fails later, with its own message
-            continue
-    if not sides:
-        return (32, 0) if detail else 32
-    median = sorted(sides)[len(sides) // 2]
-    side = median if median % 4 == 0 and 8 <= median <= 64 else int(min(64, max(8, 8 * round(median / 8))))
-    return (side, median) if detail else side

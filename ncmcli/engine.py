@@ -94,8 +94,6 @@ class Reporter:
 def _check_resume_integrity(run_dir: Path, cfg, config_text: str) -> None:
     """The checkpoint is the truth: refuse a ``last`` whose config differs from config.yaml
     (a hand edit) or that another run wrote (a copied file)."""
-    import json
-
     from ncmcli import checkpoint
     from ncmcli.config import from_dict
     from ncmcli.errors import CheckpointError

@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 
 from ncmcli.batching import batches
+from ncmcli.scoring import confusion_of
 from ncmcli.runtime import dist_info
 
 
@@ -43,7 +44,7 @@ def evaluate(model, criterion, split, *, mean, std, device, batch_size: int, num
         with torch.no_grad():
             loss_sum += criterion(feats, y).double() * len(y)  # the training loss (L-Softmax: with its margin)
             pred = criterion.predict(feats)
-        confusion += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+        confusion += confusion_of(pred, y, num_classes)
         if keep_outputs:
             kept.append((feats.float().cpu(), logits.float().cpu(), y.cpu()))
     if world > 1:

@@ -39,12 +39,24 @@ class Criterion(nn.Module):
         super().__init__()
         # None for heads without anchors; NCMLoss registers the (C, D) anchors here.
         self.register_buffer("anchors", None, persistent=False)
+        # Menon et al.'s logit adjustment, tau * log(prior) (C,), added in the loss only; None = off.
+        # Rebuilt from the class counts a checkpoint stores, never trained.
+        self.register_buffer("logit_bias", None, persistent=False)
+
+    def set_logit_bias(self, bias: torch.Tensor | None, num_classes: int) -> None:
+        if bias is not None and tuple(bias.shape) != (num_classes,):
+            raise ConfigError(f"logit_bias must have shape ({num_classes},), got {tuple(bias.shape)}")
+        self.logit_bias = None if bias is None else bias.detach().float().clone()
+
+    def adjusted(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits the loss sees: with the logit adjustment when it is on."""
+        return logits if self.logit_bias is None else logits + self.logit_bias.to(logits.dtype)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, C)
         raise NotImplementedError
 
     def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(features), targets)
+        return F.cross_entropy(self.adjusted(self.logits(features)), targets)
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:  # (B,)
         return self.logits(features).argmax(1)
@@ -100,10 +112,7 @@ class NCMLoss(Criterion):
             self.log_scale = nn.Parameter(torch.tensor(math.log(scale), dtype=torch.float32))
         # A buffer, not a parameter: saved in state_dict, moved by .to(), never trained.
         self.register_buffer("anchors", anchors.detach().clone().float())
-        if logit_bias is not None and tuple(logit_bias.shape) != (anchors.shape[0],):
-            raise ConfigError(f"logit_bias must have shape ({anchors.shape[0]},), got {tuple(logit_bias.shape)}")
-        self.register_buffer("logit_bias", None if logit_bias is None else logit_bias.detach().float().clone(),
-                             persistent=False)  # rebuilt from the class counts, never trained
+        self.set_logit_bias(logit_bias, anchors.shape[0])
 
     @property
     def num_classes(self) -> int:
@@ -124,12 +133,6 @@ class NCMLoss(Criterion):
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return -self.scale * self.distances(features)  # (B, C)
-
-    def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(features)
-        if self.logit_bias is not None:
-            logits = logits + self.logit_bias.to(logits.dtype)  # (B, C) + (C,)
-        return F.cross_entropy(logits, targets)
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         return self.distances(features).argmin(1)  # nearest anchor
@@ -158,20 +161,13 @@ class SoftmaxLoss(Criterion):
         super().__init__()
         self.fc = nn.Linear(dim, num_classes)
         self.label_smoothing = float(label_smoothing)  # an extension: 0 is the paper's SoftMax
-        if logit_bias is not None and tuple(logit_bias.shape) != (num_classes,):
-            raise ConfigError(f"logit_bias must have shape ({num_classes},), got {tuple(logit_bias.shape)}")
-        # Menon et al.'s logit-adjusted loss (in the loss only; prediction is the plain argmax)
-        self.register_buffer("logit_bias", None if logit_bias is None else logit_bias.detach().float().clone(),
-                             persistent=False)
+        self.set_logit_bias(logit_bias, num_classes)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(fp32(features))  # (B, C)
 
     def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(features)
-        if self.logit_bias is not None:
-            logits = logits + self.logit_bias
-        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(self.adjusted(self.logits(features)), targets, label_smoothing=self.label_smoothing)
 
 
 NCM_METRICS = registry.NCM_LOSSES  # loss name -> distance, for the losses with anchors

@@ -58,6 +58,7 @@ def adjusted_logits(logits: torch.Tensor, train_counts: list[int], tau: float) -
 
 
 def confusion_of(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, C) counts: row = true class, column = predicted."""
     return torch.bincount(labels * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
 
 

@@ -340,8 +340,9 @@ def scale_record(cfg: Config, crit) -> dict:
     from ncmcli.floors import loss_floor, top_probability
 
     value = crit.scale_value()
-    rec = {"setting": cfg.loss.scale, "initial": crit.initial_scale, "value": value, "floor": loss_floor(crit.anchors, crit.metric, value),
-           "top_probability": top_probability(loss_floor(crit.anchors, crit.metric, value))}
+    floor = loss_floor(crit.anchors, crit.metric, value)
+    rec = {"setting": cfg.loss.scale, "initial": crit.initial_scale, "value": value, "floor": floor,
+           "top_probability": top_probability(floor)}
     if isinstance(cfg.loss.scale, str):
         rec["floor_target"] = cfg.loss.floor_target
     return rec
@@ -394,8 +395,9 @@ def _announce(cfg: Config, run: Setup, run_dir: Path, device, reporter: Progress
                      f"device: {device}"
                      + (f"; DDP over {world} processes, {cfg.train.batch_size // world} images each per step"
                         if world > 1 else ""))
-    if selection(run)[1]:
-        reporter.message(selection(run)[1])
+    warning = selection(run)[1]
+    if warning:
+        reporter.message(warning)
 
 
 def _tensorboard(cfg: Config, run_dir: Path, rank: int, first_epoch: int):

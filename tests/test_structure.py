@@ -20,7 +20,7 @@ LAYERS = {
     2: {"training", "evaluation"},
     1: {"models", "losses", "baselines", "anchors", "distances", "data", "batching", "images", "foldercache",
         "checkpoint", "trainstate", "runfiles", "runtime", "forward", "schedules", "diagnostics", "plots", "fakedata",
-        "export", "tblog", "floors", "scoring", "subsets"},
+        "export", "tblog", "floors", "scoring", "subsets", "folders"},
     0: {"config", "presets", "registry", "netspecs", "errors", "__init__"},
 }
 LAYER_OF = {name: level for level, names in LAYERS.items() for name in names}

@@ -21,7 +21,8 @@ from rich.console import Console
 
 
 from ncmcli import __version__
-from ncmcli.cli.console import RichReporter, StopOnSignal, err, out_json, render_certificate, safe_text, show
+from ncmcli.cli.console import (RichReporter, StopOnSignal, err, out_json, render_certificate, render_eval,
+                                safe_text, show)
 from ncmcli.cli.plot import plot_app
 from ncmcli.errors import NcmError
 
@@ -187,44 +188,7 @@ def eval_(
     if as_json:
         out_json(res)
         return
-    from rich.table import Table
-
-    con = Console(soft_wrap=True)
-    con.print(f"{show(res['checkpoint'])}  ({show(res['dataset'])}, epoch {res['epoch']}, {res['n']} test images)")
-    top5 = f"   top-5 {res['top5_accuracy']:.4f}" if res.get("top5_accuracy") is not None else ""
-    macro = f"   macro-F1 {res['macro_f1']:.4f}" if res.get("macro_f1") is not None else ""
-    con.print(f"accuracy {res['accuracy']:.4f}{top5}   error {res['error_pct']:.2f}%   loss {res['loss']:.4f}{macro}")
-    if res.get("logit_adjust"):
-        la = res["logit_adjust"]
-        con.print(f"post-hoc logit adjustment tau={la['tau']:g}: accuracy {la['unadjusted_accuracy']:.4f} "
-                  f"-> {res['accuracy']:.4f} (prediction: argmax of logits - tau log prior)")
-    tail = "   ".join(f"{k} {res[f'{k}_accuracy']:.4f}" for k in ("head", "medium", "tail")
-                       if res.get(f"{k}_accuracy") is not None)
-    con.print(f"balanced accuracy {res['balanced_accuracy']:.4f}" + (f"   {tail} (thirds by training count)" if tail else "")
-              + (f"   (long-tailed training data: {res['imbalance']})" if res.get("imbalance") else ""))
-    diag = res["diagnostics"]
-    comp = diag.get("compactness", {}).get("per_class", {})
-    t = Table("class", "n", "accuracy", "precision", "recall", "F1", *(["mean dist. to own anchor"] if comp else []))
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    for name, acc in res["per_class_accuracy"].items():
-        sc = res["per_class"][name]
-        t.add_row(show(name), str(sc["n"]), "n/a (no images)" if acc is None else f"{acc:.4f}",
-                  fmt(sc["precision"]), fmt(sc["recall"]), fmt(sc["f1"]),
-                  *([f"{comp[name]['mean']:.4f}"] if name in comp else []))
-    con.print(t)
-    con.print(f"calibration: ECE (15 bins) {diag['ece_15_bins']:.4f}")
-    if "compactness" in diag:
-        c, sep = diag["compactness"], diag["separation"]
-        con.print(f"compactness: distance to own anchor mean {c['mean']:.4f}, median {c['median']:.4f}")
-        con.print(f"separation: mean distance to the nearest other anchor {sep['mean_nearest_other_anchor']:.4f}; "
-                  f"{sep['own_voronoi_cell_share']:.4f} of features in their own anchor's cell")
-        con.print(f"suggested --reject-below-margin {diag['reject_below_margin_at_95_tpr']:.4f} or --reject-above "
-                  f"{diag['reject_above_at_95_tpr']:.4f} (each keeps 95% of test images; check them with --ood)")
-    if "ood" in res:
-        o = res["ood"]
-        con.print(f"open-set vs {show(o['source'])} ({o['n_out']} images, score: {o['score']}, {o['score_description']}): "
-                  f"AUROC {o['auroc']:.4f}, FPR at 95% TPR {o['fpr_at_95_tpr']:.4f}")
-        con.print("  AUROC by score: " + ", ".join(f"{n} {v['auroc']:.4f}" for n, v in o["by_score"].items()))
+    render_eval(res, Console(soft_wrap=True))
 
 
 @app.command()
