@@ -151,13 +151,13 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
 
 
 def _open_set(source: str, logits_in, dist_in, logits_out, dist_out, choice: str | None) -> dict:
-    """AUROC and FPR at 95% TPR of every score that applies; the chosen one (default: margin
-    for anchor models, maximum softmax probability otherwise) is the headline. Any AUROC
-    below 0.5 gets a warning: that score ranks unknowns as more known than knowns."""
+    """AUROC and FPR at 95% TPR of every score that applies; the chosen one (default: the
+    maximum softmax probability, measured best on real pairs) is the headline. Any AUROC below
+    0.5 gets a warning: that score ranks unknowns as more known than knowns."""
     from ncmcli import diagnostics, scoring
 
     s_in, s_out = scoring.ood_scores(logits_in, dist_in), scoring.ood_scores(logits_out, dist_out)
-    primary = choice or (scoring.DEFAULT_OOD_SCORE if dist_in is not None else "msp")
+    primary = choice or scoring.DEFAULT_OOD_SCORE
     if primary not in s_in:
         raise UsageError(f"--ood-score {primary} needs an anchor model; this one offers {', '.join(s_in)}")
     by_score = {}

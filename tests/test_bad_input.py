@@ -23,6 +23,14 @@ def _quick_run(ncm, out, *sets):
     return out
 
 
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One tiny trained run folder, shared by the tests that only read it."""
+    from conftest import run_ncm
+
+    return _quick_run(run_ncm, tmp_path_factory.mktemp("shared") / "run")
+
+
 def _with_meta(src, dst, **update):
     with safe_open(str(src), "pt") as fh:
         meta = dict(fh.metadata())
@@ -39,8 +47,8 @@ def test_bounded_json_refuses_deep_nesting_but_not_brackets_in_strings():
 
 
 @pytest.mark.parametrize("key", ["config", "classes", "metrics", "train_state", "class_counts"])
-def test_deep_json_in_checkpoint_metadata_is_a_one_line_error(tmp_path, ncm, key):
-    run = _quick_run(ncm, tmp_path / "run")
+def test_deep_json_in_checkpoint_metadata_is_a_one_line_error(tmp_path, ncm, key, quick_run):
+    run = quick_run
     deep = "[" * 200_000 + "]" * 200_000
     bad = _with_meta(run / "last.safetensors", tmp_path / "bad.safetensors", **{key: deep})
     proc = ncm("eval", bad)
@@ -53,8 +61,8 @@ def test_deep_json_in_checkpoint_metadata_is_a_one_line_error(tmp_path, ncm, key
     assert "RecursionError" not in proc.stderr
 
 
-def test_special_files_named_as_arguments_return_at_once(tmp_path, ncm):
-    run = _quick_run(ncm, tmp_path / "run")
+def test_special_files_named_as_arguments_return_at_once(tmp_path, ncm, quick_run):
+    run = quick_run
     fifo = tmp_path / "x.png"
     os.mkfifo(fifo)
     os.mkfifo(tmp_path / "p.yaml")

@@ -35,7 +35,7 @@ def test_an_inverted_score_warns_and_names_a_better_one():
     d_in = torch.tensor([[5.0, 9.0, 9.0], [6.0, 9.5, 9.0], [5.5, 9.0, 10.0]])
     d_out = torch.tensor([[2.0, 2.1, 2.05], [1.5, 1.6, 1.55]])
     res = _open_set("x", -d_in, d_in, -d_out, d_out, None)
-    assert res["score"] == "margin" and res["by_score"]["margin"]["auroc"] == 1.0
+    assert res["score"] == "msp" and res["by_score"]["margin"]["auroc"] == 1.0 == res["auroc"]
     assert res["by_score"]["dist"]["auroc"] == 0.0
     assert any("--ood-score dist has AUROC 0.0000 < 0.5" in w and "try --ood-score margin" in w
                for w in res["warnings"])

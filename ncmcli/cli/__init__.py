@@ -172,7 +172,7 @@ def eval_(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass (default: the checkpoint's train.eval_batch_size)."),
     ood: Optional[str] = typer.Option(None, "--ood", help="Open-set check against a dataset name or an image folder."),
     ood_limit: Optional[int] = typer.Option(None, "--ood-limit", help="A seeded sample of N open-set images (default: --limit; 0 = all)."),
-    ood_score: Optional[str] = typer.Option(None, "--ood-score", help="The open-set score to headline: dist, margin, cac, msp or maxlogit (default: margin for anchor models, msp otherwise); every score's AUROC is reported."),
+    ood_score: Optional[str] = typer.Option(None, "--ood-score", help="The open-set score to headline: dist, margin, cac, msp or maxlogit (default: msp, measured best on real pairs); every score's AUROC is reported."),
     logit_adjust: float = typer.Option(0.0, "--logit-adjust", help="Post-hoc logit adjustment tau: predict with logits - tau * log(training prior)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document, with the confusion matrix.", metavar=""),
     which: str = typer.Option("best", "--which", help="With a run folder: best (best.safetensors) or last (the final epoch, last.safetensors)."),
