@@ -46,7 +46,7 @@ def test_resized_crop_draws_follow_torchvisions_ranges():
 def test_randomresizedcrop_is_a_config_value_and_trains(tmp_path, ncm):
     assert resolve("quickstart", ["data.augment=randomresizedcrop"]).data.augment == "randomresizedcrop"
     assert resolve("quickstart", ["data.augment=true"]).data.augment is True
-    with pytest.raises(ConfigError, match="randomresizedcrop"):
+    with pytest.raises(ConfigError, match="expected bool .true or false. or randomresizedcrop"):
         resolve("quickstart", ["data.augment=cutout"])
     from ncmcli.batching import Split
 
