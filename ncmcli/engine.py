@@ -23,7 +23,9 @@ def anchors_command(
     from ncmcli.distances import get_distance
 
     get_distance(metric)
-    scale = _scale_option(scale)
+    raw, scale = scale, "auto" if str(scale).strip().lower() == "auto" else _number(scale)
+    if scale != "auto" and not (scale > 0 and scale != float("inf")):
+        raise UsageError(f"--scale must be a finite number > 0 or auto, got {str(raw)[:40]!r}")
     if not 0 < floor_target < 10:
         raise UsageError(f"--floor-target must be in (0, 10) nats, got {floor_target}")
     # The certificate compares every pair of anchors: bound C and d before allocating.
@@ -61,17 +63,11 @@ def anchors_command(
     return cert
 
 
-def _scale_option(text: float | str) -> float | str:
-    """``--scale``: a finite number > 0, or auto."""
-    if isinstance(text, str) and text.strip().lower() == "auto":
-        return "auto"
+def _number(text) -> float:
     try:
-        value = float(text)
+        return float(text)
     except (TypeError, ValueError):
-        raise UsageError(f"--scale must be a number > 0 or auto, got {str(text)[:40]!r}") from None
-    if not (value > 0 and value != float("inf")):
-        raise UsageError(f"--scale must be a finite number > 0 or auto, got {text}")
-    return value
+        return float("nan")
 
 
 # ---------------------------------------------------------------------------------------
@@ -164,16 +160,15 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
     if progress.epoch >= cfg.train.epochs and progress.step == 0:
         raise UsageError(f"{run_dir} already finished {progress.epoch} epochs; extend it with --set train.epochs=N")
     dev, rank, _ = setup_distributed(device)
-    if cfg.train.epochs != old_epochs and cfg.optim.schedule == "cosine":
-        reporter.message(f"note: the cosine schedule spans train.epochs, so extending {old_epochs} -> "
-                         f"{cfg.train.epochs} epochs re-spans it: the lr jumps to where the longer cosine is "
-                         f"at step {progress.global_step}, not where the old one would have ended")
 
-    def run() -> dict:
+    def run() -> dict:  # under the folder's lock: a refused resume says nothing else
+        if cfg.train.epochs != old_epochs and cfg.optim.schedule == "cosine" and rank == 0:
+            reporter.message(f"note: the cosine schedule spans train.epochs, so extending {old_epochs} -> "
+                             f"{cfg.train.epochs} epochs re-spans it: the lr jumps to where the longer cosine "
+                             f"is at step {progress.global_step}, not where the old one would have ended")
         if overrides and rank == 0:
-            from ncmcli.runfiles import atomic_write_text
-
             from ncmcli.checkpoint import RUN_ID_PREFIX, run_id_of_config
+            from ncmcli.runfiles import atomic_write_text
 
             run_id = run_id_of_config(config_text)
             atomic_write_text(run_dir / "config.yaml",

@@ -17,12 +17,18 @@ def test_two_process_gloo_run_matches_single_process_eval(tmp_path):
     if not torchrun.exists():
         torchrun = shutil.which("torchrun")
     out = tmp_path / "ddp"
-    proc = subprocess.run(
-        [str(torchrun), "--nproc-per-node", "2", "--master-port", "29517", "-m", "ncmcli", "train",
-         "--preset", "quickstart", "--set", "train.epochs=2", "--set", "data.limit_train=512",
-         "--set", "data.limit_test=200", "--set", "data.augment=true", "--out", str(out), "--device", "cpu",
-         "--json", "--quiet"],
-        capture_output=True, text=True, timeout=600)
+    for attempt in range(2):
+        proc = subprocess.run(
+            [str(torchrun), "--nproc-per-node", "2", "--master-port", str(29517 + attempt), "-m", "ncmcli", "train",
+             "--preset", "quickstart", "--set", "train.epochs=2", "--set", "data.limit_train=512",
+             "--set", "data.limit_test=200", "--set", "data.augment=true", "--out", str(out), "--device", "cpu",
+             "--json", "--quiet", "--force"],
+            capture_output=True, text=True, timeout=600)
+        # A gloo worker thread has been seen to abort a rank at exit on a loaded machine ("terminate
+        # called without an active exception", SIGABRT), rarely and never on an idle one: one retry
+        # for that failure only; any other failure fails at once.
+        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)  # only rank 0 printed
     assert result["ddp"] == {"world_size": 2, "params_identical_across_ranks": True}
