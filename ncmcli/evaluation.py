@@ -100,18 +100,7 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
     feats, logits, labels = ev.pop("features"), ev.pop("logits"), ev.pop("labels")  # one pass, not two
     raw_logits, adjusted = logits, None
     if logit_adjust > 0:
-        if ck.class_counts is None:
-            raise UsageError(f"--logit-adjust needs the training class counts, and {path} has none "
-                             "(checkpoints from this version of ncm store them)")
-        try:
-            logits = scoring.adjusted_logits(logits, ck.class_counts, logit_adjust)
-        except ValueError as exc:
-            raise UsageError(f"--logit-adjust: {exc}") from None
-        conf = scoring.confusion_of(logits.argmax(1), labels, len(ck.classes))
-        adjusted = {"tau": logit_adjust, "unadjusted_accuracy": ev["accuracy"]}
-        correct = int(conf.diag().sum())
-        ev.update(accuracy=correct / ev["n"], error_pct=100.0 * (1 - correct / ev["n"]), confusion=conf.tolist(),
-                  per_class_accuracy=[int(h) / int(t) if t else None for h, t in zip(conf.diag(), conf.sum(1))])
+        logits, adjusted = _post_hoc(ck, path, ev, logits, labels, logit_adjust)
     diag = {"ece_15_bins": diagnostics.expected_calibration_error(torch.softmax(logits, 1), labels),
             "feature_norm_median": feats.double().norm(dim=1).median().item()}
     scores, macro_f1 = diagnostics.per_class_scores(ev["confusion"])
@@ -148,6 +137,26 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
                 d_ood = ck.criterion.distances(f_ood.to(dev)).cpu()
         result["ood"] = _open_set(ood, raw_logits, dist if has_anchors else None, l_ood, d_ood, ood_score)
     return result
+
+
+def _post_hoc(ck, path, ev: dict, logits, labels, tau: float):
+    """Post-hoc logit adjustment: the adjusted logits, and ``ev``'s accuracy, error, confusion
+    and per-class accuracy recomputed from their argmax (the unadjusted accuracy kept beside)."""
+    from ncmcli import scoring
+
+    if ck.class_counts is None:
+        raise UsageError(f"--logit-adjust needs the training class counts, and {path} has none "
+                         "(checkpoints from this version of ncm store them)")
+    try:
+        logits = scoring.adjusted_logits(logits, ck.class_counts, tau)
+    except ValueError as exc:
+        raise UsageError(f"--logit-adjust: {exc}") from None
+    adjusted = {"tau": tau, "unadjusted_accuracy": ev["accuracy"]}
+    conf = scoring.confusion_of(logits.argmax(1), labels, len(ck.classes))
+    correct = int(conf.diag().sum())
+    ev.update(accuracy=correct / ev["n"], error_pct=100.0 * (1 - correct / ev["n"]), confusion=conf.tolist(),
+              per_class_accuracy=[int(h) / int(t) if t else None for h, t in zip(conf.diag(), conf.sum(1))])
+    return logits, adjusted
 
 
 def _open_set(source: str, logits_in, dist_in, logits_out, dist_out, choice: str | None) -> dict:
