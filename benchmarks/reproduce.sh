@@ -16,6 +16,9 @@
 #                   then evaluated (ECE, feature norm, open-set vs CIFAR-10); needs CIFAR10_DIR
 #           longtail: CIFAR-10-LT (data.imbalance=exp:100 on a 20k stratified sample, so
 #                   n_max = 2000), SoftMax vs E-NCM/C-NCM, logit adjustment; needs CIFAR10_DIR
+#           incremental: class-incremental Split Fashion-MNIST (5 tasks of 2 classes), E-NCM
+#                   with 10 and 100 pre-allocated anchor slots vs a growing SoftMax head, replay
+#                   0/1100/4400, and joint training; runs benchmarks/incremental.sh (about 40 min)
 #           openset: the two known/unknown pairs of the README's open-set table; needs CIFAR10_DIR
 #           cpu:    the short Fashion-MNIST comparison;  smoke: tiny, for tests
 #   OUT     where the runs go (default: sweeps/TARGET)
@@ -37,13 +40,17 @@
 #   CIFAR10_DIR=/data/cifar10 benchmarks/reproduce.sh study      # the CPU study
 set -euo pipefail
 
-TARGET="${1:?usage: reproduce.sh table2|table3|figure2|study|study-long|scale|longtail|openset|cpu|smoke [OUT]}"
+TARGET="${1:?usage: reproduce.sh table2|table3|figure2|study|study-long|scale|longtail|incremental|openset|cpu|smoke [OUT]}"
 OUT="${2:-sweeps/$TARGET}"
 NCM="${NCM:-ncm}"
 read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
 if [[ "$TARGET" == study* ]]; then SEEDS="${SEEDS:-0 1}"
 elif [[ "$TARGET" == openset ]]; then SEEDS="${SEEDS:-0}"
 else SEEDS="${SEEDS:-0 1 2}"; fi
+
+if [[ "$TARGET" == incremental ]]; then  # chains of --extend runs, not independent cells
+  SEEDS="$SEEDS" exec "$(dirname "$0")/incremental.sh" "$OUT"
+fi
 
 cells=()   # "name preset [--set k=v ...]": one cell, run once per seed
 case "$TARGET" in
@@ -174,7 +181,7 @@ case "$TARGET" in
     for m in softmax hinge lsoftmax2 lsoftmax4 center cncm encm; do cells+=("fashion-mnist-cpu-$m fashion-mnist-cpu-$m"); done ;;
   smoke)
     cells=("quickstart quickstart" "quickstart-softmax quickstart-softmax") ;;
-  *) echo "reproduce.sh: unknown target '$TARGET' (table2, table3, figure2, study, study-long, scale, longtail, openset, cpu, smoke)" >&2; exit 2 ;;
+  *) echo "reproduce.sh: unknown target '$TARGET' (table2, table3, figure2, study, study-long, scale, longtail, incremental, openset, cpu, smoke)" >&2; exit 2 ;;
 esac
 
 mkdir -p "$OUT/logs"

@@ -41,6 +41,8 @@ class Checkpoint:
     path: Path
     class_counts: list[int] | None = None  # training images per class, when the trainer knew them
     imbalance: str = ""  # the data.imbalance profile the counts come from ("" = as the data came)
+    tasks: list[list[str]] | None = None  # class-incremental: the classes each run added, in order
+    parent: dict | None = None  # an --extend run's parent checkpoint: {"path", "sha256"}
 
 
 RUN_ID_PREFIX = "# ncm run id: "
@@ -55,11 +57,11 @@ def run_id_of_config(text: str) -> str | None:
 def save(
     path: Path, *, model, criterion, config, classes, mean, std, input_shape, epoch, metrics,
     extra: tuple[dict, str] | None = None, run_id: str | None = None,
-    class_counts: list[int] | None = None, imbalance: str = "",
+    class_counts: list[int] | None = None, imbalance: str = "", lineage=None,
 ) -> None:
     """``extra``: (tensors, train_state JSON) from ``trainstate.pack``, for resumable files.
     ``class_counts``: the training images per class (the prior of logit adjustment and of
-    head/medium/tail metrics)."""
+    head/medium/tail metrics). ``lineage``: an ``incremental.Lineage`` (the tasks, the parent)."""
     from safetensors.torch import save_file
 
     from ncmcli import __version__
@@ -86,6 +88,10 @@ def save(
     if class_counts is not None:
         meta["class_counts"] = json.dumps([int(n) for n in class_counts])
         meta["imbalance"] = imbalance
+    if lineage is not None:
+        meta["tasks"] = json.dumps(lineage.tasks)
+        if lineage.parent:
+            meta["parent"] = json.dumps(lineage.parent)
     if extra is not None:
         tensors.update({k: v.detach().to("cpu").contiguous() for k, v in extra[0].items()})
         meta["train_state"] = extra[1]
@@ -198,18 +204,25 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
                                    and all(isinstance(n, int) and 0 <= n < 2**40 for n in counts)):
         raise CheckpointError(f"{path}: 'class_counts' must be a count per class")
     stored_scale = _stored_scale(meta, path)
-
+    tasks = _tasks(meta, path, classes)
+    header = _header_shapes(path)
+    slot_shape = header.get("criterion.slot_anchors")  # pre-allocated anchors: (S, d)
+    if slot_shape is not None and not (len(slot_shape) == 2 and len(classes) <= slot_shape[0] <= MAX_CLASSES):
+        raise CheckpointError(f"{path}: criterion.slot_anchors has shape {list(slot_shape)}, not (slots >= classes, d)")
     placeholder_prior = torch.ones(len(classes))  # made outside the meta device: it is read
+    placeholder_slots = torch.arange(len(classes)) if slot_shape is not None else None
 
     def build(device):
         with torch.device(device):
             net = build_net(cfg.model.arch, in_channels=shape[0], image_size=shape[1], dropout=cfg.model.dropout,
                             feature_dim=cfg.model.feature_dim or None, head=cfg.model.head)
-            anchors_like = torch.zeros(len(classes), net.feature_dim) if cfg.loss.name in NCM_METRICS else None
+            rows = slot_shape[0] if slot_shape is not None else len(classes)
+            anchors_like = torch.zeros(rows, net.feature_dim) if cfg.loss.name in NCM_METRICS else None
             if anchors_like is not None:
                 anchors_like[:, 0] = 1.0
             crit = build_criterion(cfg.loss, anchors=anchors_like, dim=net.feature_dim, num_classes=len(classes),
-                                   prior=placeholder_prior, scale=1.0)
+                                   prior=placeholder_prior, scale=1.0,
+                                   class_slots=placeholder_slots if anchors_like is not None else None)
         return net, crit
 
     # -- Validate every size on the meta device (no memory) against the file's header
@@ -224,7 +237,6 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
     if n_params > MAX_PARAMS:
         raise CheckpointError(f"{path}: the config implies {n_params:,} parameters, above the {MAX_PARAMS:,} "
                               "ncm loads; refusing before allocating")
-    header = _header_shapes(path)
     stray = [k for k in header if k not in expected and not k.startswith("state.")]
     if stray:
         raise CheckpointError(f"{path}: unexpected tensors {stray[:3]}")
@@ -244,6 +256,9 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
     anchors = tensors.get(_ANCHOR_KEY)
     if anchors is not None:
         _check_anchors(path, anchors)
+    slot_anchors, class_slots = tensors.get("criterion.slot_anchors"), tensors.get("criterion.class_slots")
+    if slot_anchors is not None:
+        _check_slots(path, slot_anchors, class_slots, anchors)
     try:
         model, _ = build("cpu")
     except (ValueError, NcmError) as exc:
@@ -254,8 +269,9 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
         )
     try:
         prior = None if counts is None else torch.tensor(counts, dtype=torch.float64)
-        criterion = build_criterion(cfg.loss, anchors=anchors, dim=model.feature_dim, num_classes=len(classes),
-                                    prior=prior, scale=stored_scale)
+        criterion = build_criterion(cfg.loss, anchors=anchors if slot_anchors is None else slot_anchors,
+                                    dim=model.feature_dim, num_classes=len(classes), prior=prior, scale=stored_scale,
+                                    class_slots=class_slots)
     except (ValueError, NcmError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild the criterion ({exc})") from None
     model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -276,8 +292,28 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
         model=model, criterion=criterion, config=cfg, classes=classes, mean=mean, std=std,
         input_shape=tuple(shape), epoch=int(epoch_text) if epoch_text.isdigit() else 0,
         metrics=_meta_json(meta, "metrics", path) if "metrics" in meta else {}, path=path,
-        class_counts=counts, imbalance=str(meta.get("imbalance", ""))[:40],
+        class_counts=counts, imbalance=str(meta.get("imbalance", ""))[:40], tasks=tasks,
+        parent=_meta_json(meta, "parent", path) if "parent" in meta else None,
     )
+
+
+def _tasks(meta: dict, path: Path, classes: list[str]) -> list[list[str]] | None:
+    """The checkpoint's task history: lists of its class names that together are its classes."""
+    from ncmcli.slots import tasks_problem
+
+    tasks = _meta_json(meta, "tasks", path) if "tasks" in meta else None
+    if tasks is not None and tasks_problem(tasks, classes):
+        raise CheckpointError(f"{path}: 'tasks' {tasks_problem(tasks, classes)}")
+    return tasks
+
+
+def _check_slots(path: Path, slot_anchors: torch.Tensor, class_slots, anchors) -> None:
+    from ncmcli.slots import slot_table_problem
+
+    _check_anchors(path, slot_anchors)  # every slot unit-norm and distinct
+    problem = slot_table_problem(slot_anchors, class_slots, anchors)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
 
 
 def _stored_scale(meta: dict, path: Path) -> float | None:

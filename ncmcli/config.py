@@ -35,6 +35,7 @@ MILESTONE_UNITS = ("epoch", "step")
 HEADS = registry.HEADS
 NORMALIZATIONS = ("global", "channel")
 LOADERS = ("auto", "tensor", "dataloader")
+FREE_SLOTS = ("softmax", "masked")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRISTATE = ("auto", "true", "false")
 
@@ -91,6 +92,9 @@ class ModelConfig:
 class AnchorsConfig:
     method: str = "orthogonal"  # the paper's default: the C standard basis vectors (d >= C)
     seed: int = 0  # only the random and optimized methods draw random numbers
+    # How many anchors to build: 0 = one per class. More pre-allocates anchors for classes to
+    # come (`ncm train --extend`): the unused ones wait in the geometry, and old ones never move.
+    slots: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,10 @@ class LossConfig:
     # Menon et al.'s logit-adjusted loss: tau * log(prior_c) is added to every training logit
     # (the prior from the training class counts); 0 = off, the paper's plain loss.
     logit_adjust: float = 0.0
+    # Anchors no class uses yet (anchors.slots): softmax = they stay in the softmax's
+    # denominator, so features learn to avoid them from the start (Pernici et al., 2020);
+    # masked = the loss sees only the classes in use.
+    free_slots: str = "softmax"
     hinge_form: str = "ova"  # Caffe's one-vs-all L1 HingeLoss, what the cited Hinge rows used
     margin: int = 2  # L-Softmax m in {1, 2, 3, 4}
     # L-Softmax lambda = max(lambda_min, base * (1 + gamma * iter)^-power): the released
@@ -134,6 +142,10 @@ class TrainConfig:
     # An exponential moving average of the weights (torch.optim.swa_utils), evaluated and
     # checkpointed as the model when on; 0 = off, the paper's setting. Typical: 0.999.
     ema_decay: float = 0.0
+    # Class-incremental rehearsal: keep a seeded, class-balanced memory of at most N training
+    # images (RUN_DIR/replay.safetensors) for later `--extend` runs, and mix the parent's
+    # memory into every epoch of an --extend run; 0 = no memory (plain fine-tuning).
+    replay: int = 0
     tensorboard: bool = False  # scalars into RUN_DIR/tensorboard (pip install 'ncmcli[tensorboard]')
 
 
@@ -428,6 +440,12 @@ def _check(cfg: Config) -> None:
          and cfg.loss.lambda_min >= 0, "loss.lambda_base/gamma/power/min must be >= 0")
     need(cfg.loss.center_weight >= 0, f"loss.center_weight must be >= 0, got {cfg.loss.center_weight}")
     need(0 <= cfg.loss.center_alpha <= 1, f"loss.center_alpha must be in [0, 1], got {cfg.loss.center_alpha}")
+    need(0 <= cfg.anchors.slots <= MAX_CLASSES, f"anchors.slots must be in [0, {MAX_CLASSES}], got {cfg.anchors.slots}")
+    need(cfg.loss.free_slots in FREE_SLOTS,
+         f"loss.free_slots: {quote(cfg.loss.free_slots)} is not one of {', '.join(FREE_SLOTS)}")
+    need(not (cfg.anchors.slots and cfg.loss.logit_adjust),
+         "loss.logit_adjust does not combine with anchors.slots (free slots have no prior); set one of them to 0")
+    need(0 <= cfg.train.replay <= 10_000_000, f"train.replay must be in [0, 10000000] images, got {cfg.train.replay}")
     need(cfg.data.channels in (0, 1, 3), f"data.channels must be 0, 1 or 3, got {cfg.data.channels}")
     need(cfg.data.image_size == 0 or 8 <= cfg.data.image_size <= 512,
          f"data.image_size must be 0 or in [8, 512], got {cfg.data.image_size}")

@@ -17,6 +17,7 @@ import torch
 
 from ncmcli.batching import Split
 from ncmcli.errors import DataError
+from ncmcli.subsets import choose_classes, keep_classes  # noqa: F401 (keep_classes re-exported)
 from ncmcli.subsets import imbalanced_indices, parse_imbalance, stratified_indices  # noqa: F401 (re-exported)
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -53,41 +54,6 @@ class Dataset:
         return torch.bincount(self.train.labels.cpu(), minlength=len(self.classes)).tolist()
 
 
-def keep_classes(ds: Dataset, spec: str) -> Dataset:
-    """``ds`` with only the classes ``spec`` names (comma-separated names or indices), in
-    their original label order, relabelled 0..k-1; every split is filtered alike."""
-    from ncmcli.errors import ConfigError
-    from ncmcli.registry import suggest
-
-    wanted = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        if part in ds.classes:
-            wanted.append(ds.classes.index(part))
-        elif part.isdigit() and int(part) < len(ds.classes):
-            wanted.append(int(part))
-        else:
-            shown = ", ".join(ds.classes[:20]) + (", ..." if len(ds.classes) > 20 else "")
-            raise ConfigError(f"data.classes: {part[:40]!r} is not a class of {ds.name} (indices 0..{len(ds.classes) - 1}"
-                              f" or one of: {shown})" + suggest(part, ds.classes))
-    keep = sorted(set(wanted))
-    if len(keep) < 2:
-        raise ConfigError(f"data.classes must name at least 2 classes, got {spec[:60]!r}")
-    remap = torch.full((len(ds.classes),), -1, dtype=torch.int64)
-    remap[keep] = torch.arange(len(keep))
-
-    def filt(split):
-        if split is None:
-            return None
-        idx = (remap[split.labels] >= 0).nonzero().flatten()
-        part = split.subset(idx)
-        part.labels = remap[part.labels]
-        return part
-
-    return Dataset(ds.name, filt(ds.train), filt(ds.test), [ds.classes[i] for i in keep], list(ds.notes))
-
-
 def default_root() -> Path:
     """$NCM_DATA, else $XDG_CACHE_HOME/ncm/data, else ~/.cache/ncm/data."""
     if os.environ.get("NCM_DATA"):
@@ -96,9 +62,14 @@ def default_root() -> Path:
     return Path(cache) / "ncm" / "data"
 
 
-def load_dataset(data_cfg, *, train: bool = True, say=None) -> Dataset:
+def load_dataset(data_cfg, *, train: bool = True, say=None, known_classes: list[str] | None = None,
+                 class_order: list[str] | None = None) -> Dataset:
     """Both splits of ``data_cfg.name`` (``train=False`` skips the training split). ``say``
-    (a message callback) hears of long waits, such as a folder's first decode, before them."""
+    (a message callback) hears of long waits, such as a folder's first decode, before them.
+
+    Classes: ``data.classes``, or with ``class_order`` exactly these names in this order (a
+    checkpoint's classes), or with ``known_classes`` (an ``--extend`` run) those first and the
+    ``data.classes`` after them, the training split holding only the new ones."""
     root = Path(data_cfg.root).expanduser() if data_cfg.root else default_root()
     name = data_cfg.name
     if name == "quickstart":
@@ -122,10 +93,11 @@ def load_dataset(data_cfg, *, train: bool = True, say=None) -> Dataset:
     else:  # the config schema already refuses other names
         raise DataError(f"unknown dataset {name!r}")
     notes = list(ds.notes)
-    if data_cfg.classes:
-        ds = keep_classes(ds, data_cfg.classes)
-        notes.append(f"classes: {len(ds.classes)} kept (data.classes): {', '.join(ds.classes[:10])}"
-                     + (", ..." if len(ds.classes) > 10 else ""))
+    if data_cfg.classes or known_classes is not None or class_order is not None:
+        ds = choose_classes(ds, data_cfg, known_classes, class_order)
+        shown = ds.classes[len(known_classes or []):]
+        how = f"{len(known_classes)} from the checkpoint + {len(shown)} new" if known_classes else f"{len(shown)} kept"
+        notes.append(f"classes: {how} (data.classes): {', '.join(shown[:10])}" + (", ..." if len(shown) > 10 else ""))
     splits = {}
     for split_name, split, limit in (("train", ds.train, data_cfg.limit_train), ("test", ds.test, data_cfg.limit_test)):
         if split is None:
@@ -134,7 +106,8 @@ def load_dataset(data_cfg, *, train: bool = True, say=None) -> Dataset:
         if limit and limit < len(split):
             split = split.subset(stratified_indices(split.labels, limit, seed=data_cfg.subset_seed))
             notes.append(f"{split_name}: a stratified sample of {len(split)} images (data.subset_seed={data_cfg.subset_seed})")
-        missing = sorted(set(range(len(ds.classes))) - set(split.labels.unique().tolist()))
+        first = len(known_classes) if known_classes is not None and split_name == "train" else 0  # new ones only
+        missing = sorted(set(range(first, len(ds.classes))) - set(split.labels.unique().tolist()))
         if missing:
             names = ", ".join(ds.classes[i] for i in missing[:10]) + (", ..." if len(missing) > 10 else "")
             notes.append(f"warning: the {split_name} split has no images of {len(missing)} "

@@ -191,7 +191,7 @@ def _locked(run_dir: Path, rank: int, fn):
 
 def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | None,
                   runs_root: Path, device: str, force: bool, reporter: Reporter, stop=None,
-                  name: str | None = None) -> dict:
+                  name: str | None = None, extend: Path | None = None) -> dict:
     import contextlib
     import os
     import shutil
@@ -218,7 +218,7 @@ def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | 
             run_dir, created, reporter = Path(out), False, Reporter()
         try:
             return distributed_run(lambda: train(cfg, run_dir=run_dir, device=dev, reporter=reporter,
-                                                  preset=preset, overrides=overrides, stop=stop))
+                                                  preset=preset, overrides=overrides, stop=stop, extend=extend))
         except BaseException:
             # A run that fails before its first checkpoint (missing data, bad anchors) leaves
             # no empty folder behind; one with checkpoints keeps them.

@@ -22,12 +22,18 @@ def _test_split(ck, data_root: str | None, limit: int = 0):
     data_cfg = dataclasses.replace(data_cfg, limit_test=limit or data_cfg.limit_test)
     if data_cfg.name == "folder":  # the size the checkpoint was trained at, not a new guess
         data_cfg = dataclasses.replace(data_cfg, channels=ck.input_shape[0], image_size=ck.input_shape[1])
-    data = load_dataset(data_cfg, train=False)
+    data = load_dataset(data_cfg, train=False, class_order=_class_order(ck))
     if data.classes != ck.classes:
         raise DataError(f"the test data has classes {data.classes[:5]}..., the checkpoint {ck.classes[:5]}...")
     if data.input_shape != ck.input_shape:
         raise DataError(f"the test data has input shape {data.input_shape}, the checkpoint {ck.input_shape}")
     return data
+
+
+def _class_order(ck):
+    """An extended checkpoint's classes (every task's, in its order), for the data loader; None
+    for others, whose data.classes already says which."""
+    return list(ck.classes) if ck.tasks and len(ck.tasks) > 1 else None
 
 
 def _ood_images(source: str, ck, data_root: str | None, limit: int):
@@ -126,6 +132,11 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
     }
     if has_anchors:
         result["scale"] = ck.criterion.scale_value()
+    if ck.tasks and len(ck.tasks) > 1:  # class-incremental: every run's classes, the last one's new
+        from ncmcli.incremental import task_accuracies
+
+        result["tasks"] = task_accuracies(ev["confusion"], ck.classes, ck.tasks)
+        result["parent"] = ck.parent
     if ood is not None:
         images = _ood_images(ood, ck, data_root, limit if ood_limit is None else ood_limit)
         ood_split = Split(images, torch.zeros(len(images), dtype=torch.int64)).to(dev)
@@ -229,7 +240,7 @@ def plot_command(kind: str, target: Path | list[Path], *, out: Path | None, fmt:
     name = f"{ck.config.loss.name} {ck.config.model.arch} on {ck.config.data.name}, epoch {ck.epoch}"
     if split == "train" and kind == "features":
         data_cfg = ck.config.data if data_root is None else dataclasses.replace(ck.config.data, root=data_root)
-        data = load_dataset(data_cfg)
+        data = load_dataset(data_cfg, class_order=_class_order(ck))
         s = data.train
     else:
         s = _test_split(ck, data_root).test

@@ -126,6 +126,23 @@ def _on_anchor_loss(anchors: torch.Tensor, metric: str, scale: float) -> float:
     return torch.nn.functional.cross_entropy(logits, torch.arange(len(a))).item()
 
 
+def slot_floor(slot_anchors: torch.Tensor, class_slots: torch.Tensor, metric: str, scale: float) -> float:
+    """The floor of the classes in ``class_slots`` when every slot of ``slot_anchors`` stays in
+    the softmax's denominator (``loss.free_slots=softmax``). E-NCM: exact, each used class's
+    feature on its anchor. C-NCM: the floor of the whole slot set, exact for equiangular slots
+    (every class then has the same floor) and the all-slots mean otherwise."""
+    from ncmcli.distances import get_distance
+
+    if metric == "cosine":
+        return loss_floor(slot_anchors, metric, scale)
+    if metric == "sqeuclidean":
+        return 0.0
+    a = slot_anchors.detach().double().cpu()
+    rows = class_slots.detach().cpu().long()
+    logits = -scale * get_distance(metric)(a[rows], a)  # (C, S): feature c on anchor slot c
+    return torch.nn.functional.cross_entropy(logits, rows).item()
+
+
 MAX_AUTO_SCALE = 1e4  # = config.MAX_SCALE (a test checks): a target no scale below it reaches is refused
 
 

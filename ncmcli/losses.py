@@ -96,23 +96,41 @@ class NCMLoss(Criterion):
     logit-adjusted loss, tau * log(prior). Prediction stays the nearest anchor."""
 
     uses_anchors = True
+    FREE_SLOTS = ("softmax", "masked")
 
     def __init__(self, anchors: torch.Tensor, metric: str = "euclidean", scale: float = 1.0, *,
-                 learn_scale: bool = False, logit_bias: torch.Tensor | None = None):
+                 learn_scale: bool = False, logit_bias: torch.Tensor | None = None,
+                 class_slots: torch.Tensor | None = None, free_slots: str = "softmax"):
         super().__init__()
         if anchors.ndim != 2 or anchors.shape[0] < 2:
             raise ConfigError(f"anchors must be (C >= 2, D), got {tuple(anchors.shape)}")
         if not (scale > 0 and math.isfinite(scale)):
             raise ConfigError(f"scale must be a finite number > 0, got {scale}")
+        if free_slots not in self.FREE_SLOTS:
+            raise ConfigError(f"free_slots must be one of {', '.join(self.FREE_SLOTS)}, got {free_slots!r}")
         self.metric = metric
         self.distance = get_distance(metric)
         self.learn_scale = bool(learn_scale)
         self.initial_scale = float(scale)  # fixed: a plain float, so scale 1 multiplies exactly
         if self.learn_scale:  # log s: positive whatever the optimiser does
             self.log_scale = nn.Parameter(torch.tensor(math.log(scale), dtype=torch.float32))
+        # Pre-allocated slots: ``anchors`` holds every slot, ``class_slots`` (C,) the slot of each
+        # class; the rows in use become ``self.anchors`` (class order), the rest wait.
+        self.free_slots = free_slots
+        self.has_slots = class_slots is not None
+        used = anchors
+        if self.has_slots:
+            # on the CPU even while a checkpoint is sized on the meta device: its values are read
+            class_slots = torch.as_tensor(class_slots, dtype=torch.int64, device="cpu").detach().clone().flatten()
+            if len(class_slots) < 2 or len(set(class_slots.tolist())) != len(class_slots) \
+                    or not bool(((class_slots >= 0) & (class_slots < len(anchors))).all()):
+                raise ConfigError(f"class_slots must be >= 2 distinct slots of the {len(anchors)} anchors")
+            self.register_buffer("slot_anchors", anchors.detach().clone().float())
+            self.register_buffer("class_slots", class_slots)
+            used = anchors[class_slots.to(anchors.device)]
         # A buffer, not a parameter: saved in state_dict, moved by .to(), never trained.
-        self.register_buffer("anchors", anchors.detach().clone().float())
-        self.set_logit_bias(logit_bias, anchors.shape[0])
+        self.register_buffer("anchors", used.detach().clone().float())
+        self.set_logit_bias(logit_bias, self.anchors.shape[0])
 
     @property
     def num_classes(self) -> int:
@@ -134,22 +152,35 @@ class NCMLoss(Criterion):
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return -self.scale * self.distances(features)  # (B, C)
 
+    def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if not self.has_slots or self.free_slots == "masked" or len(self.class_slots) == len(self.slot_anchors):
+            return super().forward(features, targets)
+        # Free slots in the denominator: the softmax runs over every slot, and a class's
+        # target is its slot (Pernici et al.: unused outputs see negatives from the start).
+        f = fp32(features)
+        every = -self.scale * self.distance(f, self.slot_anchors.to(f.dtype))  # (B, S)
+        return F.cross_entropy(every, self.class_slots[targets])
+
     def predict(self, features: torch.Tensor) -> torch.Tensor:
-        return self.distances(features).argmin(1)  # nearest anchor
+        return self.distances(features).argmin(1)  # the nearest anchor in use: never a free slot
 
     def class_vectors(self) -> tuple[torch.Tensor, str]:
         return self.anchors.detach(), "anchors"
 
     def loss_floor(self) -> float:
-        """The floor at the current scale (a learned scale moves it)."""
-        from ncmcli.floors import loss_floor
+        """The floor at the current scale (a learned scale moves it); with free slots in the
+        softmax, the floor of the classes in use with every slot in the denominator."""
+        from ncmcli.floors import loss_floor, slot_floor
 
+        if self.has_slots and self.free_slots == "softmax":
+            return slot_floor(self.slot_anchors, self.class_slots, self.metric, self.scale_value())
         return loss_floor(self.anchors, self.metric, self.scale_value())
 
     def extra_repr(self) -> str:
         c, d = self.anchors.shape
+        slots = f", slots={len(self.slot_anchors)} (free: {self.free_slots})" if self.has_slots else ""
         return (f"metric={self.metric}, scale={self.scale_value():.4g}{' (learned)' if self.learn_scale else ''}, "
-                f"classes={c}, dim={d}")
+                f"classes={c}, dim={d}{slots}")
 
 
 class SoftmaxLoss(Criterion):
@@ -203,15 +234,25 @@ def resolve_scale(scale: float | str, floor_target: float, anchors: torch.Tensor
 
 
 def build_ncm(loss_cfg, *, anchors: torch.Tensor | None, dim: int, num_classes: int,
-              prior: torch.Tensor | None = None, scale: float | None = None) -> NCMLoss:
-    """``scale``: the resolved number when known (a checkpoint stores it), else resolved here."""
-    if anchors is None or tuple(anchors.shape) != (num_classes, dim):
-        raise ConfigError(f"{loss_cfg.name} needs anchors of shape ({num_classes}, {dim})")
+              prior: torch.Tensor | None = None, scale: float | None = None,
+              class_slots: torch.Tensor | None = None) -> NCMLoss:
+    """``scale``: the resolved number when known (a checkpoint stores it), else resolved here.
+    ``class_slots``: with pre-allocated anchors, ``anchors`` holds every slot (S, dim) and this
+    (num_classes,) the slot of each class; auto then reads the geometry of every slot."""
+    rows = num_classes if class_slots is None else len(anchors) if anchors is not None else -1
+    if anchors is None or anchors.ndim != 2 or anchors.shape[1] != dim or len(anchors) != rows:
+        raise ConfigError(f"{loss_cfg.name} needs anchors of shape ({num_classes}, {dim})"
+                          + (" or (slots, dim) with class_slots" if class_slots is not None else ""))
+    if class_slots is not None and len(class_slots) != num_classes:
+        raise ConfigError(f"class_slots must give a slot for each of the {num_classes} classes")
     metric = NCM_METRICS[loss_cfg.name]
     if scale is None:
-        scale = resolve_scale(loss_cfg.scale, loss_cfg.floor_target, anchors, metric)
+        masked = class_slots is not None and loss_cfg.free_slots == "masked"
+        geometry = anchors[class_slots] if masked else anchors
+        scale = resolve_scale(loss_cfg.scale, loss_cfg.floor_target, geometry, metric)
     return NCMLoss(anchors, metric=metric, scale=scale, learn_scale=loss_cfg.scale == "learn",
-                   logit_bias=logit_bias(loss_cfg.logit_adjust, prior, num_classes))
+                   logit_bias=logit_bias(loss_cfg.logit_adjust, prior, num_classes),
+                   class_slots=class_slots, free_slots=loss_cfg.free_slots)
 
 
 def build_softmax(loss_cfg, *, anchors=None, dim: int, num_classes: int, prior=None) -> SoftmaxLoss:
@@ -220,10 +261,12 @@ def build_softmax(loss_cfg, *, anchors=None, dim: int, num_classes: int, prior=N
 
 
 def build_criterion(loss_cfg, *, anchors: torch.Tensor | None, dim: int, num_classes: int,
-                    prior: torch.Tensor | None = None, scale: float | None = None) -> Criterion:
+                    prior: torch.Tensor | None = None, scale: float | None = None,
+                    class_slots: torch.Tensor | None = None) -> Criterion:
     """The criterion for a ``loss`` config section, through the registry (``ncmcli.registry``);
     NCM losses need ``anchors`` of shape (C, dim). ``prior``: the training class counts, for
-    ``loss.logit_adjust``; ``scale``: an NCM loss's resolved scale, when already known."""
+    ``loss.logit_adjust``; ``scale``: an NCM loss's resolved scale, when already known;
+    ``class_slots``: an NCM loss's slot per class, when ``anchors`` are pre-allocated slots."""
     entry = registry.LOSSES.get(loss_cfg.name)
     if entry is None:
         raise ConfigError(f"unknown loss {loss_cfg.name!r}; choose one of: {', '.join(registry.LOSSES)}"
@@ -232,5 +275,5 @@ def build_criterion(loss_cfg, *, anchors: torch.Tensor | None, dim: int, num_cla
     if "logit_adjust" in entry.keys:
         kw["prior"] = prior
     if entry.metric:
-        kw["scale"] = scale
+        kw["scale"], kw["class_slots"] = scale, class_slots
     return entry.build(loss_cfg, anchors=anchors, dim=dim, num_classes=num_classes, **kw)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ncmcli.errors import ConfigError
-from ncmcli.netspecs import ARCH_NAMES, ARCHS, RESNETS, NetSpec, ResNetSpec
+from ncmcli.netspecs import ARCH_NAMES, ARCHS, MLPS, RESNETS, MLPSpec, NetSpec, ResNetSpec
 from ncmcli.registry import DROPOUT_RANGE, HEADS
 
 
@@ -67,6 +67,31 @@ class FeatureNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.body(x)  # (B, C_last, H/8, W/8)
         f = self.fc(torch.flatten(x, 1))  # (B, d)
+        return f if self.head is None else self.head(f)
+
+
+class MLPFeatures(nn.Module):
+    """Flattened image -> Linear-ReLU hidden layers (dropout p after each) -> the feature FC
+    to d, with the same optional head as the conv nets."""
+
+    def __init__(self, spec: MLPSpec, *, in_channels: int, image_size: int, dropout: float = 0.0,
+                 feature_dim: int | None = None, head: str = "linear"):
+        super().__init__()
+        if head not in HEADS or not DROPOUT_RANGE[0] <= dropout < DROPOUT_RANGE[1]:
+            raise ConfigError(f"model.dropout must be in [0, 1) and model.head one of {', '.join(HEADS)}")
+        width, layers = in_channels * image_size * image_size, [nn.Flatten()]
+        for units in spec.hidden:
+            layers += [nn.Linear(width, units), nn.ReLU(inplace=True)]
+            layers += [nn.Dropout(dropout)] if dropout > 0 else []
+            width = units
+        d = feature_dim or spec.feature_dim
+        self.body = nn.Sequential(*layers)
+        self.fc = nn.Linear(width, d)
+        self.head = nn.Sequential(nn.BatchNorm1d(d), nn.ReLU(inplace=True)) if head == "linear-bn-relu" else None
+        self.feature_dim = d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.fc(self.body(x))  # (B, d)
         return f if self.head is None else self.head(f)
 
 
@@ -152,6 +177,9 @@ def build_net(
                               head=head, pretrained=pretrained)
     if pretrained:
         raise ConfigError(f"model.pretrained applies to the ResNets ({', '.join(RESNETS)}), not {arch}")
+    if arch in MLPS:
+        return MLPFeatures(MLPS[arch], in_channels=in_channels, image_size=image_size, dropout=dropout,
+                           feature_dim=feature_dim, head=head)
     if arch not in ARCHS:
         raise ConfigError(f"unknown model.arch {arch!r}; choose one of: {', '.join(ARCH_NAMES)}")
     return FeatureNet(

@@ -47,4 +47,18 @@ RESNETS: dict[str, ResNetSpec] = {
     "resnet18-cifar": ResNetSpec("resnet18", True, 512, "ResNet-18 for 32x32: 3x3 stem, no max-pool"),
     "resnet34-cifar": ResNetSpec("resnet34", True, 512, "ResNet-34 for 32x32: 3x3 stem, no max-pool"),
 }
-ARCH_NAMES = (*ARCHS, *RESNETS)
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    hidden: tuple[int, ...]  # widths of the ReLU hidden layers, then the feature FC
+    feature_dim: int
+    summary: str
+
+
+# Fully connected nets for the continual-learning protocols: Hsu et al.'s Split MNIST MLP
+# (two hidden layers of 400 units; their head is replaced by the feature FC to d).
+MLPS: dict[str, MLPSpec] = {
+    "mlp400": MLPSpec((400, 400), 128, "Hsu et al.'s Split MNIST MLP: 2 x 400 ReLU, FC to d"),
+}
+ARCH_NAMES = (*ARCHS, *MLPS, *RESNETS)

@@ -28,7 +28,7 @@ class Entry:
         return getattr(importlib.import_module(module), func)(*args, **kwargs)
 
 
-_NCM_KEYS = ("scale", "floor_target", "logit_adjust")
+_NCM_KEYS = ("scale", "floor_target", "logit_adjust", "free_slots")
 # -- Losses (criteria). Labels may use the loss config's fields, e.g. {margin}.
 LOSSES: dict[str, Entry] = {
     "softmax": Entry("SoftMax", "ncmcli.losses:build_softmax", keys=("label_smoothing", "logit_adjust")),

@@ -17,9 +17,11 @@ METRICS = "metrics.jsonl"
 BEST = "best.safetensors"
 LAST = "last.safetensors"
 RESULT = "result.json"
+REPLAY = "replay.safetensors"  # train.replay's memory for later --extend runs
+PARENT = "parent.json"  # an --extend run's parent checkpoint (path and sha256), for --resume
 LOCK = ".ncm.lock"
 TENSORBOARD = "tensorboard"  # the folder of train.tensorboard's event files
-RUN_FILES = (CONFIG, METRICS, BEST, LAST, RESULT)
+RUN_FILES = (CONFIG, METRICS, BEST, LAST, RESULT, REPLAY, PARENT)
 # Pictures `ncm plot` writes beside a run, and temp files of interrupted atomic writes.
 _OWNED_SUFFIXES = (".png", ".svg", ".pdf", ".tmp")
 

@@ -48,24 +48,38 @@ class StopRequest(Protocol):
     def is_set(self) -> bool: ...
 
 
-def build_from_config(cfg, num_classes: int, input_shape, class_counts=None):
+def build_from_config(cfg, num_classes: int, input_shape, class_counts=None, parent=None):
     """The feature net, its anchors (None for softmax) and its criterion, from a config.
-    ``class_counts``: the training images per class (the prior of ``loss.logit_adjust``)."""
+    ``class_counts``: the training images per class (the prior of ``loss.logit_adjust``);
+    ``parent``: an ``incremental.Parent`` whose weights, slots and head the model extends."""
     from ncmcli.anchors import make_anchors
     from ncmcli.losses import build_criterion
     from ncmcli.registry import NCM_LOSSES as NCM_METRICS
     from ncmcli.models import build_net
+    from ncmcli.slots import assign_slots
 
     model = build_net(cfg.model.arch, in_channels=input_shape[0], image_size=input_shape[1],
                       dropout=cfg.model.dropout, feature_dim=cfg.model.feature_dim or None,
                       head=cfg.model.head, pretrained=cfg.model.pretrained)
-    anchors = None
-    if cfg.loss.name in NCM_METRICS:
-        anchors = make_anchors(cfg.anchors.method, num_classes, model.feature_dim, seed=cfg.anchors.seed)
     prior = None if class_counts is None else torch.tensor(list(class_counts), dtype=torch.float64)
+    if parent is not None:
+        from ncmcli.incremental import extended_criterion
+
+        model.load_state_dict(parent.checkpoint.model.state_dict())
+        criterion = extended_criterion(cfg, parent, num_classes, model.feature_dim, prior)
+        return model, criterion.anchors, criterion
+    anchors = class_slots = None
+    if cfg.loss.name in NCM_METRICS:
+        slots = cfg.anchors.slots or num_classes
+        if slots < num_classes:
+            raise NcmConfigError(f"anchors.slots={slots} is fewer than the {num_classes} classes; give at least "
+                                 f"{num_classes}, more to leave room for classes added later (--extend)")
+        anchors = make_anchors(cfg.anchors.method, slots, model.feature_dim, seed=cfg.anchors.seed)
+        if cfg.anchors.slots:
+            class_slots = torch.tensor(assign_slots(anchors, [], num_classes), dtype=torch.int64)
     criterion = build_criterion(cfg.loss, anchors=anchors, dim=model.feature_dim, num_classes=num_classes,
-                                prior=prior)
-    return model, anchors, criterion
+                                prior=prior, class_slots=class_slots)
+    return model, criterion.anchors, criterion
 
 
 class TrainStep(nn.Module):
@@ -138,12 +152,16 @@ class Setup:
     ema: nn.Module | None = None  # swa_utils.AveragedModel of {"net", "crit"} when train.ema_decay > 0
     progress: trainstate.Progress = field(default_factory=trainstate.Progress)
     run_id: str | None = None
+    lineage: object = None  # incremental.Lineage: the tasks so far and an --extend run's parent
+    memory: object = None  # replay.Memory this run keeps for later --extend runs (train.replay > 0)
 
 
-def build_run(cfg: Config, device: torch.device, say=None) -> Setup:
-    """Seeds, threads, data, model, anchors, criterion, the speed settings, optimiser, schedule."""
+def build_run(cfg: Config, device: torch.device, say=None, parent=None) -> Setup:
+    """Seeds, threads, data, model, anchors, criterion, the speed settings, optimiser, schedule.
+    ``parent``: the ``incremental.Parent`` an --extend run starts from."""
     from ncmcli.batching import split_stats
     from ncmcli.data import load_dataset
+    from ncmcli.incremental import check_compatible
 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -151,11 +169,17 @@ def build_run(cfg: Config, device: torch.device, say=None) -> Setup:
     if cfg.train.deterministic:
         deterministic_setup(cfg, device.type, os.environ)
         torch.use_deterministic_algorithms(True)
-    data = rank0_first(lambda: load_dataset(cfg.data, say=say))  # one download or cache build, not one per rank
+    if parent is not None:
+        check_compatible(cfg, parent)
+    known = parent.classes if parent is not None else None
+    data = rank0_first(lambda: load_dataset(cfg.data, say=say, known_classes=known))  # one download, not one per rank
     mean, std = split_stats(data.train, normalization=cfg.data.normalization)  # the paper's: global
     if cfg.model.pretrained:  # the statistics the pretrained weights were trained with
         mean, std = imagenet_stats(data.input_shape[0])
-    model, _, criterion = build_from_config(cfg, len(data.classes), data.input_shape, data.train_counts)
+    lineage, memory = _lineage(cfg, data, parent)
+    if parent is not None:  # the parent's input format: its normalisation, not this task's
+        mean, std = list(parent.checkpoint.mean), list(parent.checkpoint.std)
+    model, _, criterion = build_from_config(cfg, len(data.classes), data.input_shape, data.train_counts, parent)
     _check_size(model, criterion, len(data.classes))
     model.to(device)
     criterion.to(device)
@@ -185,13 +209,42 @@ def build_run(cfg: Config, device: torch.device, say=None) -> Setup:
         ema = AveragedModel(nn.ModuleDict({"net": model, "crit": criterion}),
                             multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay))
     return Setup(
-        ema=ema,
+        ema=ema, lineage=lineage, memory=memory,
         data=data, model=model, criterion=criterion, step=step, optimizer=optimizer, scheduler=scheduler,
         per_step=per_step, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         gen=torch.Generator().manual_seed(cfg.seed),  # data order and augmentation draws
         mean=mean, std=std, train_split=train_split, test_split=data.test.to(device),
         val_split=data.val.to(device) if data.val is not None else None, steps_per_epoch=steps_per_epoch,
         warmup=Warmup(optimizer, round(cfg.optim.warmup_epochs * steps_per_epoch)))
+
+
+def _lineage(cfg: Config, data, parent):
+    """The run's task history, with the parent's replay memory mixed into ``data.train`` (an
+    --extend run with train.replay), and the memory this run keeps (train.replay > 0)."""
+    from ncmcli import replay
+    from ncmcli.batching import Split
+    from ncmcli.incremental import Lineage, check_input, mixed_memory
+
+    if cfg.train.replay and not isinstance(data.train, Split):
+        raise NcmConfigError("train.replay needs the training split in memory (data.loader=tensor)")
+    tasks = [list(data.classes)]
+    from_parent = torch.zeros(len(data.train), dtype=torch.bool)
+    mixed = None
+    if parent is not None:
+        check_input(parent, data.input_shape)
+        tasks = [*parent.tasks, data.classes[len(parent.classes):]]
+        mixed = mixed_memory(cfg, parent, data.classes)
+        if mixed is not None:  # rehearsal: the memory joins every epoch's shuffled batches
+            data.train = Split(torch.cat([data.train.images, mixed.images]), torch.cat([data.train.labels, mixed.labels]))
+            from_parent = torch.cat([from_parent, torch.ones(len(mixed.labels), dtype=torch.bool)])
+            data.notes.append(f"replay: {len(mixed.labels)} images of {len(parent.classes)} earlier classes from "
+                              f"the parent's memory, mixed into every epoch")
+    lineage = Lineage(tasks, None if parent is None else {"path": str(parent.path), "sha256": parent.sha256})
+    memory = None
+    if cfg.train.replay:
+        memory = replay.select(data.train, data.classes, cfg.train.replay, seed=cfg.seed, from_parent=from_parent)
+        lineage.replay = {"mixed_in": None if mixed is None else mixed.selection, "kept": memory.selection}
+    return lineage, memory
 
 
 def _check_size(model: nn.Module, criterion: nn.Module, num_classes: int) -> None:
@@ -289,6 +342,40 @@ def restore(run: Setup, run_dir: Path, device: torch.device) -> None:
     run.run_id = checkpoint.run_id_of_config((run_dir / runfiles.CONFIG).read_text(encoding="utf-8", errors="replace"))
 
 
+def _parent(run_dir: Path, resume: bool, extend: Path | None):
+    """The checkpoint an --extend run starts from: on --resume, the one its folder recorded."""
+    from ncmcli import incremental
+
+    if resume:
+        return incremental.parent_of_run(run_dir)
+    return incremental.open_parent(extend) if extend is not None else None
+
+
+def _open_run(cfg: Config, run: Setup, run_dir: Path, device, *, resume: bool, parent, reporter) -> None:
+    """Resume from last.safetensors, or start the run's files: config.yaml (its run id first),
+    an --extend run's parent record, and train.replay's memory."""
+    from ncmcli import incremental, replay
+
+    rank = dist_info()[0]
+    if resume:
+        restore(run, run_dir, device)
+        reporter.message(f"resuming {run_dir} after epoch {run.progress.epoch}, step {run.progress.step}")
+    else:
+        run.run_id = secrets.token_hex(8)  # ties the run's checkpoints to its folder (config.yaml's first line)
+        if rank == 0:
+            runfiles.atomic_write_text(run_dir / runfiles.CONFIG, checkpoint.RUN_ID_PREFIX + run.run_id + "\n"
+                                       + scale_comment(cfg, run.criterion) + to_yaml(cfg))
+            if parent is not None:
+                incremental.write_parent_record(run_dir, parent)
+    if rank == 0 and run.memory is not None and (not resume or not (run_dir / runfiles.REPLAY).is_file()):
+        replay.save(run_dir / runfiles.REPLAY, run.memory)  # seeded: a resume would choose the same images
+    if parent is not None:
+        new = run.lineage.tasks[-1]
+        reporter.message(f"extending {parent.path} ({len(parent.classes)} classes, {len(parent.tasks)} task"
+                         f"{'s' if len(parent.tasks) > 1 else ''}) with {len(new)} new: {', '.join(new[:10])}"
+                         + (", ..." if len(new) > 10 else ""))
+
+
 def result_record(cfg: Config, run: Setup, run_dir: Path, history: list[dict], *, device, preset, overrides,
                   t_start: float) -> dict:
     """What result.json (and ``--json``) holds."""
@@ -308,6 +395,10 @@ def result_record(cfg: Config, run: Setup, run_dir: Path, history: list[dict], *
         "wall_time_s": round(time.time() - t_start, 2),
     }
     result["class_counts"] = dict(zip(run.data.classes, run.data.train_counts))
+    if len(run.lineage.tasks) > 1 or run.lineage.parent or run.lineage.replay:
+        result["tasks"] = final.get("test_tasks") or [{"task": i, "classes": t} for i, t in enumerate(run.lineage.tasks, 1)]
+        result["parent"] = run.lineage.parent
+        result["replay"] = dict(run.lineage.replay, file=str(run_dir / runfiles.REPLAY)) if run.memory is not None else None
     result["resolved"] = resolved_settings(cfg, run)
     if run.data.imbalance:
         result["imbalance"] = run.data.imbalance
@@ -447,6 +538,10 @@ def _epoch_metrics(run: Setup, epoch: int, train_loss: float, train_acc: float, 
     metrics["test_balanced_acc"] = tail["balanced_accuracy"]
     if run.data.imbalance:
         metrics.update({f"test_{k}_acc": tail[f"{k}_accuracy"] for k in ("head", "medium", "tail")})
+    if len(run.lineage.tasks) > 1:  # class-incremental: the accuracy on each run's classes
+        from ncmcli.incremental import task_accuracies
+
+        metrics["test_tasks"] = task_accuracies(ev["confusion"], run.data.classes, run.lineage.tasks)
     if val is not None:
         metrics.update(val_loss=val["loss"], val_acc=val["accuracy"], val_error_pct=val["error_pct"])
     crit = evaluated(run)[1]
@@ -464,12 +559,13 @@ def _interrupt(stop: StopRequest, run_dir: Path, epoch: int, step: int) -> Inter
 
 def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: ProgressReporter,
           preset: str | None = None, overrides: list[str] = (), resume: bool = False,
-          stop: StopRequest | None = None) -> dict:
+          stop: StopRequest | None = None, extend: Path | None = None) -> dict:
     """Train ``cfg`` into ``run_dir`` and return the result record (also in result.json).
 
     ``resume`` continues from ``run_dir/last.safetensors`` exactly where it stopped. On a
     ``stop`` request training stops at the next step boundary, saves a resumable ``last``
-    checkpoint and raises ``Interrupted``."""
+    checkpoint and raises ``Interrupted``. ``extend``: a checkpoint whose classes this run
+    keeps and adds ``data.classes`` to (``ncmcli.incremental``)."""
     from ncmcli.batching import batches
 
     t_start = time.time()
@@ -477,17 +573,11 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
     if rank == 0:  # only the writing rank may touch the folder
         for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-write (SIGKILL)
             stale.unlink(missing_ok=True)
-    # -- Setup (data, model, criterion, optimiser, schedule), then resume or a new config.yaml
-    run = build_run(cfg, device, reporter.message)
+    # -- Setup (data, model, criterion, optimiser, schedule), then resume or a new run's files
+    parent = _parent(run_dir, resume, extend)
+    run = build_run(cfg, device, reporter.message, parent=parent)
     model, criterion, optimizer, scheduler = run.model, run.criterion, run.optimizer, run.scheduler
-    if resume:
-        restore(run, run_dir, device)
-        reporter.message(f"resuming {run_dir} after epoch {run.progress.epoch}, step {run.progress.step}")
-    else:
-        run.run_id = secrets.token_hex(8)  # ties the run's checkpoints to its folder (config.yaml's first line)
-        if rank == 0:
-            runfiles.atomic_write_text(run_dir / runfiles.CONFIG, checkpoint.RUN_ID_PREFIX + run.run_id + "\n"
-                                       + scale_comment(cfg, criterion) + to_yaml(cfg))
+    _open_run(cfg, run, run_dir, device, resume=resume, parent=parent, reporter=reporter)
     _announce(cfg, run, run_dir, device, reporter)
     progress, data = run.progress, run.data
     select_on = selection(run)[0]
@@ -505,7 +595,7 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
         checkpoint.save(run_dir / name, model=eval_model, criterion=eval_crit, config=cfg, classes=data.classes,
                         mean=run.mean, std=run.std, input_shape=data.input_shape, epoch=epoch, metrics=metrics,
                         extra=trainstate.pack(state) if state is not None else None, run_id=run.run_id,
-                        class_counts=data.train_counts, imbalance=data.imbalance)
+                        class_counts=data.train_counts, imbalance=data.imbalance, lineage=run.lineage)
 
     def snapshot(epoch_rng: torch.Tensor) -> trainstate.TrainState:
         raw = {} if run.ema is None else {

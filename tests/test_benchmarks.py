@@ -11,7 +11,7 @@ SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"
 
 
 def test_every_benchmark_is_listed():
-    assert SCRIPTS == ["convergence.py", "cpu_net.py", "export_speed.py", "gpu.py", "loss_overhead.py", "pipeline_efficiency.py", "startup.py",
+    assert SCRIPTS == ["convergence.py", "cpu_net.py", "export_speed.py", "gpu.py", "incremental_table.py", "loss_overhead.py", "pipeline_efficiency.py", "startup.py",
                        "study_table.py", "vs_dataloader.py"]
 
 
@@ -68,3 +68,23 @@ def test_study_table_is_the_mean_and_std_of_each_cells_runs(tmp_path):
     assert cells["train acc %"] == f"85.00 ± {statistics.stdev([90.0, 80.0]):.2f}"
     assert cells["final s"] == "3.50 ± 0.71" and cells["AUROC dist"] == "0.3000 ± 0.1414"
     assert cells["tail %"] == "42.50 ± 3.54" and cells["acc % (post-hoc LA)"] == ""  # no eval-la1.json
+
+
+def test_incremental_table_is_accuracy_after_each_task_and_mean_forgetting(tmp_path):
+    import json
+
+    chain = tmp_path / "arm-s0"
+    evals = [{"accuracy": 0.98, "per_class_accuracy": {"a": 0.97, "b": 0.99}},
+             {"accuracy": 0.60, "per_class_accuracy": {"a": 0.99, "b": 0.50, "c": 0.8, "d": 0.6}},
+             {"accuracy": 0.40, "per_class_accuracy": {"a": 0.10, "b": 0.30, "c": 0.2, "d": 0.4, "e": 1.0, "f": 0.9},
+              "tasks": [{"classes": ["a", "b"]}, {"classes": ["c", "d"]}, {"classes": ["e", "f"]}]}]
+    for t, ev in enumerate(evals, 1):
+        (chain / f"t{t}").mkdir(parents=True)
+        (chain / f"t{t}" / "eval.json").write_text(json.dumps(ev))
+    proc = subprocess.run([sys.executable, str(BENCH / "incremental_table.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    row = [c.strip() for c in proc.stdout.splitlines()[2].strip("|").split("|")]
+    # best minus final for a, b, c, d: (0.99-0.10), (0.99-0.30), (0.8-0.2), (0.6-0.4)
+    forgetting = 100 * ((0.99 - 0.10) + (0.99 - 0.30) + (0.8 - 0.2) + (0.6 - 0.4)) / 4
+    assert row == ["arm", "1", "98.00", "60.00", "40.00", "40.00", f"{forgetting:.2f}"]

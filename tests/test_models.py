@@ -40,3 +40,17 @@ def test_bad_arch_and_dropout():
         build_net("resnet", in_channels=3, image_size=32)
     with pytest.raises(ConfigError, match="dropout"):
         build_net("mnist", in_channels=1, image_size=28, dropout=1.0)
+
+
+def test_mlp400_is_hsu_et_al_s_two_hidden_layers_of_400_then_the_feature_fc():
+    net = build_net("mlp400", in_channels=1, image_size=28, dropout=0.0)
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 400), (400, 400), (400, 128)]
+    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    net = net.double()
+    by_hand = x.flatten(1)
+    for m in linears[:2]:
+        by_hand = torch.relu(by_hand @ m.weight.T + m.bias)
+    by_hand = by_hand @ linears[2].weight.T + linears[2].bias
+    torch.testing.assert_close(net(x), by_hand)
+    assert build_net("mlp400", in_channels=1, image_size=28, feature_dim=16).feature_dim == 16

@@ -20,7 +20,7 @@ LAYERS = {
     2: {"training", "evaluation"},
     1: {"models", "losses", "baselines", "anchors", "distances", "data", "batching", "images", "foldercache",
         "checkpoint", "trainstate", "runfiles", "runtime", "forward", "schedules", "diagnostics", "plots", "fakedata",
-        "export", "tblog", "floors", "scoring", "subsets", "folders"},
+        "export", "tblog", "floors", "scoring", "subsets", "folders", "slots", "replay", "incremental"},
     0: {"config", "presets", "registry", "netspecs", "errors", "__init__"},
 }
 LAYER_OF = {name: level for level, names in LAYERS.items() for name in names}
@@ -66,12 +66,12 @@ def test_no_import_cycle_between_losses_and_baselines():
 
 def test_config_registry_and_report_labels_agree():
     from ncmcli.config import LossConfig
-    from ncmcli.netspecs import ARCHS, RESNETS
+    from ncmcli.netspecs import ARCHS, MLPS, RESNETS
     from ncmcli.report import METHOD_ORDER, dataset_label, method_label
 
     assert LOSSES == tuple(registry.LOSSES) and HINGE_FORMS == tuple(registry.HINGE_FORMS)
     assert ANCHOR_METHODS == tuple(registry.ANCHOR_METHODS) and DATASETS == tuple(registry.DATASETS)
-    assert ARCH_NAMES == (*ARCHS, *RESNETS)
+    assert ARCH_NAMES == (*ARCHS, *MLPS, *RESNETS)
     labels = set()
     for name in registry.LOSSES:
         for form in registry.HINGE_FORMS:
@@ -126,7 +126,8 @@ def test_loss_fields_a_loss_does_not_read_change_nothing():
 
     other = {"scale": 3.0, "hinge_form": "weston-watkins", "margin": 3, "lambda_base": 10.0,
              "lambda_gamma": 0.5, "lambda_power": 2.0, "lambda_min": 0.5, "center_weight": 0.5,
-             "center_alpha": 0.1, "label_smoothing": 0.2, "floor_target": 0.5, "logit_adjust": 1.0}
+             "center_alpha": 0.1, "label_smoothing": 0.2, "floor_target": 0.5, "logit_adjust": 1.0,
+             "free_slots": "masked"}
     fields = {f.name for f in dataclasses.fields(LossConfig)} - {"name"}
     assert set(other) == fields, "give every new LossConfig field a second value here"
     anchors = torch.nn.functional.normalize(torch.randn(4, 6, generator=torch.Generator().manual_seed(0)), dim=1)

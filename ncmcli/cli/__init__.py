@@ -100,6 +100,7 @@ def train(
     force: bool = typer.Option(False, "--force", help="Train into an --out folder that already holds a run.", metavar=""),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder exactly (only --set train.epochs=N may change)."),
     name: Optional[str] = typer.Option(None, "--name", help="Prefix of the new run folder (default: the preset's name)."),
+    extend: Optional[Path] = typer.Option(None, "--extend", help="Add the classes in data.classes to a trained checkpoint (or run folder): its weights, anchor slots and classes stay."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON document on stdout.", metavar=""),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr.", metavar=""),
     log_every: float = typer.Option(30.0, "--log-every", help="Without a terminal: a progress line every this many seconds."),
@@ -108,9 +109,9 @@ def train(
     from ncmcli import config as cfgmod
     from ncmcli import presets as presets_mod
 
-    if resume is not None and (preset or out or print_config or name):
-        raise typer.BadParameter("--resume takes no --preset, --out, --name or --print-config: the run folder has them",
-                                 param_hint="--resume")
+    if resume is not None and (preset or out or print_config or name or extend):
+        raise typer.BadParameter("--resume takes no --preset, --out, --name, --extend or --print-config: the run "
+                                 "folder has them", param_hint="--resume")
     if resume is None and not preset:
         from ncmcli.errors import UsageError
 
@@ -143,7 +144,7 @@ def train(
             else:
                 result = engine.train_command(cfg, preset=preset, overrides=list(overrides), out=out,
                                               runs_root=runs, device=device, force=force, reporter=reporter,
-                                              stop=stop, name=name)
+                                              stop=stop, name=name, extend=extend)
     except Interrupted as exc:
         if as_json and os.environ.get("RANK", "0") == "0":
             out_json(exc.to_dict())  # a pipeline still gets one JSON document
