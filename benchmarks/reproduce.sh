@@ -28,6 +28,8 @@
 #   SEEDS="0 1 2"      seeds per cell (default: 0 1 2; the study's default is "0 1")
 #   EXTRA="--set ..."  more ncm train arguments for every run (e.g. --device cuda:1)
 #   NCM="ncm"          the ncm command
+#   PARALLEL=1         runs at once (e.g. PARALLEL=8 on one big GPU: the paper's small nets
+#                      leave most of an H200 idle); each run's stderr goes to OUT/logs/RUN.err
 #   CIFAR10_DIR=...    study: a folder with train/<class>/ and test/<class>/ CIFAR-10 images
 #
 # A cell may end in ":: NAME:ARGS;;NAME2:ARGS2": after training, `ncm eval RUN/last.safetensors
@@ -186,6 +188,19 @@ esac
 
 mkdir -p "$OUT/logs"
 start=$(date +%s)
+PARALLEL="${PARALLEL:-1}"
+train_one() {  # run, preset, cell arguments...: train (or resume) one run into $OUT/run
+  local run="$1" preset="$2"; shift 2
+  if [ -f "$OUT/$run/last.safetensors" ]; then
+    echo "resume $run" >&2
+    "$NCM" train --resume "$OUT/$run" --json --quiet "${EXTRA_ARGS[@]}" > "$OUT/logs/$run.json"
+    return
+  fi
+  local args=(train --preset "$preset" "$@" --out "$OUT/$run" --json --quiet --force)
+  [ -n "${EPOCHS:-}" ] && args+=(--set "train.epochs=$EPOCHS")
+  echo "run  $run  ($(date +%H:%M:%S))" >&2
+  "$NCM" "${args[@]}" "${EXTRA_ARGS[@]}" > "$OUT/logs/$run.json"
+}
 for cell in "${cells[@]}"; do
   read -r name preset rest <<< "$cell"
   evals=""
@@ -194,17 +209,17 @@ for cell in "${cells[@]}"; do
   for seed in $SEEDS; do
     run="$name-s$seed"
     if [ -f "$OUT/$run/result.json" ]; then echo "skip $run (done)" >&2; continue; fi
-    if [ -f "$OUT/$run/last.safetensors" ]; then
-      echo "resume $run" >&2
-      "$NCM" train --resume "$OUT/$run" --json --quiet "${EXTRA_ARGS[@]}" > "$OUT/logs/$run.json"
-      continue
+    if [ "$PARALLEL" -gt 1 ]; then
+      # PARALLEL=N: N runs at once on one device (the paper's small nets cannot fill a big GPU
+      # alone); each run's output goes to its own log, a failed run does not stop the others.
+      while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do wait -n || true; done
+      train_one "$run" "$preset" "${cell_args[@]}" --set "seed=$seed" 2> "$OUT/logs/$run.err" &
+    else
+      train_one "$run" "$preset" "${cell_args[@]}" --set "seed=$seed"
     fi
-    args=(train --preset "$preset" "${cell_args[@]}" --set "seed=$seed" --out "$OUT/$run" --json --quiet --force)
-    [ -n "${EPOCHS:-}" ] && args+=(--set "train.epochs=$EPOCHS")
-    echo "run  $run  ($(date +%H:%M:%S))" >&2
-    "$NCM" "${args[@]}" "${EXTRA_ARGS[@]}" > "$OUT/logs/$run.json"
   done
 done
+wait  # the last parallel runs
 # Evaluations after training (a second pass, so that a resumed sweep evaluates what it skipped).
 for cell in "${cells[@]}"; do
   read -r name preset rest <<< "$cell"

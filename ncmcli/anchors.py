@@ -55,7 +55,7 @@ def make_anchors(method: str, num_classes: int, dim: int, *, seed: int = 0) -> t
             )
         a = _orthoplex(c, d)
     elif method == "optimized":
-        a = _optimized(c, d, seed)
+        a = _cached_optimized(c, d, seed)
     elif method == "random":
         g = torch.Generator().manual_seed(seed)
         a = torch.randn(c, d, generator=g, dtype=torch.float64)
@@ -184,6 +184,36 @@ def _optimized(c: int, d: int, seed: int, steps: int = 1500) -> torch.Tensor:
         if _min_angle(cand) >= best_angle:
             best, best_angle = cand, _min_angle(cand)
     return best
+
+
+OPTIMIZED_VERSION = 1  # bumped when _optimized's result changes: old cache files are then ignored
+
+
+def _cached_optimized(c: int, d: int, seed: int) -> torch.Tensor:
+    """``_optimized``, computed once per (C, d, seed) and kept under the cache folder
+    ($NCM_CACHE/anchors): 1,000 classes at d = 128 take minutes on a CPU, and every later run
+    (and every DDP rank) reads them back. Float64 on the CPU, so that every machine gets the same
+    anchors; an unreadable or mismatched cache file is recomputed and replaced."""
+    from safetensors.torch import load_file, save_file
+
+    from ncmcli.foldercache import cache_dir
+    from ncmcli.runfiles import atomic_write
+
+    path = cache_dir() / "anchors" / f"optimized-v{OPTIMIZED_VERSION}-c{c}-d{d}-seed{seed}.safetensors"
+    if path.is_file():
+        try:
+            a = load_file(str(path))["anchors"]
+            if tuple(a.shape) == (c, d) and a.dtype == torch.float64 and bool(((a.norm(dim=1) - 1).abs() < 1e-6).all()):
+                return a
+        except Exception:  # a torn or foreign file: recompute below
+            pass
+    a = _optimized(c, d, seed)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: save_file({"anchors": a.contiguous()}, str(tmp)))
+    except OSError:  # a read-only cache: the anchors are still right, only not kept
+        pass
+    return a
 
 
 def _from_file(path: Path, c: int, d: int) -> torch.Tensor:

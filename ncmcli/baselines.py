@@ -73,8 +73,14 @@ class LSoftmaxLoss(Criterion):
                                                     dtype=torch.float64), persistent=False)
 
     def current_lambda(self) -> float:
-        lam = self.base * (1.0 + self.gamma * float(self.iteration)) ** (-self.power)
-        return max(self.lambda_min, lam)
+        """lambda as a number (a host read: for logs, tests and repr, never in the step)."""
+        return float(self.lambda_tensor())
+
+    def lambda_tensor(self) -> torch.Tensor:
+        """lambda as a 0-d float64 tensor on the iteration's device: the step reads it there,
+        so the annealing costs no host sync."""
+        lam = self.base * (1.0 + self.gamma * self.iteration.to(torch.float64)) ** (-self.power)
+        return lam.clamp_min(self.lambda_min)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return fp32(features) @ self.weight.to(fp32(features).dtype).T  # (B, C)
@@ -99,7 +105,7 @@ class LSoftmaxLoss(Criterion):
         return logits.scatter(1, targets[:, None], target[:, None])
 
     def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        lam = self.current_lambda()
+        lam = self.lambda_tensor()
         if self.training:
             self.iteration += 1
         return F.cross_entropy(self.margin_logits(features, targets, lam), targets, label_smoothing=self.label_smoothing)
@@ -136,7 +142,9 @@ class CenterLoss(Criterion):
         if self.training and self.alpha > 0:
             with torch.no_grad():
                 pull = torch.zeros_like(centers).index_add_(0, targets, -diff.detach())  # sum (c_j - x_i)
-                counts = torch.bincount(targets, minlength=len(centers)).to(f.dtype)
+                # index_add_, not bincount: bincount sizes its output from the data (a host sync on CUDA)
+                counts = torch.zeros(len(centers), dtype=f.dtype, device=f.device).index_add_(
+                    0, targets, torch.ones_like(targets, dtype=f.dtype))
                 self.centers -= (self.alpha * pull / (1.0 + counts)[:, None]).to(self.centers.dtype)
         return loss
 

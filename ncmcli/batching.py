@@ -64,7 +64,22 @@ class FileSplit:
                          self.workers, self.resize)
 
     def shard(self, rank: int, world: int) -> "FileSplit":
-        return self.subset(torch.arange(rank, len(self), world))
+        """This rank's rows, as one FileSplit kept for the split's life: every evaluation under
+        DDP reuses its DataLoader (and workers) instead of forking new ones each epoch."""
+        shards = self.__dict__.setdefault("_shards", {})
+        if (rank, world) not in shards:
+            shards[(rank, world)] = self.subset(torch.arange(rank, len(self), world))
+        return shards[(rank, world)]
+
+    def close(self) -> None:
+        """Stop the DataLoader workers of this split and its shards (also done when it is
+        garbage-collected; explicit before another loader forks, so that no child process
+        inherits a live loader)."""
+        loader = self.__dict__.pop("_loader", None)
+        if loader is not None:
+            loader.close()
+        for part in self.__dict__.pop("_shards", {}).values():
+            part.close()
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -111,6 +126,12 @@ class _PlannedLoader:
         self.plan = plan
         return iter(self.loader)
 
+    def close(self) -> None:
+        # The last reference to the DataLoader (and its persistent iterator) goes, and the
+        # iterator shuts its workers down from this, their parent, process.
+        loader, self.loader = self.loader, None
+        del loader
+
 
 
 def split_stats(split, sample: int = 10_000, *, normalization: str = "channel") -> tuple[list[float], list[float]]:
@@ -127,23 +148,54 @@ def split_stats(split, sample: int = 10_000, *, normalization: str = "channel") 
     return channel_stats(torch.cat(chunks), per_channel=per_channel)
 
 
-def channel_stats(images: torch.Tensor, *, per_channel: bool = True) -> tuple[list[float], list[float]]:
-    """Per-channel (or, ``per_channel=False``, global) mean and std of a uint8 (N, C, H, W)
-    split, in [0, 1] units; one value per channel either way."""
-    x = images.to(torch.float64).div_(255.0)
-    c = x.shape[1]
-    if per_channel:
-        mean, std = x.mean((0, 2, 3)), x.std((0, 2, 3))
-    else:
-        mean, std = x.mean().expand(c), x.std().expand(c)
-    return mean.tolist(), std.clamp_min(1e-6).tolist()
+def channel_stats(images: torch.Tensor, *, per_channel: bool = True,
+                  chunk_values: int = 1 << 24) -> tuple[list[float], list[float]]:
+    """Per-channel (or, ``per_channel=False``, global) mean and std (unbiased, as torch.std) of a
+    uint8 (N, C, H, W) split, in [0, 1] units; one value per channel either way.
+
+    Exact integer sums of x and x^2 over chunks of about ``chunk_values`` pixels: no float copy
+    of the split (a float64 one is 8 times its size), and no rounding until the last division."""
+    n_img, c = images.shape[0], images.shape[1]
+    per_image = max(1, images[0].numel()) if n_img else 1
+    step = max(1, chunk_values // per_image)
+    s1 = torch.zeros(c, dtype=torch.int64)
+    s2 = torch.zeros(c, dtype=torch.int64)
+    for start in range(0, n_img, step):
+        chunk = images[start:start + step].to(torch.int32)
+        s1 += chunk.sum((0, 2, 3), dtype=torch.int64).cpu()
+        s2 += chunk.pow(2).sum((0, 2, 3), dtype=torch.int64).cpu()
+    count = n_img * images.shape[2] * images.shape[3]
+    sums = [(int(a), int(b), count) for a, b in zip(s1.tolist(), s2.tolist())]
+    if not per_channel:
+        sums = [(sum(a for a, _, _ in sums), sum(b for _, b, _ in sums), count * c)] * c
+    mean = [a / n / 255.0 for a, _, n in sums]
+    var = [(b - a * a / n) / max(n - 1, 1) / 255.0**2 for a, b, n in sums]
+    return mean, [max(max(v, 0.0) ** 0.5, 1e-6) for v in var]
 
 
-def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 with zero mean and unit variance per channel."""
-    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255.0
-    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255.0
-    return (images.float() - m) / s
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 with zero mean and unit variance per channel. ``mean`` and
+    ``std`` are lists, or (1, C, 1, 1) tensors in pixel units from ``pixel_stats`` (on the
+    device: the step loop builds them once, not once per batch)."""
+    if not torch.is_tensor(mean):
+        mean, std = pixel_stats(mean, std, images.device)
+    return (images.float() - mean) / std
+
+
+def pixel_stats(mean: list[float], std: list[float], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` (in [0, 1] units) as (1, C, 1, 1) float32 tensors in pixel units
+    on ``device``: one host-to-device copy each."""
+    m = torch.tensor([255.0 * v for v in mean], dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor([255.0 * v for v in std], dtype=torch.float32).view(1, -1, 1, 1)
+    return to_device(m, device), to_device(s, device)
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device``, from pinned memory without blocking when that is CUDA."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def draw_augment(batch: int, generator: torch.Generator, pad: int = 4):
@@ -234,20 +286,33 @@ def batches(
         if augment_batches == "randomresizedcrop":
             draws = draw_resized_crop(size, *split.shape[1:], generator)
         else:
-            draws = draw_augment(size, generator, pad) + (pad,) if augment_batches or flip_batches else None
+            draws = draw_augment(size, generator, pad) if augment_batches or flip_batches else None
         if i < skip or size < world:
             continue
         idx = order[start:start + size] if order is not None else torch.arange(start, start + size)
         if world > 1:
             idx = idx[rank::world]
-            draws = tuple(d[rank::world] if torch.is_tensor(d) else d for d in draws) if draws is not None else None
+            draws = tuple(d[rank::world] for d in draws) if draws is not None else None
         plan.append((idx, draws))
+    if not plan:
+        return
+    # The epoch's order and draws go to the device in one copy each; every batch then slices them
+    # there, so the step loop itself never copies from the host (nor waits for it).
+    ends = torch.tensor([len(idx) for idx, _ in plan]).cumsum(0).tolist()
+    starts = [0] + ends[:-1]
+    all_idx = to_device(torch.cat([idx for idx, _ in plan]), device)
+    all_draws = None if plan[0][1] is None else [to_device(torch.cat([d[k] for _, d in plan]), device)
+                                                  for k in range(len(plan[0][1]))]
+    mean_t, std_t = pixel_stats(mean, std, device)
     if isinstance(split, FileSplit):
         raw = split.loader(device).run([idx.tolist() for idx, _ in plan])
+        labels = to_device(split.labels, device)
     else:
-        raw = (split.images[idx.to(split.images.device)] for idx, _ in plan)
-    for (idx, draws), x in zip(plan, raw):
-        x = x.to(device, non_blocking=True)
-        if draws is not None:
-            x = resized_crop(x, *draws) if len(draws) == 2 else augment(x, *draws)
-        yield normalize(x, mean, std), split.labels[idx.to(split.labels.device)].to(device, non_blocking=True)
+        raw = (split.images[all_idx[a:b].to(split.images.device)] for a, b in zip(starts, ends))
+        labels = split.labels if split.labels.device == torch.device(device) else to_device(split.labels, device)
+    for a, b, x in zip(starts, ends, raw):
+        x = to_device(x, device)  # a no-op for a split already on the device
+        if all_draws is not None:
+            draws = [d[a:b] for d in all_draws]
+            x = resized_crop(x, *draws) if len(draws) == 2 else augment(x, *draws, pad=pad)
+        yield normalize(x, mean_t, std_t), labels[all_idx[a:b]]

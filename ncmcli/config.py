@@ -71,7 +71,9 @@ class DataConfig:
     cache: bool = True  # folder only: decode once into a safetensors cache keyed to the folder's contents
     loader: str = "auto"  # folder only: tensor (in memory), dataloader (decode per batch), auto = by budget
     memory_budget_gb: float = 4.0  # auto: hold a folder split in memory when its decoded uint8 fits in this
-    workers: int = 2  # DataLoader worker processes for folders too large for memory
+    # DataLoader worker processes for folders too large for memory; -1 = one per CPU core (at
+    # most 16), shared among the DDP ranks on the machine.
+    workers: int = -1
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,9 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms; slower on GPU
     precision: str = "auto"  # auto = bf16 autocast on CUDA that has it, fp32 elsewhere (CPU bf16 is slow)
     channels_last: str = "auto"  # auto = on CUDA (tensor-core friendly), off on CPU where it is slower
+    # The step loop reads its running loss, accuracy and NaN guard from the device every this
+    # many steps (and at each epoch's end), the same on every device: no host sync in between.
+    log_every_steps: int = 25
     compile: bool = False  # torch.compile the net: faster steps on GPU after a warm-up of minutes
     # An exponential moving average of the weights (torch.optim.swa_utils), evaluated and
     # checkpointed as the model when on; 0 = off, the paper's setting. Typical: 0.999.
@@ -445,6 +450,8 @@ def _check(cfg: Config) -> None:
          f"loss.free_slots: {quote(cfg.loss.free_slots)} is not one of {', '.join(FREE_SLOTS)}")
     need(not (cfg.anchors.slots and cfg.loss.logit_adjust),
          "loss.logit_adjust does not combine with anchors.slots (free slots have no prior); set one of them to 0")
+    need(1 <= cfg.train.log_every_steps <= 1_000_000,
+         f"train.log_every_steps must be in [1, 1000000], got {cfg.train.log_every_steps}")
     need(0 <= cfg.train.replay <= 10_000_000, f"train.replay must be in [0, 10000000] images, got {cfg.train.replay}")
     need(cfg.data.channels in (0, 1, 3), f"data.channels must be 0, 1 or 3, got {cfg.data.channels}")
     need(cfg.data.image_size == 0 or 8 <= cfg.data.image_size <= 512,
@@ -461,7 +468,7 @@ def _check(cfg: Config) -> None:
     need(cfg.data.loader != "dataloader" or cfg.data.name == "folder",
          "data.loader=dataloader applies to folder datasets; the built-in ones always fit in memory")
     need(cfg.data.memory_budget_gb > 0, f"data.memory_budget_gb must be > 0, got {cfg.data.memory_budget_gb}")
-    need(0 <= cfg.data.workers <= 64, f"data.workers must be in [0, 64], got {cfg.data.workers}")
+    need(-1 <= cfg.data.workers <= 64, f"data.workers must be -1 (one per core) or in [0, 64], got {cfg.data.workers}")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

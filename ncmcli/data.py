@@ -54,6 +54,19 @@ class Dataset:
         return torch.bincount(self.train.labels.cpu(), minlength=len(self.classes)).tolist()
 
 
+def worker_count(setting: int, env=os.environ) -> int:
+    """``data.workers``: the number given, or for -1 one per CPU core available to this
+    process (at most 16), divided among the torchrun ranks on this machine (at least 1)."""
+    if setting >= 0:
+        return setting
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    ranks = max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(16, cores) // ranks)
+
+
 def default_root() -> Path:
     """$NCM_DATA, else $XDG_CACHE_HOME/ncm/data, else ~/.cache/ncm/data."""
     if os.environ.get("NCM_DATA"):
@@ -87,7 +100,7 @@ def load_dataset(data_cfg, *, train: bool = True, say=None, known_classes: list[
         from ncmcli.folders import load_folder
 
         ds = Dataset("folder", *load_folder(root, data_cfg.channels, data_cfg.image_size, train,
-                     loader=data_cfg.loader, budget_gb=data_cfg.memory_budget_gb, workers=data_cfg.workers,
+                     loader=data_cfg.loader, budget_gb=data_cfg.memory_budget_gb, workers=worker_count(data_cfg.workers),
                      cache=data_cfg.cache, resize=data_cfg.resize, test_dir=data_cfg.test_dir,
                      extensions=data_cfg.extensions, say=say))
     else:  # the config schema already refuses other names

@@ -33,8 +33,10 @@ def cache_dir() -> Path:
 
 def content_key(root: Path, files: list[Path], channels: int, size: int, resize: str = "crop") -> str:
     """What the decoded tensor depends on: every file's path (relative to ``root``), byte size
-    and modification time, and the decoding's channels and size."""
-    h = hashlib.sha256(f"{FORMAT}|{channels}|{size}|{resize}|{len(files)}".encode())
+    and modification time, the decoding's channels and size, and the decoder's version."""
+    from ncmcli.images import DECODER_VERSION
+
+    h = hashlib.sha256(f"{FORMAT}|{channels}|{size}|{resize}|{len(files)}|decoder{DECODER_VERSION}".encode())
     for f in files:
         st = f.stat()
         h.update(f"\0{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}".encode())

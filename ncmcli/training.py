@@ -106,6 +106,48 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+class DeviceTotals:
+    """An epoch's running loss sum, correct count and first non-finite step, kept on the
+    training device: the step adds to them without a host sync; the loop reads them every
+    ``train.log_every_steps`` steps."""
+
+    def __init__(self, progress: trainstate.Progress, device: torch.device):
+        # One host-to-device copy each, per epoch: a mid-epoch resume carries its totals on.
+        self.loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64).to(device)
+        self.correct = torch.tensor(progress.correct, dtype=torch.int64).to(device)
+        self.step = torch.full((), progress.step, dtype=torch.int64, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        # NCM_SYNC_DEBUG=warn|error: CUDA's sync debug mode between the reads, so that any host
+        # sync inside a step warns (benchmarks/device-check.sh counts the warnings).
+        mode = os.environ.get("NCM_SYNC_DEBUG", "")
+        self.debug = mode if device.type == "cuda" and mode in ("warn", "error") else None
+        self._debug(True)
+
+    def _debug(self, on: bool) -> None:
+        if self.debug:
+            torch.cuda.set_sync_debug_mode(self.debug if on else 0)
+
+    def add(self, loss: torch.Tensor, predicted: torch.Tensor, y: torch.Tensor) -> None:
+        loss = loss.detach()
+        self.step += 1
+        self.first_bad = torch.where(torch.isfinite(loss) | (self.first_bad >= 0), self.first_bad, self.step)
+        self.loss_sum += loss.double() * len(y)
+        self.correct += (predicted == y).sum()
+
+    def read(self) -> tuple[float, int, int | None]:
+        """(loss sum, correct, the epoch's first step whose loss was NaN or infinite or None),
+        in one host read."""
+        self._debug(False)
+        loss_sum, correct, bad = torch.stack([self.loss_sum, self.correct.double(), self.first_bad.double()]).tolist()
+        self._debug(True)
+        return loss_sum, int(correct), int(bad) if bad >= 0 else None
+
+    def close(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The epoch's loss sum and correct count, with the sync debug mode off again."""
+        self._debug(False)
+        return self.loss_sum, self.correct
+
+
 def check_finite(model: nn.Module, criterion: nn.Module, where: str) -> None:
     """Raise TrainingDiverged if any floating-point weight or buffer is NaN or infinite."""
     flags = [torch.isfinite(t).all() for m in (model, criterion) for t in m.state_dict().values()
@@ -149,7 +191,7 @@ class Setup:
     val_split: object | None
     steps_per_epoch: int
     warmup: Warmup
-    ema: nn.Module | None = None  # swa_utils.AveragedModel of {"net", "crit"} when train.ema_decay > 0
+    ema: nn.Module | None = None  # EMA of {"net", "crit"} when train.ema_decay > 0
     progress: trainstate.Progress = field(default_factory=trainstate.Progress)
     run_id: str | None = None
     lineage: object = None  # incremental.Lineage: the tasks so far and an --extend run's parent
@@ -203,11 +245,8 @@ def build_run(cfg: Config, device: torch.device, say=None, parent=None) -> Setup
     scheduler, per_step = make_scheduler(cfg, optimizer, steps_per_epoch, floor=criterion.loss_floor())
     ema = None
     if cfg.train.ema_decay > 0:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
         # Both halves: a SoftMax model's classifier lives in its criterion.
-        ema = AveragedModel(nn.ModuleDict({"net": model, "crit": criterion}),
-                            multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay))
+        ema = EMA(nn.ModuleDict({"net": model, "crit": criterion}), cfg.train.ema_decay)
     return Setup(
         ema=ema, lineage=lineage, memory=memory,
         data=data, model=model, criterion=criterion, step=step, optimizer=optimizer, scheduler=scheduler,
@@ -298,10 +337,36 @@ def update_ema(run: Setup) -> None:
     statistics, centres, counters) copied from the live model, as they are not weights."""
     if run.ema is None:
         return
-    live = nn.ModuleDict({"net": run.model, "crit": run.criterion})
-    run.ema.update_parameters(live)
-    for mine, theirs in zip(run.ema.module.buffers(), live.buffers()):
-        mine.copy_(theirs)
+    run.ema.update(nn.ModuleDict({"net": run.model, "crit": run.criterion}))
+
+
+class EMA(nn.Module):
+    """An exponential moving average of a module's parameters, as torch.optim.swa_utils'
+    AveragedModel with get_ema_multi_avg_fn computes it (the first update copies, each later
+    one is one ``torch._foreach_lerp_`` by 1 - decay), with buffers copied from the live
+    module. Its counter is a Python int, so an update costs no host sync (AveragedModel
+    tests its tensor counter against 0 on every update)."""
+
+    def __init__(self, live: nn.Module, decay: float):
+        super().__init__()
+        import copy
+
+        self.module = copy.deepcopy(live)
+        self.decay = float(decay)
+        self.n_averaged = 0
+
+    @torch.no_grad()
+    def update(self, live: nn.Module) -> None:
+        mine = [p.detach() for p in self.module.parameters()]
+        theirs = [p.detach() for p in live.parameters()]
+        if self.n_averaged == 0:
+            torch._foreach_copy_(mine, theirs)
+        else:
+            torch._foreach_lerp_(mine, theirs, 1.0 - self.decay)
+        buffers = list(self.module.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(live.buffers()))
+        self.n_averaged += 1
 
 
 def evaluated(run: Setup) -> tuple[nn.Module, nn.Module]:
@@ -321,7 +386,7 @@ def restore(run: Setup, run_dir: Path, device: torch.device) -> None:
         ema_net, ema_crit = evaluated(run)
         ema_net.load_state_dict(last.model.state_dict())
         ema_crit.load_state_dict(last.criterion.state_dict())
-        run.ema.n_averaged.fill_(int(state.progress.global_step))
+        run.ema.n_averaged = int(state.progress.global_step)
         raw = {k: v.to(device) for k, v in state.raw.items()}
         run.model.load_state_dict({k[6:]: v for k, v in raw.items() if k.startswith("model.")})
         run.criterion.load_state_dict({k[10:]: v for k, v in raw.items() if k.startswith("criterion.")})
@@ -608,15 +673,14 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
 
     history = runfiles.read_metrics(run_dir / runfiles.METRICS, reporter.message) if resume else []
     tb = _tensorboard(cfg, run_dir, rank, progress.epoch + 1)
-    sync_every = 1 if device.type == "cpu" else 25
+    every = cfg.train.log_every_steps  # host reads of the device totals: every this many steps
     for epoch in range(progress.epoch + 1, cfg.train.epochs + 1):
-        # -- Train one epoch; loss and accuracy accumulate on the device (no per-step sync)
+        # -- Train one epoch; loss, accuracy and the NaN guard accumulate on the device
         start_epoch(cfg, run, epoch)  # train mode; the backbone frozen for the first epochs, if asked
         epoch_rng = run.gen.get_state()  # a mid-epoch resume replays this epoch's order from here
         reporter.epoch_start(epoch, cfg.train.epochs, run.steps_per_epoch)
         skip = progress.step
-        loss_sum = torch.tensor(progress.loss_sum, device=device, dtype=torch.float64)
-        correct = torch.tensor(progress.correct, device=device, dtype=torch.int64)
+        totals = DeviceTotals(progress, device)
         seen, seen0, t0 = progress.seen, progress.seen, time.time()
         for i, (x, y) in enumerate(batches(run.train_split, cfg.train.batch_size, mean=run.mean, std=run.std,
                                             device=device, generator=run.gen, augment_batches=cfg.data.augment,
@@ -625,11 +689,15 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
             loss, feats = run.step(x, y)
             optimizer.zero_grad(set_to_none=True)
             run.scaler.scale(loss).backward()
-            # -- NaN guard: checked before the step, so bad weights never reach a checkpoint
-            if (i % sync_every == 0 or i == run.steps_per_epoch) and not math.isfinite(loss.item()):
+            totals.add(loss, criterion.predict(feats.detach()), y)
+            seen += len(y)
+            read = totals.read() if i % every == 0 or i == run.steps_per_epoch else None  # the loop's one sync
+            # -- NaN guard: read before the step, so bad weights never reach a checkpoint
+            if read is not None and read[2] is not None:
+                bad = read[2]
                 raise TrainingDiverged(
-                    f"loss became {loss.item()} at epoch {epoch}, step {i} (global step {progress.global_step + 1}); "
-                    f"try a lower learning rate than optim.lr={cfg.optim.lr:g}. "
+                    f"the loss became NaN or infinite at epoch {epoch}, step {bad} (global step "
+                    f"{progress.global_step + 1 - (i - bad)}); try a lower learning rate than optim.lr={cfg.optim.lr:g}. "
                     f"Checkpoints from earlier epochs in {run_dir} are untouched")
             run.warmup.step(progress.global_step, lambda: run.scaler.step(optimizer))
             run.scaler.update()
@@ -637,19 +705,16 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
             if run.per_step:
                 scheduler.step()
             progress.global_step += 1
-            loss_sum += loss.detach().double() * len(y)
-            correct += (criterion.predict(feats.detach()) == y).sum()
-            seen += len(y)
-            if i % sync_every == 0 or i == run.steps_per_epoch:
-                reporter.step(i, loss_sum.item() / seen, correct.item() / seen,
-                              (seen - seen0) / max(time.time() - t0, 1e-9))
+            reporter.step(i, read[0] / seen if read else None, read[1] / seen if read else None,
+                          (seen - seen0) / max(time.time() - t0, 1e-9))  # loss and accuracy as last read
             # -- Stop request (a signal): save a resumable checkpoint at this boundary
-            if _stop_requested(stop, i, sync_every, world) and i < run.steps_per_epoch:
-                progress.step, progress.loss_sum, progress.correct = i, loss_sum.item(), int(correct.item())
+            if _stop_requested(stop, i, every, world) and i < run.steps_per_epoch:
+                progress.step, progress.loss_sum, progress.correct = i, totals.loss_sum.item(), int(totals.correct.item())
                 progress.seen = seen
                 progress.train_time += time.time() - t0
                 save(runfiles.LAST, epoch - 1, {"interrupted_at_step": i}, snapshot(epoch_rng))
                 raise _interrupt(stop, run_dir, epoch, i)
+        loss_sum, correct = totals.close()
         epoch_time = time.time() - t0
         if world > 1:  # epoch totals over all ranks
             loss_sum, correct, seen = _all_ranks(loss_sum, correct, seen, device)

@@ -215,3 +215,25 @@ def test_loss_floor_is_cached_per_anchors_metric_and_scale(monkeypatch):
     b[0] = -b[0]
     loss_floor(b, "cosine", 1.5)
     assert len(calls) == 3  # other anchors, computed again
+
+
+def test_optimized_anchors_are_cached_per_classes_dim_and_seed(tmp_path, monkeypatch):
+    from ncmcli import anchors as anchors_mod
+
+    monkeypatch.setenv("NCM_CACHE", str(tmp_path))
+    first = make_anchors("optimized", 7, 3, seed=4)
+    files = list((tmp_path / "anchors").glob("*.safetensors"))
+    assert [f.name for f in files] == ["optimized-v1-c7-d3-seed4.safetensors"]
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed despite the cache")
+
+    monkeypatch.setattr(anchors_mod, "_optimized", boom)
+    assert torch.equal(make_anchors("optimized", 7, 3, seed=4), first)  # read back, bit for bit
+    with pytest.raises(AssertionError, match="recomputed"):
+        make_anchors("optimized", 7, 3, seed=5)  # another seed is another entry
+    monkeypatch.undo()
+    monkeypatch.setenv("NCM_CACHE", str(tmp_path))
+    files[0].write_bytes(b"torn")
+    assert torch.equal(make_anchors("optimized", 7, 3, seed=4), first)  # recomputed and replaced
+    assert files[0].stat().st_size > 100

@@ -11,7 +11,7 @@ SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"
 
 
 def test_every_benchmark_is_listed():
-    assert SCRIPTS == ["convergence.py", "cpu_net.py", "export_speed.py", "gpu.py", "incremental_table.py", "loss_overhead.py", "pipeline_efficiency.py", "startup.py",
+    assert SCRIPTS == ["convergence.py", "cpu_net.py", "decode.py", "export_speed.py", "gpu.py", "incremental_table.py", "loss_overhead.py", "pipeline_efficiency.py", "startup.py",
                        "study_table.py", "vs_dataloader.py"]
 
 
@@ -88,3 +88,22 @@ def test_incremental_table_is_accuracy_after_each_task_and_mean_forgetting(tmp_p
     # best minus final for a, b, c, d: (0.99-0.10), (0.99-0.30), (0.8-0.2), (0.6-0.4)
     forgetting = 100 * ((0.99 - 0.10) + (0.99 - 0.30) + (0.8 - 0.2) + (0.6 - 0.4)) / 4
     assert row == ["arm", "1", "98.00", "60.00", "40.00", "40.00", f"{forgetting:.2f}"]
+
+
+@pytest.mark.slow
+def test_device_check_dry_run_trains_resumes_bit_identically_and_writes_one_summary(tmp_path):
+    import json
+    import os
+
+    env = dict(os.environ, NCM=str(Path(sys.executable).parent / "ncm"), PYTHON=sys.executable,
+               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    proc = subprocess.run(["bash", str(BENCH / "device-check.sh"), "--dry-run", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "device-check.json").read_text())
+    assert summary["dry_run"] and summary["ok"], summary
+    assert set(summary["runs"]) == {"quickstart", "cifar10-fp32", "compile-fp16-ema", "resume-straight",
+                                    "resume-resumed", "torchrun"}
+    assert all(r["exit_code"] == 0 and r["sync_warnings"] == 0 for r in summary["runs"].values())
+    assert summary["resume"]["stopped_at"]["status"] == "interrupted" and summary["resume"]["bit_identical"] is True
+    assert {p: len(g["rows"]) for p, g in summary["gpu"].items()} == {"fp32": 3, "bf16": 3}

@@ -114,6 +114,21 @@ def test_normalisation_is_zero_mean_unit_variance():
     assert torch.allclose(x.std((0, 2, 3)), torch.ones(3, dtype=torch.float64), atol=1e-4)
 
 
+@pytest.mark.parametrize("chunk", [1, 97, 1 << 24])
+def test_channel_stats_in_chunks_equal_a_float64_reference(chunk):
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (23, 3, 5, 7), generator=g, dtype=torch.uint8)
+    images[:, 1] //= 3
+    x = images.double() / 255
+    mean, std = channel_stats(images, chunk_values=chunk)
+    assert mean == pytest.approx(x.mean((0, 2, 3)).tolist(), rel=1e-12)
+    assert std == pytest.approx(x.std((0, 2, 3)).tolist(), rel=1e-12)
+    g_mean, g_std = channel_stats(images, per_channel=False, chunk_values=chunk)
+    assert g_mean == pytest.approx([x.mean().item()] * 3, rel=1e-12)
+    assert g_std == pytest.approx([x.std().item()] * 3, rel=1e-12)
+    assert channel_stats(torch.full((4, 1, 3, 3), 7, dtype=torch.uint8))[1] == [1e-6]  # constant: no 0 std
+
+
 def test_batched_augmentation_equals_torchvision_per_sample():
     import torchvision.transforms.v2.functional as TF
 
@@ -168,6 +183,44 @@ def test_dataloader_path_trains_exactly_like_the_tensor_path(tmp_path, workers):
     a, b = load_file(str(tmp_path / "tensor" / "last.safetensors")), load_file(str(tmp_path / "dataloader" / "last.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert results["tensor"]["final"] == results["dataloader"]["final"]
+
+
+def test_a_sharded_file_split_keeps_one_loader_and_closes_its_workers(tmp_path):
+    """Under DDP every evaluation shards the test split: the shard (and its DataLoader
+    workers) is made once, not once per epoch, and close() leaves no worker behind."""
+    import multiprocessing
+
+    from ncmcli.batching import FileSplit, batches
+
+    make_folder(tmp_path, per_class=4, size=(8, 8))
+    split = load_dataset(DataConfig(name="folder", root=str(tmp_path), loader="dataloader", workers=2)).test
+    assert isinstance(split, FileSplit)
+    seen = []
+    for _ in range(3):  # three "epochs" of evaluation on rank 1 of 2
+        part = split.shard(1, 2)
+        seen.append(sum(len(y) for _, y in batches(part, 4, mean=[0.5] * 3, std=[0.25] * 3, device="cpu")))
+    assert split.shard(1, 2) is part and seen == [len(part)] * 3 and len(part) == len(split) // 2
+    assert multiprocessing.active_children()  # its 2 persistent workers
+    split.close()
+    import gc
+
+    gc.collect()
+    for child in multiprocessing.active_children():
+        child.join(timeout=10)
+    assert multiprocessing.active_children() == []
+
+
+def test_data_workers_default_to_the_cores_shared_among_local_ranks(monkeypatch):
+    import os
+
+    from ncmcli.data import worker_count
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    assert worker_count(-1, {}) == 12 and worker_count(-1, {"LOCAL_WORLD_SIZE": "4"}) == 3
+    assert worker_count(-1, {"LOCAL_WORLD_SIZE": "32"}) == 1 and worker_count(3, {}) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert worker_count(-1, {}) == 16 and worker_count(0, {}) == 0
+    assert DataConfig().workers == -1
 
 
 def test_auto_loader_follows_the_memory_budget(tmp_path):

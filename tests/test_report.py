@@ -128,8 +128,9 @@ def test_report_cli_errors(ncm, tmp_path):
 
 
 @pytest.mark.slow
-def test_reproduce_script_sweep_aggregates(tmp_path):
-    env = dict(os.environ, SEEDS="0 1", EPOCHS="1", NCM=str(Path(sys.executable).parent / "ncm"),
+@pytest.mark.parametrize("parallel", ["1", "2"])
+def test_reproduce_script_sweep_aggregates(tmp_path, parallel):
+    env = dict(os.environ, SEEDS="0 1", EPOCHS="1", NCM=str(Path(sys.executable).parent / "ncm"), PARALLEL=parallel,
                EXTRA="--set data.limit_train=300 --set data.limit_test=100")
     out = tmp_path / "sweep"
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "reproduce.sh"), "smoke", str(out)],

@@ -127,7 +127,9 @@ class RichReporter:
         if self.t_first is None:
             self.t_first = self.t_last_line = now
         self.steps_done += 1
-        stats = f"loss {loss:.4f} acc {acc:.3f} {images_per_s:,.0f} img/s"
+        if loss is not None:  # read from the device every train.log_every_steps steps; in between, the last
+            self.last_read = f"loss {loss:.4f} acc {acc:.3f}"
+        stats = f"{getattr(self, 'last_read', 'loss - acc -')} {images_per_s:,.0f} img/s"
         if self.progress is not None:
             self.progress.update(self.task, completed=step, stats=stats)
         elif not self.quiet and not self.live and now - self.t_last_line >= self.log_every:
