@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from ncmcli.config import resolve
+from ncmcli.presets import resolve
 from ncmcli.schedules import make_optimizer
 from ncmcli.training import TrainStep, build_from_config
 

@@ -12,7 +12,7 @@ import torch
 
 from _common import parse, timed
 from ncmcli import checkpoint
-from ncmcli.config import resolve
+from ncmcli.presets import resolve
 from ncmcli.export import Exported, export
 from ncmcli.training import build_from_config
 

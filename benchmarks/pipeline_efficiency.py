@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from _common import model_only_rate, parse
-from ncmcli.config import resolve
+from ncmcli.presets import resolve
 from ncmcli.engine import Reporter
 from ncmcli.fakedata import make_folder, make_mnist
 from ncmcli.training import train

@@ -536,15 +536,5 @@ def from_dict(tree: dict) -> Config:
     return build(_flatten(tree))
 
 
-def __getattr__(name: str):
-    """``resolve``, ``list_presets``, ``presets_dir`` and ``load_yaml_text`` live in
-    ``ncmcli.presets`` (reading YAML files); they stay importable from here."""
-    if name in ("resolve", "list_presets", "presets_dir", "load_yaml_text"):
-        from ncmcli import presets
-
-        return getattr(presets, name)
-    raise AttributeError(f"module 'ncmcli.config' has no attribute {name!r}")
-
-
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -156,7 +156,7 @@ def test_hinge_gradcheck():
 @pytest.mark.parametrize("loss", ["softmax", "hinge", "lsoftmax", "center", "cncm", "encm"])
 def test_every_loss_trains_end_to_end_on_quickstart_and_reloads(tmp_path, loss):
     from ncmcli import checkpoint
-    from ncmcli.config import resolve
+    from ncmcli.presets import resolve
     from ncmcli.engine import Reporter
     from ncmcli.training import train
 

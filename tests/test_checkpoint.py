@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ncmcli import checkpoint, runfiles
-from ncmcli.config import resolve
+from ncmcli.presets import resolve
 from ncmcli.errors import CheckpointError
 from ncmcli.training import build_from_config
 

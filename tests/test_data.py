@@ -164,7 +164,7 @@ def test_dataloader_path_trains_exactly_like_the_tensor_path(tmp_path, workers):
     and normalisation as the same folder held in memory: identical weights after training."""
     from safetensors.torch import load_file
 
-    from ncmcli.config import resolve
+    from ncmcli.presets import resolve
     from ncmcli.batching import FileSplit
     from ncmcli.engine import Reporter
     from ncmcli.training import train

@@ -64,7 +64,7 @@ def test_compiled_bf16_channels_last_run_saves_the_plain_module(tmp_path):
 def test_autocast_runs_the_net_in_bf16_and_the_loss_in_fp32():
     import torch
 
-    from ncmcli.config import resolve
+    from ncmcli.presets import resolve
     from ncmcli.training import TrainStep, build_from_config, resolve_precision
 
     assert resolve_precision("auto", torch.device("cpu")) is None  # fp32 on the CPU

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from ncmcli import diagnostics
-from ncmcli.config import ConfigError, resolve
+from ncmcli.config import ConfigError
+from ncmcli.presets import resolve
 from ncmcli.schedules import Warmup, make_optimizer, make_scheduler
 
 

@@ -9,7 +9,7 @@ import torch
 
 from helpers_data import make_folder
 from ncmcli import foldercache
-from ncmcli.config import resolve
+from ncmcli.presets import resolve
 from ncmcli.data import load_dataset, stratified_indices
 
 

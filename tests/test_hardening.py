@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import assert_clean_error
 from ncmcli import checkpoint
-from ncmcli.config import ConfigError, resolve
+from ncmcli.config import ConfigError
+from ncmcli.presets import resolve
 from ncmcli.training import build_from_config
 
 CAP = 6 * 2**30  # torch's own import needs about 4 GiB of address space

@@ -74,7 +74,7 @@ def test_predict_on_a_folder_without_images(ncm, tmp_path):
     from conftest import assert_clean_error
 
     from ncmcli import checkpoint
-    from ncmcli.config import resolve
+    from ncmcli.presets import resolve
     from ncmcli.training import build_from_config
 
     cfg = resolve("quickstart")

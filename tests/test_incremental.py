@@ -12,7 +12,7 @@ from conftest import assert_clean_error
 from ncmcli import replay
 from ncmcli.anchors import make_anchors
 from ncmcli.batching import Split
-from ncmcli.config import resolve
+from ncmcli.presets import resolve
 from ncmcli.engine import Reporter
 from ncmcli.floors import slot_floor
 from ncmcli.losses import NCMLoss

@@ -8,7 +8,8 @@ import pytest
 import torch
 import yaml
 
-from ncmcli.config import list_presets, resolve, to_yaml
+from ncmcli.config import to_yaml
+from ncmcli.presets import list_presets, resolve
 from ncmcli.schedules import make_optimizer
 from ncmcli.training import build_from_config
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import assert_clean_error
 from ncmcli import checkpoint
-from ncmcli.config import resolve
+from ncmcli.presets import resolve
 from ncmcli.engine import Reporter
 from ncmcli.training import Interrupted, train
 
@@ -166,7 +166,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ncm, tmp_path, monkey
 SAVE_LOOP = r"""
 import sys, torch
 from ncmcli import checkpoint
-from ncmcli.config import resolve
+from ncmcli.presets import resolve
 from ncmcli.training import build_from_config
 cfg = resolve("quickstart")
 model, anchors, crit = build_from_config(cfg, 10, (1, 28, 28))

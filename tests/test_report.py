@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ncmcli.config import resolve, to_yaml
+from ncmcli.config import to_yaml
+from ncmcli.presets import resolve
 from ncmcli.report import collect, render
 
 REPO = Path(__file__).resolve().parents[1]

@@ -190,3 +190,12 @@ def test_train_reads_at_a_glance():
     start = text.index("def train(")
     end = text.index("\ndef ", start + 1)
     assert len(text[start:end].splitlines()) <= 140
+
+
+def test_no_module_level_getattr_outside_the_package_init():
+    """Names live where they are defined: no module re-exports another's through __getattr__."""
+    for path in PKG.rglob("*.py"):
+        if path == PKG / "__init__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        assert not any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in tree.body), path.name

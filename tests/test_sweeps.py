@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import assert_clean_error
-from ncmcli.config import resolve
+from ncmcli.presets import resolve
 from ncmcli.engine import Reporter
 from ncmcli.training import train
 

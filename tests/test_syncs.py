@@ -23,7 +23,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ncmcli.config import resolve
+from ncmcli.presets import resolve
 from ncmcli.engine import Reporter
 from ncmcli.training import train
 
