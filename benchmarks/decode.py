@@ -3,10 +3,10 @@ DataLoader workers, the split's batch plan), before and after JPEG draft mode.
 
     python benchmarks/decode.py [--size 224] [--images 192]
 
-"before" is ncm's previous decode (a full-size JPEG decode, then one bilinear resize to the
-shorter side and a centre crop); "after" is ``ncmcli.images.load_image`` (libjpeg's scaled
-DCT decoding to the smallest 1/2, 1/4 or 1/8 size that still covers the resize, then
-PIL's reducing_gap resize). The JPEGs are photos in all but name: real CIFAR-10 pictures
+"before" is ``ncmcli.images.load_image`` with its two new steps switched off, i.e. ncm's
+previous decode (a full-size JPEG decode, then one bilinear resize to the shorter side and a
+centre crop); "after" is ``load_image`` as it is (libjpeg's scaled DCT decoding to the
+smallest 1/2, 1/4 or 1/8 size that still covers the resize, then PIL's reducing_gap resize). The JPEGs are photos in all but name: real CIFAR-10 pictures
 from $CIFAR10_DIR/train when set (else random smooth images), upscaled to each source size,
 with mild sensor noise, saved at quality 90 (0.1-0.2 bytes per pixel, like camera JPEGs).
 The ratio depends on the source size: a source under twice the target decodes at full size.
@@ -24,20 +24,6 @@ import torch
 
 from _common import parse
 from ncmcli.batching import FileSplit
-
-
-def old_load(path, channels: int, size: int, resize: str = "crop"):
-    """ncm's decode before draft mode (images.py at v0.1): full decode, one bilinear resize."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
-        s = size / min(im.size)
-        w, h = max(size, round(im.width * s)), max(size, round(im.height * s))
-        im = im.resize((w, h), Image.BILINEAR)
-        left, top = (w - size) // 2, (h - size) // 2
-        arr = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), True
 
 
 def make_photos(folder: Path, n: int, w: int, h: int) -> list[Path]:
@@ -60,14 +46,17 @@ def make_photos(folder: Path, n: int, w: int, h: int) -> list[Path]:
     return files
 
 
-def rate(files: list[Path], size: int, workers: int, batch: int, decode) -> float:
-    """Images per second through FileSplit's DataLoader (second pass: workers warm)."""
-    from ncmcli import batching
+def rate(files: list[Path], size: int, workers: int, batch: int, *, draft: bool) -> float:
+    """Images per second through FileSplit's DataLoader (second pass: workers warm), with
+    ``load_image`` as it is (``draft``) or as it was before draft mode (full-size decode, a
+    plain bilinear resize): the same function, the two new steps switched off."""
+    from ncmcli import images
 
     split = FileSplit(files, torch.zeros(len(files), dtype=torch.int64), 3, size, workers)
     plan = [list(range(i, min(i + batch, len(files)))) for i in range(0, len(files), batch)]
-    original = batching.load_image
-    batching.load_image = decode  # what the workers call (forked after this)
+    saved = images._draft, images.REDUCING_GAP
+    if not draft:  # module globals, read at each call: the workers forked below see them
+        images._draft, images.REDUCING_GAP = (lambda *a: None), None
     try:
         loader = split.loader("cpu")
         for _ in loader.run(plan):  # warm-up: start the workers, fill the page cache
@@ -76,13 +65,11 @@ def rate(files: list[Path], size: int, workers: int, batch: int, decode) -> floa
         n = sum(len(x) for x in loader.run(plan))
         return n / (time.perf_counter() - t0)
     finally:
-        batching.load_image = original
-        del split
+        images._draft, images.REDUCING_GAP = saved
+        split.close()  # its workers stop here, before the next loader forks its own
 
 
 def main() -> None:
-    from ncmcli.images import load_image
-
     args = parse(__doc__.splitlines()[0], size=(int, 224, "target side in pixels"),
                  images=(int, 192, "JPEGs per source size"))
     size, n = (32, 8) if args.dry_run else (args.size, args.images)
@@ -93,8 +80,8 @@ def main() -> None:
         for w, h in sources:
             files = make_photos(Path(tmp), n, w, h)
             bpp = sum(f.stat().st_size for f in files) / (n * w * h)
-            before = rate(files, size, 2, 32, old_load)
-            after = rate(files, size, 2, 32, load_image)
+            before = rate(files, size, 2, 32, draft=False)
+            after = rate(files, size, 2, 32, draft=True)
             print(f"{w}x{h:<5} {bpp:>8.2f} {before:>12.1f} {after:>11.1f} {after / before:>5.2f}x")
 
 
