@@ -45,15 +45,6 @@ class Checkpoint:
     parent: dict | None = None  # an --extend run's parent checkpoint: {"path", "sha256"}
 
 
-RUN_ID_PREFIX = "# ncm run id: "
-
-
-def run_id_of_config(text: str) -> str | None:
-    """The run id on config.yaml's first line (written by ``ncm train``), if there is one."""
-    first = text.split("\n", 1)[0]
-    return first[len(RUN_ID_PREFIX):].strip()[:64] or None if first.startswith(RUN_ID_PREFIX) else None
-
-
 def save(
     path: Path, *, model, criterion, config, classes, mean, std, input_shape, epoch, metrics,
     extra: tuple[dict, str] | None = None, run_id: str | None = None,

@@ -87,29 +87,29 @@ class Reporter:
 # ---------------------------------------------------------------------------------------
 # Commands
 
-def _check_resume_integrity(run_dir: Path, cfg, config_text: str) -> None:
+def _check_resume_integrity(run: "RunDir", cfg, config_text: str) -> None:
     """The checkpoint is the truth: refuse a ``last`` whose config differs from config.yaml
     (a hand edit) or that another run wrote (a copied file)."""
     from ncmcli import checkpoint
     from ncmcli.config import from_dict
     from ncmcli.errors import CheckpointError
+    from ncmcli.rundir import run_id_of_config
+    from ncmcli.runfiles import bounded_json
 
-    meta = checkpoint.read_metadata(run_dir / "last.safetensors")
-    folder_id = checkpoint.run_id_of_config(config_text)
+    meta = checkpoint.read_metadata(run.last)
+    folder_id = run_id_of_config(config_text)
     if folder_id and meta.get("run_id") != folder_id:
-        raise CheckpointError(f"{run_dir / 'last.safetensors'} belongs to another run (run id {meta.get('run_id')!s:.20}, "
+        raise CheckpointError(f"{run.last} belongs to another run (run id {meta.get('run_id')!s:.20}, "
                               f"this folder's is {folder_id}); refusing to resume from it")
     try:
-        from ncmcli.runfiles import bounded_json
-
         saved = from_dict(bounded_json(meta["config"]))
     except (KeyError, ValueError, NcmError):
-        raise CheckpointError(f"{run_dir / 'last.safetensors'}: no readable config in the checkpoint") from None
+        raise CheckpointError(f"{run.last}: no readable config in the checkpoint") from None
     a, b = saved.to_dict(), cfg.to_dict()
     a["train"]["epochs"] = b["train"]["epochs"]  # the one key --resume may change
     if a != b:
         diff = _first_difference(a, b)
-        raise CheckpointError(f"{run_dir / 'config.yaml'} differs from the config in last.safetensors ({diff}); "
+        raise CheckpointError(f"{run.config} differs from the config in {run.last.name} ({diff}); "
                               "the checkpoint is the truth: restore config.yaml or start a new run")
 
 
@@ -136,15 +136,18 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
     from ncmcli.errors import CheckpointError
     from ncmcli.training import train
 
+    from ncmcli.rundir import RunDir
+
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "last.safetensors").is_file():
-        raise UsageError(f"{run_dir} is not a resumable run folder (needs config.yaml and last.safetensors)")
-    config_text = (run_dir / "config.yaml").read_text(encoding="utf-8", errors="replace")
+    folder = RunDir(run_dir)
+    if not folder.is_resumable():
+        raise UsageError(f"{run_dir} is not a resumable run folder (needs {folder.config.name} and {folder.last.name})")
+    config_text = folder.config_text()
     try:
-        cfg = cfgmod.from_dict(load_yaml_text(config_text, str(run_dir / "config.yaml")) or {})
+        cfg = cfgmod.from_dict(load_yaml_text(config_text, str(folder.config)) or {})
     except yaml.YAMLError:
-        raise CheckpointError(f"{run_dir / 'config.yaml'} is not valid YAML") from None
-    _check_resume_integrity(run_dir, cfg, config_text)
+        raise CheckpointError(f"{folder.config} is not valid YAML") from None
+    _check_resume_integrity(folder, cfg, config_text)
     old_epochs = cfg.train.epochs
     for text in overrides:
         key, value = cfgmod.parse_override(text)
@@ -152,7 +155,7 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
             raise UsageError(f"--resume keeps the run's config; only train.epochs may change, not {key}")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=cfgmod.coerce(key, value)))
     cfg = cfgmod.from_dict(cfg.to_dict())  # re-validate the changed epochs
-    progress = trainstate.unpack(run_dir / "last.safetensors").progress
+    progress = trainstate.unpack(folder.last).progress
     if cfg.train.epochs < progress.epoch or (cfg.train.epochs == progress.epoch and progress.step > 0):
         raise UsageError(f"{run_dir} has already trained {progress.epoch} epochs"
                          + (f" and {progress.step} steps of the next" if progress.step else "")
@@ -167,12 +170,9 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
                              f"{cfg.train.epochs} epochs re-spans it: the lr jumps to where the longer cosine "
                              f"is at step {progress.global_step}, not where the old one would have ended")
         if overrides and rank == 0:
-            from ncmcli.checkpoint import RUN_ID_PREFIX, run_id_of_config
-            from ncmcli.runfiles import atomic_write_text
+            from ncmcli.rundir import run_id_of_config
 
-            run_id = run_id_of_config(config_text)
-            atomic_write_text(run_dir / "config.yaml",
-                              (f"{RUN_ID_PREFIX}{run_id}\n" if run_id else "") + cfgmod.to_yaml(cfg))
+            folder.write_config(cfgmod.to_yaml(cfg), run_id_of_config(config_text))
         return train(cfg, run_dir=run_dir, device=dev, resume=True, stop=stop,
                      reporter=reporter if rank == 0 else Reporter())
 
@@ -196,8 +196,8 @@ def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | 
     import os
     import shutil
 
-    from ncmcli.runfiles import FolderLock
-    from ncmcli.runfiles import prepare_run_dir
+    from ncmcli.rundir import RunDir
+    from ncmcli.runfiles import FolderLock, prepare_run_dir
     from ncmcli.training import train
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and out is None:
@@ -222,7 +222,7 @@ def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | 
         except BaseException:
             # A run that fails before its first checkpoint (missing data, bad anchors) leaves
             # no empty folder behind; one with checkpoints keeps them.
-            if created and not (run_dir / "last.safetensors").exists():
+            if created and not RunDir(run_dir).last.exists():
                 held.close()
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise

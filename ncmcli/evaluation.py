@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ncmcli.runfiles import resolve_checkpoint
+from ncmcli.rundir import find_runs
+from ncmcli.runfiles import METRICS, resolve_checkpoint
 from ncmcli.runtime import pick_device
 from ncmcli.errors import UsageError
 
@@ -223,7 +224,7 @@ def plot_command(kind: str, target: Path | list[Path], *, out: Path | None, fmt:
         runs = []
         for t in target:
             t = Path(t)
-            found = [t] if (t / "metrics.jsonl").is_file() else sorted(p.parent for p in t.rglob("metrics.jsonl"))
+            found = find_runs([t], METRICS)
             if not found:
                 raise UsageError(f"no metrics.jsonl in {t}")
             runs += found

@@ -4,13 +4,13 @@ confusion matrices and angle histograms. matplotlib is optional (``pip install
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
 from ncmcli.errors import NcmError
+from ncmcli.rundir import RunDir
 
 FORMATS = ("png", "svg", "pdf")
 INSTALL_HINT = "plotting needs matplotlib: pip install 'ncmcli[plot]'"
@@ -131,13 +131,13 @@ def curve_labels(runs: list[Path]) -> list[str]:
     flats = []
     for run in runs:
         try:
-            tree = load_yaml_text((run / "config.yaml").read_text(encoding="utf-8"), str(run / "config.yaml"))
+            tree = load_yaml_text(RunDir(run).config_text(), str(RunDir(run).config))
         except (OSError, NcmError, ValueError):
             tree = None
         # A loss key this run's loss never reads (lambda_gamma on SoftMax) says nothing about it.
         flat = keys_read(dotted(tree)) if isinstance(tree, dict) else {}
         try:  # what 0 and auto became (the image side, the scale), when the run has finished
-            resolved = json.loads((run / "result.json").read_text()).get("resolved") or {}
+            resolved = RunDir(run).result().get("resolved") or {}
         except (OSError, ValueError, AttributeError):
             resolved = {}
         flat.update({k: v for k, v in resolved.items() if k in flat} if isinstance(resolved, dict) else {})
@@ -157,20 +157,20 @@ def curves(runs: list[Path], out: Path) -> Path:
     The legend sits outside the axes and names only what differs between the runs."""
     from matplotlib.ticker import MaxNLocator
 
-    from ncmcli.runfiles import METRICS, read_metrics
 
     plt = _pyplot()
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
     colors = _colors(max(len(runs), 1))
     has_val = False
     for color, run, label in zip(colors, runs, curve_labels(runs)):
-        rows = read_metrics(run / METRICS)
+        folder = RunDir(run)
+        rows = folder.metrics()
         if not rows:
-            raise NcmError(f"{run}/metrics.jsonl has no epochs yet")
+            raise NcmError(f"{folder.metrics_file} has no epochs yet")
         floor = None
-        if (run / "result.json").is_file():
+        if folder.has_result():
             try:
-                floor = json.loads((run / "result.json").read_text()).get("loss_floor")
+                floor = folder.result().get("loss_floor")
             except ValueError:
                 floor = None
         epochs = [r["epoch"] for r in rows]

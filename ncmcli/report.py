@@ -16,6 +16,7 @@ import yaml
 
 from ncmcli import registry
 from ncmcli.config import dotted, from_dict
+from ncmcli.rundir import RunDir
 from ncmcli.presets import load_yaml_text
 from ncmcli.errors import NcmError, UsageError
 
@@ -90,14 +91,15 @@ def _plus(augment) -> str:
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
-    runs: list[Path] = []
+    from ncmcli.rundir import find_runs as runs_under
+    from ncmcli.runfiles import RESULT
+
     for p in map(Path, paths):
         if not p.exists():
             raise UsageError(f"no such run folder: {p}")
-        found = [p] if (p / "result.json").is_file() else sorted(q.parent for q in p.rglob("result.json"))
-        runs += found
+    runs = runs_under(paths)
     if not runs:
-        raise UsageError(f"no result.json under {', '.join(map(str, paths))}")
+        raise UsageError(f"no {RESULT} under {', '.join(map(str, paths))}")
     return sorted(set(runs))
 
 
@@ -168,8 +170,9 @@ def load_runs(paths: list[Path], metric: str = "test_error_pct") -> list[Run]:
     runs = []
     for run in find_runs(paths):
         try:
-            result = json.loads((run / "result.json").read_text())
-            cfg = from_dict(load_yaml_text((run / "config.yaml").read_text(), str(run / "config.yaml")))
+            folder = RunDir(run)
+            result = folder.result()
+            cfg = from_dict(load_yaml_text(folder.config_text(), str(folder.config)))
             error = None if _lacks(result, metric) else metric_value(result, metric)
         except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError, NcmError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -6,7 +6,6 @@ with the helpers it alone uses beside it rather than spread over modules."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import secrets
@@ -22,6 +21,7 @@ from ncmcli import checkpoint, runfiles, trainstate
 from ncmcli.config import Config, to_yaml
 from ncmcli.errors import ConfigError as NcmConfigError, NcmError
 from ncmcli.forward import evaluate
+from ncmcli.rundir import RunDir
 from ncmcli.runtime import dist_info, gather_rng, rank0_first
 from ncmcli.schedules import PlateauOnExcess, Warmup, make_optimizer, make_scheduler
 
@@ -404,7 +404,7 @@ def restore(run: Setup, run_dir: Path, device: torch.device) -> None:
     if state.scaler and run.scaler.is_enabled():
         run.scaler.load_state_dict(state.scaler)  # the fp16 loss scale carries on, not from 65536
     run.progress = state.progress
-    run.run_id = checkpoint.run_id_of_config((run_dir / runfiles.CONFIG).read_text(encoding="utf-8", errors="replace"))
+    run.run_id = RunDir(run_dir).run_id()
 
 
 def _parent(run_dir: Path, resume: bool, extend: Path | None):
@@ -428,8 +428,7 @@ def _open_run(cfg: Config, run: Setup, run_dir: Path, device, *, resume: bool, p
     else:
         run.run_id = secrets.token_hex(8)  # ties the run's checkpoints to its folder (config.yaml's first line)
         if rank == 0:
-            runfiles.atomic_write_text(run_dir / runfiles.CONFIG, checkpoint.RUN_ID_PREFIX + run.run_id + "\n"
-                                       + scale_comment(cfg, run.criterion) + to_yaml(cfg))
+            RunDir(run_dir).write_config(to_yaml(cfg), run.run_id, scale_comment(cfg, run.criterion))
             if parent is not None:
                 incremental.write_parent_record(run_dir, parent)
     if rank == 0 and run.memory is not None and (not resume or not (run_dir / runfiles.REPLAY).is_file()):
@@ -753,7 +752,7 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
     result = result_record(cfg, run, run_dir, history, device=device, preset=preset, overrides=overrides,
                            t_start=t_start)
     if rank == 0:
-        runfiles.atomic_write_text(run_dir / runfiles.RESULT, json.dumps(result, indent=2) + "\n")
+        RunDir(run_dir).write_result(result)
     return result
 
 

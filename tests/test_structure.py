@@ -20,7 +20,7 @@ LAYERS = {
     2: {"training", "evaluation"},
     1: {"models", "losses", "baselines", "anchors", "distances", "data", "batching", "images", "foldercache",
         "checkpoint", "trainstate", "runfiles", "runtime", "forward", "schedules", "diagnostics", "plots", "fakedata",
-        "export", "tblog", "floors", "scoring", "subsets", "folders", "slots", "replay", "incremental"},
+        "export", "tblog", "floors", "scoring", "subsets", "folders", "slots", "replay", "incremental", "rundir"},
     0: {"config", "presets", "registry", "netspecs", "errors", "__init__"},
 }
 LAYER_OF = {name: level for level, names in LAYERS.items() for name in names}
@@ -199,3 +199,19 @@ def test_no_module_level_getattr_outside_the_package_init():
             continue
         tree = ast.parse(path.read_text())
         assert not any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in tree.body), path.name
+
+
+def test_run_folder_file_names_are_spelled_in_runfiles_only():
+    """RunDir owns the run folder: no other module spells one of its file names as a string."""
+    from ncmcli import runfiles
+
+    names = {runfiles.CONFIG, runfiles.METRICS, runfiles.BEST, runfiles.LAST, runfiles.RESULT, runfiles.REPLAY,
+             runfiles.PARENT, runfiles.LOCK}
+    spelled = {}
+    for path in PKG.rglob("*.py"):
+        if path.name == "runfiles.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                spelled.setdefault(path.name, []).append(node.value)
+    assert spelled == {}, spelled
