@@ -492,10 +492,10 @@ def resolved_settings(cfg: Config, run: Setup) -> dict:
 def scale_record(cfg: Config, crit) -> dict:
     """What result.json says of an NCM loss's scale: the setting, the number it resolved to at
     the start, the final one (moved only by learn) and the floor at it."""
-    from ncmcli.floors import loss_floor, top_probability
+    from ncmcli.floors import top_probability
 
     value = crit.scale_value()
-    floor = loss_floor(crit.anchors, crit.metric, value)
+    floor = crit.loss_floor()  # at the current scale; with free slots, every slot in the denominator
     rec = {"setting": cfg.loss.scale, "initial": crit.initial_scale, "value": value, "floor": floor,
            "top_probability": top_probability(floor)}
     if isinstance(cfg.loss.scale, str):

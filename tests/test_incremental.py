@@ -120,8 +120,8 @@ def test_a_grown_head_keeps_its_old_rows_and_initialises_the_new_ones():
 @pytest.fixture(scope="module")
 def two_tasks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("incremental")
-    first = _train(tmp, "t1", ["anchors.slots=10", "data.classes=0,1", "train.replay=60"])
-    second = _train(tmp, "t2", ["anchors.slots=10", "data.classes=Pullover,3", "train.replay=60"],
+    first = _train(tmp, "t1", ["anchors.slots=10", "data.classes=0,1", "train.replay=60", "loss.scale=auto"])
+    second = _train(tmp, "t2", ["anchors.slots=10", "data.classes=Pullover,3", "train.replay=60", "loss.scale=auto"],
                     extend=tmp / "t1")
     return tmp, first, second
 
@@ -153,8 +153,9 @@ def test_eval_json_lists_the_tasks_and_predict_only_the_classes_in_use(two_tasks
     assert [t["classes"] for t in tasks] == [["T-shirt/top", "Trouser"], ["Pullover", "Dress"]]
     assert [t["new"] for t in tasks] == [False, True] and sum(t["n"] for t in tasks) == ev["n"]
     conf = torch.tensor(ev["confusion"], dtype=torch.float64)  # the per-task accuracy, by hand
-    assert tasks[0]["accuracy"] == pytest.approx((conf[0, 0] + conf[0, 1] + conf[1, 0] + conf[1, 1]).item()
-                                                 / conf[:2].sum().item())
+    for task, rows in zip(tasks, ([0, 1], [2, 3])):  # right among all four classes, over the task's images
+        hits = sum(conf[r, r].item() for r in rows)
+        assert task["accuracy"] == pytest.approx(hits / conf[rows].sum().item())
     assert ev["classes"] == ["T-shirt/top", "Trouser", "Pullover", "Dress"]
     from ncmcli import checkpoint
 
@@ -255,3 +256,14 @@ def test_the_readme_two_step_example_runs(tmp_path, ncm):
     tasks = json.loads(proc.stdout)["tasks"]
     assert [t["classes"] for t in tasks] == [["T-shirt/top", "Trouser"], ["Pullover", "Dress"]]
     assert (tmp_path / "runs" / "task2" / "replay.safetensors").is_file()
+
+
+def test_auto_scale_reads_every_slot_and_result_json_reports_the_slot_floor(two_tasks):
+    from ncmcli.floors import scale_for_floor
+
+    _, first, second = two_tasks
+    slots = make_anchors("orthogonal", 10, 32)
+    assert first["scale"]["initial"] == pytest.approx(scale_for_floor(slots, "euclidean", 0.1))
+    assert second["scale"]["initial"] == first["scale"]["value"]  # every task at the parent's scale
+    # The floor with both used classes on their anchors and all 10 slots in the softmax: 0.1.
+    assert first["scale"]["floor"] == pytest.approx(0.1, rel=1e-6) == pytest.approx(first["loss_floor"], rel=1e-6)
