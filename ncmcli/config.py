@@ -17,7 +17,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
 
 from ncmcli import registry  # torch-free: the names every check below reads
 from ncmcli.errors import ConfigError
@@ -537,4 +536,6 @@ def from_dict(tree: dict) -> Config:
 
 
 def to_yaml(cfg: Config) -> str:
+    import yaml  # here, not at the top: the library (checkpoint loading) never needs it
+
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -49,9 +49,7 @@ DISTANCES = {
 def get_distance(metric: str):
     try:
         return DISTANCES[metric]
-    except KeyError:
-        from ncmcli.errors import UsageError
+    except (KeyError, TypeError):
+        from ncmcli.errors import ConfigError
 
-        raise UsageError(
-            f"unknown metric {metric!r}; choose one of: {', '.join(DISTANCES)}"
-        ) from None
+        raise ConfigError(f"unknown metric {metric!r}; choose one of: {', '.join(DISTANCES)}") from None

@@ -87,7 +87,7 @@ class Reporter:
 # ---------------------------------------------------------------------------------------
 # Commands
 
-def _check_resume_integrity(run: "RunDir", cfg, config_text: str) -> None:
+def _check_resume_integrity(run, cfg, config_text: str) -> None:
     """The checkpoint is the truth: refuse a ``last`` whose config differs from config.yaml
     (a hand edit) or that another run wrote (a copied file)."""
     from ncmcli import checkpoint

@@ -13,8 +13,10 @@ class UsageError(NcmError):
     exit_code = 2
 
 
-class ConfigError(UsageError):
-    """An invalid config key, value or preset."""
+class ConfigError(UsageError, ValueError):
+    """An invalid config key, value or preset. Also a ValueError: the library's constructors
+    (``NCMLoss``, ``make_anchors``, ``build_net``) raise it for bad arguments, and a caller
+    that does not know ncm's errors catches it as one."""
 
 
 class DataError(NcmError):

@@ -86,6 +86,10 @@ def fp32(x: torch.Tensor) -> torch.Tensor:
 class NCMLoss(Criterion):
     """Anchor-based Nearest Class Mean loss (E-NCM with ``euclidean``, C-NCM with ``cosine``).
 
+    ``distance`` (or ``metric``) is a registered name (``ncmcli.distances.DISTANCES``) or any
+    callable (features (B, D), anchors (C, D)) -> (B, C), injected as pytorch-metric-learning's
+    losses take a distance object; the loss never branches on which one it holds.
+
     ``scale`` s is an inverse temperature on the distances. The paper has none (1.0): with
     unit anchors its softmax is flat, so the loss has a floor well above zero (see
     ``floors.loss_floor``); a larger scale lowers it (``floors.scale_for_floor`` picks the s
@@ -100,7 +104,7 @@ class NCMLoss(Criterion):
 
     def __init__(self, anchors: torch.Tensor, metric: str = "euclidean", scale: float = 1.0, *,
                  learn_scale: bool = False, logit_bias: torch.Tensor | None = None,
-                 class_slots: torch.Tensor | None = None, free_slots: str = "softmax"):
+                 class_slots: torch.Tensor | None = None, free_slots: str = "softmax", distance=None):
         super().__init__()
         if anchors.ndim != 2 or anchors.shape[0] < 2:
             raise ConfigError(f"anchors must be (C >= 2, D), got {tuple(anchors.shape)}")
@@ -108,8 +112,14 @@ class NCMLoss(Criterion):
             raise ConfigError(f"scale must be a finite number > 0, got {scale}")
         if free_slots not in self.FREE_SLOTS:
             raise ConfigError(f"free_slots must be one of {', '.join(self.FREE_SLOTS)}, got {free_slots!r}")
-        self.metric = metric
-        self.distance = get_distance(metric)
+        if distance is not None and not isinstance(distance, str) and not callable(distance):
+            raise TypeError(f"distance must be a registered name or a callable (features, anchors) -> (B, C), "
+                            f"got {type(distance).__name__}")
+        if callable(distance):  # an injected distance: (B, D), (C, D) -> (B, C)
+            self.metric, self.distance = getattr(distance, "__name__", "custom"), distance
+        else:
+            self.metric = distance if isinstance(distance, str) else metric
+            self.distance = get_distance(self.metric)
         self.learn_scale = bool(learn_scale)
         self.initial_scale = float(scale)  # fixed: a plain float, so scale 1 multiplies exactly
         if self.learn_scale:  # log s: positive whatever the optimiser does
@@ -172,6 +182,9 @@ class NCMLoss(Criterion):
         softmax, the floor of the classes in use with every slot in the denominator."""
         from ncmcli.floors import loss_floor, slot_floor
 
+        if self.metric not in DISTANCES:  # an injected distance: every feature on its anchor
+            a = self.anchors.detach().double()
+            return F.cross_entropy(-self.scale_value() * self.distance(a, a), torch.arange(len(a))).item()
         if self.has_slots and self.free_slots == "softmax":
             return slot_floor(self.slot_anchors, self.class_slots, self.metric, self.scale_value())
         return loss_floor(self.anchors, self.metric, self.scale_value())

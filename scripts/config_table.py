@@ -77,7 +77,8 @@ def choices() -> dict[str, tuple]:
             "loss.name": c.LOSSES, "loss.hinge_form": c.HINGE_FORMS, "loss.scale": ("a number",) + c.SCALE_WORDS,
             "train.precision": c.PRECISIONS, "train.channels_last": c.TRISTATE, "optim.name": c.OPTIMIZERS,
             "optim.schedule": c.SCHEDULES, "optim.milestone_unit": c.MILESTONE_UNITS,
-            "data.imbalance": ("exp:IF", "step:IF", '""'), "data.augment": ("false", "true", "randomresizedcrop")}
+            "data.imbalance": ("exp:IF", "step:IF", '""'), "data.augment": ("false", "true", "randomresizedcrop"),
+            "loss.free_slots": c.FREE_SLOTS}
 
 
 def table() -> str:

@@ -33,3 +33,41 @@ def assert_clean_error(proc, code, fragment=None):
 @pytest.fixture
 def ncm():
     return run_ncm
+
+
+class StopAfter:
+    """A stop request (what the CLI's signal handler is) that arrives after ``n`` checks, i.e.
+    about ``n`` training steps: mid-epoch interruption without a signal."""
+
+    signal_name = "SIGINT"
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def is_set(self):
+        self.calls += 1
+        return self.calls >= self.n
+
+
+def save_untrained(path, preset="quickstart", *, classes=None, mean=(0.3,), std=(0.2,), epoch=3, metrics=None):
+    """An untrained quickstart-shaped checkpoint (10 classes, 1x28x28) at ``path``, seeded;
+    returns (path, model in eval mode, criterion)."""
+    import torch
+
+    from ncmcli import checkpoint
+    from ncmcli.presets import resolve
+    from ncmcli.training import build_from_config
+
+    cfg = resolve(preset)
+    torch.manual_seed(0)
+    model, _, crit = build_from_config(cfg, 10, (1, 28, 28))
+    checkpoint.save(path, model=model, criterion=crit, config=cfg, classes=classes or [f"c{i}" for i in range(10)],
+                    mean=list(mean), std=list(std), input_shape=(1, 28, 28), epoch=epoch,
+                    metrics={"test_acc": 0.5} if metrics is None else metrics)
+    return path, model.eval(), crit
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """An untrained quickstart checkpoint file (see ``save_untrained``)."""
+    return save_untrained(tmp_path / "ck.safetensors")[0]

@@ -7,19 +7,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ncmcli import checkpoint, runfiles
+from conftest import save_untrained
 from ncmcli.presets import resolve
 from ncmcli.errors import CheckpointError
-from ncmcli.training import build_from_config
 
 
 def _save(tmp_path, preset="quickstart", name="ck.safetensors"):
-    cfg = resolve(preset)
-    torch.manual_seed(0)
-    model, anchors, crit = build_from_config(cfg, 10, (1, 28, 28))
-    path = tmp_path / name
-    checkpoint.save(path, model=model, criterion=crit, config=cfg, classes=[f"c{i}" for i in range(10)],
-                    mean=[0.3], std=[0.2], input_shape=(1, 28, 28), epoch=3, metrics={"test_acc": 0.5})
-    return path, model.eval(), crit
+    return save_untrained(tmp_path / name, preset)
 
 
 @pytest.mark.parametrize("preset", ["quickstart", "quickstart-softmax", "quickstart-cncm"])

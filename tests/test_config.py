@@ -7,11 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ncmcli import config as C
+from ncmcli import presets as P
 from ncmcli.errors import ConfigError
 
 
 def test_defaults_are_the_papers():
-    cfg = C.resolve(None)
+    cfg = P.resolve(None)
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.1, 0.9, 5e-4)
     assert (cfg.train.batch_size, cfg.train.epochs, cfg.model.dropout) == (256, 90, 0.1)
     assert cfg.optim.schedule == "plateau" and cfg.optim.lr_factor == 0.1
@@ -19,7 +20,7 @@ def test_defaults_are_the_papers():
 
 
 def test_config_is_frozen():
-    cfg = C.resolve(None)
+    cfg = P.resolve(None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.optim.lr = 1.0  # type: ignore[misc]
 
@@ -33,11 +34,11 @@ def test_public_keys_exist():
 
 def test_unknown_key_names_the_closest():
     with pytest.raises(ConfigError, match=r"unknown key 'optim.lrr' \(did you mean 'optim.lr'\?\)"):
-        C.resolve("quickstart", ["optim.lrr=0.1"])
+        P.resolve("quickstart", ["optim.lrr=0.1"])
 
 
 def test_overrides_are_coerced_against_the_schema():
-    cfg = C.resolve("quickstart", ["optim.lr=1e-3", "train.epochs=3", "data.augment=yes",
+    cfg = P.resolve("quickstart", ["optim.lr=1e-3", "train.epochs=3", "data.augment=yes",
                                    "model.dropout=0.25", "description=no"])
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
     assert cfg.train.epochs == 3 and cfg.data.augment is True and cfg.model.dropout == 0.25
@@ -49,11 +50,11 @@ def test_yaml_quirks_are_coerced(tmp_path):
     assert yaml.safe_load("x: 1e-3")["x"] == "1e-3"
     p = tmp_path / "p.yaml"
     p.write_text("base: quickstart\noptim:\n  lr: 1e-3\ndata:\n  augment: no\ntrain:\n  epochs: 2.0\n")
-    cfg = C.resolve(str(p))
+    cfg = P.resolve(str(p))
     assert cfg.optim.lr == 0.001 and cfg.data.augment is False and cfg.train.epochs == 2
     p.write_text("loss:\n  name: no\n")
     with pytest.raises(ConfigError, match="quote"):
-        C.resolve(str(p))
+        P.resolve(str(p))
 
 
 @pytest.mark.parametrize("override,fragment", [
@@ -66,18 +67,18 @@ def test_yaml_quirks_are_coerced(tmp_path):
 ])
 def test_bad_values(override, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)):
-        C.resolve("quickstart", [override])
+        P.resolve("quickstart", [override])
 
 
 def test_presets_extend_and_resolve():
-    cfg = C.resolve("cifar10plus-cncm")
+    cfg = P.resolve("cifar10plus-cncm")
     assert cfg.data.name == "cifar10" and cfg.data.augment and cfg.loss.name == "cncm"
     assert cfg.model.arch == "cifar10" and cfg.optim.lr == 0.1
 
 
 def test_unknown_preset_lists_valid_ones():
     with pytest.raises(ConfigError) as exc:
-        C.resolve("cifar10-encn")
+        P.resolve("cifar10-encn")
     assert "did you mean 'cifar10-encm'" in str(exc.value) and "quickstart" in str(exc.value)
 
 
@@ -85,30 +86,30 @@ def test_self_extending_preset(tmp_path):
     p = tmp_path / "loop.yaml"
     p.write_text(f"base: {p}\n")
     with pytest.raises(ConfigError, match="extends itself"):
-        C.resolve(str(p))
+        P.resolve(str(p))
 
 
 def test_malformed_and_dangerous_yaml(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
-        C.resolve(str(p))
+        P.resolve(str(p))
     p.write_text("seed: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
-        C.resolve(str(p))
+        P.resolve(str(p))
     p.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
-        C.resolve(str(p))
+        P.resolve(str(p))
 
 
 def test_round_trip_through_dict_and_yaml():
-    cfg = C.resolve("cifar100-encm", ["model.dropout=0.5", "seed=7"])
+    cfg = P.resolve("cifar100-encm", ["model.dropout=0.5", "seed=7"])
     assert C.from_dict(cfg.to_dict()) == cfg
     assert C.from_dict(yaml.safe_load(C.to_yaml(cfg))) == cfg
 
 
 def test_every_preset_has_a_description():
-    items = C.list_presets()
+    items = P.list_presets()
     assert len(items) >= 20
     for name, desc in items.items():
         assert desc and not desc.startswith("(broken"), name
@@ -118,7 +119,7 @@ def test_every_preset_has_a_description():
 @given(key=st.sampled_from(sorted(C.SCHEMA)) | st.text(max_size=20), value=st.text(max_size=20))
 def test_any_override_gives_a_config_or_a_clean_error(key, value):
     try:
-        cfg = C.resolve(None, [f"{key}={value}"])
+        cfg = P.resolve(None, [f"{key}={value}"])
     except ConfigError:
         return
     assert isinstance(cfg, C.Config)

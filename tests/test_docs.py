@@ -38,3 +38,38 @@ def test_readme_config_table_is_the_generated_one():
         "README's config table is stale: run python scripts/config_table.py --write"
     for name in ("tiny", "resnet34-cifar", "lsoftmax", "center", "sqncm"):  # every arch and loss is listed
         assert f"`{name}`" in generated
+
+
+def test_the_readme_python_api_example_runs_without_typer_rich_or_yaml():
+    import subprocess
+    import sys
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Python API"):text.index("## The nets")]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    check = ("\nimport sys\nfrom ncmcli import load_checkpoint, anchor_certificate, Criterion, HingeLoss\n"
+             "assert round(floor, 3) == 1.159, floor\n"
+             "print(sorted(m for m in ('typer', 'rich', 'yaml') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_library_constructors_raise_value_and_type_errors():
+    import pytest
+    import torch
+
+    from ncmcli import NCMLoss, build_net, make_anchors
+
+    anchors = make_anchors("orthogonal", 4, 4)
+    with pytest.raises(ValueError):
+        make_anchors("orthogonal", 5, 3)
+    with pytest.raises(ValueError):
+        NCMLoss(anchors, distance="manhattan")
+    with pytest.raises(TypeError):
+        NCMLoss(anchors, distance=3)
+    with pytest.raises(ValueError):
+        build_net("tiny", in_channels=1, image_size=28, dropout=2.0)
+    with pytest.raises(ValueError):
+        NCMLoss(torch.ones(1, 4))

@@ -113,15 +113,10 @@ def test_crop_resize_keeps_the_aspect_ratio(tmp_path):
 def test_predict_reports_distance_and_margin(tmp_path):
     from PIL import Image
 
-    from ncmcli import checkpoint, engine
-    from ncmcli.training import build_from_config
+    from conftest import save_untrained
+    from ncmcli import engine
 
-    cfg = resolve("quickstart")
-    torch.manual_seed(0)
-    model, _, crit = build_from_config(cfg, 10, (1, 28, 28))
-    ck = tmp_path / "ck.safetensors"
-    checkpoint.save(ck, model=model, criterion=crit, config=cfg, classes=[f"c{i}" for i in range(10)],
-                    mean=[0.3], std=[0.2], input_shape=(1, 28, 28), epoch=1, metrics={})
+    ck, model, crit = save_untrained(tmp_path / "ck.safetensors", epoch=1, metrics={})
     Image.new("L", (56, 28), 200).save(tmp_path / "x.png")
     res = engine.predict_command([tmp_path / "x.png"], checkpoint_path=ck, device="cpu")
     rec = res["predictions"][0]
@@ -185,7 +180,7 @@ def test_ema_weights_follow_the_formula_and_are_what_is_checkpointed(tmp_path, m
 def test_ema_resumes_exactly(tmp_path):
     from safetensors.torch import load_file
 
-    from test_reliability import StopAfter
+    from conftest import StopAfter
 
     from ncmcli.training import Interrupted
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ncmcli import config as C
+from ncmcli import presets as P
 from ncmcli.baselines import LSoftmaxLoss
 from ncmcli.schedules import PlateauOnExcess, make_scheduler
 
@@ -59,7 +60,7 @@ def test_plateau_makes_exactly_max_drops_cuts_and_resumes_from_its_state():
 
 @pytest.mark.parametrize("unit", ["step", "epoch"])
 def test_multistep_cuts_at_its_milestones(unit):
-    cfg = C.resolve("quickstart", ["optim.schedule=multistep", "optim.milestones=3,5",
+    cfg = P.resolve("quickstart", ["optim.schedule=multistep", "optim.milestones=3,5",
                                    f"optim.milestone_unit={unit}", "optim.lr=0.1"])
     opt = _optimizer(0.1)
     sched, per_step = make_scheduler(cfg, opt, steps_per_epoch=10)
@@ -74,11 +75,11 @@ def test_multistep_cuts_at_its_milestones(unit):
 
 def test_multistep_needs_milestones_and_parses_them():
     with pytest.raises(C.ConfigError, match="needs optim.milestones"):
-        C.resolve("quickstart", ["optim.schedule=multistep"])
+        P.resolve("quickstart", ["optim.schedule=multistep"])
     with pytest.raises(C.ConfigError, match="increasing"):
-        C.resolve("quickstart", ["optim.milestones=[7500, 5000]"])
-    assert C.resolve("quickstart", ["optim.milestones=[5000, 7500]"]).optim.milestones == (5000, 7500)
-    assert C.resolve("quickstart", ["optim.milestones="]).optim.milestones == ()
+        P.resolve("quickstart", ["optim.milestones=[7500, 5000]"])
+    assert P.resolve("quickstart", ["optim.milestones=[5000, 7500]"]).optim.milestones == (5000, 7500)
+    assert P.resolve("quickstart", ["optim.milestones="]).optim.milestones == ()
 
 
 # Liu et al.'s released solvers (wy1iu/LargeMargin_Softmax_Loss, myexamples/*).
@@ -88,7 +89,7 @@ LIU = {"mnist-lsoftmax4": (2.5e-5, 35.0), "cifar10-lsoftmax2": (2e-5, 45.0), "ci
 @pytest.mark.parametrize("preset", sorted(LIU))
 def test_lsoftmax_lambda_follows_the_released_annealing(preset):
     gamma, power = LIU[preset]
-    cfg = C.resolve(preset)
+    cfg = P.resolve(preset)
     assert (cfg.loss.lambda_base, cfg.loss.lambda_gamma, cfg.loss.lambda_power, cfg.loss.lambda_min) == (1000, gamma, power, 0)
     loss = LSoftmaxLoss(8, 10, cfg.loss.margin, base=cfg.loss.lambda_base, gamma=cfg.loss.lambda_gamma,
                         power=cfg.loss.lambda_power, lambda_min=cfg.loss.lambda_min)
@@ -103,7 +104,7 @@ def test_liu_presets_follow_the_released_solver():
     for ds, milestones in (("mnist", (5000, 7500)), ("cifar10", (5000, 7500)), ("cifar10plus", (8000, 12000)),
                            ("cifar100", (5000, 7500))):
         for method in ("hinge", "lsoftmax2", "lsoftmax3", "lsoftmax4"):
-            cfg = C.resolve(f"{ds}-{method}")
+            cfg = P.resolve(f"{ds}-{method}")
             assert (cfg.train.batch_size, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (128, 0.1, 0.9, 5e-4)
             assert (cfg.optim.schedule, cfg.optim.milestone_unit, cfg.optim.milestones) == ("multistep", "step", milestones)
             assert cfg.model.dropout == 0 and cfg.model.head == "linear-bn-relu"
@@ -116,11 +117,11 @@ def test_liu_presets_follow_the_released_solver():
 def test_paper_presets_follow_section_4_2():
     for ds in ("mnist", "cifar10", "cifar10plus", "cifar100"):
         for m in ("softmax", "cncm", "encm"):
-            cfg = C.resolve(f"{ds}-{m}")
+            cfg = P.resolve(f"{ds}-{m}")
             assert (cfg.train.batch_size, cfg.train.epochs, cfg.optim.lr, cfg.optim.schedule) == (256, 90, 0.1, "plateau")
             assert cfg.model.dropout == 0.1 and cfg.model.head == "linear" and cfg.data.normalization == "global"
     for m in ("softmax", "cncm", "encm", "center"):
-        cfg = C.resolve(f"mnist2d-{m}")
+        cfg = P.resolve(f"mnist2d-{m}")
         assert cfg.model.dropout == 0.0 and cfg.model.arch == "mnist2d"  # dropout only after Figure 2
 
 
@@ -171,15 +172,15 @@ def test_flip_only_batches_mirror_or_keep_each_image():
 
 
 def test_changing_one_data_set_base_leaves_the_others_unchanged(tmp_path, monkeypatch):
-    before = {name: C.to_yaml(C.resolve(name)) for name in C.list_presets()}
+    before = {name: C.to_yaml(P.resolve(name)) for name in P.list_presets()}
     from ncmcli import presets
 
     copy = tmp_path / "presets"
-    shutil.copytree(C.presets_dir(), copy)
+    shutil.copytree(P.presets_dir(), copy)
     monkeypatch.setattr(presets, "presets_dir", lambda: copy)
     presets._read_yaml_cached.cache_clear()
     (copy / "_cifar100.yaml").write_text((copy / "_cifar100.yaml").read_text() + "train:\n  eval_batch_size: 7\n")
-    after = {name: C.to_yaml(C.resolve(name)) for name in C.list_presets()}
+    after = {name: C.to_yaml(P.resolve(name)) for name in P.list_presets()}
     changed = sorted(n for n in before if before[n] != after[n])
     assert changed and all(n.startswith("cifar100-") for n in changed)
     assert len(changed) == len([n for n in before if n.startswith("cifar100-")])

@@ -77,7 +77,7 @@ def test_backbone_lr_factor_and_frozen_epochs(tmp_path):
     assert all(lr_of[id(p)] == cfg.optim.lr for p in [*model.fc.parameters(), *crit.parameters()])
     assert len(make_optimizer(resolve("quickstart", []), model, crit).param_groups) == 1  # factor 1: one group
 
-    from test_reliability import StopAfter
+    from conftest import StopAfter
 
     from ncmcli.training import Interrupted
 

@@ -14,11 +14,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_clean_error
+from conftest import assert_clean_error, save_untrained
 from ncmcli import checkpoint
 from ncmcli.config import ConfigError
 from ncmcli.presets import resolve
-from ncmcli.training import build_from_config
 
 CAP = 6 * 2**30  # torch's own import needs about 4 GiB of address space
 
@@ -34,13 +33,7 @@ def capped(*args, timeout=120, cwd=None, stdin=None):
 
 
 def _save(tmp_path, preset="quickstart", name="ck.safetensors", classes=None):
-    cfg = resolve(preset)
-    torch.manual_seed(0)
-    model, anchors, crit = build_from_config(cfg, 10, (1, 28, 28))
-    path = tmp_path / name
-    checkpoint.save(path, model=model, criterion=crit, config=cfg, classes=classes or [f"c{i}" for i in range(10)],
-                    mean=[0.3], std=[0.2], input_shape=(1, 28, 28), epoch=3, metrics={"test_acc": 0.5})
-    return path
+    return save_untrained(tmp_path / name, preset, classes=classes)[0]
 
 
 def _tamper(path, out, *, tensors=None, meta=None):

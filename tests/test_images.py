@@ -71,17 +71,10 @@ def test_decompression_bomb_is_refused_without_decoding(tmp_path):
 
 
 def test_predict_on_a_folder_without_images(ncm, tmp_path):
-    from conftest import assert_clean_error
+    from conftest import assert_clean_error, save_untrained
 
-    from ncmcli import checkpoint
-    from ncmcli.presets import resolve
-    from ncmcli.training import build_from_config
-
-    cfg = resolve("quickstart")
-    model, _, crit = build_from_config(cfg, 10, (1, 28, 28))
-    ck = tmp_path / "ck.safetensors"
-    checkpoint.save(ck, model=model, criterion=crit, config=cfg, classes=[str(i) for i in range(10)],
-                    mean=[0.5], std=[0.25], input_shape=(1, 28, 28), epoch=1, metrics={})
+    ck = save_untrained(tmp_path / "ck.safetensors", classes=[str(i) for i in range(10)], mean=(0.5,), std=(0.25,),
+                        epoch=1, metrics={})[0]
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
     assert_clean_error(ncm("predict", tmp_path / "empty", "--checkpoint", ck), 2, "holds no images")

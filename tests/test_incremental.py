@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import assert_clean_error
+from conftest import StopAfter, assert_clean_error
 from ncmcli import replay
 from ncmcli.anchors import make_anchors
 from ncmcli.batching import Split
@@ -230,16 +230,6 @@ def test_replay_without_a_parent_memory_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="has no replay.safetensors"):
         _train(tmp_path, "c", ["anchors.slots=4", "data.classes=2,3", "train.replay=10"], extend=tmp_path / "p")
 
-
-class StopAfter:
-    signal_name = "SIGINT"
-
-    def __init__(self, n):
-        self.n, self.calls = n, 0
-
-    def is_set(self):
-        self.calls += 1
-        return self.calls >= self.n
 
 
 def test_the_readme_two_step_example_runs(tmp_path, ncm):

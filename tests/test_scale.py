@@ -124,7 +124,7 @@ def _train(tmp_path, name, overrides, stop=None, resume=False):
 
 
 def test_learned_scale_resumes_bit_identically_and_is_logged(tmp_path):
-    from test_reliability import StopAfter
+    from conftest import StopAfter
 
     from ncmcli.training import Interrupted
 

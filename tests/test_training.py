@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_clean_error
+from conftest import StopAfter, assert_clean_error
 from ncmcli import checkpoint
 from ncmcli.presets import resolve
 from ncmcli.engine import Reporter
@@ -22,19 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 # Augmentation and dropout on, so the data and dropout RNG states both matter.
 SMALL = ["data.limit_train=320", "data.limit_test=64", "train.batch_size=64", "train.deterministic=true",
          "data.augment=true", "model.dropout=0.2", "train.num_threads=1"]
-
-
-class StopAfter:
-    """A stop request that arrives after ``n`` training steps."""
-
-    signal_name = "SIGINT"
-
-    def __init__(self, n):
-        self.n, self.calls = n, 0
-
-    def is_set(self):
-        self.calls += 1
-        return self.calls >= self.n
 
 
 def _tensors(path):
