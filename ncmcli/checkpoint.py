@@ -169,31 +169,7 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
         cfg = cfgmod.from_dict(_meta_json(meta, "config", path))
     except NcmError as exc:
         raise CheckpointError(f"{path}: invalid config in checkpoint ({exc})") from None
-    classes = _meta_json(meta, "classes", path)
-    norm = _meta_json(meta, "normalization", path)
-    shape = _meta_json(meta, "input_shape", path)
-    if not (isinstance(classes, list) and 2 <= len(classes) <= MAX_CLASSES and all(isinstance(c, str) for c in classes)):
-        raise CheckpointError(f"{path}: 'classes' must be a list of 2..{MAX_CLASSES} names")
-    if not (isinstance(shape, list) and len(shape) == 3 and shape[0] in (1, 3)
-            and all(isinstance(s, int) and 8 <= s <= 4096 for s in shape[1:])):
-        raise CheckpointError(f"{path}: 'input_shape' must be [1 or 3, H, W] with 8 <= H, W <= 4096")
-    try:
-        mean = [float(v) for v in norm["mean"]]
-        std = [float(v) for v in norm["std"]]
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{path}: 'normalization' must hold mean and std lists") from None
-    if len(mean) != shape[0] or len(std) != shape[0] or not all(s > 0 for s in std):
-        raise CheckpointError(f"{path}: normalisation does not match {shape[0]} channels")
-    if shape[1] != shape[2] or shape[1] > MAX_SIDE:
-        raise CheckpointError(f"{path}: 'input_shape' must be square with a side of at most {MAX_SIDE}, got {shape}")
-    if not all(map(_finite, mean)):
-        raise CheckpointError(f"{path}: the normalisation mean is not finite")
-    if cfg.model.feature_dim > MAX_FEATURE_DIM:
-        raise CheckpointError(f"{path}: feature_dim {cfg.model.feature_dim} is above {MAX_FEATURE_DIM}")
-    counts = _meta_json(meta, "class_counts", path) if "class_counts" in meta else None
-    if counts is not None and not (isinstance(counts, list) and len(counts) == len(classes)
-                                   and all(isinstance(n, int) and 0 <= n < 2**40 for n in counts)):
-        raise CheckpointError(f"{path}: 'class_counts' must be a count per class")
+    classes, shape, mean, std, counts = _described_input(meta, path, cfg)
     stored_scale = _stored_scale(meta, path)
     tasks = _tasks(meta, path, classes)
     header = _header_shapes(path)
@@ -286,6 +262,36 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
         class_counts=counts, imbalance=str(meta.get("imbalance", ""))[:40], tasks=tasks,
         parent=_meta_json(meta, "parent", path) if "parent" in meta else None,
     )
+
+
+def _described_input(meta: dict, path: Path, cfg) -> tuple[list, list, list, list, list | None]:
+    """(classes, input shape, mean, std, class counts) from the metadata, each checked."""
+    classes = _meta_json(meta, "classes", path)
+    norm = _meta_json(meta, "normalization", path)
+    shape = _meta_json(meta, "input_shape", path)
+    if not (isinstance(classes, list) and 2 <= len(classes) <= MAX_CLASSES and all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(f"{path}: 'classes' must be a list of 2..{MAX_CLASSES} names")
+    if not (isinstance(shape, list) and len(shape) == 3 and shape[0] in (1, 3)
+            and all(isinstance(s, int) and 8 <= s <= 4096 for s in shape[1:])):
+        raise CheckpointError(f"{path}: 'input_shape' must be [1 or 3, H, W] with 8 <= H, W <= 4096")
+    try:
+        mean = [float(v) for v in norm["mean"]]
+        std = [float(v) for v in norm["std"]]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: 'normalization' must hold mean and std lists") from None
+    if len(mean) != shape[0] or len(std) != shape[0] or not all(s > 0 for s in std):
+        raise CheckpointError(f"{path}: normalisation does not match {shape[0]} channels")
+    if shape[1] != shape[2] or shape[1] > MAX_SIDE:
+        raise CheckpointError(f"{path}: 'input_shape' must be square with a side of at most {MAX_SIDE}, got {shape}")
+    if not all(map(_finite, mean)):
+        raise CheckpointError(f"{path}: the normalisation mean is not finite")
+    if cfg.model.feature_dim > MAX_FEATURE_DIM:
+        raise CheckpointError(f"{path}: feature_dim {cfg.model.feature_dim} is above {MAX_FEATURE_DIM}")
+    counts = _meta_json(meta, "class_counts", path) if "class_counts" in meta else None
+    if counts is not None and not (isinstance(counts, list) and len(counts) == len(classes)
+                                   and all(isinstance(n, int) and 0 <= n < 2**40 for n in counts)):
+        raise CheckpointError(f"{path}: 'class_counts' must be a count per class")
+    return classes, shape, mean, std, counts
 
 
 def _tasks(meta: dict, path: Path, classes: list[str]) -> list[list[str]] | None:
