@@ -46,6 +46,7 @@ def test_bounded_json_refuses_deep_nesting_but_not_brackets_in_strings():
     assert bounded_json("[" * 60 + "]" * 60) is not None
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 @pytest.mark.parametrize("key", ["config", "classes", "metrics", "train_state", "class_counts"])
 def test_deep_json_in_checkpoint_metadata_is_a_one_line_error(tmp_path, ncm, key, quick_run):
     run = quick_run
@@ -61,6 +62,7 @@ def test_deep_json_in_checkpoint_metadata_is_a_one_line_error(tmp_path, ncm, key
     assert "RecursionError" not in proc.stderr
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_special_files_named_as_arguments_return_at_once(tmp_path, ncm, quick_run):
     run = quick_run
     fifo = tmp_path / "x.png"

@@ -185,6 +185,7 @@ def test_dataloader_path_trains_exactly_like_the_tensor_path(tmp_path, workers):
     assert results["tensor"]["final"] == results["dataloader"]["final"]
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_a_sharded_file_split_keeps_one_loader_and_closes_its_workers(tmp_path):
     """Under DDP every evaluation shards the test split: the shard (and its DataLoader
     workers) is made once, not once per epoch, and close() leaves no worker behind."""
@@ -233,6 +234,7 @@ def test_auto_loader_follows_the_memory_budget(tmp_path):
     assert tiny_budget.input_shape == (3, 8, 8)  # the images' own side (image_size 0)
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_folder_with_val_and_no_test_trains_with_a_note(tmp_path, ncm):
     import shutil
 

@@ -128,6 +128,7 @@ def test_predict_reports_distance_and_margin(tmp_path):
     assert res["resize"] == "crop"
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_piped_progress_prints_periodic_lines_with_an_eta(ncm, tmp_path):
     import re
 
@@ -334,6 +335,7 @@ def test_tensorboard_scalars_mirror_metrics_jsonl(tmp_path):
     assert logged == [(m["epoch"], pytest.approx(m["test_acc"], abs=1e-6)) for m in lines]
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_onnx_metadata_lets_a_client_classify_alone(trained_ckpts, tmp_path, ncm):
     """The ONNX file carries class names, input shape, channel order, resize rule and the
     normalisation: a client with only onnxruntime and PIL reproduces `ncm predict`."""

@@ -177,6 +177,7 @@ def two_runs(tmp_path):
     return tmp_path / "a", tmp_path / "b"
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_resume_refuses_a_hand_edited_config_and_a_foreign_checkpoint(two_runs):
     a, b = two_runs
     text = (a / "config.yaml").read_text()
@@ -189,6 +190,7 @@ def test_resume_refuses_a_hand_edited_config_and_a_foreign_checkpoint(two_runs):
     assert_clean_error(capped("train", "--resume", a, "--set", "train.epochs=2"), 1, "differs from the config")
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_a_partial_metrics_line_is_skipped_with_a_note(two_runs):
     a, _ = two_runs
     with open(a / "metrics.jsonl", "a") as fh:
@@ -295,6 +297,7 @@ def test_config_bounds_are_checked_when_the_config_is_resolved(args, fragment):
     assert_clean_error(capped("train", "--preset", "quickstart", "--print-config", *args, timeout=30), 2, fragment)
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_no_unexpected_errors_for_inputs_a_user_can_give(tmp_path):
     ck = _save(tmp_path)
     for device in ("xla", "meta", "cuda:x", "vulkan"):

@@ -191,6 +191,7 @@ def test_replay_memory_is_balanced_seeded_and_safetensors(two_tasks):
     assert torch.bincount(a.labels).tolist() == [10, 10, 10, 10]
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_extend_refuses_a_mismatched_net_other_anchors_and_no_free_slot(two_tasks, ncm, tmp_path):
     tmp, _, _ = two_tasks
     base = ["train", "--preset", "quickstart", "--extend", str(tmp / "t1"), "--set", "data.classes=4,5",
@@ -232,6 +233,7 @@ def test_replay_without_a_parent_memory_is_a_config_error(tmp_path):
 
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_the_readme_two_step_example_runs(tmp_path, ncm):
     from pathlib import Path
 

@@ -129,6 +129,7 @@ def _train(tmp_path, ncm, *sets):
     return out, json.loads(proc.stdout), proc.stderr
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_train_prints_counts_and_eval_reports_long_tail_metrics(tmp_path, ncm):
     out, res, err = _train(tmp_path, ncm, "data.imbalance=exp:10")
     expected = imbalance_counts(500, 10, "exp", 10.0)
@@ -160,6 +161,7 @@ def test_train_prints_counts_and_eval_reports_long_tail_metrics(tmp_path, ncm):
     assert_clean_error(ncm("eval", out, "--logit-adjust", "-1"), 2, "--logit-adjust")
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_train_time_adjustment_at_zero_trains_identical_weights(tmp_path, ncm):
     from safetensors.torch import load_file
 

@@ -47,6 +47,7 @@ def test_an_inverted_score_warns_and_names_a_better_one():
         _open_set("x", -d_in, None, -d_out, None, "margin")
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_eval_reports_every_score_and_warns_on_stderr(tmp_path, ncm):
     import json
 
@@ -69,6 +70,7 @@ def test_eval_reports_every_score_and_warns_on_stderr(tmp_path, ncm):
     assert res["ood"]["n_out"] == 7 and res["n"] == 100  # --ood-limit samples the unknowns only
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_predict_rejects_below_a_margin(tmp_path, ncm):
     import json
 

@@ -33,6 +33,7 @@ def test_each_plot_writes_a_valid_png_of_the_expected_size(run, tmp_path, kind, 
         assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 50  # not blank
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_other_formats_and_default_location(run, tmp_path):
     assert run_ncm("plot", "features", run, "--format", "svg", "--split", "train", "--max-points", "200").returncode == 0
     assert (run / "features-train.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
@@ -57,6 +58,7 @@ def test_eval_json_carries_the_diagnostics(run):
     assert d["compactness"]["mean"] > 0 and d["reject_above_at_95_tpr"] > d["compactness"]["median"]
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_open_set_against_an_image_folder_and_rejection(run, tmp_path):
     rng = np.random.default_rng(0)
     (tmp_path / "noise").mkdir()
@@ -74,6 +76,7 @@ def test_open_set_against_an_image_folder_and_rejection(run, tmp_path):
     assert_clean_error(run_ncm("eval", run, "--ood", tmp_path / "nowhere"), 2, "neither a dataset")
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_curves_go_beside_the_run_and_name_only_what_varies(run, tmp_path):
     from ncmcli.plots import curve_labels
 

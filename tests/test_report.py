@@ -257,6 +257,7 @@ def test_repeated_seeds_and_pooled_by_are_said_plainly(tmp_path):
     assert "pooled over" not in text and "runs," not in text and "(n=2)" in text
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_resuming_a_cosine_run_longer_says_it_re_spans(tmp_path, ncm):
     out = tmp_path / "run"
     assert ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=200",

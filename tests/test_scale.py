@@ -162,6 +162,7 @@ def test_learned_scale_takes_no_weight_decay(tmp_path):
     assert all(groups[id(p)] == cfg.optim.weight_decay for p in model.parameters())
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_auto_scale_everywhere(tmp_path, ncm):
     """train --json reports it; config.yaml notes it; the checkpoint stores it; eval, predict and
     ONNX export all use it."""
@@ -200,6 +201,7 @@ def test_auto_scale_everywhere(tmp_path, ncm):
     assert np.allclose(logits, -s * dist, atol=1e-4)
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_anchors_command_prints_floor_and_top_probability_at_auto(ncm):
     res = json.loads(ncm("anchors", "-C", "10", "-d", "10", "--method", "orthogonal", "--scale", "auto", "--json").stdout)
     assert res["scale_setting"] == "auto" and abs(res["loss_floor"] - 0.1) < 1e-6

@@ -75,6 +75,7 @@ def test_name_sets_the_run_folder_prefix(ncm, tmp_path):
     assert made.name.startswith("lr-sweep-0.1-")
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_force_empties_the_old_runs_files(ncm, tmp_path):
     out = tmp_path / "r"
     assert ncm("train", "--preset", "quickstart", *TINY, "--set", "train.epochs=2", "--out", out).returncode == 0

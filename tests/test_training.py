@@ -79,6 +79,7 @@ def test_deterministic_runs_are_identical(tmp_path):
     _same(_tensors(tmp_path / "a" / "best.safetensors"), _tensors(tmp_path / "b" / "best.safetensors"))
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_resume_cli_rules(ncm, tmp_path):
     proc = ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=128",
                "--set", "data.limit_test=64", "--out", tmp_path / "r", "--quiet")

@@ -3,9 +3,12 @@ command that reads a run folder's checkpoint."""
 
 import json
 
+import pytest
+
 from conftest import assert_clean_error
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_a_tiny_validation_split_warns_and_best_follows_the_last_epoch(tmp_path, ncm):
     out = tmp_path / "run"
     proc = ncm("train", "--preset", "quickstart", "--set", "train.epochs=2", "--set", "data.limit_train=300",
@@ -20,6 +23,7 @@ def test_a_tiny_validation_split_warns_and_best_follows_the_last_epoch(tmp_path,
     assert json.loads(proc.stdout)["best_selected_on"] == "validation"
 
 
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_which_last_on_eval_predict_export_and_plot(tmp_path, ncm):
     from ncmcli.fakedata import make_folder
 
