@@ -215,12 +215,13 @@ def build_run(cfg: Config, device: torch.device, say=None, parent=None) -> Setup
         check_compatible(cfg, parent)
     known = parent.classes if parent is not None else None
     data = rank0_first(lambda: load_dataset(cfg.data, say=say, known_classes=known))  # one download, not one per rank
-    mean, std = split_stats(data.train, normalization=cfg.data.normalization)  # the paper's: global
-    if cfg.model.pretrained:  # the statistics the pretrained weights were trained with
-        mean, std = imagenet_stats(data.input_shape[0])
-    lineage, memory = _lineage(cfg, data, parent)
     if parent is not None:  # the parent's input format: its normalisation, not this task's
         mean, std = list(parent.checkpoint.mean), list(parent.checkpoint.std)
+    elif cfg.model.pretrained:  # the statistics the pretrained weights were trained with
+        mean, std = imagenet_stats(data.input_shape[0])
+    else:
+        mean, std = split_stats(data.train, normalization=cfg.data.normalization)  # the paper's: global
+    lineage, memory = _lineage(cfg, data, parent)
     model, _, criterion = build_from_config(cfg, len(data.classes), data.input_shape, data.train_counts, parent)
     _check_size(model, criterion, len(data.classes))
     model.to(device)
