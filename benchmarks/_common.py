@@ -8,9 +8,10 @@ import time
 
 import torch
 
-from ncmcli.presets import resolve
-from ncmcli.schedules import make_optimizer
-from ncmcli.training import TrainStep, build_from_config
+from ncmcli.config.presets import resolve
+from ncmcli.train.schedules import make_optimizer
+from ncmcli.nn.classifier import Classifier
+from ncmcli.train.loop import TrainStep
 
 
 def parse(description: str, **extra) -> argparse.Namespace:
@@ -47,7 +48,7 @@ class Trainer:
                  amp: torch.dtype | None = None, memory_format=torch.contiguous_format, compile: bool = False):
         self.cfg = resolve(preset, overrides)
         torch.manual_seed(0)
-        self.model, _, self.crit = build_from_config(self.cfg, classes, shape)
+        self.model, self.crit = Classifier.from_config(self.cfg, classes, shape).parts()
         self.model.to(device).to(memory_format=memory_format).train()
         self.crit.to(device).train()
         net = torch.compile(self.model) if compile else self.model

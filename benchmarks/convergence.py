@@ -14,7 +14,7 @@ import math
 import sys
 from pathlib import Path
 
-from ncmcli.runfiles import METRICS, read_metrics
+from ncmcli.runs.runfiles import METRICS, read_metrics
 
 
 def main() -> None:

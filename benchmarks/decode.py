@@ -3,7 +3,7 @@ DataLoader workers, the split's batch plan), before and after JPEG draft mode.
 
     python benchmarks/decode.py [--size 224] [--images 192]
 
-"before" is ``ncmcli.images.load_image`` with its two new steps switched off, i.e. ncm's
+"before" is ``ncmcli.data.images.load_image`` with its two new steps switched off, i.e. ncm's
 previous decode (a full-size JPEG decode, then one bilinear resize to the shorter side and a
 centre crop); "after" is ``load_image`` as it is (libjpeg's scaled DCT decoding to the
 smallest 1/2, 1/4 or 1/8 size that still covers the resize, then PIL's reducing_gap resize). The JPEGs are photos in all but name: real CIFAR-10 pictures
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from _common import parse
-from ncmcli.batching import FileSplit
+from ncmcli.data.batching import FileSplit
 
 
 def make_photos(folder: Path, n: int, w: int, h: int) -> list[Path]:
@@ -50,7 +50,7 @@ def rate(files: list[Path], size: int, workers: int, batch: int, *, draft: bool)
     """Images per second through FileSplit's DataLoader (second pass: workers warm), with
     ``load_image`` as it is (``draft``) or as it was before draft mode (full-size decode, a
     plain bilinear resize): the same function, the two new steps switched off."""
-    from ncmcli import images
+    from ncmcli.data import images
 
     split = FileSplit(files, torch.zeros(len(files), dtype=torch.int64), 3, size, workers)
     plan = [list(range(i, min(i + batch, len(files)))) for i in range(0, len(files), batch)]

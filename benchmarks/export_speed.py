@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from _common import parse, timed
-from ncmcli import checkpoint
-from ncmcli.presets import resolve
+from ncmcli.runs import checkpoint
+from ncmcli.config.presets import resolve
 from ncmcli.export import Exported, export
-from ncmcli.training import build_from_config
+from ncmcli.nn.classifier import Classifier
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     for arch, shape in cases:
         cfg = resolve("quickstart", [f"model.arch={arch}"])
         torch.manual_seed(0)
-        model, _, crit = build_from_config(cfg, 10, shape)
+        model, crit = Classifier.from_config(cfg, 10, shape).parts()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "ck.safetensors"
             checkpoint.save(path, model=model, criterion=crit, config=cfg, classes=[str(i) for i in range(10)],
@@ -38,7 +38,7 @@ def main() -> None:
             ts_file = export(ck, "torchscript", Path(tmp) / "m.pt")
             session = ort.InferenceSession(str(onnx_file))
             scripted = torch.jit.load(str(ts_file))
-            eager = Exported(ck.model, ck.criterion, ck.mean, ck.std).eval()
+            eager = Exported(ck.classifier).eval()
             x = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8)
             with torch.no_grad():
                 t_torch = timed(lambda: eager(x), reps=reps)

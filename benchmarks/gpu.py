@@ -26,7 +26,7 @@ import time
 import torch
 
 from _common import Trainer, forward_flops, sync
-from ncmcli.batching import Split, batches, channel_stats, normalize
+from ncmcli.data.batching import Split, batches, channel_stats, normalize
 
 NETS = [("mnist", "mnist-encm", (1, 28, 28), 10, 60000), ("cifar10", "cifar10plus-encm", (3, 32, 32), 10, 50000),
         ("cifar100", "cifar100-encm", (3, 32, 32), 100, 50000)]

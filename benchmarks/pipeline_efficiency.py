@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from _common import model_only_rate, parse
-from ncmcli.presets import resolve
+from ncmcli.config.presets import resolve
 from ncmcli.engine import Reporter
-from ncmcli.fakedata import make_folder, make_mnist
-from ncmcli.training import train
+from ncmcli.data.fakedata import make_folder, make_mnist
+from ncmcli.train.loop import train
 
 CASES = [
     # name, preset, overrides, input shape, classes, images per epoch

@@ -12,7 +12,7 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 
 from _common import Trainer, parse
-from ncmcli.batching import Split, batches, channel_stats
+from ncmcli.data.batching import Split, batches, channel_stats
 
 
 class PilCifar(Dataset):

@@ -1,6 +1,7 @@
 """ncm: anchor-based Nearest Class Mean losses (Hao et al.) as a library and a CLI.
 
-The library: ``make_anchors``, ``anchor_certificate``, the criteria (``NCMLoss`` with an
+The library lives in ``ncmcli.nn`` (torch only) and is re-exported here: ``Classifier``,
+``make_anchors``, ``anchor_certificate``, the criteria (``NCMLoss`` with an
 injected distance, ``SoftmaxLoss`` and the baselines), the distances, ``loss_floor``,
 ``build_net`` and ``load_checkpoint``. They are imported lazily (PEP 562) so that ``ncm --help``
 and config handling never pay for importing torch, and none of them imports typer, rich or
@@ -10,21 +11,22 @@ yaml.
 __version__ = "0.1.0"
 
 _LAZY = {
-    "make_anchors": ("ncmcli.anchors", "make_anchors"),
-    "anchor_certificate": ("ncmcli.anchors", "anchor_certificate"),
-    "NCMLoss": ("ncmcli.losses", "NCMLoss"),
-    "SoftmaxLoss": ("ncmcli.losses", "SoftmaxLoss"),
-    "Criterion": ("ncmcli.losses", "Criterion"),
-    "HingeLoss": ("ncmcli.baselines", "HingeLoss"),
-    "LSoftmaxLoss": ("ncmcli.baselines", "LSoftmaxLoss"),
-    "CenterLoss": ("ncmcli.baselines", "CenterLoss"),
-    "euclidean": ("ncmcli.distances", "euclidean"),
-    "cosine": ("ncmcli.distances", "cosine"),
-    "squared_euclidean": ("ncmcli.distances", "squared_euclidean"),
-    "loss_floor": ("ncmcli.floors", "loss_floor"),
-    "scale_for_floor": ("ncmcli.floors", "scale_for_floor"),
-    "build_net": ("ncmcli.models", "build_net"),
-    "load_checkpoint": ("ncmcli.checkpoint", "load"),
+    "make_anchors": ("ncmcli.nn", "make_anchors"),
+    "anchor_certificate": ("ncmcli.nn", "anchor_certificate"),
+    "NCMLoss": ("ncmcli.nn", "NCMLoss"),
+    "SoftmaxLoss": ("ncmcli.nn", "SoftmaxLoss"),
+    "Criterion": ("ncmcli.nn", "Criterion"),
+    "HingeLoss": ("ncmcli.nn", "HingeLoss"),
+    "LSoftmaxLoss": ("ncmcli.nn", "LSoftmaxLoss"),
+    "CenterLoss": ("ncmcli.nn", "CenterLoss"),
+    "euclidean": ("ncmcli.nn", "euclidean"),
+    "cosine": ("ncmcli.nn", "cosine"),
+    "squared_euclidean": ("ncmcli.nn", "squared_euclidean"),
+    "loss_floor": ("ncmcli.nn", "loss_floor"),
+    "scale_for_floor": ("ncmcli.nn", "scale_for_floor"),
+    "build_net": ("ncmcli.nn", "build_net"),
+    "Classifier": ("ncmcli.nn", "Classifier"),
+    "load_checkpoint": ("ncmcli.runs.checkpoint", "load"),
 }
 
 __all__ = ["__version__", *_LAZY]

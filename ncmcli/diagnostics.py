@@ -7,12 +7,12 @@ import torch
 
 
 @torch.no_grad()
-def extract(model, criterion, split, *, mean, std, device, batch_size: int = 1024):
+def extract(classifier, split, *, device, batch_size: int = 1024):
     """(features (N, d), logits (N, C), labels (N,)) of a split, on the CPU."""
     from ncmcli.forward import forward_split
 
     parts = [(f.float().cpu(), z.float().cpu(), y.cpu()) for f, z, y in
-             forward_split(model, criterion, split, mean=mean, std=std, device=device, batch_size=batch_size)]
+             forward_split(classifier, split, device=device, batch_size=batch_size)]
     feats, logits, labels = zip(*parts)
     return torch.cat(feats), torch.cat(logits), torch.cat(labels)
 

@@ -19,8 +19,8 @@ def anchors_command(
 ) -> dict:
     """Build anchors, optionally save them, and return their certificate as a dict.
     ``scale``: a number, or "auto" for the scale whose loss floor is ``floor_target`` nats."""
-    from ncmcli.anchors import anchor_certificate, make_anchors, resolve_auto
-    from ncmcli.distances import get_distance
+    from ncmcli.nn.anchors import anchor_certificate, make_anchors, resolve_auto
+    from ncmcli.nn.distances import get_distance
 
     get_distance(metric)
     raw, scale = scale, "auto" if str(scale).strip().lower() == "auto" else _number(scale)
@@ -39,7 +39,7 @@ def anchors_command(
     a = make_anchors(method, classes, dim, seed=seed)
     label = f"auto ({resolve_auto(classes, dim)})" if method == "auto" else method
     if scale == "auto":
-        from ncmcli.floors import scale_for_floor
+        from ncmcli.nn.floors import scale_for_floor
 
         try:
             value = scale_for_floor(a, metric, floor_target)
@@ -53,7 +53,7 @@ def anchors_command(
     if out is not None:
         from safetensors.torch import save_file
 
-        from ncmcli.runfiles import atomic_write
+        from ncmcli.storage import atomic_write
 
         meta = {"method": method, "seed": str(seed), "classes": str(classes), "dim": str(dim)}
         try:
@@ -90,11 +90,11 @@ class Reporter:
 def _check_resume_integrity(run, cfg, config_text: str) -> None:
     """The checkpoint is the truth: refuse a ``last`` whose config differs from config.yaml
     (a hand edit) or that another run wrote (a copied file)."""
-    from ncmcli import checkpoint
-    from ncmcli.config import from_dict
+    from ncmcli.runs import checkpoint
+    from ncmcli.config.schema import from_dict
     from ncmcli.errors import CheckpointError
-    from ncmcli.rundir import run_id_of_config
-    from ncmcli.runfiles import bounded_json
+    from ncmcli.runs.rundir import run_id_of_config
+    from ncmcli.storage import bounded_json
 
     meta = checkpoint.read_metadata(run.last)
     folder_id = run_id_of_config(config_text)
@@ -130,13 +130,13 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
 
     import yaml
 
-    from ncmcli import config as cfgmod
-    from ncmcli import trainstate
-    from ncmcli.presets import load_yaml_text
+    from ncmcli.config import schema as cfgmod
+    from ncmcli.runs import trainstate
+    from ncmcli.config.presets import load_yaml_text
     from ncmcli.errors import CheckpointError
-    from ncmcli.training import train
+    from ncmcli.train.loop import train
 
-    from ncmcli.rundir import RunDir
+    from ncmcli.runs.rundir import RunDir
 
     run_dir = Path(run_dir)
     folder = RunDir(run_dir)
@@ -170,7 +170,7 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
                              f"{cfg.train.epochs} epochs re-spans it: the lr jumps to where the longer cosine "
                              f"is at step {progress.global_step}, not where the old one would have ended")
         if overrides and rank == 0:
-            from ncmcli.rundir import run_id_of_config
+            from ncmcli.runs.rundir import run_id_of_config
 
             folder.write_config(cfgmod.to_yaml(cfg), run_id_of_config(config_text))
         return train(cfg, run_dir=run_dir, device=dev, resume=True, stop=stop,
@@ -181,7 +181,7 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
 
 def _locked(run_dir: Path, rank: int, fn):
     """Run ``fn`` holding the run folder's lock (rank 0 writes; other ranks write nothing)."""
-    from ncmcli.runfiles import FolderLock
+    from ncmcli.runs.runfiles import FolderLock
 
     if rank != 0:
         return fn()
@@ -196,9 +196,9 @@ def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | 
     import os
     import shutil
 
-    from ncmcli.rundir import RunDir
-    from ncmcli.runfiles import FolderLock, prepare_run_dir
-    from ncmcli.training import train
+    from ncmcli.runs.rundir import RunDir
+    from ncmcli.runs.runfiles import FolderLock, prepare_run_dir
+    from ncmcli.train.loop import train
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and out is None:
         raise UsageError("under torchrun, give the run folder with --out (every rank must agree on it)")
@@ -234,10 +234,10 @@ def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, t
     """Top-k classes for each image; unreadable files are reported, the rest go on."""
     import torch
 
-    from ncmcli import checkpoint
-    from ncmcli.batching import Split
+    from ncmcli.runs import checkpoint
+    from ncmcli.data.batching import Split
     from ncmcli.forward import forward_split
-    from ncmcli.images import IMAGE_SUFFIXES, load_image
+    from ncmcli.data.images import IMAGE_SUFFIXES, load_image
 
     if top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {top_k}")
@@ -286,8 +286,7 @@ def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, t
         if not tensors:
             continue
         chunk = Split(torch.stack(tensors), torch.zeros(len(tensors), dtype=torch.int64))
-        ((feats, logits, _),) = forward_split(ck.model, ck.criterion, chunk.to(dev), mean=ck.mean, std=ck.std,
-                                              device=dev, batch_size=len(tensors))
+        ((feats, logits, _),) = forward_split(ck.classifier, chunk.to(dev), device=dev, batch_size=len(tensors))
         probs = torch.softmax(logits, 1)
         with torch.no_grad():
             two = ck.criterion.distances(feats).topk(2, dim=1, largest=False).values if ck.criterion.uses_anchors else None
@@ -314,9 +313,9 @@ def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, t
 def export_command(target: Path, *, fmt: str, out: Path | None, which: str = "best") -> tuple[Path, str]:
     """Export a checkpoint (or a run folder's best) as ONNX or TorchScript; returns the file
     and its input, e.g. ``(B, 3, 64, 64) uint8, RGB``."""
-    from ncmcli import checkpoint
+    from ncmcli.runs import checkpoint
     from ncmcli.export import FORMATS, export, input_description
-    from ncmcli.runfiles import resolve_checkpoint
+    from ncmcli.runs.runfiles import resolve_checkpoint
 
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")

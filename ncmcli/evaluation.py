@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ncmcli.rundir import find_runs
-from ncmcli.runfiles import METRICS, resolve_checkpoint
+from ncmcli.runs.rundir import find_runs
+from ncmcli.runs.runfiles import METRICS, resolve_checkpoint
 from ncmcli.runtime import pick_device
 from ncmcli.errors import UsageError
 
@@ -14,7 +14,7 @@ def _test_split(ck, data_root: str | None, limit: int = 0):
     """The test split a checkpoint was trained for, checked against its classes and shape."""
     import dataclasses
 
-    from ncmcli.data import load_dataset
+    from ncmcli.data.datasets import load_dataset
     from ncmcli.errors import DataError
 
     data_cfg = ck.config.data
@@ -42,10 +42,10 @@ def _ood_images(source: str, ck, data_root: str | None, limit: int):
     converted to the checkpoint's channels and size."""
     import torch
 
-    from ncmcli.config import DataConfig
+    from ncmcli.config.schema import DataConfig
     from ncmcli.registry import DATASETS
-    from ncmcli.data import load_dataset
-    from ncmcli.images import IMAGE_SUFFIXES, load_image
+    from ncmcli.data.datasets import load_dataset
+    from ncmcli.data.images import IMAGE_SUFFIXES, load_image
 
     c, h, _ = ck.input_shape
     if source in DATASETS and source != "folder" and not Path(source).exists():
@@ -79,8 +79,10 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
 
     import torch
 
-    from ncmcli import checkpoint, diagnostics, scoring
-    from ncmcli.batching import Split
+    from ncmcli import diagnostics, scoring
+
+    from ncmcli.runs import checkpoint
+    from ncmcli.data.batching import Split
     from ncmcli.forward import evaluate
 
     if not (math.isfinite(logit_adjust) and 0 <= logit_adjust <= 10):
@@ -102,8 +104,7 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
     batch_size = batch_size or ck.config.train.eval_batch_size  # the checkpoint's own setting
     data = _test_split(ck, data_root, limit)
     test = data.test.to(dev)
-    ev = evaluate(ck.model, ck.criterion, test, mean=ck.mean, std=ck.std, device=dev,
-                  batch_size=batch_size, num_classes=len(ck.classes), keep_outputs=True)
+    ev = evaluate(ck.classifier, test, device=dev, batch_size=batch_size, keep_outputs=True)
     feats, logits, labels = ev.pop("features"), ev.pop("logits"), ev.pop("labels")  # one pass, not two
     raw_logits, adjusted = logits, None
     if logit_adjust > 0:
@@ -134,15 +135,14 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
     if has_anchors:
         result["scale"] = ck.criterion.scale_value()
     if ck.tasks and len(ck.tasks) > 1:  # class-incremental: every run's classes, the last one's new
-        from ncmcli.incremental import task_accuracies
+        from ncmcli.runs.incremental import task_accuracies
 
         result["tasks"] = task_accuracies(ev["confusion"], ck.classes, ck.tasks)
         result["parent"] = ck.parent
     if ood is not None:
         images = _ood_images(ood, ck, data_root, limit if ood_limit is None else ood_limit)
         ood_split = Split(images, torch.zeros(len(images), dtype=torch.int64)).to(dev)
-        f_ood, l_ood, _ = diagnostics.extract(ck.model, ck.criterion, ood_split, mean=ck.mean, std=ck.std,
-                                              device=dev, batch_size=batch_size)
+        f_ood, l_ood, _ = diagnostics.extract(ck.classifier, ood_split, device=dev, batch_size=batch_size)
         d_ood = None
         if has_anchors:
             with torch.no_grad():
@@ -215,8 +215,10 @@ def plot_command(kind: str, target: Path | list[Path], *, out: Path | None, fmt:
 
     import torch
 
-    from ncmcli import checkpoint, diagnostics, plots
-    from ncmcli.data import load_dataset
+    from ncmcli import diagnostics, plots
+
+    from ncmcli.runs import checkpoint
+    from ncmcli.data.datasets import load_dataset
     from ncmcli.forward import evaluate
 
     plots._pyplot()  # fail early, with the install hint, before any work
@@ -246,14 +248,13 @@ def plot_command(kind: str, target: Path | list[Path], *, out: Path | None, fmt:
     else:
         s = _test_split(ck, data_root).test
     if kind == "confusion":
-        ev = evaluate(ck.model, ck.criterion, s.to(dev), mean=ck.mean, std=ck.std, device=dev,
-                      batch_size=ck.config.train.eval_batch_size, num_classes=len(ck.classes))
+        ev = evaluate(ck.classifier, s.to(dev), device=dev, batch_size=ck.config.train.eval_batch_size)
         return plots.confusion(ev["confusion"], ck.classes, f"{name}: accuracy {ev['accuracy']:.4f}",
                                _plot_out(out, path.parent, "confusion", fmt))
     if max_points and len(s) > max_points:
         idx = torch.randperm(len(s), generator=torch.Generator().manual_seed(0))[:max_points]
         s = s.subset(idx)
-    feats, _, labels = diagnostics.extract(ck.model, ck.criterion, s.to(dev), mean=ck.mean, std=ck.std, device=dev,
+    feats, _, labels = diagnostics.extract(ck.classifier, s.to(dev), device=dev,
                                            batch_size=ck.config.train.eval_batch_size)
     directions, direction_kind = diagnostics.class_directions(ck.criterion)
     if kind == "features":

@@ -22,16 +22,14 @@ FORMATS = ("onnx", "torchscript")
 class Exported(nn.Module):
     """uint8 images -> (logits, prediction[, distances]), normalisation included."""
 
-    def __init__(self, model: nn.Module, criterion: nn.Module, mean: list[float], std: list[float]):
+    def __init__(self, classifier: nn.Module):
         super().__init__()
-        self.model, self.criterion = model.eval(), criterion.eval()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
-        self.with_distances = bool(criterion.uses_anchors)
+        self.classifier = classifier.eval()
+        self.criterion = classifier.criterion
+        self.with_distances = bool(self.criterion.uses_anchors)
 
     def forward(self, images: torch.Tensor):
-        x = (images.float() - self.mean) / self.std  # (B, C, H, W), as ncm's batches
-        feats = self.model(x)  # (B, d)
+        feats = self.classifier.features(images)  # (B, d): normalised inside, as ncm's batches
         if self.with_distances:
             dist = self.criterion.distances(feats)  # (B, C)
             logits = -self.criterion.scale * dist
@@ -78,11 +76,11 @@ def input_description(ck) -> str:
 
 def export(ck, fmt: str, out: Path) -> Path:
     """Write ``ck`` (a loaded checkpoint) as ``fmt`` to ``out``, atomically."""
-    from ncmcli.runfiles import atomic_write
+    from ncmcli.storage import atomic_write
 
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    wrapper = Exported(ck.model.cpu().float(), ck.criterion.cpu().float(), ck.mean, ck.std).eval()
+    wrapper = Exported(ck.classifier.cpu().float()).eval()
     example = torch.randint(0, 256, (2, *ck.input_shape), dtype=torch.uint8)
     names = output_names(wrapper.with_distances)
     if fmt == "torchscript":

@@ -7,40 +7,38 @@ from typing import Iterator
 
 import torch
 
-from ncmcli.batching import batches
+from ncmcli.data.batching import batches
 from ncmcli.scoring import confusion_of
 from ncmcli.runtime import dist_info
 
 
-def forward_split(model, criterion, split, *, mean, std, device, batch_size: int,
+def forward_split(classifier, split, *, device, batch_size: int,
                   shard: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(features, logits, labels) per batch of ``split``, in order, without gradients and
-    with the model and criterion in eval mode (no dropout, no centre updates, no L-Softmax
+    with the classifier (a ``Classifier``) in eval mode (no dropout, no centre updates, no L-Softmax
     schedule steps). ``shard`` keeps this rank's rows ``[rank::world]`` under DDP."""
     rank, world = dist_info()
     if shard and world > 1:
         split = split.shard(rank, world)
-    model.eval()
-    criterion.eval()
+    classifier.eval()
+    net, criterion = classifier.parts()
     with torch.no_grad():
-        for x, y in batches(split, batch_size, mean=mean, std=std, device=device):
-            feats = model(x)
+        for x, y in batches(split, batch_size, mean=classifier.mean, std=classifier.std, device=device):
+            feats = net(x)
             yield feats, criterion.logits(feats), y
 
 
-def evaluate(model, criterion, split, *, mean, std, device, batch_size: int, num_classes: int,
-             keep_outputs: bool = False) -> dict:
+def evaluate(classifier, split, *, device, batch_size: int, keep_outputs: bool = False) -> dict:
     """Loss, accuracy and the confusion matrix of ``split``, summed on the device. Under DDP
     each rank takes the rows ``[rank::world]`` and the sums are all-reduced: exact counts,
     no padded duplicates. ``keep_outputs`` also returns the features, logits and labels (on
     the CPU) for diagnostics, from the same single pass."""
-    world = dist_info()[1]
+    world, criterion, num_classes = dist_info()[1], classifier.criterion, len(classifier.classes)
     full_n = len(split)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     kept: list[tuple] = []
-    for feats, logits, y in forward_split(model, criterion, split, mean=mean, std=std, device=device,
-                                          batch_size=batch_size, shard=True):
+    for feats, logits, y in forward_split(classifier, split, device=device, batch_size=batch_size, shard=True):
         with torch.no_grad():
             loss_sum += criterion(feats, y).double() * len(y)  # the training loss (L-Softmax: with its margin)
             pred = criterion.predict(feats)

@@ -1,6 +1,6 @@
 """The nets as data: Table 1 of Hao et al. and CPU-sized nets of the same shape.
 
-A spec is a list of stages ``(channels, n_convs)``; ``ncmcli.models`` builds it. This module
+A spec is a list of stages ``(channels, n_convs)``; ``ncmcli.nn.models`` builds it. This module
 imports no torch, so the config can check ``model.arch`` names at CLI start-up. To add a net,
 add one line to ``ARCHS``.
 """

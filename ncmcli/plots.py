@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ncmcli.errors import NcmError
-from ncmcli.rundir import RunDir
+from ncmcli.runs.rundir import RunDir
 
 FORMATS = ("png", "svg", "pdf")
 INSTALL_HINT = "plotting needs matplotlib: pip install 'ncmcli[plot]'"
@@ -38,7 +38,7 @@ def _colors(n: int):
 
 
 def _save(fig, out: Path) -> Path:
-    from ncmcli.runfiles import atomic_write
+    from ncmcli.storage import atomic_write
 
     out = Path(out)
     fmt = out.suffix.lstrip(".").lower()
@@ -124,8 +124,8 @@ def features(feats: torch.Tensor, labels: torch.Tensor, directions: torch.Tensor
 def curve_labels(runs: list[Path]) -> list[str]:
     """One legend label per run: only the config keys that vary across the runs (never the
     data path), else the run folder's name."""
-    from ncmcli.config import dotted
-    from ncmcli.presets import load_yaml_text
+    from ncmcli.config.schema import dotted
+    from ncmcli.config.presets import load_yaml_text
     from ncmcli.registry import keys_read
 
     flats = []

@@ -31,14 +31,14 @@ class Entry:
 _NCM_KEYS = ("scale", "floor_target", "logit_adjust", "free_slots")
 # -- Losses (criteria). Labels may use the loss config's fields, e.g. {margin}.
 LOSSES: dict[str, Entry] = {
-    "softmax": Entry("SoftMax", "ncmcli.losses:build_softmax", keys=("label_smoothing", "logit_adjust")),
-    "encm": Entry("E-NCM", "ncmcli.losses:build_ncm", metric="euclidean", keys=_NCM_KEYS),
-    "cncm": Entry("C-NCM", "ncmcli.losses:build_ncm", metric="cosine", keys=_NCM_KEYS),
-    "sqncm": Entry("sq-NCM", "ncmcli.losses:build_ncm", metric="sqeuclidean", keys=_NCM_KEYS),
-    "hinge": Entry("{hinge_label}", "ncmcli.baselines:build_hinge", keys=("hinge_form",)),
-    "lsoftmax": Entry("L-Softmax m={margin}", "ncmcli.baselines:build_lsoftmax",
+    "softmax": Entry("SoftMax", "ncmcli.nn.losses:build_softmax", keys=("label_smoothing", "logit_adjust")),
+    "encm": Entry("E-NCM", "ncmcli.nn.losses:build_ncm", metric="euclidean", keys=_NCM_KEYS),
+    "cncm": Entry("C-NCM", "ncmcli.nn.losses:build_ncm", metric="cosine", keys=_NCM_KEYS),
+    "sqncm": Entry("sq-NCM", "ncmcli.nn.losses:build_ncm", metric="sqeuclidean", keys=_NCM_KEYS),
+    "hinge": Entry("{hinge_label}", "ncmcli.nn.baselines:build_hinge", keys=("hinge_form",)),
+    "lsoftmax": Entry("L-Softmax m={margin}", "ncmcli.nn.baselines:build_lsoftmax",
                       keys=("margin", "lambda_base", "lambda_gamma", "lambda_power", "lambda_min", "label_smoothing")),
-    "center": Entry("Center", "ncmcli.baselines:build_center",
+    "center": Entry("Center", "ncmcli.nn.baselines:build_center",
                     keys=("center_weight", "center_alpha", "label_smoothing")),
 }
 HINGE_FORMS: dict[str, Entry] = {
@@ -70,7 +70,7 @@ def loss_key_users(key: str) -> list[str]:
     return [name for name, e in LOSSES.items() if field in e.keys]
 
 
-# -- Anchor methods (ncmcli.anchors implements each; files are accepted besides these).
+# -- Anchor methods (ncmcli.nn.anchors implements each; files are accepted besides these).
 ANCHOR_METHODS: dict[str, Entry] = {
     "orthogonal": Entry("e_1..e_C, the paper's default"),
     "polar": Entry("the paper's angle meshgrid"),

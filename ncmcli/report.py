@@ -15,9 +15,9 @@ from pathlib import Path
 import yaml
 
 from ncmcli import registry
-from ncmcli.config import dotted, from_dict
-from ncmcli.rundir import RunDir
-from ncmcli.presets import load_yaml_text
+from ncmcli.config.schema import dotted, from_dict
+from ncmcli.runs.rundir import RunDir
+from ncmcli.config.presets import load_yaml_text
 from ncmcli.errors import NcmError, UsageError
 
 PAPER_FILE = Path(__file__).resolve().parent / "paper_results.json"
@@ -91,8 +91,8 @@ def _plus(augment) -> str:
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
-    from ncmcli.rundir import find_runs as runs_under
-    from ncmcli.runfiles import RESULT
+    from ncmcli.runs.rundir import find_runs as runs_under
+    from ncmcli.runs.runfiles import RESULT
 
     for p in map(Path, paths):
         if not p.exists():
@@ -199,7 +199,7 @@ def collect(paths: list[Path], by: list[str] = (), metric: str = "test_error_pct
     nothing but what ``by`` leaves out. A key that varies between runs of the same data set,
     net, method and p becomes a setting of the cell (a column), so such runs are never
     averaged together."""
-    from ncmcli.config import SCHEMA
+    from ncmcli.config.schema import SCHEMA
 
     runs = load_runs(paths, metric)
     for key in by:

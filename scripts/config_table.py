@@ -1,5 +1,5 @@
 """The README's config-key table, generated from the schema: each key's default from the
-dataclasses in ncmcli/config.py, its meaning from the comment beside or above its field, and,
+dataclasses in ncmcli/config/schema.py, its meaning from the comment beside or above its field, and,
 for keys with a fixed set of values, the names from the registry.
 
     python scripts/config_table.py           # print the table
@@ -18,7 +18,7 @@ import tokenize
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "ncmcli" / "config.py"
+CONFIG = REPO / "ncmcli" / "config" / "schema.py"
 README = REPO / "README.md"
 START, END = "<!-- config-table:start (scripts/config_table.py writes it) -->", "<!-- config-table:end -->"
 
@@ -68,7 +68,7 @@ def _default(value) -> str:
 
 
 def choices() -> dict[str, tuple]:
-    from ncmcli import config as c
+    from ncmcli.config import schema as c
     from ncmcli import registry
 
     return {"data.name": c.DATASETS, "data.normalization": c.NORMALIZATIONS, "data.loader": c.LOADERS,
@@ -83,7 +83,7 @@ def choices() -> dict[str, tuple]:
 
 def table() -> str:
     sys.path.insert(0, str(REPO))
-    from ncmcli.config import SCHEMA, Config
+    from ncmcli.config.schema import SCHEMA, Config
 
     defaults = {}
     for f in dataclasses.fields(Config):

@@ -54,16 +54,16 @@ def save_untrained(path, preset="quickstart", *, classes=None, mean=(0.3,), std=
     returns (path, model in eval mode, criterion)."""
     import torch
 
-    from ncmcli import checkpoint
-    from ncmcli.presets import resolve
-    from ncmcli.training import build_from_config
+    from ncmcli.runs import checkpoint
+    from ncmcli.config.presets import resolve
+    from ncmcli.nn.classifier import Classifier
 
     cfg = resolve(preset)
     torch.manual_seed(0)
-    model, _, crit = build_from_config(cfg, 10, (1, 28, 28))
-    checkpoint.save(path, model=model, criterion=crit, config=cfg, classes=classes or [f"c{i}" for i in range(10)],
-                    mean=list(mean), std=list(std), input_shape=(1, 28, 28), epoch=epoch,
-                    metrics={"test_acc": 0.5} if metrics is None else metrics)
+    clf = Classifier.from_config(cfg, classes or [f"c{i}" for i in range(10)], (1, 28, 28), mean=list(mean),
+                                 std=list(std))
+    checkpoint.save(path, clf, config=cfg, epoch=epoch, metrics={"test_acc": 0.5} if metrics is None else metrics)
+    model, crit = clf.parts()
     return path, model.eval(), crit
 
 

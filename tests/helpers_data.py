@@ -1,5 +1,5 @@
 """Tiny datasets in the real on-disk formats, for offline loader tests. The IDX and folder
-writers live in the package (``ncmcli.fakedata``, shared with the benchmarks); the CIFAR
+writers live in the package (``ncmcli.data.fakedata``, shared with the benchmarks); the CIFAR
 writer stays here, because that format is a pickle and ncm's own modules never touch pickle."""
 
 import pickle
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ncmcli.fakedata import make_folder, make_mnist, write_idx  # noqa: F401
+from ncmcli.data.fakedata import make_folder, make_mnist, write_idx  # noqa: F401
 
 
 def make_cifar(root: Path, kind: str = "cifar10", per_batch: int = 4, seed=0):

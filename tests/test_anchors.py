@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from ncmcli import make_anchors
-from ncmcli.anchors import anchor_certificate, best_known_min_angle, pairwise_angles
-from ncmcli.floors import loss_floor
+from ncmcli.nn.anchors import anchor_certificate, best_known_min_angle, pairwise_angles
+from ncmcli.nn.floors import loss_floor
 from ncmcli.errors import UsageError
 
 
@@ -182,7 +182,7 @@ def test_certificate_fields():
 
 @pytest.mark.parametrize("rho,c,scale", [(0.0, 6, 1.0), (-1 / 5, 6, 2.0), (0.3, 5, 1.0), (0.6, 4, 3.0)])
 def test_equiangular_closed_form_matches_the_solver_and_a_search(rho, c, scale):
-    from ncmcli.floors import _cosine_floor, _equiangular_floor
+    from ncmcli.nn.floors import _cosine_floor, _equiangular_floor
 
     # C unit vectors with every pairwise cosine rho: the rows of the Cholesky factor of
     # (1 - rho) I + rho 11^T (rho = -1/(C-1) is the regular simplex), in a random rotation.
@@ -201,7 +201,7 @@ def test_equiangular_closed_form_matches_the_solver_and_a_search(rho, c, scale):
 
 
 def test_loss_floor_is_cached_per_anchors_metric_and_scale(monkeypatch):
-    import ncmcli.floors as floors
+    import ncmcli.nn.floors as floors
 
     monkeypatch.setattr(floors, "_CACHE", {})  # whatever earlier tests computed
     calls = []
@@ -218,7 +218,7 @@ def test_loss_floor_is_cached_per_anchors_metric_and_scale(monkeypatch):
 
 
 def test_optimized_anchors_are_cached_per_classes_dim_and_seed(tmp_path, monkeypatch):
-    from ncmcli import anchors as anchors_mod
+    from ncmcli.nn import anchors as anchors_mod
 
     monkeypatch.setenv("NCM_CACHE", str(tmp_path))
     first = make_anchors("optimized", 7, 3, seed=4)

@@ -9,8 +9,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import assert_clean_error
-from ncmcli import config, floors
-from ncmcli.runfiles import bounded_json
+from ncmcli.config import schema as config
+from ncmcli.nn import floors
+from ncmcli.storage import bounded_json
 
 
 def _quick_run(ncm, out, *sets):
@@ -89,7 +90,7 @@ def test_special_files_named_as_arguments_return_at_once(tmp_path, ncm, quick_ru
 
 
 def test_bounds_come_from_one_place():
-    from ncmcli import checkpoint
+    from ncmcli.runs import checkpoint
 
     assert checkpoint.MAX_FEATURE_DIM is config.MAX_FEATURE_DIM and checkpoint.MAX_PARAMS is config.MAX_PARAMS
     assert checkpoint.MAX_SCALE is config.MAX_SCALE and floors.MAX_AUTO_SCALE == config.MAX_SCALE
@@ -112,7 +113,7 @@ def test_a_config_at_its_limit_goes_through_train_and_eval(tmp_path, ncm, sets):
 
 
 def test_a_model_too_big_to_load_is_refused_before_training(tmp_path, ncm):
-    from ncmcli.fakedata import make_folder
+    from ncmcli.data.fakedata import make_folder
 
     # The paper's CIFAR-100 net at d = 65536 on 32x32 RGB has 1.5 x 2^28 parameters.
     make_folder(tmp_path / "imgs", classes=("a", "b"), per_class=2, size=(32, 32))

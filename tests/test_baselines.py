@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ncmcli.baselines import CenterLoss, HingeLoss, LSoftmaxLoss
-from ncmcli.losses import SoftmaxLoss
+from ncmcli.nn.baselines import CenterLoss, HingeLoss, LSoftmaxLoss
+from ncmcli.nn.losses import SoftmaxLoss
 
 
 def _data(b=9, d=5, c=4, seed=0):
@@ -155,10 +155,10 @@ def test_hinge_gradcheck():
 
 @pytest.mark.parametrize("loss", ["softmax", "hinge", "lsoftmax", "center", "cncm", "encm"])
 def test_every_loss_trains_end_to_end_on_quickstart_and_reloads(tmp_path, loss):
-    from ncmcli import checkpoint
-    from ncmcli.presets import resolve
+    from ncmcli.runs import checkpoint
+    from ncmcli.config.presets import resolve
     from ncmcli.engine import Reporter
-    from ncmcli.training import train
+    from ncmcli.train.loop import train
 
     cfg = resolve("quickstart", [f"loss.name={loss}", "train.epochs=2", "data.limit_train=640",
                                  "data.limit_test=200", "optim.lr=0.01"])

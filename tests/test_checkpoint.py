@@ -6,9 +6,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ncmcli import checkpoint, runfiles
+from ncmcli.runs import checkpoint
+from ncmcli.storage import atomic_write, atomic_write_text
 from conftest import save_untrained
-from ncmcli.presets import resolve
+from ncmcli.config.presets import resolve
 from ncmcli.errors import CheckpointError
 
 
@@ -101,14 +102,14 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        runfiles.atomic_write(target, boom)
+        atomic_write(target, boom)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
 
 def test_atomic_write_gives_the_usual_permissions(tmp_path):
     mask = os.umask(0o022)
     try:
-        runfiles.atomic_write_text(tmp_path / "a.txt", "x")
+        atomic_write_text(tmp_path / "a.txt", "x")
     finally:
         os.umask(mask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644

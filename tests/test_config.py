@@ -6,8 +6,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ncmcli import config as C
-from ncmcli import presets as P
+from ncmcli.config import schema as C
+from ncmcli.config import presets as P
 from ncmcli.errors import ConfigError
 
 

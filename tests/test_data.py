@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from helpers_data import make_cifar, make_folder, make_mnist
-from ncmcli.config import DataConfig
-from ncmcli.batching import augment, batches, channel_stats, draw_augment, normalize
-from ncmcli.data import DEBIAN_FASHION_DIR, load_dataset
+from ncmcli.config.schema import DataConfig
+from ncmcli.data.batching import augment, batches, channel_stats, draw_augment, normalize
+from ncmcli.data.datasets import DEBIAN_FASHION_DIR, load_dataset
 from ncmcli.errors import DataError
 
 
@@ -50,7 +50,7 @@ def test_cifar_pickle_format(tmp_path, kind):
     ("cifar10", "data_batch_1..5"), ("cifar100", "meta")])
 def test_missing_data_offline_names_folder_and_files(tmp_path, name, files, monkeypatch):
     if name == "fashion-mnist":
-        monkeypatch.setattr("ncmcli.data.DEBIAN_FASHION_DIR", tmp_path / "nowhere")
+        monkeypatch.setattr("ncmcli.data.datasets.DEBIAN_FASHION_DIR", tmp_path / "nowhere")
     with pytest.raises(DataError) as exc:
         load_dataset(DataConfig(name=name, root=str(tmp_path), download=False))
     msg = str(exc.value)
@@ -96,7 +96,7 @@ def test_image_folder_errors(tmp_path):
 
 
 def test_quickstart_is_balanced_and_small():
-    from ncmcli.data import QUICKSTART_FILE
+    from ncmcli.data.datasets import QUICKSTART_FILE
 
     ds = load_dataset(DataConfig(name="quickstart"))
     assert QUICKSTART_FILE.stat().st_size <= 3_000_000
@@ -146,7 +146,7 @@ def test_batched_augmentation_equals_torchvision_per_sample():
 
 
 def test_batches_cover_the_split_once_and_shuffle():
-    from ncmcli.batching import Split
+    from ncmcli.data.batching import Split
 
     split = Split(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).clone(), torch.arange(10))
     g = torch.Generator().manual_seed(0)
@@ -164,10 +164,10 @@ def test_dataloader_path_trains_exactly_like_the_tensor_path(tmp_path, workers):
     and normalisation as the same folder held in memory: identical weights after training."""
     from safetensors.torch import load_file
 
-    from ncmcli.presets import resolve
-    from ncmcli.batching import FileSplit
+    from ncmcli.config.presets import resolve
+    from ncmcli.data.batching import FileSplit
     from ncmcli.engine import Reporter
-    from ncmcli.training import train
+    from ncmcli.train.loop import train
 
     make_folder(tmp_path / "imgs", per_class=12, size=(20, 20))
     results = {}
@@ -191,7 +191,7 @@ def test_a_sharded_file_split_keeps_one_loader_and_closes_its_workers(tmp_path):
     workers) is made once, not once per epoch, and close() leaves no worker behind."""
     import multiprocessing
 
-    from ncmcli.batching import FileSplit, batches
+    from ncmcli.data.batching import FileSplit, batches
 
     make_folder(tmp_path, per_class=4, size=(8, 8))
     split = load_dataset(DataConfig(name="folder", root=str(tmp_path), loader="dataloader", workers=2)).test
@@ -214,7 +214,7 @@ def test_a_sharded_file_split_keeps_one_loader_and_closes_its_workers(tmp_path):
 def test_data_workers_default_to_the_cores_shared_among_local_ranks(monkeypatch):
     import os
 
-    from ncmcli.data import worker_count
+    from ncmcli.data.datasets import worker_count
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
     assert worker_count(-1, {}) == 12 and worker_count(-1, {"LOCAL_WORLD_SIZE": "4"}) == 3
@@ -225,7 +225,7 @@ def test_data_workers_default_to_the_cores_shared_among_local_ranks(monkeypatch)
 
 
 def test_auto_loader_follows_the_memory_budget(tmp_path):
-    from ncmcli.batching import FileSplit, Split
+    from ncmcli.data.batching import FileSplit, Split
 
     make_folder(tmp_path, per_class=2, size=(8, 8))
     small = load_dataset(DataConfig(name="folder", root=str(tmp_path), loader="auto", memory_budget_gb=1.0))
@@ -248,7 +248,7 @@ def test_folder_with_val_and_no_test_trains_with_a_note(tmp_path, ncm):
     assert "skipped 1 files that are not images (1 .gif)" in proc.stderr
     assert "grayscale images: 1 channel" in proc.stderr
     assert "median shorter side is 28 px" in proc.stderr  # 28 kept, not rounded to 32
-    from ncmcli import checkpoint
+    from ncmcli.runs import checkpoint
 
     assert checkpoint.load(tmp_path / "run" / "best.safetensors").input_shape == (1, 28, 28)
     # data.extensions reads the .gif too (and fails on it, being no image: a clear error)
@@ -270,7 +270,8 @@ def test_folder_layout_errors_say_what_is_there(tmp_path, ncm):
 
 
 def test_first_decode_is_announced_before_the_wait(tmp_path, monkeypatch):
-    from ncmcli import data, foldercache
+    from ncmcli.data import datasets as data
+    from ncmcli.data import foldercache
 
     make_folder(tmp_path / "f", per_class=2, size=(16, 16))
     said, real = [], foldercache.decode_all
@@ -281,7 +282,7 @@ def test_first_decode_is_announced_before_the_wait(tmp_path, monkeypatch):
 
     monkeypatch.setattr(foldercache, "decode_all", decode)
     monkeypatch.setenv("NCM_CACHE", str(tmp_path / "cache"))
-    from ncmcli.presets import resolve
+    from ncmcli.config.presets import resolve
 
     cfg = resolve("folder", [f"data.root={tmp_path / 'f'}"]).data
     data.load_dataset(cfg, say=said.append)
@@ -293,8 +294,8 @@ def test_first_decode_is_announced_before_the_wait(tmp_path, monkeypatch):
 
 def test_data_classes_filters_every_split_and_names_the_valid_ones(tmp_path, ncm):
     from conftest import assert_clean_error
-    from ncmcli.data import load_dataset
-    from ncmcli.presets import resolve
+    from ncmcli.data.datasets import load_dataset
+    from ncmcli.config.presets import resolve
 
     make_folder(tmp_path / "f", classes=("ant", "bee", "cat", "dog"), per_class=3, size=(12, 12))
     ds = load_dataset(resolve("folder", [f"data.root={tmp_path / 'f'}", "data.classes=dog,1", "data.val_split=0"]).data)

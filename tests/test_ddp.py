@@ -54,7 +54,7 @@ def test_compiled_bf16_channels_last_run_saves_the_plain_module(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     from safetensors.torch import load_file
 
-    from ncmcli import checkpoint
+    from ncmcli.runs import checkpoint
 
     keys = load_file(str(out / "last.safetensors")).keys()
     assert keys and not any("_orig_mod." in k or "module." in k for k in keys)
@@ -64,13 +64,14 @@ def test_compiled_bf16_channels_last_run_saves_the_plain_module(tmp_path):
 def test_autocast_runs_the_net_in_bf16_and_the_loss_in_fp32():
     import torch
 
-    from ncmcli.presets import resolve
-    from ncmcli.training import TrainStep, build_from_config, resolve_precision
+    from ncmcli.config.presets import resolve
+    from ncmcli.nn.classifier import Classifier
+    from ncmcli.train.loop import TrainStep, resolve_precision
 
     assert resolve_precision("auto", torch.device("cpu")) is None  # fp32 on the CPU
     assert resolve_precision("fp16", torch.device("cpu")) == torch.float16
     cfg = resolve("quickstart")
-    model, _, crit = build_from_config(cfg, 10, (1, 28, 28))
+    model, crit = Classifier.from_config(cfg, 10, (1, 28, 28)).parts()
     step = TrainStep(model, crit, torch.bfloat16, torch.channels_last)
     loss, feats = step(torch.randn(4, 1, 28, 28), torch.arange(4))
     assert feats.dtype == torch.bfloat16 and loss.dtype == torch.float32

@@ -14,7 +14,7 @@ def test_readme_opens_with_the_install_and_test_commands_that_ci_runs():
 
 
 def test_readme_documents_every_command_and_config_key():
-    from ncmcli.config import SCHEMA
+    from ncmcli.config.schema import SCHEMA
 
     text = (REPO / "README.md").read_text()
     for cmd in ("ncm train", "ncm eval", "ncm predict", "ncm anchors", "ncm presets"):

@@ -46,8 +46,8 @@ def test_eval_reproduces_the_training_accuracy(ncm, short_run):
 def _write_pngs(folder: Path, n: int):
     from PIL import Image
 
-    from ncmcli.config import DataConfig
-    from ncmcli.data import load_dataset
+    from ncmcli.config.schema import DataConfig
+    from ncmcli.data.datasets import load_dataset
 
     ds = load_dataset(DataConfig(name="quickstart"), train=False)
     folder.mkdir(parents=True, exist_ok=True)

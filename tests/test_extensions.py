@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from ncmcli import diagnostics
-from ncmcli.config import ConfigError
-from ncmcli.presets import resolve
-from ncmcli.schedules import Warmup, make_optimizer, make_scheduler
+from ncmcli.config.schema import ConfigError
+from ncmcli.config.presets import resolve
+from ncmcli.train.schedules import Warmup, make_optimizer, make_scheduler
 
 
 def test_per_class_scores_against_a_hand_count():
@@ -69,10 +69,10 @@ def test_adamw_and_nesterov():
 
 
 def test_label_smoothing_matches_the_formula_and_is_refused_for_ncm():
-    from ncmcli.training import build_from_config
+    from ncmcli.nn.classifier import Classifier
 
     cfg = resolve("quickstart-softmax", ["loss.label_smoothing=0.1"])
-    _, _, crit = build_from_config(cfg, 4, (1, 28, 28))
+    _, crit = Classifier.from_config(cfg, 4, (1, 28, 28)).parts()
     crit = crit.double()
     f = torch.randn(6, 32, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3, 0, 1])
@@ -99,7 +99,7 @@ def test_ncm_top_probability_is_bounded_as_the_readme_says():
 def test_crop_resize_keeps_the_aspect_ratio(tmp_path):
     from PIL import Image
 
-    from ncmcli.images import load_image
+    from ncmcli.data.images import load_image
 
     im = Image.new("L", (40, 20), 0)
     im.paste(255, (10, 0, 30, 20))  # a white square in the middle of a wide image
@@ -144,7 +144,7 @@ def test_piped_progress_prints_periodic_lines_with_an_eta(ncm, tmp_path):
 
 def _ema_run(tmp_path, name, epochs, resume=False, stop=None):
     from ncmcli.engine import Reporter
-    from ncmcli.training import train
+    from ncmcli.train.loop import train
 
     cfg = resolve("quickstart-softmax", ["data.limit_train=256", "data.limit_test=64", "train.batch_size=64",
                                          "train.deterministic=true", "train.num_threads=1", "model.dropout=0.2",
@@ -157,7 +157,7 @@ def _ema_run(tmp_path, name, epochs, resume=False, stop=None):
 def test_ema_weights_follow_the_formula_and_are_what_is_checkpointed(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from ncmcli import training
+    from ncmcli.train import loop as training
 
     seen = []
     real = training.update_ema
@@ -183,7 +183,7 @@ def test_ema_resumes_exactly(tmp_path):
 
     from conftest import StopAfter
 
-    from ncmcli.training import Interrupted
+    from ncmcli.train.loop import Interrupted
 
     _ema_run(tmp_path, "straight", 3)
     with pytest.raises(Interrupted):
@@ -198,14 +198,14 @@ def test_ema_resumes_exactly(tmp_path):
 
 @pytest.mark.parametrize("arch,size", [("resnet18-cifar", 32), ("resnet18", 64)])
 def test_resnet_backbones_give_the_feature_dim_and_train_a_step(arch, size):
-    from ncmcli.schedules import make_optimizer
-    from ncmcli.training import build_from_config
+    from ncmcli.train.schedules import make_optimizer
+    from ncmcli.nn.classifier import Classifier
 
     for loss in ("encm", "softmax"):
         cfg = resolve(f"quickstart{'' if loss == 'encm' else '-softmax'}",
                       [f"model.arch={arch}", "model.feature_dim=64"])
         torch.manual_seed(0)
-        model, _, crit = build_from_config(cfg, 10, (3, size, size))
+        model, crit = Classifier.from_config(cfg, 10, (3, size, size)).parts()
         assert model.feature_dim == 64
         x, y = torch.randn(4, 3, size, size), torch.arange(4)
         assert model(x).shape == (4, 64)
@@ -216,14 +216,14 @@ def test_resnet_backbones_give_the_feature_dim_and_train_a_step(arch, size):
         loss_value.backward()
         opt.step()
         assert torch.isfinite(loss_value) and not torch.equal(before, model.fc.weight)
-    small = build_from_config(resolve("quickstart", ["model.arch=resnet34-cifar"]), 10, (1, 32, 32))[0]
+    small = Classifier.from_config(resolve("quickstart", ["model.arch=resnet34-cifar"]), 10, (1, 32, 32)).net
     assert small.body.conv1.kernel_size == (3, 3) and small.feature_dim == 512
 
 
 def test_pretrained_weights_offline_give_one_line_saying_where_to_put_the_file(tmp_path, monkeypatch):
     import torch.hub
 
-    from ncmcli.models import build_net
+    from ncmcli.nn.models import build_net
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
@@ -243,7 +243,7 @@ def test_pretrained_weights_offline_give_one_line_saying_where_to_put_the_file(t
 def trained_ckpts(tmp_path_factory):
     """A briefly trained E-NCM and SoftMax checkpoint (BatchNorm statistics no longer trivial)."""
     from ncmcli.engine import Reporter
-    from ncmcli.training import train
+    from ncmcli.train.loop import train
 
     out = {}
     for preset in ("quickstart", "quickstart-softmax"):
@@ -259,13 +259,13 @@ def test_onnx_and_torchscript_exports_match_pytorch(trained_ckpts, tmp_path, pre
     import numpy as np
     import onnxruntime as ort
 
-    from ncmcli import checkpoint
+    from ncmcli.runs import checkpoint
     from ncmcli.engine import export_command
     from ncmcli.export import Exported
 
     ck_path = trained_ckpts[preset]
     ck = checkpoint.load(ck_path)
-    ref_model = Exported(ck.model, ck.criterion, ck.mean, ck.std).eval()
+    ref_model = Exported(ck.classifier).eval()
     onnx_file, _ = export_command(ck_path, fmt="onnx", out=tmp_path / "m.onnx")
     ts_file, _ = export_command(ck_path, fmt="torchscript", out=tmp_path / "m.pt")
     session = ort.InferenceSession(str(onnx_file))
@@ -281,7 +281,7 @@ def test_onnx_and_torchscript_exports_match_pytorch(trained_ckpts, tmp_path, pre
             assert np.abs(o - r.numpy()).max() <= 1e-4 and (t - r).abs().max().item() <= 1e-4
     # The exported prediction is the model's own: nearest anchor (NCM) or argmax (SoftMax).
     x = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
-    from ncmcli.batching import normalize
+    from ncmcli.data.batching import normalize
 
     with torch.no_grad():
         own = ck.criterion.predict(ck.model(normalize(x, ck.mean, ck.std)))
@@ -320,7 +320,7 @@ def test_tensorboard_scalars_mirror_metrics_jsonl(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from ncmcli.engine import Reporter
-    from ncmcli.training import train
+    from ncmcli.train.loop import train
 
     cfg = resolve("quickstart", ["data.limit_train=256", "data.limit_test=64", "train.epochs=2",
                                  "train.tensorboard=true"])

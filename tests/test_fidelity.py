@@ -6,10 +6,10 @@ import shutil
 import pytest
 import torch
 
-from ncmcli import config as C
-from ncmcli import presets as P
-from ncmcli.baselines import LSoftmaxLoss
-from ncmcli.schedules import PlateauOnExcess, make_scheduler
+from ncmcli.config import schema as C
+from ncmcli.config import presets as P
+from ncmcli.nn.baselines import LSoftmaxLoss
+from ncmcli.train.schedules import PlateauOnExcess, make_scheduler
 
 
 def _optimizer(lr=0.1):
@@ -126,7 +126,7 @@ def test_paper_presets_follow_section_4_2():
 
 
 def test_bn_relu_head_is_liu_et_als_and_linear_reaches_negative_coordinates():
-    from ncmcli.models import build_net
+    from ncmcli.nn.models import build_net
 
     torch.manual_seed(0)
     x = torch.randn(16, 1, 28, 28)
@@ -140,7 +140,7 @@ def test_bn_relu_head_is_liu_et_als_and_linear_reaches_negative_coordinates():
 
 
 def test_global_normalisation_is_one_mean_and_std_over_all_channels():
-    from ncmcli.batching import channel_stats
+    from ncmcli.data.batching import channel_stats
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (20, 3, 8, 8), generator=g, dtype=torch.uint8)
@@ -153,7 +153,7 @@ def test_global_normalisation_is_one_mean_and_std_over_all_channels():
 
 
 def test_flip_only_batches_mirror_or_keep_each_image():
-    from ncmcli.batching import Split, batches
+    from ncmcli.data.batching import Split, batches
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (64, 1, 6, 6), generator=g, dtype=torch.uint8)
@@ -173,7 +173,7 @@ def test_flip_only_batches_mirror_or_keep_each_image():
 
 def test_changing_one_data_set_base_leaves_the_others_unchanged(tmp_path, monkeypatch):
     before = {name: C.to_yaml(P.resolve(name)) for name in P.list_presets()}
-    from ncmcli import presets
+    from ncmcli.config import presets
 
     copy = tmp_path / "presets"
     shutil.copytree(P.presets_dir(), copy)
@@ -188,7 +188,7 @@ def test_changing_one_data_set_base_leaves_the_others_unchanged(tmp_path, monkey
 
 
 def test_weights_are_checked_for_nan_before_every_save():
-    from ncmcli.training import TrainingDiverged, check_finite
+    from ncmcli.train.loop import TrainingDiverged, check_finite
 
     net, crit = torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)
     check_finite(net, crit, "epoch 1")  # finite: no error
@@ -205,7 +205,7 @@ def test_weights_are_checked_for_nan_before_every_save():
 def test_cuda_rng_states_restore_in_numeric_order(tmp_path):
     from safetensors.torch import save_file
 
-    from ncmcli import checkpoint, trainstate
+    from ncmcli.runs import checkpoint, trainstate
 
     state = trainstate.TrainState(trainstate.Progress(), {"state": {}, "param_groups": []}, None,
                                   torch.zeros(3, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8),

@@ -4,9 +4,9 @@ frozen backbone epochs, and ImageNet statistics with pretrained weights."""
 import pytest
 import torch
 
-from ncmcli.batching import batches, draw_resized_crop, resized_crop
-from ncmcli.config import ConfigError
-from ncmcli.presets import resolve
+from ncmcli.data.batching import batches, draw_resized_crop, resized_crop
+from ncmcli.config.schema import ConfigError
+from ncmcli.config.presets import resolve
 
 
 def test_resized_crop_matches_a_per_image_bilinear_resize():
@@ -48,7 +48,7 @@ def test_randomresizedcrop_is_a_config_value_and_trains(tmp_path, ncm):
     assert resolve("quickstart", ["data.augment=true"]).data.augment is True
     with pytest.raises(ConfigError, match="expected bool .true or false. or randomresizedcrop"):
         resolve("quickstart", ["data.augment=cutout"])
-    from ncmcli.batching import Split
+    from ncmcli.data.batching import Split
 
     split = Split(torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8), torch.arange(10))
     a = [x for x, _ in batches(split, 5, mean=[0.5], std=[0.2], device="cpu", generator=torch.Generator().manual_seed(0),
@@ -64,12 +64,13 @@ def test_backbone_lr_factor_and_frozen_epochs(tmp_path):
     from safetensors.torch import load_file
 
     from ncmcli.engine import Reporter
-    from ncmcli.models import backbone_parameters
-    from ncmcli.schedules import make_optimizer
-    from ncmcli.training import build_from_config, train
+    from ncmcli.nn.models import backbone_parameters
+    from ncmcli.train.schedules import make_optimizer
+    from ncmcli.nn.classifier import Classifier
+    from ncmcli.train.loop import train
 
     cfg = resolve("quickstart-softmax", ["optim.backbone_lr_factor=0.1"])
-    model, _, crit = build_from_config(cfg, 10, (1, 28, 28))
+    model, crit = Classifier.from_config(cfg, 10, (1, 28, 28)).parts()
     opt = make_optimizer(cfg, model, crit)
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     back = backbone_parameters(model)
@@ -79,12 +80,12 @@ def test_backbone_lr_factor_and_frozen_epochs(tmp_path):
 
     from conftest import StopAfter
 
-    from ncmcli.training import Interrupted
+    from ncmcli.train.loop import Interrupted
 
     c = resolve("quickstart-softmax", ["data.limit_train=128", "data.limit_test=32", "train.batch_size=64",
                                        "train.num_threads=1", "train.epochs=2", "model.freeze_backbone_epochs=1"])
     torch.manual_seed(c.seed)  # what train() builds first: the same initial weights
-    init, _, _ = build_from_config(c, 10, (1, 28, 28))
+    init, _ = Classifier.from_config(c, 10, (1, 28, 28)).parts()
     start = {k: v.clone() for k, v in init.state_dict().items()}
     frozen = {n for n, p in init.named_parameters() if any(p is q for q in backbone_parameters(init))}
     out = tmp_path / "run"
@@ -102,7 +103,7 @@ def test_backbone_lr_factor_and_frozen_epochs(tmp_path):
 
 
 def test_pretrained_models_normalise_with_imagenet_statistics():
-    from ncmcli.training import imagenet_stats
+    from ncmcli.train.loop import imagenet_stats
 
     assert imagenet_stats(3) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     mean, std = imagenet_stats(1)

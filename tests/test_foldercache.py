@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from helpers_data import make_folder
-from ncmcli import foldercache
-from ncmcli.presets import resolve
-from ncmcli.data import load_dataset, stratified_indices
+from ncmcli.data import foldercache
+from ncmcli.config.presets import resolve
+from ncmcli.data.datasets import load_dataset, stratified_indices
 
 
 @pytest.fixture(autouse=True)
@@ -142,7 +142,7 @@ def test_stratified_indices_against_a_hand_count():
 def test_augmentation_works_on_folder_data(tmp_path):
     """Pad-crop-flip and flips alone on a decoded folder: every augmented image is a shifted
     (and maybe mirrored) window of its zero-padded original."""
-    from ncmcli.batching import batches
+    from ncmcli.data.batching import batches
 
     make_folder(tmp_path / "f", per_class=4, size=(8, 8))
     ds = load_dataset(_cfg(tmp_path / "f"))

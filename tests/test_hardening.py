@@ -15,9 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import assert_clean_error, save_untrained
-from ncmcli import checkpoint
-from ncmcli.config import ConfigError
-from ncmcli.presets import resolve
+from ncmcli.runs import checkpoint
+from ncmcli.config.schema import ConfigError
+from ncmcli.config.presets import resolve
 
 CAP = 6 * 2**30  # torch's own import needs about 4 GiB of address space
 
@@ -215,7 +215,7 @@ def test_predict_on_a_fifo_does_not_block(tmp_path):
 def test_exif_orientation_is_applied(tmp_path):
     from PIL import Image
 
-    from ncmcli.images import load_image
+    from ncmcli.data.images import load_image
 
     upright = Image.new("L", (8, 12), 0)
     upright.paste(255, (0, 0, 8, 3))  # a white band at the top
@@ -237,7 +237,7 @@ def test_the_pixel_cap_is_the_documented_64_megapixels(tmp_path):
     from PIL import Image
 
     from ncmcli.errors import ImageError
-    from ncmcli.images import MAX_IMAGE_PIXELS, load_image
+    from ncmcli.data.images import MAX_IMAGE_PIXELS, load_image
 
     assert MAX_IMAGE_PIXELS == 64_000_000 and "64 megapixels" in (Path(__file__).parents[1] / "README.md").read_text()
     Image.new("L", (8000, 5000)).save(tmp_path / "40mp.png")
@@ -310,7 +310,7 @@ def test_no_unexpected_errors_for_inputs_a_user_can_give(tmp_path):
 
 def test_eval_honours_the_batch_size(tmp_path, monkeypatch):
     from ncmcli import evaluation, forward
-    from ncmcli.data import FASHION_CLASSES
+    from ncmcli.data.datasets import FASHION_CLASSES
 
     ck = _save(tmp_path, classes=list(FASHION_CLASSES))
     seen = []

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ncmcli.images import MAX_IMAGE_PIXELS, load_image
+from ncmcli.data.images import MAX_IMAGE_PIXELS, load_image
 from ncmcli.errors import ImageError
 
 

@@ -9,15 +9,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import StopAfter, assert_clean_error
-from ncmcli import replay
-from ncmcli.anchors import make_anchors
-from ncmcli.batching import Split
-from ncmcli.presets import resolve
+from ncmcli.data import replay
+from ncmcli.nn.anchors import make_anchors
+from ncmcli.data.batching import Split
+from ncmcli.config.presets import resolve
 from ncmcli.engine import Reporter
-from ncmcli.floors import slot_floor
-from ncmcli.losses import NCMLoss
-from ncmcli.slots import assign_slots, grow_head
-from ncmcli.training import Interrupted, train
+from ncmcli.nn.floors import slot_floor
+from ncmcli.nn.losses import NCMLoss
+from ncmcli.nn.slots import assign_slots, grow_head
+from ncmcli.train.loop import Interrupted, train
 
 SMALL = ["data.limit_train=400", "data.limit_test=200", "train.batch_size=50", "train.num_threads=1",
          "train.epochs=1", "train.deterministic=true"]
@@ -100,7 +100,7 @@ def test_slot_floor_is_the_loss_with_each_feature_on_its_anchor():
 
 
 def test_a_grown_head_keeps_its_old_rows_and_initialises_the_new_ones():
-    from ncmcli.losses import SoftmaxLoss
+    from ncmcli.nn.losses import SoftmaxLoss
 
     torch.manual_seed(0)
     old = SoftmaxLoss(8, 3)
@@ -157,11 +157,11 @@ def test_eval_json_lists_the_tasks_and_predict_only_the_classes_in_use(two_tasks
         hits = sum(conf[r, r].item() for r in rows)
         assert task["accuracy"] == pytest.approx(hits / conf[rows].sum().item())
     assert ev["classes"] == ["T-shirt/top", "Trouser", "Pullover", "Dress"]
-    from ncmcli import checkpoint
+    from ncmcli.runs import checkpoint
 
     ck = checkpoint.load(tmp / "t2" / "best.safetensors")
     x = torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8)
-    from ncmcli.batching import normalize
+    from ncmcli.data.batching import normalize
 
     with torch.no_grad():
         pred = ck.criterion.predict(ck.model(normalize(x, ck.mean, ck.std)))
@@ -251,7 +251,7 @@ def test_the_readme_two_step_example_runs(tmp_path, ncm):
 
 
 def test_auto_scale_reads_every_slot_and_result_json_reports_the_slot_floor(two_tasks):
-    from ncmcli.floors import scale_for_floor
+    from ncmcli.nn.floors import scale_for_floor
 
     _, first, second = two_tasks
     slots = make_anchors("orthogonal", 10, 32)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import assert_clean_error
-from ncmcli.config import ConfigError, LossConfig
-from ncmcli.subsets import imbalance_counts, imbalanced_indices
-from ncmcli.losses import build_criterion
-from ncmcli.presets import resolve
+from ncmcli.config.schema import ConfigError, LossConfig
+from ncmcli.data.subsets import imbalance_counts, imbalanced_indices
+from ncmcli.nn.losses import build_criterion
+from ncmcli.config.presets import resolve
 from ncmcli.scoring import adjusted_logits, imbalance_metrics
 
 CIFAR10_LT_100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]  # Cao et al.'s CIFAR-10-LT, 12,406
@@ -48,7 +48,7 @@ def test_imbalance_config_is_checked():
 
 
 def test_imbalance_applies_after_limit_and_before_a_stratified_validation_split():
-    from ncmcli.data import load_dataset
+    from ncmcli.data.datasets import load_dataset
 
     cfg = resolve("quickstart", ["data.limit_train=2000", "data.imbalance=exp:10", "data.val_split=0.1"]).data
     ds = load_dataset(cfg)
@@ -144,15 +144,14 @@ def test_train_prints_counts_and_eval_reports_long_tail_metrics(tmp_path, ncm):
     assert ev["balanced_accuracy"] == pytest.approx(imbalance_metrics(conf, expected)["balanced_accuracy"])
     assert list(ev["train_counts"].values()) == expected and ev["imbalance"] == "exp:10"
     # Post-hoc: the predictions are the argmax of logits - tau log prior (checked by hand).
-    from ncmcli import checkpoint
-    from ncmcli.data import load_dataset
+    from ncmcli.runs import checkpoint
+    from ncmcli.data.datasets import load_dataset
     from ncmcli.forward import evaluate
 
     adj = json.loads(ncm("eval", out, "--json", "--logit-adjust", "1").stdout)
     ck = checkpoint.load(out / "best.safetensors")
     test = load_dataset(ck.config.data, train=False).test
-    e = evaluate(ck.model, ck.criterion, test, mean=ck.mean, std=ck.std, device="cpu", batch_size=256,
-                 num_classes=10, keep_outputs=True)
+    e = evaluate(ck.classifier, test, device="cpu", batch_size=256, keep_outputs=True)
     prior = torch.tensor(expected, dtype=torch.float64) / sum(expected)
     pred = (e["logits"].double() - torch.log(prior)).argmax(1)
     assert adj["accuracy"] == pytest.approx((pred == e["labels"]).double().mean().item())
@@ -172,7 +171,7 @@ def test_train_time_adjustment_at_zero_trains_identical_weights(tmp_path, ncm):
     assert all(torch.equal(ta[k], tb[k]) for k in ta if k.startswith("model."))
     assert not all(torch.equal(ta[k], tc[k]) for k in ta if k.startswith("model."))
     # The adjusted checkpoint rebuilds its prior from the stored counts.
-    from ncmcli import checkpoint
+    from ncmcli.runs import checkpoint
 
     ck = checkpoint.load(c / "best.safetensors")
     counts = torch.tensor(ck.class_counts, dtype=torch.float64)
@@ -186,7 +185,7 @@ def test_report_groups_by_imbalance(tmp_path):
         run = tmp_path / name
         run.mkdir()
         cfg = resolve("quickstart", [f"data.imbalance={imb}", f"seed={ord(name)}"])
-        from ncmcli.config import to_yaml
+        from ncmcli.config.schema import to_yaml
 
         (run / "config.yaml").write_text(to_yaml(cfg))
         (run / "result.json").write_text(json.dumps({"status": "completed", "test_error_pct": err,

@@ -5,7 +5,7 @@ import torch
 
 from ncmcli import NCMLoss, make_anchors
 from ncmcli.errors import ConfigError
-from ncmcli.losses import SoftmaxLoss, build_criterion
+from ncmcli.nn.losses import SoftmaxLoss, build_criterion
 
 
 def ref_distance(f, a, metric):
@@ -103,7 +103,7 @@ def test_softmax_head_matches_reference():
 
 
 def test_build_criterion():
-    from ncmcli.config import LossConfig
+    from ncmcli.config.schema import LossConfig
 
     a = make_anchors("orthogonal", 3, 4)
     assert isinstance(build_criterion(LossConfig(name="encm"), anchors=a, dim=4, num_classes=3), NCMLoss)

@@ -3,7 +3,7 @@ import torch
 
 from ncmcli import build_net
 from ncmcli.errors import ConfigError
-from ncmcli.models import ARCHS
+from ncmcli.nn.models import ARCHS
 
 SHAPES = {"mnist2d": (1, 28), "mnist": (1, 28), "cifar10": (3, 32), "cifar100": (3, 32)}
 

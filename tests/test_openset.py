@@ -51,7 +51,7 @@ def test_an_inverted_score_warns_and_names_a_better_one():
 def test_eval_reports_every_score_and_warns_on_stderr(tmp_path, ncm):
     import json
 
-    from ncmcli.fakedata import make_folder
+    from ncmcli.data.fakedata import make_folder
 
     out = tmp_path / "run"
     assert ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=300",
@@ -74,7 +74,7 @@ def test_eval_reports_every_score_and_warns_on_stderr(tmp_path, ncm):
 def test_predict_rejects_below_a_margin(tmp_path, ncm):
     import json
 
-    from ncmcli.fakedata import make_folder
+    from ncmcli.data.fakedata import make_folder
 
     out = tmp_path / "run"
     assert ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=300",

@@ -8,10 +8,10 @@ import pytest
 import torch
 import yaml
 
-from ncmcli.config import to_yaml
-from ncmcli.presets import list_presets, resolve
-from ncmcli.schedules import make_optimizer
-from ncmcli.training import build_from_config
+from ncmcli.config.schema import to_yaml
+from ncmcli.config.presets import list_presets, resolve
+from ncmcli.train.schedules import make_optimizer
+from ncmcli.nn.classifier import Classifier
 
 SHAPES = {"mnist": (1, 28), "fashion-mnist": (1, 28), "quickstart": (1, 28), "cifar10": (3, 32),
           "cifar100": (3, 32), "folder": (3, 32)}
@@ -25,7 +25,7 @@ def test_preset_builds_and_trains_a_few_steps(name):
     classes = 100 if cfg.data.name == "cifar100" else 10
     ch, size = SHAPES[cfg.data.name]
     torch.manual_seed(0)
-    model, anchors, crit = build_from_config(cfg, classes, (ch, size, size))
+    model, crit = Classifier.from_config(cfg, classes, (ch, size, size)).parts()
     opt = make_optimizer(cfg, model, crit)
     x, y = torch.randn(4, ch, size, size), torch.arange(4) % classes
     before = [p.detach().clone() for p in model.parameters()]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ncmcli.config import to_yaml
-from ncmcli.presets import resolve
+from ncmcli.config.schema import to_yaml
+from ncmcli.config.presets import resolve
 from ncmcli.report import collect, render
 
 REPO = Path(__file__).resolve().parents[1]
@@ -227,8 +227,8 @@ def test_a_broken_result_json_names_the_run(ncm, tmp_path):
 def _fake_run(root, name, sets, err):
     import json
 
-    from ncmcli.config import to_yaml
-    from ncmcli.presets import resolve
+    from ncmcli.config.schema import to_yaml
+    from ncmcli.config.presets import resolve
 
     run = root / name
     run.mkdir()

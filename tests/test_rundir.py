@@ -2,8 +2,8 @@
 
 import json
 
-from ncmcli.rundir import RunDir, find_runs, run_id_of_config
-from ncmcli import runfiles
+from ncmcli.runs.rundir import RunDir, find_runs, run_id_of_config
+from ncmcli.runs import runfiles
 
 
 def test_rundir_names_every_file_and_round_trips_its_text_files(tmp_path):

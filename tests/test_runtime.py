@@ -5,9 +5,9 @@ prepared on rank 0 first, and what train.deterministic sets."""
 import pytest
 import torch
 
-from ncmcli import trainstate
+from ncmcli.runs import trainstate
 from ncmcli.errors import ConfigError, UsageError
-from ncmcli.presets import resolve
+from ncmcli.config.presets import resolve
 from ncmcli.runtime import torchrun_device
 
 
@@ -103,7 +103,7 @@ def test_data_is_prepared_on_rank_0_first(tmp_path):
 
 
 def test_deterministic_sets_cublas_or_refuses_by_name():
-    from ncmcli.training import deterministic_setup
+    from ncmcli.train.loop import deterministic_setup
 
     env = {}
     deterministic_setup(resolve("quickstart", ["train.deterministic=true"]), "cuda", env)

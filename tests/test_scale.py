@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_clean_error
-from ncmcli import floors
-from ncmcli.anchors import make_anchors
-from ncmcli.config import ConfigError, LossConfig
-from ncmcli.floors import loss_floor, scale_for_floor
-from ncmcli.losses import NCMLoss, build_criterion
-from ncmcli.presets import resolve
+from ncmcli.nn import floors
+from ncmcli.nn.anchors import make_anchors
+from ncmcli.config.schema import ConfigError, LossConfig
+from ncmcli.nn.floors import loss_floor, scale_for_floor
+from ncmcli.nn.losses import NCMLoss, build_criterion
+from ncmcli.config.presets import resolve
 
 ANCHORS = {
     "orthonormal": lambda c: make_anchors("orthogonal", c, c),
@@ -102,7 +102,7 @@ def test_learned_scale_is_a_positive_parameter_with_the_right_gradient():
 
 
 def test_fixed_scale_is_a_plain_float_and_scale_one_is_the_paper():
-    from ncmcli.distances import euclidean
+    from ncmcli.nn.distances import euclidean
 
     a = make_anchors("orthogonal", 4, 4)
     f = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
@@ -114,7 +114,7 @@ def test_fixed_scale_is_a_plain_float_and_scale_one_is_the_paper():
 
 def _train(tmp_path, name, overrides, stop=None, resume=False):
     from ncmcli.engine import Reporter
-    from ncmcli.training import train
+    from ncmcli.train.loop import train
 
     cfg = resolve("quickstart", ["data.limit_train=256", "data.limit_test=64", "train.batch_size=64",
                                  "train.num_threads=1", "train.deterministic=true", *overrides])
@@ -126,7 +126,7 @@ def _train(tmp_path, name, overrides, stop=None, resume=False):
 def test_learned_scale_resumes_bit_identically_and_is_logged(tmp_path):
     from conftest import StopAfter
 
-    from ncmcli.training import Interrupted
+    from ncmcli.train.loop import Interrupted
 
     over = ["loss.scale=learn", "train.epochs=3"]
     result = _train(tmp_path, "straight", over)
@@ -151,11 +151,11 @@ def test_learned_scale_resumes_bit_identically_and_is_logged(tmp_path):
 
 
 def test_learned_scale_takes_no_weight_decay(tmp_path):
-    from ncmcli.schedules import make_optimizer
-    from ncmcli.training import build_from_config
+    from ncmcli.train.schedules import make_optimizer
+    from ncmcli.nn.classifier import Classifier
 
     cfg = resolve("quickstart", ["loss.scale=learn"])
-    model, _, crit = build_from_config(cfg, 10, (1, 28, 28))
+    model, crit = Classifier.from_config(cfg, 10, (1, 28, 28)).parts()
     opt = make_optimizer(cfg, model, crit)
     groups = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert groups[id(crit.log_scale)] == 0.0
@@ -175,13 +175,13 @@ def test_auto_scale_everywhere(tmp_path, ncm):
     assert res["scale"]["setting"] == "auto" and s == pytest.approx(math.log(9 / math.expm1(0.1)) / math.sqrt(2), rel=1e-4)
     assert abs(res["loss_floor"] - 0.1) < 1e-6 and "s = 3.14" in proc.stderr
     assert f"resolved to {s:.6g}" in (out / "config.yaml").read_text()
-    from ncmcli import checkpoint
+    from ncmcli.runs import checkpoint
 
     ck = checkpoint.load(out / "best.safetensors")
     assert ck.criterion.scale_value() == s
     ev = json.loads(ncm("eval", out, "--json").stdout)
     assert ev["scale"] == s
-    from ncmcli.fakedata import make_folder
+    from ncmcli.data.fakedata import make_folder
 
     make_folder(tmp_path / "imgs", classes=("a",), per_class=1, size=(28, 28), mode="L")
     pred = json.loads(ncm("predict", tmp_path / "imgs", "--checkpoint", out / "best.safetensors", "--json",

@@ -8,64 +8,130 @@ import sys
 from pathlib import Path
 
 from ncmcli import registry
-from ncmcli.config import ANCHOR_METHODS, ARCH_NAMES, DATASETS, HINGE_FORMS, LOSSES, SCHEMA
+from ncmcli.config.schema import ANCHOR_METHODS, ARCH_NAMES, DATASETS, HINGE_FORMS, LOSSES, SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "ncmcli"
 
-# cli -> commands -> {training, evaluation} -> {models, criteria, anchors, data, checkpoint, ...} -> config
+# Each unit (a folder of ncmcli/, or a top-level module) imports only from its own layer or
+# below, counting imports inside functions. ncmcli.nn, the torch-only library, sits on the
+# torch-free leaves alone.
 LAYERS = {
-    4: {"cli", "__main__"},
-    3: {"engine", "report"},
-    2: {"training", "evaluation"},
-    1: {"models", "losses", "baselines", "anchors", "distances", "data", "batching", "images", "foldercache",
-        "checkpoint", "trainstate", "runfiles", "runtime", "forward", "schedules", "diagnostics", "plots", "fakedata",
-        "export", "tblog", "floors", "scoring", "subsets", "folders", "slots", "replay", "incremental", "rundir"},
-    0: {"config", "presets", "registry", "netspecs", "errors", "__init__"},
+    6: {"cli", "__main__"},
+    5: {"engine", "report"},
+    4: {"train", "evaluation", "plots", "export"},
+    3: {"runs", "forward", "scoring", "diagnostics"},
+    2: {"data", "runtime"},
+    1: {"nn"},
+    0: {"config", "registry", "netspecs", "errors", "storage", "__init__"},
 }
 LAYER_OF = {name: level for level, names in LAYERS.items() for name in names}
 
 
-def _module(path: Path) -> str:
-    rel = path.relative_to(PKG).with_suffix("").parts
-    return rel[0]
+def _name(path: Path) -> str:
+    """ncmcli/nn/losses.py -> ncmcli.nn.losses; ncmcli/nn/__init__.py -> ncmcli.nn."""
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_name(p): p for p in PKG.rglob("*.py")}
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
 
 
 def _imports(path: Path) -> set[str]:
+    """The ncmcli modules ``path`` imports anywhere in it (inside functions too)."""
+    def known(name):
+        while name not in MODULES and "." in name:
+            name = name.rsplit(".", 1)[0]
+        return name
+
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ncmcli"):
-            parts = node.module.split(".")
-            if len(parts) == 1:  # from ncmcli import x
-                out |= {a.name for a in node.names if (PKG / f"{a.name}.py").exists() or (PKG / a.name).is_dir()}
-            else:
-                out.add(parts[1])
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "ncmcli":
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                out.add(full if full in MODULES else known(node.module))
         elif isinstance(node, ast.Import):
-            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("ncmcli.")}
-    return out
+            out |= {known(a.name) for a in node.names if a.name.split(".")[0] == "ncmcli"}
+    return out - {_name(path)}
 
 
-def test_every_module_has_a_layer():
-    modules = {_module(p) for p in PKG.rglob("*.py")}
-    assert modules <= set(LAYER_OF), modules - set(LAYER_OF)
+GRAPH = {m: _imports(p) for m, p in MODULES.items()}
+
+
+def test_every_unit_has_a_layer():
+    units = {_unit(m) for m in MODULES}
+    assert units <= set(LAYER_OF), units - set(LAYER_OF)
 
 
 def test_imports_never_go_upward():
-    upward = []
-    for path in PKG.rglob("*.py"):
-        me = _module(path)
-        for dep in _imports(path) - {me}:
-            if LAYER_OF[dep] > LAYER_OF[me]:
-                upward.append(f"{path.relative_to(REPO)} imports {dep}")
+    upward = [f"{m} imports {d}" for m, deps in GRAPH.items() for d in deps
+              if LAYER_OF[_unit(d)] > LAYER_OF[_unit(m)]]
     assert not upward, upward
 
 
-def test_no_import_cycle_between_losses_and_baselines():
-    assert "baselines" not in _imports(PKG / "losses.py")
+def test_the_import_graph_has_no_cycle():
+    """Over every ncmcli module, imports inside functions included."""
+    state, cycles = {}, []
+
+    def visit(m, stack):
+        state[m] = "open"
+        for d in sorted(GRAPH.get(m, ())):
+            if state.get(d) == "open":
+                cycles.append(stack[stack.index(d):] + [d])
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = "done"
+
+    for m in sorted(GRAPH):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, [" -> ".join(c) for c in cycles]
+
+
+def test_the_graph_sees_imports_inside_functions():
+    """The control: the graph holds imports made only inside a function."""
+    assert "ncmcli.nn.floors" in GRAPH["ncmcli.nn.losses"]
+    assert "ncmcli.runs.incremental" in GRAPH["ncmcli.train.loop"]
+
+
+def test_the_library_imports_no_app_module():
+    """ncmcli.nn needs torch alone: importing it in a fresh process loads no config, data,
+    run-folder, training or CLI module, and none of yaml, typer and rich."""
+    code = ("import sys, ncmcli.nn\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('yaml', 'typer', 'rich') or\n"
+            "       m.startswith(('ncmcli.config', 'ncmcli.data', 'ncmcli.runs', 'ncmcli.train', 'ncmcli.cli',\n"
+            "                     'ncmcli.engine', 'ncmcli.evaluation', 'ncmcli.forward'))]\n"
+            "print(bad, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "[] True", proc.stdout + proc.stderr
+    # Statically as well, imports inside functions included.
+    outside = {d for m, deps in GRAPH.items() if _unit(m) == "nn" for d in deps
+               if _unit(d) not in ("nn", "registry", "netspecs", "errors", "storage", "__init__")}
+    assert not outside, outside
+
+
+def test_nets_and_criteria_are_built_only_inside_the_library():
+    """``Classifier.from_config`` is the one builder: no module outside ncmcli/nn calls
+    build_net or build_criterion."""
+    callers = set()
+    for m, path in MODULES.items():
+        if _unit(m) == "nn":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if name in ("build_net", "build_criterion"):
+                    callers.add(m)
+    assert not callers, callers
 
 
 def test_config_registry_and_report_labels_agree():
-    from ncmcli.config import LossConfig
+    from ncmcli.config.schema import LossConfig
     from ncmcli.netspecs import ARCHS, MLPS, RESNETS
     from ncmcli.report import METHOD_ORDER, dataset_label, method_label
 
@@ -78,7 +144,7 @@ def test_config_registry_and_report_labels_agree():
             for m in registry.LSOFTMAX_MARGINS:
                 labels.add(method_label(LossConfig(name=name, hinge_form=form, margin=m)))
     assert labels <= set(METHOD_ORDER), labels - set(METHOD_ORDER)
-    from ncmcli.config import DataConfig
+    from ncmcli.config.schema import DataConfig
 
     assert {dataset_label(DataConfig(name=d)) for d in registry.DATASETS} == {e.label for e in registry.DATASETS.values()}
 
@@ -86,8 +152,8 @@ def test_config_registry_and_report_labels_agree():
 def test_every_registered_loss_builds_through_the_registry():
     import torch
 
-    from ncmcli.config import LossConfig
-    from ncmcli.losses import Criterion, build_criterion
+    from ncmcli.config.schema import LossConfig
+    from ncmcli.nn.losses import Criterion, build_criterion
 
     anchors = torch.eye(3, 4)
     for name, entry in registry.LOSSES.items():
@@ -121,8 +187,8 @@ def test_loss_fields_a_loss_does_not_read_change_nothing():
 
     import torch
 
-    from ncmcli.config import LossConfig
-    from ncmcli.losses import build_criterion
+    from ncmcli.config.schema import LossConfig
+    from ncmcli.nn.losses import build_criterion
 
     other = {"scale": 3.0, "hinge_form": "weston-watkins", "margin": 3, "lambda_base": 10.0,
              "lambda_gamma": 0.5, "lambda_power": 2.0, "lambda_min": 0.5, "center_weight": 0.5,
@@ -173,7 +239,7 @@ def test_readme_tables_list_every_registered_name():
 
 
 def test_cli_start_up_imports_no_torch():
-    code = "import sys; import ncmcli.cli, ncmcli.config, ncmcli.registry; print('torch' in sys.modules)"
+    code = "import sys; import ncmcli.cli, ncmcli.config.schema, ncmcli.registry; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
@@ -186,7 +252,7 @@ def test_modules_stay_small_or_say_why():
 
 
 def test_train_reads_at_a_glance():
-    text = (PKG / "training.py").read_text()
+    text = (PKG / "train" / "loop.py").read_text()
     start = text.index("def train(")
     end = text.index("\ndef ", start + 1)
     assert len(text[start:end].splitlines()) <= 140
@@ -203,7 +269,7 @@ def test_no_module_level_getattr_outside_the_package_init():
 
 def test_run_folder_file_names_are_spelled_in_runfiles_only():
     """RunDir owns the run folder: no other module spells one of its file names as a string."""
-    from ncmcli import runfiles
+    from ncmcli.runs import runfiles
 
     names = {runfiles.CONFIG, runfiles.METRICS, runfiles.BEST, runfiles.LAST, runfiles.RESULT, runfiles.REPLAY,
              runfiles.PARENT, runfiles.LOCK}

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import assert_clean_error
-from ncmcli.presets import resolve
+from ncmcli.config.presets import resolve
 from ncmcli.engine import Reporter
-from ncmcli.training import train
+from ncmcli.train.loop import train
 
 TINY = ["--set", "train.epochs=1", "--set", "data.limit_train=128", "--set", "data.limit_test=64", "--quiet"]
 
@@ -30,13 +30,13 @@ def test_best_is_selected_on_validation_accuracy_when_there_is_a_validation_spli
     best_epoch = max(lines, key=lambda m: (m["val_acc"], -m["epoch"]))["epoch"]
     assert result["best_selected_on"] == "validation" and result["best"]["epoch"] == best_epoch
     assert result["best"]["val_acc"] == lines[best_epoch - 1]["val_acc"]
-    from ncmcli import checkpoint
+    from ncmcli.runs import checkpoint
 
     assert checkpoint.load(tmp_path / "best.safetensors").epoch == best_epoch
 
 
 def test_validation_split_is_stratified_and_disjoint_from_train():
-    from ncmcli.data import load_dataset
+    from ncmcli.data.datasets import load_dataset
 
     cfg = resolve("quickstart", ["data.val_split=100"])
     ds = load_dataset(cfg.data)
@@ -85,7 +85,7 @@ def test_force_empties_the_old_runs_files(ncm, tmp_path):
 
 
 def test_a_second_writer_is_refused_with_the_holders_pid(ncm, tmp_path):
-    from ncmcli.runfiles import FolderLock
+    from ncmcli.runs.runfiles import FolderLock
 
     out = tmp_path / "r"
     out.mkdir()
@@ -97,7 +97,7 @@ def test_a_second_writer_is_refused_with_the_holders_pid(ncm, tmp_path):
 
 
 def test_resume_while_the_run_is_in_use_is_refused(ncm, tmp_path):
-    from ncmcli.runfiles import FolderLock
+    from ncmcli.runs.runfiles import FolderLock
 
     out = tmp_path / "r"
     assert ncm("train", "--preset", "quickstart", *TINY, "--out", out).returncode == 0

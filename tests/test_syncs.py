@@ -23,9 +23,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ncmcli.presets import resolve
+from ncmcli.config.presets import resolve
 from ncmcli.engine import Reporter
-from ncmcli.training import train
+from ncmcli.train.loop import train
 
 SYNCS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
          torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy,
@@ -85,7 +85,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_no_transfer_and_no_sync_inside_the_step(case, tmp_path, monkeypatch):
-    from ncmcli import training
+    from ncmcli.train import loop as training
 
     cfg = resolve("quickstart", ["data.limit_train=192", "data.limit_test=32", "train.batch_size=32",
                                  "train.epochs=1", "train.num_threads=1", "train.log_every_steps=1000",

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import StopAfter, assert_clean_error
-from ncmcli import checkpoint
-from ncmcli.presets import resolve
+from ncmcli.runs import checkpoint
+from ncmcli.config.presets import resolve
 from ncmcli.engine import Reporter
-from ncmcli.training import Interrupted, train
+from ncmcli.train.loop import Interrupted, train
 
 REPO = Path(__file__).resolve().parents[1]
 # Augmentation and dropout on, so the data and dropout RNG states both matter.
@@ -117,8 +117,8 @@ def test_signal_saves_a_resumable_checkpoint(tmp_path, sig, code):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ncm, tmp_path, monkeypatch):
-    from ncmcli import training
-    from ncmcli.training import TrainingDiverged
+    from ncmcli.train import loop as training
+    from ncmcli.train.loop import TrainingDiverged
 
     # Epoch 1 trains normally; in epoch 2 the loss turns NaN.
     real, calls = training.TrainStep.forward, []
@@ -153,18 +153,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ncm, tmp_path, monkey
 
 SAVE_LOOP = r"""
 import sys, torch
-from ncmcli import checkpoint
-from ncmcli.presets import resolve
-from ncmcli.training import build_from_config
+from ncmcli.runs import checkpoint
+from ncmcli.config.presets import resolve
+from ncmcli.nn.classifier import Classifier
 cfg = resolve("quickstart")
-model, anchors, crit = build_from_config(cfg, 10, (1, 28, 28))
+clf = Classifier.from_config(cfg, 10, (1, 28, 28), mean=[0.5], std=[0.25])
+model = clf.net
 i = 0
 while True:
     i += 1
     with torch.no_grad():
         model.fc.bias.fill_(float(i))
-    checkpoint.save(sys.argv[1], model=model, criterion=crit, config=cfg, classes=[str(c) for c in range(10)],
-                    mean=[0.5], std=[0.25], input_shape=(1, 28, 28), epoch=i, metrics={})
+    checkpoint.save(sys.argv[1], clf, config=cfg, epoch=i, metrics={})
     print(i, flush=True)
 """
 

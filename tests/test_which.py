@@ -25,7 +25,7 @@ def test_a_tiny_validation_split_warns_and_best_follows_the_last_epoch(tmp_path,
 
 @pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_which_last_on_eval_predict_export_and_plot(tmp_path, ncm):
-    from ncmcli.fakedata import make_folder
+    from ncmcli.data.fakedata import make_folder
 
     out = tmp_path / "run"
     assert ncm("train", "--preset", "quickstart", "--set", "train.epochs=2", "--set", "data.limit_train=300",

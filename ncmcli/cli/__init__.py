@@ -81,7 +81,7 @@ def anchors(
 @app.command()
 def presets() -> None:
     """List the presets, each with its one-line description."""
-    from ncmcli.presets import list_presets
+    from ncmcli.config.presets import list_presets
 
     items = list_presets()
     width = max(map(len, items), default=0)
@@ -106,8 +106,8 @@ def train(
     log_every: float = typer.Option(30.0, "--log-every", help="Without a terminal: a progress line every this many seconds."),
 ) -> None:
     """Train a model; writes config.yaml, metrics.jsonl, best/last.safetensors, result.json."""
-    from ncmcli import config as cfgmod
-    from ncmcli import presets as presets_mod
+    from ncmcli.config import schema as cfgmod
+    from ncmcli.config import presets as presets_mod
 
     if resume is not None and (preset or out or print_config or name or extend):
         raise typer.BadParameter("--resume takes no --preset, --out, --name, --extend or --print-config: the run "
@@ -130,7 +130,7 @@ def train(
         return
     from ncmcli import engine
 
-    from ncmcli.training import Interrupted
+    from ncmcli.train.loop import Interrupted
 
     if not log_every > 0:
         raise typer.BadParameter("must be > 0", param_hint="--log-every")
@@ -208,7 +208,7 @@ def predict(
     """Classify images with a checkpoint (preprocessing comes from the checkpoint)."""
     from ncmcli import engine
 
-    from ncmcli.runfiles import find_checkpoint
+    from ncmcli.runs.runfiles import find_checkpoint
 
     path, why = find_checkpoint(checkpoint, dict(os.environ), Path.cwd(), which)
     if why != "--checkpoint":

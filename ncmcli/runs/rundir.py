@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from ncmcli.runfiles import (BEST, CONFIG, LAST, METRICS, PARENT, REPLAY, RESULT, FolderLock, append_metrics,
-                             atomic_write_text, holds_run, read_metrics, resolve_checkpoint)
+from ncmcli.runs.runfiles import (BEST, CONFIG, LAST, METRICS, PARENT, REPLAY, RESULT, FolderLock, append_metrics,
+                                 holds_run, read_metrics, resolve_checkpoint)
+from ncmcli.storage import atomic_write_text
 
 
 RUN_ID_PREFIX = "# ncm run id: "  # config.yaml's first line ties a run's checkpoints to its folder

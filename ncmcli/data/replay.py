@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ncmcli.batching import Split
+from ncmcli.data.batching import Split
 from ncmcli.errors import DataError
-from ncmcli.runfiles import atomic_write, bounded_json
+from ncmcli.storage import atomic_write, bounded_json
 
 FORMAT = "ncm-replay"
 MAX_IMAGES = 10_000_000

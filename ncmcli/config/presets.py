@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from ncmcli.config import Config, ConfigError, _flatten, build, parse_override, quote
+from ncmcli.config.schema import Config, ConfigError, _flatten, build, parse_override, quote
 from ncmcli.errors import special_file
 
 MAX_PRESET_BYTES = 64 * 1024  # presets are a few hundred bytes; a bigger file is a mistake or an attack
@@ -20,7 +20,7 @@ MAX_YAML_DEPTH = 16  # the schema is two levels deep
 
 def presets_dir() -> Path:
     """Presets ship inside the wheel as ncmcli/presets; a checkout keeps them at the root."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # ncmcli/
     for cand in (here / "presets", here.parent / "presets"):
         if cand.is_dir():
             return cand

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ncmcli import registry
-from ncmcli.distances import DISTANCES, get_distance
+from ncmcli.nn.distances import DISTANCES, get_distance
 from ncmcli.errors import ConfigError
 
 
@@ -86,7 +86,7 @@ def fp32(x: torch.Tensor) -> torch.Tensor:
 class NCMLoss(Criterion):
     """Anchor-based Nearest Class Mean loss (E-NCM with ``euclidean``, C-NCM with ``cosine``).
 
-    ``distance`` (or ``metric``) is a registered name (``ncmcli.distances.DISTANCES``) or any
+    ``distance`` (or ``metric``) is a registered name (``ncmcli.nn.distances.DISTANCES``) or any
     callable (features (B, D), anchors (C, D)) -> (B, C), injected as pytorch-metric-learning's
     losses take a distance object; the loss never branches on which one it holds.
 
@@ -180,7 +180,7 @@ class NCMLoss(Criterion):
     def loss_floor(self) -> float:
         """The floor at the current scale (a learned scale moves it); with free slots in the
         softmax, the floor of the classes in use with every slot in the denominator."""
-        from ncmcli.floors import loss_floor, slot_floor
+        from ncmcli.nn.floors import loss_floor, slot_floor
 
         if self.metric not in DISTANCES:  # an injected distance: every feature on its anchor
             a = self.anchors.detach().double()
@@ -236,7 +236,7 @@ def logit_bias(tau: float, prior: torch.Tensor | None, num_classes: int) -> torc
 def resolve_scale(scale: float | str, floor_target: float, anchors: torch.Tensor, metric: str) -> float:
     """The number a ``loss.scale`` stands for: itself, or for auto/learn the scale at which the
     loss floor of ``anchors`` equals ``floor_target`` nats."""
-    from ncmcli.floors import scale_for_floor
+    from ncmcli.nn.floors import scale_for_floor
 
     if not isinstance(scale, str):
         return float(scale)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ncmcli import registry
 from ncmcli.errors import ConfigError
-from ncmcli.losses import Criterion, fp32
+from ncmcli.nn.losses import Criterion, fp32
 
 
 class HingeLoss(Criterion):

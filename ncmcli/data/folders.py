@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ncmcli.batching import FileSplit, Split
+from ncmcli.data.batching import FileSplit, Split
 from ncmcli.errors import DataError
-from ncmcli.images import load_image
+from ncmcli.data.images import load_image
 
 
 # torchvision's ImageFolder extensions: what a folder of photos holds (GIF placeholders are not)
@@ -27,7 +27,7 @@ def load_folder(root: Path, channels: int, size: int, want_train: bool, *, loade
     picks a side that suits the images (``probe_size``). Only regular files with an image
     extension are read: others are skipped with a note (a FIFO would block). Returns (train,
     test, classes, notes)."""
-    from ncmcli.foldercache import load_cached
+    from ncmcli.data.foldercache import load_cached
 
     notes: list[str] = []
     held_out = _held_out_dir(root, test_dir, notes)

@@ -15,16 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ncmcli.batching import Split
+from ncmcli.data.batching import Split
 from ncmcli.errors import DataError
-from ncmcli.subsets import choose_classes, keep_classes  # noqa: F401 (keep_classes re-exported)
-from ncmcli.subsets import imbalanced_indices, parse_imbalance, stratified_indices  # noqa: F401 (re-exported)
+from ncmcli.data.subsets import choose_classes  # noqa: F401 (keep_classes re-exported)
+from ncmcli.data.subsets import imbalanced_indices, parse_imbalance, stratified_indices  # noqa: F401 (re-exported)
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 # Where Debian's dataset-fashion-mnist package installs the real IDX files.
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-QUICKSTART_FILE = Path(__file__).resolve().parent / "quickstart" / "fashion-mnist-quickstart.safetensors.gz"
+QUICKSTART_FILE = Path(__file__).resolve().parents[1] / "quickstart" / "fashion-mnist-quickstart.safetensors.gz"
 DATA_LICENSE_NOTE = "A class-balanced subset of Fashion-MNIST, (c) Zalando SE, MIT licence."
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -97,7 +97,7 @@ def load_dataset(data_cfg, *, train: bool = True, say=None, known_classes: list[
 
             raise ConfigError("data.name=folder needs data.root=PATH, a folder with train/<class>/ and "
                               "test/<class>/ subfolders (e.g. --preset folder --set data.root=PATH)")
-        from ncmcli.folders import load_folder
+        from ncmcli.data.folders import load_folder
 
         ds = Dataset("folder", *load_folder(root, data_cfg.channels, data_cfg.image_size, train,
                      loader=data_cfg.loader, budget_gb=data_cfg.memory_budget_gb, workers=worker_count(data_cfg.workers),

@@ -17,13 +17,14 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ncmcli import checkpoint, runfiles, trainstate
-from ncmcli.config import Config, to_yaml
+from ncmcli.config.schema import Config, to_yaml
 from ncmcli.errors import ConfigError as NcmConfigError, NcmError
 from ncmcli.forward import evaluate
-from ncmcli.rundir import RunDir
+from ncmcli.nn.classifier import Classifier
+from ncmcli.runs import checkpoint, runfiles, trainstate
+from ncmcli.runs.rundir import RunDir
 from ncmcli.runtime import dist_info, gather_rng, rank0_first
-from ncmcli.schedules import PlateauOnExcess, Warmup, make_optimizer, make_scheduler
+from ncmcli.train.schedules import PlateauOnExcess, Warmup, make_optimizer, make_scheduler
 
 
 class TrainingDiverged(NcmError):
@@ -46,40 +47,6 @@ class StopRequest(Protocol):
     signal_name: str
 
     def is_set(self) -> bool: ...
-
-
-def build_from_config(cfg, num_classes: int, input_shape, class_counts=None, parent=None):
-    """The feature net, its anchors (None for softmax) and its criterion, from a config.
-    ``class_counts``: the training images per class (the prior of ``loss.logit_adjust``);
-    ``parent``: an ``incremental.Parent`` whose weights, slots and head the model extends."""
-    from ncmcli.anchors import make_anchors
-    from ncmcli.losses import build_criterion
-    from ncmcli.registry import NCM_LOSSES as NCM_METRICS
-    from ncmcli.models import build_net
-    from ncmcli.slots import assign_slots
-
-    model = build_net(cfg.model.arch, in_channels=input_shape[0], image_size=input_shape[1],
-                      dropout=cfg.model.dropout, feature_dim=cfg.model.feature_dim or None,
-                      head=cfg.model.head, pretrained=cfg.model.pretrained)
-    prior = None if class_counts is None else torch.tensor(list(class_counts), dtype=torch.float64)
-    if parent is not None:
-        from ncmcli.incremental import extended_criterion
-
-        model.load_state_dict(parent.checkpoint.model.state_dict())
-        criterion = extended_criterion(cfg, parent, num_classes, model.feature_dim, prior)
-        return model, criterion.anchors, criterion
-    anchors = class_slots = None
-    if cfg.loss.name in NCM_METRICS:
-        slots = cfg.anchors.slots or num_classes
-        if slots < num_classes:
-            raise NcmConfigError(f"anchors.slots={slots} is fewer than the {num_classes} classes; give at least "
-                                 f"{num_classes}, more to leave room for classes added later (--extend)")
-        anchors = make_anchors(cfg.anchors.method, slots, model.feature_dim, seed=cfg.anchors.seed)
-        if cfg.anchors.slots:
-            class_slots = torch.tensor(assign_slots(anchors, [], num_classes), dtype=torch.int64)
-    criterion = build_criterion(cfg.loss, anchors=anchors, dim=model.feature_dim, num_classes=num_classes,
-                                prior=prior, class_slots=class_slots)
-    return model, criterion.anchors, criterion
 
 
 class TrainStep(nn.Module):
@@ -176,34 +143,47 @@ class Setup:
     training step, optimiser and schedule, and the data-order generator."""
 
     data: object
-    model: nn.Module
-    criterion: nn.Module
+    classifier: Classifier  # the live model: net, criterion, classes, input format
     step: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
     per_step: bool
     scaler: torch.amp.GradScaler
     gen: torch.Generator
-    mean: list
-    std: list
     train_split: object
     test_split: object
     val_split: object | None
     steps_per_epoch: int
     warmup: Warmup
-    ema: nn.Module | None = None  # EMA of {"net", "crit"} when train.ema_decay > 0
+    ema: nn.Module | None = None  # EMA of the classifier when train.ema_decay > 0
     progress: trainstate.Progress = field(default_factory=trainstate.Progress)
     run_id: str | None = None
     lineage: object = None  # incremental.Lineage: the tasks so far and an --extend run's parent
     memory: object = None  # replay.Memory this run keeps for later --extend runs (train.replay > 0)
 
+    @property
+    def model(self) -> nn.Module:
+        return self.classifier.net
+
+    @property
+    def criterion(self) -> nn.Module:
+        return self.classifier.criterion
+
+    @property
+    def mean(self) -> list[float]:
+        return self.classifier.mean
+
+    @property
+    def std(self) -> list[float]:
+        return self.classifier.std
+
 
 def build_run(cfg: Config, device: torch.device, say=None, parent=None) -> Setup:
     """Seeds, threads, data, model, anchors, criterion, the speed settings, optimiser, schedule.
     ``parent``: the ``incremental.Parent`` an --extend run starts from."""
-    from ncmcli.batching import split_stats
-    from ncmcli.data import load_dataset
-    from ncmcli.incremental import check_compatible
+    from ncmcli.data.batching import split_stats
+    from ncmcli.data.datasets import load_dataset
+    from ncmcli.runs.incremental import check_compatible
 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -222,10 +202,21 @@ def build_run(cfg: Config, device: torch.device, say=None, parent=None) -> Setup
     else:
         mean, std = split_stats(data.train, normalization=cfg.data.normalization)  # the paper's: global
     lineage, memory = _lineage(cfg, data, parent)
-    model, _, criterion = build_from_config(cfg, len(data.classes), data.input_shape, data.train_counts, parent)
+    if parent is not None:
+        from ncmcli.runs.incremental import extended_classifier
+
+        classifier = extended_classifier(cfg, parent, data.classes, data.train_counts)
+    else:
+        try:
+            classifier = Classifier.from_config(cfg, data.classes, data.input_shape, mean=mean, std=std,
+                                                class_counts=data.train_counts)
+        except NcmError:
+            raise
+        except (ValueError, TypeError) as exc:  # a library constructor's error is a config error here
+            raise NcmConfigError(str(exc)) from None
+    model, criterion = classifier.parts()
     _check_size(model, criterion, len(data.classes))
-    model.to(device)
-    criterion.to(device)
+    classifier.to(device)
     # Speed settings; none changes the maths beyond the autocast rounding.
     amp_dtype = resolve_precision(cfg.train.precision, device)
     channels_last = cfg.train.channels_last == "true" or (cfg.train.channels_last == "auto" and device.type == "cuda")
@@ -247,13 +238,13 @@ def build_run(cfg: Config, device: torch.device, say=None, parent=None) -> Setup
     ema = None
     if cfg.train.ema_decay > 0:
         # Both halves: a SoftMax model's classifier lives in its criterion.
-        ema = EMA(nn.ModuleDict({"net": model, "crit": criterion}), cfg.train.ema_decay)
+        ema = EMA(classifier, cfg.train.ema_decay)
     return Setup(
         ema=ema, lineage=lineage, memory=memory,
-        data=data, model=model, criterion=criterion, step=step, optimizer=optimizer, scheduler=scheduler,
+        data=data, classifier=classifier, step=step, optimizer=optimizer, scheduler=scheduler,
         per_step=per_step, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         gen=torch.Generator().manual_seed(cfg.seed),  # data order and augmentation draws
-        mean=mean, std=std, train_split=train_split, test_split=data.test.to(device),
+        train_split=train_split, test_split=data.test.to(device),
         val_split=data.val.to(device) if data.val is not None else None, steps_per_epoch=steps_per_epoch,
         warmup=Warmup(optimizer, round(cfg.optim.warmup_epochs * steps_per_epoch)))
 
@@ -261,9 +252,9 @@ def build_run(cfg: Config, device: torch.device, say=None, parent=None) -> Setup
 def _lineage(cfg: Config, data, parent):
     """The run's task history, with the parent's replay memory mixed into ``data.train`` (an
     --extend run with train.replay), and the memory this run keeps (train.replay > 0)."""
-    from ncmcli import replay
-    from ncmcli.batching import Split
-    from ncmcli.incremental import Lineage, check_input, mixed_memory
+    from ncmcli.data import replay
+    from ncmcli.data.batching import Split
+    from ncmcli.runs.incremental import Lineage, check_input, mixed_memory
 
     if cfg.train.replay and not isinstance(data.train, Split):
         raise NcmConfigError("train.replay needs the training split in memory (data.loader=tensor)")
@@ -289,7 +280,7 @@ def _lineage(cfg: Config, data, parent):
 
 def _check_size(model: nn.Module, criterion: nn.Module, num_classes: int) -> None:
     """Refuse, before training, a model that checkpoint loading would refuse afterwards."""
-    from ncmcli.config import MAX_CLASSES, MAX_PARAMS
+    from ncmcli.config.schema import MAX_CLASSES, MAX_PARAMS
 
     n = sum(t.numel() for m in (model, criterion) for t in m.state_dict().values())
     if n > MAX_PARAMS:
@@ -324,7 +315,7 @@ def imagenet_stats(channels: int) -> tuple[list[float], list[float]]:
 def start_epoch(cfg: Config, run: Setup, epoch: int) -> None:
     """Train mode for the epoch; with ``model.freeze_backbone_epochs`` the backbone takes no
     gradients (so no updates, no weight decay) until that many epochs have passed."""
-    from ncmcli.models import backbone_parameters
+    from ncmcli.nn.models import backbone_parameters
 
     run.model.train()
     run.criterion.train()
@@ -338,7 +329,7 @@ def update_ema(run: Setup) -> None:
     statistics, centres, counters) copied from the live model, as they are not weights."""
     if run.ema is None:
         return
-    run.ema.update(nn.ModuleDict({"net": run.model, "crit": run.criterion}))
+    run.ema.update(run.classifier)
 
 
 class EMA(nn.Module):
@@ -370,11 +361,9 @@ class EMA(nn.Module):
         self.n_averaged += 1
 
 
-def evaluated(run: Setup) -> tuple[nn.Module, nn.Module]:
-    """The model and criterion that are evaluated and checkpointed: the EMA when on."""
-    if run.ema is None:
-        return run.model, run.criterion
-    return run.ema.module["net"], run.ema.module["crit"]
+def evaluated(run: Setup) -> Classifier:
+    """The classifier that is evaluated and checkpointed: the EMA when on."""
+    return run.classifier if run.ema is None else run.ema.module
 
 
 def restore(run: Setup, run_dir: Path, device: torch.device) -> None:
@@ -384,7 +373,7 @@ def restore(run: Setup, run_dir: Path, device: torch.device) -> None:
     last = checkpoint.load(run_dir / runfiles.LAST, device)
     state = trainstate.unpack(run_dir / runfiles.LAST)
     if run.ema is not None:
-        ema_net, ema_crit = evaluated(run)
+        ema_net, ema_crit = evaluated(run).parts()
         ema_net.load_state_dict(last.model.state_dict())
         ema_crit.load_state_dict(last.criterion.state_dict())
         run.ema.n_averaged = int(state.progress.global_step)
@@ -410,7 +399,7 @@ def restore(run: Setup, run_dir: Path, device: torch.device) -> None:
 
 def _parent(run_dir: Path, resume: bool, extend: Path | None):
     """The checkpoint an --extend run starts from: on --resume, the one its folder recorded."""
-    from ncmcli import incremental
+    from ncmcli.runs import incremental
 
     if resume:
         return incremental.parent_of_run(run_dir)
@@ -420,7 +409,8 @@ def _parent(run_dir: Path, resume: bool, extend: Path | None):
 def _open_run(cfg: Config, run: Setup, run_dir: Path, device, *, resume: bool, parent, reporter) -> None:
     """Resume from last.safetensors, or start the run's files: config.yaml (its run id first),
     an --extend run's parent record, and train.replay's memory."""
-    from ncmcli import incremental, replay
+    from ncmcli.runs import incremental
+    from ncmcli.data import replay
 
     rank = dist_info()[0]
     if resume:
@@ -467,7 +457,7 @@ def result_record(cfg: Config, run: Setup, run_dir: Path, history: list[dict], *
     result["resolved"] = resolved_settings(cfg, run)
     if run.data.imbalance:
         result["imbalance"] = run.data.imbalance
-    crit = evaluated(run)[1]
+    crit = evaluated(run).criterion
     if crit.uses_anchors:
         result["loss_floor"] = crit.loss_floor()  # at the final scale
         result["scale"] = scale_record(cfg, crit)
@@ -493,7 +483,7 @@ def resolved_settings(cfg: Config, run: Setup) -> dict:
 def scale_record(cfg: Config, crit) -> dict:
     """What result.json says of an NCM loss's scale: the setting, the number it resolved to at
     the start, the final one (moved only by learn) and the floor at it."""
-    from ncmcli.floors import top_probability
+    from ncmcli.nn.floors import top_probability
 
     value = crit.scale_value()
     floor = crit.loss_floor()  # at the current scale; with free slots, every slot in the denominator
@@ -534,7 +524,7 @@ def selection(run: Setup) -> tuple[str, str]:
 
 
 def _announce(cfg: Config, run: Setup, run_dir: Path, device, reporter: ProgressReporter) -> None:
-    from ncmcli.anchors import anchor_certificate
+    from ncmcli.nn.anchors import anchor_certificate
 
     crit, data, world = run.criterion, run.data, dist_info()[1]
     if crit.uses_anchors:
@@ -560,7 +550,7 @@ def _tensorboard(cfg: Config, run_dir: Path, rank: int, first_epoch: int):
     """The TensorBoard log of rank 0 when ``train.tensorboard`` is on, else None."""
     if not cfg.train.tensorboard or rank != 0:
         return None
-    from ncmcli.tblog import TensorBoard
+    from ncmcli.runs.tblog import TensorBoard
 
     return TensorBoard(run_dir, first_epoch=first_epoch)
 
@@ -575,18 +565,17 @@ def _all_ranks(loss_sum, correct, seen, device):
 def _evaluate_epoch(cfg: Config, run: Setup, device, *, keep_outputs: bool) -> tuple[dict, dict | None]:
     """Test (and validation) metrics of the evaluated model (the EMA when on). Under DDP every
     rank first takes rank 0's BatchNorm statistics: the ones its checkpoint will hold."""
-    eval_model, eval_crit = evaluated(run)
+    clf = evaluated(run)
     if dist_info()[1] > 1:
-        for buf in [*eval_model.buffers(), *eval_crit.buffers()]:
+        for buf in clf.buffers():
             torch.distributed.broadcast(buf, 0)
-    kw = dict(mean=run.mean, std=run.std, device=device, batch_size=cfg.train.eval_batch_size,
-              num_classes=len(run.data.classes))
-    ev = evaluate(eval_model, eval_crit, run.test_split, keep_outputs=keep_outputs, **kw)
+    kw = dict(device=device, batch_size=cfg.train.eval_batch_size)
+    ev = evaluate(clf, run.test_split, keep_outputs=keep_outputs, **kw)
     if keep_outputs:  # for TensorBoard: compactness and separation of the test features
-        from ncmcli.tblog import feature_diagnostics
+        from ncmcli.runs.tblog import feature_diagnostics
 
-        ev["feature_diagnostics"] = feature_diagnostics(eval_crit, ev.pop("features"), ev.pop("labels"))
-    val = None if run.val_split is None else evaluate(eval_model, eval_crit, run.val_split, **kw)
+        ev["feature_diagnostics"] = feature_diagnostics(clf.criterion, ev.pop("features"), ev.pop("labels"))
+    val = None if run.val_split is None else evaluate(clf, run.val_split, **kw)
     return ev, val
 
 
@@ -604,12 +593,12 @@ def _epoch_metrics(run: Setup, epoch: int, train_loss: float, train_acc: float, 
     if run.data.imbalance:
         metrics.update({f"test_{k}_acc": tail[f"{k}_accuracy"] for k in ("head", "medium", "tail")})
     if len(run.lineage.tasks) > 1:  # class-incremental: the accuracy on each run's classes
-        from ncmcli.incremental import task_accuracies
+        from ncmcli.runs.incremental import task_accuracies
 
         metrics["test_tasks"] = task_accuracies(ev["confusion"], run.data.classes, run.lineage.tasks)
     if val is not None:
         metrics.update(val_loss=val["loss"], val_acc=val["accuracy"], val_error_pct=val["error_pct"])
-    crit = evaluated(run)[1]
+    crit = evaluated(run).criterion
     if crit.uses_anchors:
         metrics["scale"] = crit.scale_value()
     return metrics
@@ -630,8 +619,8 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
     ``resume`` continues from ``run_dir/last.safetensors`` exactly where it stopped. On a
     ``stop`` request training stops at the next step boundary, saves a resumable ``last``
     checkpoint and raises ``Interrupted``. ``extend``: a checkpoint whose classes this run
-    keeps and adds ``data.classes`` to (``ncmcli.incremental``)."""
-    from ncmcli.batching import batches
+    keeps and adds ``data.classes`` to (``ncmcli.runs.incremental``)."""
+    from ncmcli.data.batching import batches
 
     t_start = time.time()
     rank, world = dist_info()
@@ -654,12 +643,10 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
         # weights are checked before every save, so NaN never reaches a checkpoint.
         where = f"epoch {epoch} ({name} not written; earlier checkpoints are untouched)"
         check_finite(model, criterion, where)
-        eval_model, eval_crit = evaluated(run)  # the EMA when on
+        clf = evaluated(run)  # the EMA when on
         if run.ema is not None:
-            check_finite(eval_model, eval_crit, where)
-        checkpoint.save(run_dir / name, model=eval_model, criterion=eval_crit, config=cfg, classes=data.classes,
-                        mean=run.mean, std=run.std, input_shape=data.input_shape, epoch=epoch, metrics=metrics,
-                        extra=trainstate.pack(state) if state is not None else None, run_id=run.run_id,
+            check_finite(clf.net, clf.criterion, where)
+        checkpoint.save(run_dir / name, clf, config=cfg, epoch=epoch, metrics=metrics, extra=trainstate.pack(state) if state is not None else None, run_id=run.run_id,
                         class_counts=data.train_counts, imbalance=data.imbalance, lineage=run.lineage)
 
     def snapshot(epoch_rng: torch.Tensor) -> trainstate.TrainState:

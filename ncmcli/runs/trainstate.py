@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ncmcli.errors import CheckpointError
-from ncmcli.runfiles import bounded_json
+from ncmcli.storage import bounded_json
 
 PREFIX = "state."
 
@@ -87,7 +87,7 @@ def unpack(path: Path) -> TrainState:
     """The train state stored in a ``last.safetensors``, or a clear error."""
     from safetensors import safe_open
 
-    from ncmcli.checkpoint import read_metadata
+    from ncmcli.runs.checkpoint import read_metadata
 
     meta = read_metadata(path)
     if "train_state" not in meta:

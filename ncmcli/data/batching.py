@@ -9,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from ncmcli.images import load_image
+from ncmcli.data.images import load_image
 
 
 @dataclass

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from ncmcli import replay, runfiles
+from ncmcli.data import replay
+from ncmcli.runs import runfiles
 from ncmcli.errors import ConfigError, UsageError
+from ncmcli.storage import atomic_write_text, bounded_json
 
 # What must match the parent: the net, the anchors and the input format. The rest of the
 # config (optimiser, schedule, epochs, data sampling, replay) is the new run's own.
@@ -37,7 +38,7 @@ class Lineage:
 class Parent:
     path: Path
     sha256: str
-    checkpoint: object  # ncmcli.checkpoint.Checkpoint, on the CPU
+    checkpoint: object  # ncmcli.runs.checkpoint.Checkpoint, on the CPU
     tasks: list[list[str]]
     memory: replay.Memory | None
 
@@ -57,7 +58,7 @@ def sha256_of(path: Path) -> str:
 def open_parent(target: Path, *, expect_sha256: str | None = None) -> Parent:
     """The parent checkpoint (a file, or a run folder's best), its task history and, when its
     run kept one, its replay memory (replay.safetensors beside it)."""
-    from ncmcli import checkpoint
+    from ncmcli.runs import checkpoint
 
     path = runfiles.resolve_checkpoint(Path(target), "best")
     digest = sha256_of(path)
@@ -76,20 +77,20 @@ def parent_of_run(run_dir: Path) -> Parent | None:
     if not record_path.is_file():
         return None
     try:
-        record = runfiles.bounded_json(record_path.read_text(encoding="utf-8"))
+        record = bounded_json(record_path.read_text(encoding="utf-8"))
         return open_parent(Path(record["path"]), expect_sha256=str(record["sha256"]))
     except (KeyError, TypeError, ValueError):
         raise UsageError(f"{record_path} is not a readable parent record") from None
 
 
 def write_parent_record(run_dir: Path, parent: Parent) -> None:
-    runfiles.atomic_write_text(run_dir / runfiles.PARENT,
+    atomic_write_text(run_dir / runfiles.PARENT,
                                json.dumps({"path": str(parent.path), "sha256": parent.sha256}, indent=2) + "\n")
 
 
 def check_compatible(cfg, parent: Parent) -> None:
     """Refuse, in one line, a run whose net, anchors or input format differ from the parent's."""
-    from ncmcli.config import dotted
+    from ncmcli.config.schema import dotted
 
     mine, theirs = dotted(cfg.to_dict()), dotted(parent.checkpoint.config.to_dict())
     for key in MATCHED_KEYS:
@@ -105,30 +106,20 @@ def check_input(parent: Parent, input_shape) -> None:
                           f"{tuple(parent.checkpoint.input_shape)}; the input format must match")
 
 
-def extended_criterion(cfg, parent: Parent, num_classes: int, dim: int, prior=None):
-    """The parent's criterion with room for the new classes: NCM losses keep every slot
-    bit-identical and give each new class a free slot; learned heads grow by fresh rows."""
-    from ncmcli.losses import build_criterion
-    from ncmcli.slots import assign_slots, grow_head
-
-    old = parent.checkpoint.criterion
-    n_old = len(parent.classes)
-    if not old.uses_anchors:
-        child = build_criterion(cfg.loss, anchors=None, dim=dim, num_classes=num_classes, prior=prior)
-        grow_head(old, child, n_old)
-        return child
-    slot_anchors = old.slot_anchors if old.has_slots else old.anchors
-    used = old.class_slots.tolist() if old.has_slots else list(range(n_old))
+def extended_classifier(cfg, parent: Parent, classes: list[str], class_counts=None):
+    """The parent's classifier with room for the new classes (``Classifier.extended``): NCM
+    losses keep every slot bit-identical and give each new class a free slot; learned heads
+    grow by fresh rows. A scale setting changed since the parent resolves anew."""
+    old = parent.checkpoint.classifier
+    keep_scale = cfg.loss.scale == parent.checkpoint.config.loss.scale
     try:
-        new = assign_slots(slot_anchors, used, num_classes - n_old)
+        return old.extended(cfg, classes, keep_scale=keep_scale, class_counts=class_counts)
     except ValueError as exc:
+        if "free anchor slot" not in str(exc):
+            raise ConfigError(f"--extend: {exc}") from None
+        slots = len(old.criterion.slot_anchors if old.criterion.has_slots else old.criterion.anchors)
         raise ConfigError(f"--extend: no free anchor slot left ({exc}); train the first task with a larger "
-                          f"anchors.slots, e.g. --set anchors.slots={max(2 * len(slot_anchors), num_classes)}") from None
-    parent_setting = parent.checkpoint.config.loss.scale
-    scale = old.scale_value() if cfg.loss.scale == parent_setting else None  # a changed setting resolves anew
-    child = build_criterion(cfg.loss, anchors=slot_anchors, dim=dim, num_classes=num_classes, prior=prior,
-                            scale=scale, class_slots=torch.tensor(used + new, dtype=torch.int64))
-    return child
+                          f"anchors.slots, e.g. --set anchors.slots={max(2 * slots, len(classes))}") from None
 
 
 def mixed_memory(cfg, parent: Parent, classes: list[str]) -> replay.Memory | None:

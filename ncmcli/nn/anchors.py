@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ncmcli.errors import ConfigError, special_file
-from ncmcli.floors import loss_floor, top_probability
+from ncmcli.nn.floors import loss_floor, top_probability
 from ncmcli.registry import ANCHOR_FILE_SUFFIXES, ANCHOR_METHODS, suggest
 
 METHODS = tuple(ANCHOR_METHODS)
@@ -196,8 +196,7 @@ def _cached_optimized(c: int, d: int, seed: int) -> torch.Tensor:
     anchors; an unreadable or mismatched cache file is recomputed and replaced."""
     from safetensors.torch import load_file, save_file
 
-    from ncmcli.foldercache import cache_dir
-    from ncmcli.runfiles import atomic_write
+    from ncmcli.storage import cache_dir, atomic_write
 
     path = cache_dir() / "anchors" / f"optimized-v{OPTIMIZED_VERSION}-c{c}-d{d}-seed{seed}.safetensors"
     if path.is_file():

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ncmcli.config import MAX_CLASSES, MAX_FEATURE_DIM, MAX_PARAMS, MAX_SCALE  # the bounds training checks too
+from ncmcli.config.schema import MAX_CLASSES, MAX_FEATURE_DIM, MAX_PARAMS, MAX_SCALE  # the bounds training checks too
 from ncmcli.errors import CheckpointError, NcmError, special_file
-from ncmcli.runfiles import atomic_write, bounded_json
+from ncmcli.storage import atomic_write, bounded_json
 
 FORMAT = "ncm-checkpoint"
 FORMAT_VERSION = 1
@@ -29,13 +29,11 @@ MAX_SIDE = 1024  # above data.image_size's 512: a checkpoint may come from elsew
 
 @dataclass
 class Checkpoint:
-    model: torch.nn.Module
-    criterion: torch.nn.Module
-    config: object  # ncmcli.config.Config
-    classes: list[str]
-    mean: list[float]
-    std: list[float]
-    input_shape: tuple[int, int, int]
+    """A loaded file: its ``Classifier`` (net, criterion, classes, input format), the config
+    that built it, and what the run recorded."""
+
+    classifier: object  # ncmcli.nn.classifier.Classifier, in eval mode
+    config: object  # ncmcli.config.schema.Config
     epoch: int
     metrics: dict
     path: Path
@@ -44,19 +42,29 @@ class Checkpoint:
     tasks: list[list[str]] | None = None  # class-incremental: the classes each run added, in order
     parent: dict | None = None  # an --extend run's parent checkpoint: {"path", "sha256"}
 
+    # The classifier's parts, for reading.
+    model = property(lambda self: self.classifier.net)
+    criterion = property(lambda self: self.classifier.criterion)
+    classes = property(lambda self: self.classifier.classes)
+    mean = property(lambda self: self.classifier.mean)
+    std = property(lambda self: self.classifier.std)
+    input_shape = property(lambda self: self.classifier.input_shape)
+
 
 def save(
-    path: Path, *, model, criterion, config, classes, mean, std, input_shape, epoch, metrics,
-    extra: tuple[dict, str] | None = None, run_id: str | None = None,
-    class_counts: list[int] | None = None, imbalance: str = "", lineage=None,
+    path: Path, classifier, *, config, epoch, metrics, extra: tuple[dict, str] | None = None,
+    run_id: str | None = None, class_counts: list[int] | None = None, imbalance: str = "", lineage=None,
 ) -> None:
-    """``extra``: (tensors, train_state JSON) from ``trainstate.pack``, for resumable files.
+    """Write ``classifier`` (a ``Classifier``) and the ``config`` that built it to ``path``,
+    atomically. ``extra``: (tensors, train_state JSON) from ``trainstate.pack``, for resumable files.
     ``class_counts``: the training images per class (the prior of logit adjustment and of
     head/medium/tail metrics). ``lineage``: an ``incremental.Lineage`` (the tasks, the parent)."""
     from safetensors.torch import save_file
 
     from ncmcli import __version__
 
+    model, criterion = classifier.net, classifier.criterion
+    classes, mean, std, input_shape = classifier.classes, classifier.mean, classifier.std, classifier.input_shape
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     for k, v in criterion.state_dict().items():
         tensors[_ANCHOR_KEY if k == _ANCHOR_KEY else f"criterion.{k}"] = v
@@ -143,7 +151,7 @@ def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def _check_anchors(path: Path, anchors: torch.Tensor) -> None:
     """Anchors are unit-norm and distinct: refuse zero, scaled or duplicate rows."""
-    from ncmcli.anchors import duplicate_pairs
+    from ncmcli.nn.anchors import duplicate_pairs
 
     norms = anchors.double().norm(dim=1)
     if not bool(((norms - 1).abs() < 1e-3).all()):
@@ -158,10 +166,8 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Rebuild the model and criterion from the file alone, strictly."""
     from safetensors.torch import load_file
 
-    from ncmcli import config as cfgmod
-    from ncmcli.losses import build_criterion
-    from ncmcli.registry import NCM_LOSSES as NCM_METRICS
-    from ncmcli.models import build_net
+    from ncmcli.config import schema as cfgmod
+    from ncmcli.nn.classifier import Classifier
 
     path = Path(path)
     meta = read_metadata(path)
@@ -176,25 +182,22 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
     slot_shape = header.get("criterion.slot_anchors")  # pre-allocated anchors: (S, d)
     if slot_shape is not None and not (len(slot_shape) == 2 and len(classes) <= slot_shape[0] <= MAX_CLASSES):
         raise CheckpointError(f"{path}: criterion.slot_anchors has shape {list(slot_shape)}, not (slots >= classes, d)")
-    placeholder_prior = torch.ones(len(classes))  # made outside the meta device: it is read
+    placeholder_prior = [1] * len(classes)
     placeholder_slots = torch.arange(len(classes)) if slot_shape is not None else None
 
-    def build(device):
+    def build(device, anchors=None, class_slots=None, scale=1.0, counts=counts):
+        """The classifier the config describes; without ``anchors``, placeholder ones of the
+        file's shape (on the meta device: every size checked before any memory is used)."""
+        if anchors is None:
+            anchors = slot_shape[0] if slot_shape is not None else len(classes)
+            class_slots = placeholder_slots
         with torch.device(device):
-            net = build_net(cfg.model.arch, in_channels=shape[0], image_size=shape[1], dropout=cfg.model.dropout,
-                            feature_dim=cfg.model.feature_dim or None, head=cfg.model.head)
-            rows = slot_shape[0] if slot_shape is not None else len(classes)
-            anchors_like = torch.zeros(rows, net.feature_dim) if cfg.loss.name in NCM_METRICS else None
-            if anchors_like is not None:
-                anchors_like[:, 0] = 1.0
-            crit = build_criterion(cfg.loss, anchors=anchors_like, dim=net.feature_dim, num_classes=len(classes),
-                                   prior=placeholder_prior, scale=1.0,
-                                   class_slots=placeholder_slots if anchors_like is not None else None)
-        return net, crit
+            return Classifier.from_config(cfg, classes, shape, mean=mean, std=std, anchors=anchors,
+                                          class_slots=class_slots, scale=scale, class_counts=counts, pretrained=False)
 
     # -- Validate every size on the meta device (no memory) against the file's header
     try:
-        meta_model, meta_crit = build("meta")
+        meta_model, meta_crit = build("meta", counts=placeholder_prior).parts()
     except (ValueError, NcmError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild the model ({exc})") from None
     expected = {f"model.{k}": tuple(v.shape) for k, v in meta_model.state_dict().items()}
@@ -226,21 +229,16 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
     slot_anchors, class_slots = tensors.get("criterion.slot_anchors"), tensors.get("criterion.class_slots")
     if slot_anchors is not None:
         _check_slots(path, slot_anchors, class_slots, anchors)
-    try:
-        model, _ = build("cpu")
-    except (ValueError, NcmError) as exc:
-        raise CheckpointError(f"{path}: cannot rebuild the model ({exc})") from None
-    if anchors is not None and tuple(anchors.shape) != (len(classes), model.feature_dim):
+    if anchors is not None and tuple(anchors.shape) != (len(classes), meta_model.feature_dim):
         raise CheckpointError(
-            f"{path}: anchors have shape {tuple(anchors.shape)}, expected ({len(classes)}, {model.feature_dim})"
+            f"{path}: anchors have shape {tuple(anchors.shape)}, expected ({len(classes)}, {meta_model.feature_dim})"
         )
     try:
-        prior = None if counts is None else torch.tensor(counts, dtype=torch.float64)
-        criterion = build_criterion(cfg.loss, anchors=anchors if slot_anchors is None else slot_anchors,
-                                    dim=model.feature_dim, num_classes=len(classes), prior=prior, scale=stored_scale,
-                                    class_slots=class_slots)
+        classifier = build("cpu", anchors=anchors if slot_anchors is None else slot_anchors, class_slots=class_slots,
+                           scale=stored_scale)
     except (ValueError, NcmError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild the criterion ({exc})") from None
+    model, criterion = classifier.parts()
     model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     crit_sd = {k[len("criterion."):]: v for k, v in tensors.items() if k.startswith("criterion.")}
     if anchors is not None:
@@ -252,12 +250,10 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
         first = str(exc).strip().splitlines()
         detail = " ".join(line.strip() for line in first[:3])
         raise CheckpointError(f"{path}: tensors do not match the model ({detail[:300]})") from None
-    model.to(device).eval()
-    criterion.to(device).eval()
+    classifier.to(device).eval()
     epoch_text = meta.get("epoch", "0")
     return Checkpoint(
-        model=model, criterion=criterion, config=cfg, classes=classes, mean=mean, std=std,
-        input_shape=tuple(shape), epoch=int(epoch_text) if epoch_text.isdigit() else 0,
+        classifier=classifier, config=cfg, epoch=int(epoch_text) if epoch_text.isdigit() else 0,
         metrics=_meta_json(meta, "metrics", path) if "metrics" in meta else {}, path=path,
         class_counts=counts, imbalance=str(meta.get("imbalance", ""))[:40], tasks=tasks,
         parent=_meta_json(meta, "parent", path) if "parent" in meta else None,
@@ -296,7 +292,7 @@ def _described_input(meta: dict, path: Path, cfg) -> tuple[list, list, list, lis
 
 def _tasks(meta: dict, path: Path, classes: list[str]) -> list[list[str]] | None:
     """The checkpoint's task history: lists of its class names that together are its classes."""
-    from ncmcli.slots import tasks_problem
+    from ncmcli.nn.slots import tasks_problem
 
     tasks = _meta_json(meta, "tasks", path) if "tasks" in meta else None
     if tasks is not None and tasks_problem(tasks, classes):
@@ -305,7 +301,7 @@ def _tasks(meta: dict, path: Path, classes: list[str]) -> list[list[str]] | None
 
 
 def _check_slots(path: Path, slot_anchors: torch.Tensor, class_slots, anchors) -> None:
-    from ncmcli.slots import slot_table_problem
+    from ncmcli.nn.slots import slot_table_problem
 
     _check_anchors(path, slot_anchors)  # every slot unit-norm and distinct
     problem = slot_table_problem(slot_anchors, class_slots, anchors)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ncmcli.errors import ConfigError
-from ncmcli.runfiles import TENSORBOARD
+from ncmcli.runs.runfiles import TENSORBOARD
 
 
 class TensorBoard:

@@ -18,23 +18,16 @@ from pathlib import Path
 
 import torch
 
-from ncmcli.images import load_image
+from ncmcli.data.images import load_image
+from ncmcli.storage import cache_dir
 
 FORMAT = "ncm-folder-cache/2"
-
-
-def cache_dir() -> Path:
-    """$NCM_CACHE, else $XDG_CACHE_HOME/ncm/folders (~/.cache/ncm/folders)."""
-    if os.environ.get("NCM_CACHE"):
-        return Path(os.environ["NCM_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ncm" / "folders"
 
 
 def content_key(root: Path, files: list[Path], channels: int, size: int, resize: str = "crop") -> str:
     """What the decoded tensor depends on: every file's path (relative to ``root``), byte size
     and modification time, the decoding's channels and size, and the decoder's version."""
-    from ncmcli.images import DECODER_VERSION
+    from ncmcli.data.images import DECODER_VERSION
 
     h = hashlib.sha256(f"{FORMAT}|{channels}|{size}|{resize}|{len(files)}|decoder{DECODER_VERSION}".encode())
     for f in files:
@@ -64,7 +57,7 @@ def load_cached(root: Path, split: str, files: list[Path], labels: torch.Tensor,
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
 
-    from ncmcli.runfiles import atomic_write
+    from ncmcli.storage import atomic_write
 
     key = content_key(root, files, channels, size, resize)
     path = cache_path(root, split, channels, size, resize)

@@ -210,7 +210,7 @@ def _schema(cls: type = Config, prefix: str = "") -> dict[str, type]:
 SCHEMA: dict[str, type] = _schema()
 MAX_SEED = 2**63 - 1
 ARCH_NAMES = tuple(_ARCH_NAMES)
-# Bounds that training and checkpoint loading share (ncmcli.checkpoint imports these), so
+# Bounds that training and checkpoint loading share (ncmcli.runs.checkpoint imports these), so
 # that whatever `ncm train` accepts, `eval`, `predict`, `export` and `--resume` load too.
 MAX_FEATURE_DIM = 65536
 MAX_SCALE = 1e4  # beyond this exp(-s d) underflows float32 for any distance above 0.01

@@ -1,0 +1,2 @@
+"""Training: the one visible loop (``loop.train``) and its optimiser and schedules
+(``schedules``)."""
