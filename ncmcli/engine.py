@@ -87,16 +87,14 @@ class Reporter:
 # ---------------------------------------------------------------------------------------
 # Commands
 
-def _check_resume_integrity(run, cfg, config_text: str) -> None:
+def _check_resume_integrity(run, cfg, config_text: str, meta: dict) -> None:
     """The checkpoint is the truth: refuse a ``last`` whose config differs from config.yaml
     (a hand edit) or that another run wrote (a copied file)."""
-    from ncmcli.runs import checkpoint
     from ncmcli.config.schema import from_dict
     from ncmcli.errors import CheckpointError
     from ncmcli.runs.rundir import run_id_of_config
     from ncmcli.storage import bounded_json
 
-    meta = checkpoint.read_metadata(run.last)
     folder_id = run_id_of_config(config_text)
     if folder_id and meta.get("run_id") != folder_id:
         raise CheckpointError(f"{run.last} belongs to another run (run id {meta.get('run_id')!s:.20}, "
@@ -131,7 +129,7 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
     import yaml
 
     from ncmcli.config import schema as cfgmod
-    from ncmcli.runs import trainstate
+    from ncmcli.runs import checkpoint, trainstate
     from ncmcli.config.presets import load_yaml_text
     from ncmcli.errors import CheckpointError
     from ncmcli.train.loop import train
@@ -147,7 +145,8 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
         cfg = cfgmod.from_dict(load_yaml_text(config_text, str(folder.config)) or {})
     except yaml.YAMLError:
         raise CheckpointError(f"{folder.config} is not valid YAML") from None
-    _check_resume_integrity(folder, cfg, config_text)
+    last = checkpoint.CheckpointFile.read(folder.last)  # the one read of last.safetensors
+    _check_resume_integrity(folder, cfg, config_text, last.meta)
     old_epochs = cfg.train.epochs
     for text in overrides:
         key, value = cfgmod.parse_override(text)
@@ -155,7 +154,7 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
             raise UsageError(f"--resume keeps the run's config; only train.epochs may change, not {key}")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=cfgmod.coerce(key, value)))
     cfg = cfgmod.from_dict(cfg.to_dict())  # re-validate the changed epochs
-    progress = trainstate.unpack(folder.last).progress
+    progress = trainstate.unpack(last).progress
     if cfg.train.epochs < progress.epoch or (cfg.train.epochs == progress.epoch and progress.step > 0):
         raise UsageError(f"{run_dir} has already trained {progress.epoch} epochs"
                          + (f" and {progress.step} steps of the next" if progress.step else "")
@@ -173,7 +172,7 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
             from ncmcli.runs.rundir import run_id_of_config
 
             folder.write_config(cfgmod.to_yaml(cfg), run_id_of_config(config_text))
-        return train(cfg, run_dir=run_dir, device=dev, resume=True, stop=stop,
+        return train(cfg, run_dir=run_dir, device=dev, resume=last, stop=stop,
                      reporter=reporter if rank == 0 else Reporter())
 
     return distributed_run(lambda: _locked(run_dir, rank, run))

@@ -209,3 +209,37 @@ def test_second_sigint_aborts_at_once_and_leaves_files_valid(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err
     checkpoint.load(out / "last.safetensors")
     checkpoint.load(out / "best.safetensors")
+
+
+def test_a_resume_reads_last_once(tmp_path, monkeypatch):
+    """``ncm train --resume`` reads last.safetensors from disk once: the integrity check, the
+    progress, the weights and the train state all come from that one read. Every way ncm reads
+    a safetensors file is counted (Python's open, safe_open, load_file)."""
+    import builtins
+
+    import safetensors
+    import safetensors.torch
+
+    from ncmcli.engine import resume_command
+
+    with pytest.raises(Interrupted):
+        _run(tmp_path, "cut", 2, stop=StopAfter(3))  # epoch 1, step 2
+    reads = []
+
+    def counted(real, kind):
+        def spy(file, *args, **kwargs):
+            if str(file).endswith("last.safetensors") and (kind != "open" or "r" in (args[0] if args else
+                                                                                 kwargs.get("mode", "r"))):
+                reads.append(kind)
+            return real(file, *args, **kwargs)
+        return spy
+
+    monkeypatch.setattr(builtins, "open", counted(builtins.open, "open"))
+    monkeypatch.setattr(safetensors, "safe_open", counted(safetensors.safe_open, "safe_open"))
+    monkeypatch.setattr(safetensors.torch, "load_file", counted(safetensors.torch.load_file, "load_file"))
+    result = resume_command(tmp_path / "cut", overrides=[], device="cpu", reporter=Reporter())
+    assert result["status"] == "completed" and result["final"]["epoch"] == 2
+    assert reads == ["open"], reads
+    # The control: reading the file's metadata alone is counted too.
+    checkpoint.read_metadata(tmp_path / "cut" / "last.safetensors")
+    assert reads == ["open", "safe_open"], reads

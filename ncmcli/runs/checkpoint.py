@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -108,22 +108,102 @@ def _meta_json(meta: dict, key: str, path: Path):
 
 
 def read_metadata(path: Path) -> dict:
-    """The metadata of a safetensors file, refusing anything that is not an ncm checkpoint."""
+    """The metadata of a safetensors file (its header alone), refusing anything that is not an
+    ncm checkpoint."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
-    if not path.is_file():
-        kind = special_file(path)
-        raise CheckpointError(f"{path} is {kind}, not a checkpoint file; refusing to open it" if kind
-                              else f"checkpoint not found: {path}")
+    path = _existing_file(Path(path))
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
     except Exception as exc:  # SafetensorError: truncated, empty, random bytes
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable safetensors file ({first})") from None
+    _check_format(path, meta)
+    return meta
+
+
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors format's own limit on its JSON header
+
+
+@dataclass
+class CheckpointFile:
+    """One read of a checkpoint file: its metadata, its tensors' shapes (from the header) and its
+    bytes, decoded into tensors on demand, once. ``load`` and ``trainstate.unpack`` both take one,
+    so a resume reads last.safetensors from disk once."""
+
+    path: Path
+    meta: dict
+    shapes: dict
+    _data: bytes | None = field(default=None, repr=False)
+    _tensors: dict | None = field(default=None, repr=False)
+
+    @classmethod
+    def read(cls, path) -> "CheckpointFile":
+        path = _existing_file(Path(path))
+        with open(path, "rb") as fh:
+            data = fh.read()
+        meta, shapes = _parse_header(path, data)
+        _check_format(path, meta)
+        return cls(path, meta, shapes, data)
+
+    def tensors(self) -> dict:
+        """Every tensor of the file (on the CPU), decoded once; the raw bytes are then dropped."""
+        if self._tensors is None:
+            from safetensors.torch import load as load_bytes
+
+            try:
+                self._tensors = load_bytes(self._data)
+            except Exception as exc:
+                raise CheckpointError(f"{self.path}: cannot read tensors ({str(exc).splitlines()[0]})") from None
+            self._data = None
+        return self._tensors
+
+    def release(self) -> None:
+        """Drop the bytes and tensors (a resume holds the file only until it has restored)."""
+        self._data = self._tensors = None
+
+
+def _existing_file(path: Path) -> Path:
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    if not path.is_file():
+        kind = special_file(path)
+        raise CheckpointError(f"{path} is {kind}, not a checkpoint file; refusing to open it" if kind
+                              else f"checkpoint not found: {path}")
+    return path
+
+
+def _parse_header(path: Path, data: bytes) -> tuple[dict, dict]:
+    """(metadata, tensor shapes) from a safetensors file's bytes: an 8-byte little-endian length,
+    then that many bytes of JSON."""
+    def bad(why: str):
+        return CheckpointError(f"{path}: not a readable safetensors file ({why})")
+
+    if len(data) < 8:
+        raise bad("shorter than its 8-byte header length")
+    n = int.from_bytes(data[:8], "little")
+    if n > min(len(data) - 8, MAX_HEADER_BYTES):
+        raise bad(f"its header claims {n} bytes, more than the file holds")
+    try:
+        header = bounded_json(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise bad("the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise bad("its metadata is not a map of strings")
+    shapes = {}
+    for key, entry in header.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise CheckpointError(f"{path}: unreadable tensor header (tensor {key[:40]!r} has no valid shape)")
+        shapes[key] = tuple(shape)
+    return meta, shapes
+
+
+def _check_format(path: Path, meta: dict) -> None:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: a safetensors file, but not an ncm checkpoint (no format={FORMAT})")
     if meta.get("format_version") != str(FORMAT_VERSION):
@@ -131,22 +211,10 @@ def read_metadata(path: Path) -> dict:
             f"{path}: checkpoint format version {meta.get('format_version')!r} is not supported "
             f"(this ncm reads version {FORMAT_VERSION})"
         )
-    return meta
 
 
 def _finite(x: float) -> bool:
     return math.isfinite(x)
-
-
-def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from the safetensors header, without reading any tensor data."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    except Exception as exc:
-        raise CheckpointError(f"{path}: unreadable tensor header ({str(exc).splitlines()[0][:80]})") from None
 
 
 def _check_anchors(path: Path, anchors: torch.Tensor) -> None:
@@ -162,15 +230,15 @@ def _check_anchors(path: Path, anchors: torch.Tensor) -> None:
         raise CheckpointError(f"{path}: anchors {dups[0][0]} and {dups[0][1]} coincide; each class needs its own")
 
 
-def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Rebuild the model and criterion from the file alone, strictly."""
-    from safetensors.torch import load_file
-
+def load(path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the classifier from the file alone, strictly. ``path``: a file, or a
+    ``CheckpointFile`` already read (a resume reads last.safetensors once for this and for
+    ``trainstate.unpack``)."""
     from ncmcli.config import schema as cfgmod
     from ncmcli.nn.classifier import Classifier
 
-    path = Path(path)
-    meta = read_metadata(path)
+    file = path if isinstance(path, CheckpointFile) else CheckpointFile.read(path)
+    path, meta, header = file.path, file.meta, file.shapes
     try:
         cfg = cfgmod.from_dict(_meta_json(meta, "config", path))
     except NcmError as exc:
@@ -178,7 +246,6 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
     classes, shape, mean, std, counts = _described_input(meta, path, cfg)
     stored_scale = _stored_scale(meta, path)
     tasks = _tasks(meta, path, classes)
-    header = _header_shapes(path)
     slot_shape = header.get("criterion.slot_anchors")  # pre-allocated anchors: (S, d)
     if slot_shape is not None and not (len(slot_shape) == 2 and len(classes) <= slot_shape[0] <= MAX_CLASSES):
         raise CheckpointError(f"{path}: criterion.slot_anchors has shape {list(slot_shape)}, not (slots >= classes, d)")
@@ -216,10 +283,7 @@ def load(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
     state_numel = sum(math.prod(s) for k, s in header.items() if k.startswith("state."))
     if state_numel > 4 * n_params + 2**20:  # momentum buffers plus RNG states
         raise CheckpointError(f"{path}: its train state holds {state_numel:,} numbers, far more than the model needs")
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read tensors ({str(exc).splitlines()[0]})") from None
+    tensors = file.tensors()
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise CheckpointError(f"{path}: tensor {bad[0]} holds NaN or infinite values; the checkpoint is unusable")

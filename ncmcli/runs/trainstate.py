@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -83,20 +82,19 @@ def pack(state: TrainState) -> tuple[dict, str]:
     return tensors, json.dumps(meta)
 
 
-def unpack(path: Path) -> TrainState:
-    """The train state stored in a ``last.safetensors``, or a clear error."""
-    from safetensors import safe_open
+def unpack(path) -> TrainState:
+    """The train state stored in a ``last.safetensors`` (a path, or a ``CheckpointFile``
+    already read), or a clear error."""
+    from ncmcli.runs.checkpoint import CheckpointFile
 
-    from ncmcli.runs.checkpoint import read_metadata
-
-    meta = read_metadata(path)
+    file = path if isinstance(path, CheckpointFile) else CheckpointFile.read(path)
+    path, meta = file.path, file.meta
     if "train_state" not in meta:
         raise CheckpointError(f"{path} holds no train state (only last.safetensors of a run can resume)")
     try:
         doc = bounded_json(meta["train_state"])
         progress = Progress(**doc["progress"])
-        with safe_open(str(path), framework="pt") as fh:
-            tensors = {k: fh.get_tensor(k) for k in fh.keys() if k.startswith(PREFIX)}
+        tensors = {k: v for k, v in file.tensors().items() if k.startswith(PREFIX)}
         optim_state: dict = {}
         for key, t in tensors.items():
             parts = key[len(PREFIX):].split(".")

@@ -366,12 +366,15 @@ def evaluated(run: Setup) -> Classifier:
     return run.classifier if run.ema is None else run.ema.module
 
 
-def restore(run: Setup, run_dir: Path, device: torch.device) -> None:
+def restore(run: Setup, run_dir: Path, device: torch.device, file=None) -> None:
     """Put ``run`` back exactly where ``run_dir/last.safetensors`` stopped: weights, anchors,
     optimiser, schedule, the data generator, the RNGs, the position in the epoch (and, with
-    EMA, the average and the live weights)."""
-    last = checkpoint.load(run_dir / runfiles.LAST, device)
-    state = trainstate.unpack(run_dir / runfiles.LAST)
+    EMA, the average and the live weights). ``file``: that file's ``CheckpointFile``, when the
+    caller has read it already (it is read once, then released)."""
+    file = file if isinstance(file, checkpoint.CheckpointFile) else checkpoint.CheckpointFile.read(run_dir / runfiles.LAST)
+    last = checkpoint.load(file, device)
+    state = trainstate.unpack(file)
+    file.release()
     if run.ema is not None:
         ema_net, ema_crit = evaluated(run).parts()
         ema_net.load_state_dict(last.model.state_dict())
@@ -414,7 +417,7 @@ def _open_run(cfg: Config, run: Setup, run_dir: Path, device, *, resume: bool, p
 
     rank = dist_info()[0]
     if resume:
-        restore(run, run_dir, device)
+        restore(run, run_dir, device, resume)
         reporter.message(f"resuming {run_dir} after epoch {run.progress.epoch}, step {run.progress.step}")
     else:
         run.run_id = secrets.token_hex(8)  # ties the run's checkpoints to its folder (config.yaml's first line)
@@ -612,11 +615,12 @@ def _interrupt(stop: StopRequest, run_dir: Path, epoch: int, step: int) -> Inter
 
 
 def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: ProgressReporter,
-          preset: str | None = None, overrides: list[str] = (), resume: bool = False,
+          preset: str | None = None, overrides: list[str] = (), resume=False,
           stop: StopRequest | None = None, extend: Path | None = None) -> dict:
     """Train ``cfg`` into ``run_dir`` and return the result record (also in result.json).
 
-    ``resume`` continues from ``run_dir/last.safetensors`` exactly where it stopped. On a
+    ``resume`` (True, or that file's ``CheckpointFile`` already read) continues from
+    ``run_dir/last.safetensors`` exactly where it stopped. On a
     ``stop`` request training stops at the next step boundary, saves a resumable ``last``
     checkpoint and raises ``Interrupted``. ``extend``: a checkpoint whose classes this run
     keeps and adds ``data.classes`` to (``ncmcli.runs.incremental``)."""
