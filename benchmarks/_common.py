@@ -11,7 +11,7 @@ import torch
 from ncmcli.config.presets import resolve
 from ncmcli.train.schedules import make_optimizer
 from ncmcli.nn.classifier import Classifier
-from ncmcli.train.loop import TrainStep
+from ncmcli.train.setup import TrainStep
 
 
 def parse(description: str, **extra) -> argparse.Namespace:

@@ -188,7 +188,7 @@ def test_changing_one_data_set_base_leaves_the_others_unchanged(tmp_path, monkey
 
 
 def test_weights_are_checked_for_nan_before_every_save():
-    from ncmcli.train.loop import TrainingDiverged, check_finite
+    from ncmcli.train.setup import TrainingDiverged, check_finite
 
     net, crit = torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)
     check_finite(net, crit, "epoch 1")  # finite: no error

@@ -103,7 +103,7 @@ def test_backbone_lr_factor_and_frozen_epochs(tmp_path):
 
 
 def test_pretrained_models_normalise_with_imagenet_statistics():
-    from ncmcli.train.loop import imagenet_stats
+    from ncmcli.train.setup import imagenet_stats
 
     assert imagenet_stats(3) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     mean, std = imagenet_stats(1)

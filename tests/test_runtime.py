@@ -103,7 +103,7 @@ def test_data_is_prepared_on_rank_0_first(tmp_path):
 
 
 def test_deterministic_sets_cublas_or_refuses_by_name():
-    from ncmcli.train.loop import deterministic_setup
+    from ncmcli.train.setup import deterministic_setup
 
     env = {}
     deterministic_setup(resolve("quickstart", ["train.deterministic=true"]), "cuda", env)

@@ -117,18 +117,17 @@ def test_signal_saves_a_resumable_checkpoint(tmp_path, sig, code):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ncm, tmp_path, monkeypatch):
-    from ncmcli.train import loop as training
-    from ncmcli.train.loop import TrainingDiverged
+    from ncmcli.train.setup import TrainingDiverged, TrainStep
 
     # Epoch 1 trains normally; in epoch 2 the loss turns NaN.
-    real, calls = training.TrainStep.forward, []
+    real, calls = TrainStep.forward, []
 
     def poisoned(self, x, y):
         loss, feats = real(self, x, y)
         calls.append(1)
         return (loss * float("nan"), feats) if len(calls) > 4 else (loss, feats)
 
-    monkeypatch.setattr(training.TrainStep, "forward", poisoned)
+    monkeypatch.setattr(TrainStep, "forward", poisoned)
     cfg = resolve("quickstart", ["data.limit_train=256", "data.limit_test=64", "train.batch_size=64", "train.epochs=3"])
     run = tmp_path / "run"
     run.mkdir()

@@ -1,0 +1,284 @@
+"""A run's set-up: seeds, data, the classifier, the speed settings, optimiser and schedule
+(``build_run`` returns them as one plain ``Setup``), the training step module, EMA, and the
+checks that keep bad weights out of checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ncmcli.config.schema import Config
+from ncmcli.errors import ConfigError as NcmConfigError, NcmError
+from ncmcli.nn.classifier import Classifier
+from ncmcli.runs import trainstate
+from ncmcli.runtime import dist_info, rank0_first
+from ncmcli.train.schedules import Warmup, make_optimizer, make_scheduler
+
+
+class TrainingDiverged(NcmError):
+    """The loss became NaN or Inf."""
+
+
+class TrainStep(nn.Module):
+    """One forward for training: the net under autocast, then the criterion in fp32. A single
+    module so that DDP synchronises the criterion's parameters (softmax/hinge heads) too."""
+
+    def __init__(self, net, criterion, amp_dtype, memory_format):
+        super().__init__()
+        self.net, self.criterion = net, criterion
+        self.amp_dtype, self.memory_format = amp_dtype, memory_format
+
+    def forward(self, x, y):
+        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            feats = self.net(x.contiguous(memory_format=self.memory_format))
+        return self.criterion(feats, y), feats  # outside autocast: distances and the loss stay fp32
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def check_finite(model: nn.Module, criterion: nn.Module, where: str) -> None:
+    """Raise TrainingDiverged if any floating-point weight or buffer is NaN or infinite."""
+    flags = [torch.isfinite(t).all() for m in (model, criterion) for t in m.state_dict().values()
+             if t.is_floating_point()]
+    if flags and not bool(torch.stack(flags).all()):
+        raise TrainingDiverged(f"the weights became NaN or infinite at {where}; try a lower optim.lr")
+
+
+@dataclass
+class Setup:
+    """Everything ``train`` needs, built from the config: data, model, criterion, the
+    training step, optimiser and schedule, and the data-order generator."""
+
+    data: object
+    classifier: Classifier  # the live model: net, criterion, classes, input format
+    step: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    per_step: bool
+    scaler: torch.amp.GradScaler
+    gen: torch.Generator
+    train_split: object
+    test_split: object
+    val_split: object | None
+    steps_per_epoch: int
+    warmup: Warmup
+    ema: nn.Module | None = None  # EMA of the classifier when train.ema_decay > 0
+    progress: trainstate.Progress = field(default_factory=trainstate.Progress)
+    run_id: str | None = None
+    lineage: object = None  # incremental.Lineage: the tasks so far and an --extend run's parent
+    memory: object = None  # replay.Memory this run keeps for later --extend runs (train.replay > 0)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.classifier.net
+
+    @property
+    def criterion(self) -> nn.Module:
+        return self.classifier.criterion
+
+    @property
+    def mean(self) -> list[float]:
+        return self.classifier.mean
+
+    @property
+    def std(self) -> list[float]:
+        return self.classifier.std
+
+
+def build_run(cfg: Config, device: torch.device, say=None, parent=None) -> Setup:
+    """Seeds, threads, data, model, anchors, criterion, the speed settings, optimiser, schedule.
+    ``parent``: the ``incremental.Parent`` an --extend run starts from."""
+    from ncmcli.data.batching import split_stats
+    from ncmcli.data.datasets import load_dataset
+    from ncmcli.runs.incremental import check_compatible
+
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    torch.manual_seed(cfg.seed)
+    if cfg.train.deterministic:
+        deterministic_setup(cfg, device.type, os.environ)
+        torch.use_deterministic_algorithms(True)
+    if parent is not None:
+        check_compatible(cfg, parent)
+    known = parent.classes if parent is not None else None
+    data = rank0_first(lambda: load_dataset(cfg.data, say=say, known_classes=known))  # one download, not one per rank
+    if parent is not None:  # the parent's input format: its normalisation, not this task's
+        mean, std = list(parent.checkpoint.mean), list(parent.checkpoint.std)
+    elif cfg.model.pretrained:  # the statistics the pretrained weights were trained with
+        mean, std = imagenet_stats(data.input_shape[0])
+    else:
+        mean, std = split_stats(data.train, normalization=cfg.data.normalization)  # the paper's: global
+    lineage, memory = _lineage(cfg, data, parent)
+    if parent is not None:
+        from ncmcli.runs.incremental import extended_classifier
+
+        classifier = extended_classifier(cfg, parent, data.classes, data.train_counts)
+    else:
+        try:
+            classifier = Classifier.from_config(cfg, data.classes, data.input_shape, mean=mean, std=std,
+                                                class_counts=data.train_counts)
+        except NcmError:
+            raise
+        except (ValueError, TypeError) as exc:  # a library constructor's error is a config error here
+            raise NcmConfigError(str(exc)) from None
+    model, criterion = classifier.parts()
+    _check_size(model, criterion, len(data.classes))
+    classifier.to(device)
+    # Speed settings; none changes the maths beyond the autocast rounding.
+    amp_dtype = resolve_precision(cfg.train.precision, device)
+    channels_last = cfg.train.channels_last == "true" or (cfg.train.channels_last == "auto" and device.type == "cuda")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    if device.type == "cuda" and not cfg.train.deterministic:
+        torch.backends.cudnn.benchmark = True
+    # The compiled and DDP wrappers only run the steps; checkpoints save the plain modules.
+    step = TrainStep(torch.compile(model) if cfg.train.compile else model, criterion, amp_dtype, memory_format)
+    if dist_info()[1] > 1:
+        if cfg.model.freeze_backbone_epochs:  # DDP expects a gradient for every parameter it wraps
+            raise NcmConfigError("model.freeze_backbone_epochs is not supported under torchrun (DDP); train the "
+                                 "frozen epochs in one process, then --resume under torchrun")
+        step = nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+    train_split = data.train.to(device)
+    steps_per_epoch = math.ceil(len(train_split) / cfg.train.batch_size)
+    optimizer = make_optimizer(cfg, model, criterion)
+    scheduler, per_step = make_scheduler(cfg, optimizer, steps_per_epoch, floor=criterion.loss_floor())
+    ema = None
+    if cfg.train.ema_decay > 0:
+        # Both halves: a SoftMax model's classifier lives in its criterion.
+        ema = EMA(classifier, cfg.train.ema_decay)
+    return Setup(
+        ema=ema, lineage=lineage, memory=memory,
+        data=data, classifier=classifier, step=step, optimizer=optimizer, scheduler=scheduler,
+        per_step=per_step, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        gen=torch.Generator().manual_seed(cfg.seed),  # data order and augmentation draws
+        train_split=train_split, test_split=data.test.to(device),
+        val_split=data.val.to(device) if data.val is not None else None, steps_per_epoch=steps_per_epoch,
+        warmup=Warmup(optimizer, round(cfg.optim.warmup_epochs * steps_per_epoch)))
+
+
+def _lineage(cfg: Config, data, parent):
+    """The run's task history, with the parent's replay memory mixed into ``data.train`` (an
+    --extend run with train.replay), and the memory this run keeps (train.replay > 0)."""
+    from ncmcli.data import replay
+    from ncmcli.data.batching import Split
+    from ncmcli.runs.incremental import Lineage, check_input, mixed_memory
+
+    if cfg.train.replay and not isinstance(data.train, Split):
+        raise NcmConfigError("train.replay needs the training split in memory (data.loader=tensor)")
+    tasks = [list(data.classes)]
+    from_parent = torch.zeros(len(data.train), dtype=torch.bool)
+    mixed = None
+    if parent is not None:
+        check_input(parent, data.input_shape)
+        tasks = [*parent.tasks, data.classes[len(parent.classes):]]
+        mixed = mixed_memory(cfg, parent, data.classes)
+        if mixed is not None:  # rehearsal: the memory joins every epoch's shuffled batches
+            data.train = Split(torch.cat([data.train.images, mixed.images]), torch.cat([data.train.labels, mixed.labels]))
+            from_parent = torch.cat([from_parent, torch.ones(len(mixed.labels), dtype=torch.bool)])
+            data.notes.append(f"replay: {len(mixed.labels)} images of {len(parent.classes)} earlier classes from "
+                              f"the parent's memory, mixed into every epoch")
+    lineage = Lineage(tasks, None if parent is None else {"path": str(parent.path), "sha256": parent.sha256})
+    memory = None
+    if cfg.train.replay:
+        memory = replay.select(data.train, data.classes, cfg.train.replay, seed=cfg.seed, from_parent=from_parent)
+        lineage.replay = {"mixed_in": None if mixed is None else mixed.selection, "kept": memory.selection}
+    return lineage, memory
+
+
+def _check_size(model: nn.Module, criterion: nn.Module, num_classes: int) -> None:
+    """Refuse, before training, a model that checkpoint loading would refuse afterwards."""
+    from ncmcli.config.schema import MAX_CLASSES, MAX_PARAMS
+
+    n = sum(t.numel() for m in (model, criterion) for t in m.state_dict().values())
+    if n > MAX_PARAMS:
+        raise NcmConfigError(f"the model has {n:,} parameters and buffers, above the {MAX_PARAMS:,} a checkpoint may "
+                             "hold; lower model.feature_dim or data.image_size")
+    if num_classes > MAX_CLASSES:
+        raise NcmConfigError(f"{num_classes:,} classes is above the {MAX_CLASSES:,} a checkpoint may hold")
+
+
+def deterministic_setup(cfg: Config, device_type: str, env) -> None:
+    """What ``train.deterministic`` needs on CUDA: cuBLAS's fixed workspace (its GEMMs are
+    otherwise nondeterministic, and torch raises at the first Linear), set in ``env`` before
+    any CUDA work; and no op without a deterministic CUDA kernel, refused up front by name."""
+    if device_type != "cuda":
+        return
+    if cfg.model.arch.startswith("resnet"):
+        raise NcmConfigError("train.deterministic on CUDA cannot train model.arch=" + cfg.model.arch
+                             + ": adaptive_avg_pool2d's backward has no deterministic CUDA kernel")
+    env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's weights
+
+
+def imagenet_stats(channels: int) -> tuple[list[float], list[float]]:
+    """ImageNet's per-channel mean and std (their means for a grayscale input)."""
+    if channels == 3:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return [sum(IMAGENET_MEAN) / 3], [sum(IMAGENET_STD) / 3]
+
+
+def start_epoch(cfg: Config, run: Setup, epoch: int) -> None:
+    """Train mode for the epoch; with ``model.freeze_backbone_epochs`` the backbone takes no
+    gradients (so no updates, no weight decay) until that many epochs have passed."""
+    from ncmcli.nn.models import backbone_parameters
+
+    run.model.train()
+    run.criterion.train()
+    if cfg.model.freeze_backbone_epochs:
+        for p in backbone_parameters(run.model):
+            p.requires_grad_(epoch > cfg.model.freeze_backbone_epochs)
+
+
+def update_ema(run: Setup) -> None:
+    """One EMA step after an optimiser step: parameters averaged; buffers (BatchNorm
+    statistics, centres, counters) copied from the live model, as they are not weights."""
+    if run.ema is None:
+        return
+    run.ema.update(run.classifier)
+
+
+class EMA(nn.Module):
+    """An exponential moving average of a module's parameters, as torch.optim.swa_utils'
+    AveragedModel with get_ema_multi_avg_fn computes it (the first update copies, each later
+    one is one ``torch._foreach_lerp_`` by 1 - decay), with buffers copied from the live
+    module. Its counter is a Python int, so an update costs no host sync (AveragedModel
+    tests its tensor counter against 0 on every update)."""
+
+    def __init__(self, live: nn.Module, decay: float):
+        super().__init__()
+        import copy
+
+        self.module = copy.deepcopy(live)
+        self.decay = float(decay)
+        self.n_averaged = 0
+
+    @torch.no_grad()
+    def update(self, live: nn.Module) -> None:
+        mine = [p.detach() for p in self.module.parameters()]
+        theirs = [p.detach() for p in live.parameters()]
+        if self.n_averaged == 0:
+            torch._foreach_copy_(mine, theirs)
+        else:
+            torch._foreach_lerp_(mine, theirs, 1.0 - self.decay)
+        buffers = list(self.module.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(live.buffers()))
+        self.n_averaged += 1
+
+
+def evaluated(run: Setup) -> Classifier:
+    """The classifier that is evaluated and checkpointed: the EMA when on."""
+    return run.classifier if run.ema is None else run.ema.module
