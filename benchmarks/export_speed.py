@@ -28,11 +28,10 @@ def main() -> None:
     for arch, shape in cases:
         cfg = resolve("quickstart", [f"model.arch={arch}"])
         torch.manual_seed(0)
-        model, crit = Classifier.from_config(cfg, 10, shape).parts()
+        clf = Classifier.from_config(cfg, 10, shape, mean=[0.5] * shape[0], std=[0.25] * shape[0])
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "ck.safetensors"
-            checkpoint.save(path, model=model, criterion=crit, config=cfg, classes=[str(i) for i in range(10)],
-                            mean=[0.5] * shape[0], std=[0.25] * shape[0], input_shape=shape, epoch=0, metrics={})
+            checkpoint.save(path, clf, config=cfg, epoch=0, metrics={})
             ck = checkpoint.load(path)
             onnx_file = export(ck, "onnx", Path(tmp) / "m.onnx")
             ts_file = export(ck, "torchscript", Path(tmp) / "m.pt")

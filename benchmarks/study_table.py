@@ -89,7 +89,7 @@ def table(paths: list[Path], columns: list[str], by: list[str] = ()) -> str:
 
 def fake_runs(root: Path) -> Path:
     """Two seeds of one cell with every file a column reads (for --dry-run and tests)."""
-    from ncmcli.config.schema import to_yaml
+    from ncmcli.config.overrides import to_yaml
     from ncmcli.config.presets import resolve
 
     for seed, (err, acc, auroc) in enumerate(((10.0, 0.9, 0.2), (12.0, 0.8, 0.4))):

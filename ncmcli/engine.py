@@ -90,7 +90,7 @@ class Reporter:
 def _check_resume_integrity(run, cfg, config_text: str, meta: dict) -> None:
     """The checkpoint is the truth: refuse a ``last`` whose config differs from config.yaml
     (a hand edit) or that another run wrote (a copied file)."""
-    from ncmcli.config.schema import from_dict
+    from ncmcli.config.overrides import from_dict
     from ncmcli.errors import CheckpointError
     from ncmcli.runs.rundir import run_id_of_config
     from ncmcli.storage import bounded_json
@@ -128,7 +128,10 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
 
     import yaml
 
-    from ncmcli.config import schema as cfgmod
+
+    from ncmcli.config import values
+
+    from ncmcli.config import overrides as ov
     from ncmcli.runs import checkpoint, trainstate
     from ncmcli.config.presets import load_yaml_text
     from ncmcli.errors import CheckpointError
@@ -142,18 +145,18 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
         raise UsageError(f"{run_dir} is not a resumable run folder (needs {folder.config.name} and {folder.last.name})")
     config_text = folder.config_text()
     try:
-        cfg = cfgmod.from_dict(load_yaml_text(config_text, str(folder.config)) or {})
+        cfg = ov.from_dict(load_yaml_text(config_text, str(folder.config)) or {})
     except yaml.YAMLError:
         raise CheckpointError(f"{folder.config} is not valid YAML") from None
     last = checkpoint.CheckpointFile.read(folder.last)  # the one read of last.safetensors
     _check_resume_integrity(folder, cfg, config_text, last.meta)
     old_epochs = cfg.train.epochs
     for text in overrides:
-        key, value = cfgmod.parse_override(text)
+        key, value = ov.parse_override(text)
         if key != "train.epochs":
             raise UsageError(f"--resume keeps the run's config; only train.epochs may change, not {key}")
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=cfgmod.coerce(key, value)))
-    cfg = cfgmod.from_dict(cfg.to_dict())  # re-validate the changed epochs
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=values.coerce(key, value)))
+    cfg = ov.from_dict(cfg.to_dict())  # re-validate the changed epochs
     progress = trainstate.unpack(last).progress
     if cfg.train.epochs < progress.epoch or (cfg.train.epochs == progress.epoch and progress.step > 0):
         raise UsageError(f"{run_dir} has already trained {progress.epoch} epochs"
@@ -171,7 +174,7 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
         if overrides and rank == 0:
             from ncmcli.runs.rundir import run_id_of_config
 
-            folder.write_config(cfgmod.to_yaml(cfg), run_id_of_config(config_text))
+            folder.write_config(ov.to_yaml(cfg), run_id_of_config(config_text))
         return train(cfg, run_dir=run_dir, device=dev, resume=last, stop=stop,
                      reporter=reporter if rank == 0 else Reporter())
 

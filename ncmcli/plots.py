@@ -124,7 +124,7 @@ def features(feats: torch.Tensor, labels: torch.Tensor, directions: torch.Tensor
 def curve_labels(runs: list[Path]) -> list[str]:
     """One legend label per run: only the config keys that vary across the runs (never the
     data path), else the run folder's name."""
-    from ncmcli.config.schema import dotted
+    from ncmcli.config.overrides import dotted
     from ncmcli.config.presets import load_yaml_text
     from ncmcli.registry import keys_read
 

@@ -103,9 +103,9 @@ def loss_label(loss_cfg) -> str:
     return entry.label.format(margin=loss_cfg.margin, hinge_label=HINGE_FORMS[loss_cfg.hinge_form].label)
 
 
-def suggest(name: str, choices) -> str:
+def suggest(name: str, choices, cutoff: float = 0.6) -> str:
     """' (did you mean 'x'?)' for a close match, else ''."""
     import difflib
 
-    close = difflib.get_close_matches(str(name)[:200], list(choices), n=1)
+    close = difflib.get_close_matches(str(name)[:200], [str(c) for c in choices], n=1, cutoff=cutoff)
     return f" (did you mean '{close[0]}'?)" if close else ""

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from ncmcli import registry
-from ncmcli.config.schema import dotted, from_dict
+from ncmcli.config.overrides import dotted, from_dict
 from ncmcli.runs.rundir import RunDir
 from ncmcli.config.presets import load_yaml_text
 from ncmcli.errors import NcmError, UsageError

@@ -69,12 +69,13 @@ def _default(value) -> str:
 
 def choices() -> dict[str, tuple]:
     from ncmcli.config import schema as c
+    from ncmcli.config import values as c_values
     from ncmcli import registry
 
     return {"data.name": c.DATASETS, "data.normalization": c.NORMALIZATIONS, "data.loader": c.LOADERS,
             "data.resize": ("crop", "squash"), "model.arch": c.ARCH_NAMES, "model.head": c.HEADS,
             "anchors.method": tuple(registry.ANCHOR_METHODS) + ("FILE.safetensors", "FILE.csv"),
-            "loss.name": c.LOSSES, "loss.hinge_form": c.HINGE_FORMS, "loss.scale": ("a number",) + c.SCALE_WORDS,
+            "loss.name": c.LOSSES, "loss.hinge_form": c.HINGE_FORMS, "loss.scale": ("a number",) + c_values.SCALE_WORDS,
             "train.precision": c.PRECISIONS, "train.channels_last": c.TRISTATE, "optim.name": c.OPTIMIZERS,
             "optim.schedule": c.SCHEDULES, "optim.milestone_unit": c.MILESTONE_UNITS,
             "data.imbalance": ("exp:IF", "step:IF", '""'), "data.augment": ("false", "true", "randomresizedcrop"),

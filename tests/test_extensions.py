@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ncmcli import diagnostics
-from ncmcli.config.schema import ConfigError
+from ncmcli.errors import ConfigError
 from ncmcli.config.presets import resolve
 from ncmcli.train.schedules import Warmup, make_optimizer, make_scheduler
 

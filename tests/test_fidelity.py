@@ -6,7 +6,9 @@ import shutil
 import pytest
 import torch
 
-from ncmcli.config import schema as C
+
+from ncmcli.config import overrides as O
+from ncmcli.errors import ConfigError
 from ncmcli.config import presets as P
 from ncmcli.nn.baselines import LSoftmaxLoss
 from ncmcli.train.schedules import PlateauOnExcess, make_scheduler
@@ -74,9 +76,9 @@ def test_multistep_cuts_at_its_milestones(unit):
 
 
 def test_multistep_needs_milestones_and_parses_them():
-    with pytest.raises(C.ConfigError, match="needs optim.milestones"):
+    with pytest.raises(ConfigError, match="needs optim.milestones"):
         P.resolve("quickstart", ["optim.schedule=multistep"])
-    with pytest.raises(C.ConfigError, match="increasing"):
+    with pytest.raises(ConfigError, match="increasing"):
         P.resolve("quickstart", ["optim.milestones=[7500, 5000]"])
     assert P.resolve("quickstart", ["optim.milestones=[5000, 7500]"]).optim.milestones == (5000, 7500)
     assert P.resolve("quickstart", ["optim.milestones="]).optim.milestones == ()
@@ -135,7 +137,7 @@ def test_bn_relu_head_is_liu_et_als_and_linear_reaches_negative_coordinates():
     assert isinstance(liu.head[0], torch.nn.BatchNorm1d) and (f >= 0).all() and (f > 0).any()
     plain = build_net("tiny", in_channels=1, image_size=28).train()
     assert plain.head is None and (plain(x) < 0).any()
-    with pytest.raises(C.ConfigError, match="model.head"):
+    with pytest.raises(ConfigError, match="model.head"):
         build_net("tiny", in_channels=1, image_size=28, head="relu")
 
 
@@ -172,7 +174,7 @@ def test_flip_only_batches_mirror_or_keep_each_image():
 
 
 def test_changing_one_data_set_base_leaves_the_others_unchanged(tmp_path, monkeypatch):
-    before = {name: C.to_yaml(P.resolve(name)) for name in P.list_presets()}
+    before = {name: O.to_yaml(P.resolve(name)) for name in P.list_presets()}
     from ncmcli.config import presets
 
     copy = tmp_path / "presets"
@@ -180,7 +182,7 @@ def test_changing_one_data_set_base_leaves_the_others_unchanged(tmp_path, monkey
     monkeypatch.setattr(presets, "presets_dir", lambda: copy)
     presets._read_yaml_cached.cache_clear()
     (copy / "_cifar100.yaml").write_text((copy / "_cifar100.yaml").read_text() + "train:\n  eval_batch_size: 7\n")
-    after = {name: C.to_yaml(P.resolve(name)) for name in P.list_presets()}
+    after = {name: O.to_yaml(P.resolve(name)) for name in P.list_presets()}
     changed = sorted(n for n in before if before[n] != after[n])
     assert changed and all(n.startswith("cifar100-") for n in changed)
     assert len(changed) == len([n for n in before if n.startswith("cifar100-")])

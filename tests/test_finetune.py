@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ncmcli.data.batching import batches, draw_resized_crop, resized_crop
-from ncmcli.config.schema import ConfigError
+from ncmcli.errors import ConfigError
 from ncmcli.config.presets import resolve
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import assert_clean_error, save_untrained
 from ncmcli.runs import checkpoint
-from ncmcli.config.schema import ConfigError
+from ncmcli.errors import ConfigError
 from ncmcli.config.presets import resolve
 
 CAP = 6 * 2**30  # torch's own import needs about 4 GiB of address space

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import assert_clean_error
-from ncmcli.config.schema import ConfigError, LossConfig
+from ncmcli.config.schema import LossConfig
+from ncmcli.errors import ConfigError
 from ncmcli.data.subsets import imbalance_counts, imbalanced_indices
 from ncmcli.nn.losses import build_criterion
 from ncmcli.config.presets import resolve
@@ -185,7 +186,7 @@ def test_report_groups_by_imbalance(tmp_path):
         run = tmp_path / name
         run.mkdir()
         cfg = resolve("quickstart", [f"data.imbalance={imb}", f"seed={ord(name)}"])
-        from ncmcli.config.schema import to_yaml
+        from ncmcli.config.overrides import to_yaml
 
         (run / "config.yaml").write_text(to_yaml(cfg))
         (run / "result.json").write_text(json.dumps({"status": "completed", "test_error_pct": err,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from ncmcli.config.schema import to_yaml
+from ncmcli.config.overrides import to_yaml
 from ncmcli.config.presets import list_presets, resolve
 from ncmcli.train.schedules import make_optimizer
 from ncmcli.nn.classifier import Classifier

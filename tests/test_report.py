@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ncmcli.config.schema import to_yaml
+from ncmcli.config.overrides import to_yaml
 from ncmcli.config.presets import resolve
 from ncmcli.report import collect, render
 
@@ -227,7 +227,7 @@ def test_a_broken_result_json_names_the_run(ncm, tmp_path):
 def _fake_run(root, name, sets, err):
     import json
 
-    from ncmcli.config.schema import to_yaml
+    from ncmcli.config.overrides import to_yaml
     from ncmcli.config.presets import resolve
 
     run = root / name

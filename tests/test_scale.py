@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from conftest import assert_clean_error
 from ncmcli.nn import floors
 from ncmcli.nn.anchors import make_anchors
-from ncmcli.config.schema import ConfigError, LossConfig
+from ncmcli.config.schema import LossConfig
+from ncmcli.errors import ConfigError
 from ncmcli.nn.floors import loss_floor, scale_for_floor
 from ncmcli.nn.losses import NCMLoss, build_criterion
 from ncmcli.config.presets import resolve

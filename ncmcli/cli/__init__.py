@@ -106,7 +106,7 @@ def train(
     log_every: float = typer.Option(30.0, "--log-every", help="Without a terminal: a progress line every this many seconds."),
 ) -> None:
     """Train a model; writes config.yaml, metrics.jsonl, best/last.safetensors, result.json."""
-    from ncmcli.config import schema as cfgmod
+    from ncmcli.config import overrides as ov
     from ncmcli.config import presets as presets_mod
 
     if resume is not None and (preset or out or print_config or name or extend):
@@ -121,12 +121,12 @@ def train(
     if cfg is not None:
         from ncmcli.registry import loss_ignores, loss_key_users
 
-        for key in dict.fromkeys(cfgmod.parse_override(text)[0] for text in overrides):
+        for key in dict.fromkeys(ov.parse_override(text)[0] for text in overrides):
             if loss_ignores(cfg.loss.name, key):
                 err.print(f"warning: {key} has no effect on loss {cfg.loss.name} "
                           f"(it is read by {', '.join(loss_key_users(key))})", markup=False, highlight=False)
     if print_config:
-        sys.stdout.write(cfgmod.to_yaml(cfg))
+        sys.stdout.write(ov.to_yaml(cfg))
         return
     from ncmcli import engine
 

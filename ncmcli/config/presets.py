@@ -11,7 +11,10 @@ from typing import Any
 
 import yaml
 
-from ncmcli.config.schema import Config, ConfigError, _flatten, build, parse_override, quote
+from ncmcli.config.overrides import _flatten, build, parse_override
+
+from ncmcli.config.schema import Config, quote
+from ncmcli.errors import ConfigError
 from ncmcli.errors import special_file
 
 MAX_PRESET_BYTES = 64 * 1024  # presets are a few hundred bytes; a bigger file is a mistake or an attack

@@ -234,13 +234,13 @@ def load(path, device: str | torch.device = "cpu") -> Checkpoint:
     """Rebuild the classifier from the file alone, strictly. ``path``: a file, or a
     ``CheckpointFile`` already read (a resume reads last.safetensors once for this and for
     ``trainstate.unpack``)."""
-    from ncmcli.config import schema as cfgmod
+    from ncmcli.config import overrides as ov
     from ncmcli.nn.classifier import Classifier
 
     file = path if isinstance(path, CheckpointFile) else CheckpointFile.read(path)
     path, meta, header = file.path, file.meta, file.shapes
     try:
-        cfg = cfgmod.from_dict(_meta_json(meta, "config", path))
+        cfg = ov.from_dict(_meta_json(meta, "config", path))
     except NcmError as exc:
         raise CheckpointError(f"{path}: invalid config in checkpoint ({exc})") from None
     classes, shape, mean, std, counts = _described_input(meta, path, cfg)

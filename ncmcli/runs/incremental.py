@@ -90,7 +90,7 @@ def write_parent_record(run_dir: Path, parent: Parent) -> None:
 
 def check_compatible(cfg, parent: Parent) -> None:
     """Refuse, in one line, a run whose net, anchors or input format differ from the parent's."""
-    from ncmcli.config.schema import dotted
+    from ncmcli.config.overrides import dotted
 
     mine, theirs = dotted(cfg.to_dict()), dotted(parent.checkpoint.config.to_dict())
     for key in MATCHED_KEYS:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ncmcli.config.schema import Config, to_yaml
+from ncmcli.config.overrides import to_yaml
+
+from ncmcli.config.schema import Config
 from ncmcli.runs import checkpoint, runfiles, trainstate
 from ncmcli.runs.rundir import RunDir
 from ncmcli.runtime import dist_info, gather_rng

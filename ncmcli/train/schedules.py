@@ -14,7 +14,7 @@ from ncmcli.config.schema import Config
 def make_optimizer(cfg: Config, model, criterion) -> torch.optim.Optimizer:
     """The paper's SGD (momentum, weight decay on every parameter), optionally with Nesterov
     momentum; or AdamW. Neither option is part of the paper."""
-    from ncmcli.config.schema import parse_betas
+    from ncmcli.config.values import parse_betas
 
     # A learned NCM scale (log s) takes no weight decay: decay would pull s towards 1, the
     # flat softmax the learned scale is there to leave.
