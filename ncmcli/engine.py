@@ -19,7 +19,8 @@ def anchors_command(
 ) -> dict:
     """Build anchors, optionally save them, and return their certificate as a dict.
     ``scale``: a number, or "auto" for the scale whose loss floor is ``floor_target`` nats."""
-    from ncmcli.nn.anchors import anchor_certificate, make_anchors, resolve_auto
+    from ncmcli.nn.anchors import make_anchors, resolve_auto
+    from ncmcli.nn.certificate import anchor_certificate
     from ncmcli.nn.distances import get_distance
 
     get_distance(metric)
@@ -132,7 +133,8 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
     from ncmcli.config import values
 
     from ncmcli.config import overrides as ov
-    from ncmcli.runs import checkpoint, trainstate
+    from ncmcli.runs import trainstate
+    from ncmcli.runs.ckfile import CheckpointFile
     from ncmcli.config.presets import load_yaml_text
     from ncmcli.errors import CheckpointError
     from ncmcli.train.loop import train
@@ -148,7 +150,7 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
         cfg = ov.from_dict(load_yaml_text(config_text, str(folder.config)) or {})
     except yaml.YAMLError:
         raise CheckpointError(f"{folder.config} is not valid YAML") from None
-    last = checkpoint.CheckpointFile.read(folder.last)  # the one read of last.safetensors
+    last = CheckpointFile.read(folder.last)  # the one read of last.safetensors
     _check_resume_integrity(folder, cfg, config_text, last.meta)
     old_epochs = cfg.train.epochs
     for text in overrides:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ncmcli import make_anchors
-from ncmcli.nn.anchors import anchor_certificate, best_known_min_angle, pairwise_angles
+from ncmcli.nn.certificate import anchor_certificate, best_known_min_angle, pairwise_angles
 from ncmcli.nn.floors import loss_floor
 from ncmcli.errors import UsageError
 

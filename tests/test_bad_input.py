@@ -90,11 +90,11 @@ def test_special_files_named_as_arguments_return_at_once(tmp_path, ncm, quick_ru
 
 
 def test_bounds_come_from_one_place():
-    from ncmcli.runs import checkpoint
+    from ncmcli.runs import checkpoint, validate
 
-    assert checkpoint.MAX_FEATURE_DIM is config.MAX_FEATURE_DIM and checkpoint.MAX_PARAMS is config.MAX_PARAMS
-    assert checkpoint.MAX_SCALE is config.MAX_SCALE and floors.MAX_AUTO_SCALE == config.MAX_SCALE
-    assert checkpoint.MAX_SIDE >= 512  # data.image_size's upper bound
+    assert validate.MAX_FEATURE_DIM is config.MAX_FEATURE_DIM and checkpoint.MAX_PARAMS is config.MAX_PARAMS
+    assert validate.MAX_SCALE is config.MAX_SCALE and floors.MAX_AUTO_SCALE == config.MAX_SCALE
+    assert validate.MAX_SIDE >= 512  # data.image_size's upper bound
 
 
 @pytest.mark.slow

@@ -207,14 +207,14 @@ def test_weights_are_checked_for_nan_before_every_save():
 def test_cuda_rng_states_restore_in_numeric_order(tmp_path):
     from safetensors.torch import save_file
 
-    from ncmcli.runs import checkpoint, trainstate
+    from ncmcli.runs import ckfile, trainstate
 
     state = trainstate.TrainState(trainstate.Progress(), {"state": {}, "param_groups": []}, None,
                                   torch.zeros(3, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8),
                                   [torch.full((2,), i, dtype=torch.uint8) for i in range(12)])
     tensors, meta = trainstate.pack(state)
     path = tmp_path / "last.safetensors"
-    save_file(tensors, str(path), metadata={"train_state": meta, "format": checkpoint.FORMAT,
-                                            "format_version": str(checkpoint.FORMAT_VERSION)})
+    save_file(tensors, str(path), metadata={"train_state": meta, "format": ckfile.FORMAT,
+                                            "format_version": str(ckfile.FORMAT_VERSION)})
     back = trainstate.unpack(path)
     assert [int(t[0]) for t in back.cuda_rng] == list(range(12))

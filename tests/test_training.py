@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import StopAfter, assert_clean_error
 from ncmcli.runs import checkpoint
+from ncmcli.runs.ckfile import read_metadata
 from ncmcli.config.presets import resolve
 from ncmcli.engine import Reporter
 from ncmcli.train.loop import Interrupted, train
@@ -111,7 +112,7 @@ def test_signal_saves_a_resumable_checkpoint(tmp_path, sig, code):
     doc = json.loads(stdout)  # an interrupted --json run still prints one JSON document
     assert doc["status"] == "interrupted" and doc["exit_code"] == code and doc["resume"] == f"ncm train --resume {out}"
     assert doc["epoch"] >= 1
-    meta = checkpoint.read_metadata(out / "last.safetensors")
+    meta = read_metadata(out / "last.safetensors")
     assert "train_state" in meta
     checkpoint.load(out / "last.safetensors")  # still a valid checkpoint
 
@@ -240,5 +241,5 @@ def test_a_resume_reads_last_once(tmp_path, monkeypatch):
     assert result["status"] == "completed" and result["final"]["epoch"] == 2
     assert reads == ["open"], reads
     # The control: reading the file's metadata alone is counted too.
-    checkpoint.read_metadata(tmp_path / "cut" / "last.safetensors")
+    read_metadata(tmp_path / "cut" / "last.safetensors")
     assert reads == ["open", "safe_open"], reads

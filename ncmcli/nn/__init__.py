@@ -7,7 +7,9 @@ yaml, typer or rich (``tests/test_structure.py`` checks it in a fresh process).
     crit = NCMLoss(make_anchors("orthonormal", 10, 16), distance=cosine, scale=4.0)
 """
 
-from ncmcli.nn.anchors import anchor_certificate, make_anchors
+from ncmcli.nn.anchors import make_anchors
+
+from ncmcli.nn.certificate import anchor_certificate
 from ncmcli.nn.baselines import CenterLoss, HingeLoss, LSoftmaxLoss
 from ncmcli.nn.classifier import Classifier
 from ncmcli.nn.distances import cosine, euclidean, squared_euclidean

@@ -7,13 +7,12 @@ floor they impose. Every method is deterministic for a given seed.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from ncmcli.errors import ConfigError, special_file
-from ncmcli.nn.floors import loss_floor, top_probability
+from ncmcli.nn.certificate import duplicate_pairs, pairwise_angles, unit_rows
 from ncmcli.registry import ANCHOR_FILE_SUFFIXES, ANCHOR_METHODS, suggest
 
 METHODS = tuple(ANCHOR_METHODS)
@@ -64,7 +63,7 @@ def make_anchors(method: str, num_classes: int, dim: int, *, seed: int = 0) -> t
             f"unknown anchor method {method!r}; choose one of: {', '.join(METHODS)}, "
             f"or a .safetensors/.csv file" + suggest(method, METHODS)
         )
-    return _unit_rows(a).float()
+    return unit_rows(a).float()
 
 
 def resolve_auto(num_classes: int, dim: int) -> str:
@@ -72,10 +71,6 @@ def resolve_auto(num_classes: int, dim: int) -> str:
     if num_classes <= dim + 1:
         return "simplex"
     return "orthoplex" if num_classes <= 2 * dim else "optimized"
-
-
-def _unit_rows(a: torch.Tensor) -> torch.Tensor:
-    return a / a.norm(dim=1, keepdim=True)
 
 
 def _simplex(c: int, d: int) -> torch.Tensor:
@@ -162,11 +157,11 @@ def _optimized(c: int, d: int, seed: int, steps: int = 1500) -> torch.Tensor:
     best, best_angle = None, -1.0
     off_diag = ~torch.eye(c, dtype=torch.bool)
     for start in starts:
-        x = _unit_rows(start.clone()).requires_grad_(True)
+        x = unit_rows(start.clone()).requires_grad_(True)
         opt = torch.optim.Adam([x], lr=0.02)
         for step in range(steps):
             t = 10.0 + 490.0 * step / steps  # sharpness: from smooth energy to min angle
-            xn = _unit_rows(x)
+            xn = unit_rows(x)
             cos = (xn @ xn.T)[off_diag]
             loss = torch.logsumexp(t * cos, 0) / t
             opt.zero_grad()
@@ -176,11 +171,11 @@ def _optimized(c: int, d: int, seed: int, steps: int = 1500) -> torch.Tensor:
                 group["lr"] = 0.02 * (1 - step / steps) + 1e-4
             if step % 50 == 0 or step == steps - 1:
                 with torch.no_grad():
-                    cand = _unit_rows(x.detach())
+                    cand = unit_rows(x.detach())
                     ang = _min_angle(cand)
                     if ang > best_angle:
                         best, best_angle = cand.clone(), ang
-        cand = _unit_rows(start)
+        cand = unit_rows(start)
         if _min_angle(cand) >= best_angle:
             best, best_angle = cand, _min_angle(cand)
     return best
@@ -241,7 +236,7 @@ def _from_file(path: Path, c: int, d: int) -> torch.Tensor:
         raise ConfigError(f"{path}: anchors contain NaN or Inf")
     if (a.norm(dim=1) == 0).any():
         raise ConfigError(f"{path}: anchor rows {_zero_rows(a)} are zero")
-    dup = duplicate_pairs(_unit_rows(a))
+    dup = duplicate_pairs(unit_rows(a))
     if dup:
         raise ConfigError(f"{path}: duplicate anchor rows {dup[:5]}")
     return a
@@ -251,77 +246,3 @@ def _zero_rows(a: torch.Tensor) -> list[int]:
     return (a.norm(dim=1) == 0).nonzero().flatten().tolist()
 
 
-def pairwise_angles(a: torch.Tensor) -> torch.Tensor:
-    """Angles in degrees between all distinct pairs of rows, as a flat tensor."""
-    an = _unit_rows(a.double())
-    cos = (an @ an.T).clamp(-1.0, 1.0)
-    i, j = torch.triu_indices(len(a), len(a), offset=1)
-    return torch.rad2deg(torch.arccos(cos[i, j]))
-
-
-def duplicate_pairs(a: torch.Tensor, tol_deg: float = 1e-6) -> list[tuple[int, int]]:
-    an = _unit_rows(a.double())
-    cos = an @ an.T
-    i, j = torch.triu_indices(len(a), len(a), offset=1)
-    close = cos[i, j] >= math.cos(math.radians(tol_deg))
-    return [(int(p), int(q)) for p, q in zip(i[close], j[close])]
-
-
-def best_known_min_angle(c: int, d: int) -> float | None:
-    """The optimal min pairwise angle (degrees) where it is known in closed form."""
-    if d == 1:
-        return 180.0 if c == 2 else None
-    if c <= d + 1:
-        return math.degrees(math.acos(-1.0 / (c - 1)))  # regular simplex
-    if c <= 2 * d:
-        return 90.0  # orthoplex (Rankin's bound)
-    if d == 2:
-        return 360.0 / c
-    return None
-
-
-@dataclass(frozen=True)
-class AnchorCertificate:
-    classes: int
-    dim: int
-    method: str
-    min_angle_deg: float
-    mean_angle_deg: float
-    max_angle_deg: float
-    best_known_min_angle_deg: float | None
-    norm_min: float
-    norm_max: float
-    duplicates: list = field(default_factory=list)
-    metric: str = "euclidean"
-    scale: float = 1.0
-    loss_floor: float = 0.0
-    top_probability: float = 1.0  # e^-floor: the best probability of the true class at this scale
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def anchor_certificate(
-    anchors: torch.Tensor, method: str, metric: str = "euclidean", scale: float = 1.0
-) -> AnchorCertificate:
-    """What users should know about a set of anchors before training on them."""
-    ang = pairwise_angles(anchors)
-    norms = anchors.double().norm(dim=1)
-    c, d = anchors.shape
-    floor = loss_floor(anchors, metric, scale)
-    return AnchorCertificate(
-        classes=c,
-        dim=d,
-        method=method,
-        min_angle_deg=round(ang.min().item(), 6),
-        mean_angle_deg=round(ang.mean().item(), 6),
-        max_angle_deg=round(ang.max().item(), 6),
-        best_known_min_angle_deg=best_known_min_angle(c, d),
-        norm_min=norms.min().item(),
-        norm_max=norms.max().item(),
-        duplicates=duplicate_pairs(anchors),
-        metric=metric,
-        scale=scale,
-        loss_floor=floor,
-        top_probability=top_probability(floor),
-    )

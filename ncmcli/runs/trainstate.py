@@ -85,7 +85,7 @@ def pack(state: TrainState) -> tuple[dict, str]:
 def unpack(path) -> TrainState:
     """The train state stored in a ``last.safetensors`` (a path, or a ``CheckpointFile``
     already read), or a clear error."""
-    from ncmcli.runs.checkpoint import CheckpointFile
+    from ncmcli.runs.ckfile import CheckpointFile
 
     file = path if isinstance(path, CheckpointFile) else CheckpointFile.read(path)
     path, meta = file.path, file.meta

@@ -133,7 +133,7 @@ def selection(run: Setup) -> tuple[str, str]:
 
 
 def announce(cfg: Config, run: Setup, run_dir: Path, device, reporter) -> None:
-    from ncmcli.nn.anchors import anchor_certificate
+    from ncmcli.nn.certificate import anchor_certificate
 
     crit, data, world = run.criterion, run.data, dist_info()[1]
     if crit.uses_anchors:

@@ -13,6 +13,7 @@ from ncmcli.config.overrides import to_yaml
 
 from ncmcli.config.schema import Config
 from ncmcli.runs import checkpoint, runfiles, trainstate
+from ncmcli.runs.ckfile import CheckpointFile
 from ncmcli.runs.rundir import RunDir
 from ncmcli.runtime import dist_info, gather_rng
 from ncmcli.train.record import scale_comment, selection
@@ -24,7 +25,7 @@ def restore(run: Setup, run_dir: Path, device: torch.device, file=None) -> None:
     optimiser, schedule, the data generator, the RNGs, the position in the epoch (and, with
     EMA, the average and the live weights). ``file``: that file's ``CheckpointFile``, when the
     caller has read it already (it is read once, then released)."""
-    file = file if isinstance(file, checkpoint.CheckpointFile) else checkpoint.CheckpointFile.read(run_dir / runfiles.LAST)
+    file = file if isinstance(file, CheckpointFile) else CheckpointFile.read(run_dir / runfiles.LAST)
     last = checkpoint.load(file, device)
     state = trainstate.unpack(file)
     file.release()
