@@ -9,7 +9,8 @@ import pytest
 
 from ncmcli.config.overrides import to_yaml
 from ncmcli.config.presets import resolve
-from ncmcli.report import collect, render
+from ncmcli.report import collect
+from ncmcli.tables import render
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def test_paper_numbers_sit_beside_ours(tmp_path, monkeypatch):
     paper = tmp_path / "paper.json"
     paper.write_text(json.dumps({"source": "test", "cells": [
         {"table": "2", "dataset": "CIFAR-10+", "method": "C-NCM", "dropout": 0.1, "error_pct": 6.5}]}))
-    monkeypatch.setattr("ncmcli.report.PAPER_FILE", paper)
+    monkeypatch.setattr("ncmcli.paper.PAPER_FILE", paper)
     cell = collect([tmp_path])[0]
     assert cell.paper == 6.5 and cell.to_dict()["diff"] == pytest.approx(0.5)
     md = render([cell], "md")
@@ -179,7 +180,7 @@ def test_per_run_csv_lists_every_varying_key(tmp_path):
 
     fake_run(tmp_path, "a", "quickstart", 12.0, ["optim.lr=0.01"])
     fake_run(tmp_path, "b", "quickstart", 13.0, ["optim.lr=0.02", "seed=4"])
-    rows = list(csv.DictReader(io.StringIO(__import__("ncmcli.report", fromlist=["x"]).per_run_csv([tmp_path]))))
+    rows = list(csv.DictReader(io.StringIO(__import__("ncmcli.tables", fromlist=["x"]).per_run_csv([tmp_path]))))
     assert [r["optim.lr"] for r in rows] == ["0.01", "0.02"] and [r["seed"] for r in rows] == ["0", "4"]
     assert "seed" not in list(rows[0])[7:]  # the seed is a column of its own, not a "varying key"
 
@@ -188,7 +189,7 @@ def test_loss_keys_a_loss_ignores_neither_split_nor_show(tmp_path):
     import csv
     import io
 
-    from ncmcli.report import per_run_csv
+    from ncmcli.tables import per_run_csv
 
     # Two SoftMax runs that differ only in lambda_gamma (which SoftMax never reads) are one cell
     # of n=2; the L-Softmax runs, which read it, keep it as a per-run column.
@@ -237,7 +238,8 @@ def _fake_run(root, name, sets, err):
 
 
 def test_repeated_seeds_and_pooled_by_are_said_plainly(tmp_path):
-    from ncmcli.report import collect, render
+    from ncmcli.report import collect
+    from ncmcli.tables import render
 
     _fake_run(tmp_path, "a", ["seed=0"], 10.0)
     _fake_run(tmp_path, "b", ["seed=0"], 12.0)
@@ -268,7 +270,8 @@ def test_resuming_a_cosine_run_longer_says_it_re_spans(tmp_path, ncm):
 
 
 def test_keys_that_differ_between_rows_get_a_column_in_a_settings_table(tmp_path):
-    from ncmcli.report import collect, render
+    from ncmcli.report import collect
+    from ncmcli.tables import render
 
     _fake_run(tmp_path, "a", ["seed=0", "optim.lr=0.1", "data.hflip=true"], 10.0)
     _fake_run(tmp_path, "b", ["seed=0", "optim.lr=0.05", "data.hflip=true"], 12.0)
@@ -281,7 +284,8 @@ def test_reports_and_legends_show_resolved_values(tmp_path):
     import json
 
     from ncmcli.plots import curve_labels
-    from ncmcli.report import collect, render
+    from ncmcli.report import collect
+    from ncmcli.tables import render
 
     for name, side, err in (("a", 28, 10.0), ("b", 32, 12.0)):
         _fake_run(tmp_path, name, ["data.name=folder", "data.root=/x", "data.image_size=0", f"seed={side}"], err)

@@ -71,16 +71,17 @@ def report(
 ) -> None:
     """Final test error per group of runs (mean ± std over seeds), beside the paper's numbers.
     Runs that differ in anything but the seed (and paths) are never averaged together."""
-    from ncmcli import report as rep
+    from ncmcli import tables
+    from ncmcli.report import collect
 
-    if fmt not in rep.FORMATS:
-        raise typer.BadParameter(f"choose one of: {', '.join(rep.FORMATS)}", param_hint="--format")
+    if fmt not in tables.FORMATS:
+        raise typer.BadParameter(f"choose one of: {', '.join(tables.FORMATS)}", param_hint="--format")
     if per_run:
         if fmt != "csv":
             raise typer.BadParameter("--per-run goes with --format csv", param_hint="--per-run")
-        sys.stdout.write(rep.per_run_csv(paths) + "\n")
+        sys.stdout.write(tables.per_run_csv(paths) + "\n")
         return
-    text = rep.render(rep.collect(paths, by=list(by), metric=metric), fmt, metric)
+    text = tables.render(collect(paths, by=list(by), metric=metric), fmt, metric)
     if fmt in ("table", "md"):  # human-readable: no control characters from folder names
         text = "\n".join(safe_text(line) for line in text.split("\n"))
     sys.stdout.write(text + "\n")

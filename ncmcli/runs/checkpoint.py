@@ -17,7 +17,7 @@ import torch
 
 from ncmcli.config.schema import MAX_CLASSES, MAX_PARAMS  # the bounds training checks too
 from ncmcli.errors import CheckpointError, NcmError
-from ncmcli.storage import atomic_write, bounded_json
+from ncmcli.storage import atomic_write
 
 from ncmcli.runs import validate
 from ncmcli.runs.ckfile import FORMAT, FORMAT_VERSION, CheckpointFile
