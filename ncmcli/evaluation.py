@@ -75,15 +75,60 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
                  ood_score: str | None = None, which: str = "best", ood_limit: int | None = None) -> dict:
     """Accuracy, loss, per-class accuracy, confusion, long-tail metrics and feature diagnostics
     on the test split; ``logit_adjust`` tau > 0 predicts with post-hoc adjusted logits."""
-    import math
-
     import torch
 
     from ncmcli import diagnostics, scoring
-
-    from ncmcli.runs import checkpoint
     from ncmcli.data.batching import Split
     from ncmcli.forward import evaluate
+    from ncmcli.runs import checkpoint
+
+    _check_eval_options(logit_adjust, ood_score, batch_size, limit, ood_limit)
+    path = resolve_checkpoint(target, which)
+    dev = pick_device(device)
+    ck = checkpoint.load(path, dev)
+    batch_size = batch_size or ck.config.train.eval_batch_size  # the checkpoint's own setting
+    data = _test_split(ck, data_root, limit)
+    ev = evaluate(ck.classifier, data.test.to(dev), device=dev, batch_size=batch_size, keep_outputs=True)
+    feats, logits, labels = ev.pop("features"), ev.pop("logits"), ev.pop("labels")  # one pass, not two
+    raw_logits, adjusted = logits, None
+    if logit_adjust > 0:
+        logits, adjusted = _post_hoc(ck, path, ev, logits, labels, logit_adjust)
+    diag, dist = _diagnostics(ck, feats, logits, labels, dev)
+    scores, macro_f1 = diagnostics.per_class_scores(ev["confusion"])
+    result = {
+        "checkpoint": str(path), "dataset": data.name, "epoch": ck.epoch,
+        "accuracy": ev["accuracy"], "error_pct": ev["error_pct"], "loss": ev["loss"], "n": ev["n"],
+        "per_class_accuracy": dict(zip(ck.classes, ev["per_class_accuracy"])),
+        "top5_accuracy": diagnostics.topk_accuracy(logits, labels, 5) if len(ck.classes) > 5 else None,
+        "per_class": dict(zip(ck.classes, scores)), "macro_f1": macro_f1,
+        **scoring.imbalance_metrics(ev["confusion"], ck.class_counts),
+        "train_counts": None if ck.class_counts is None else dict(zip(ck.classes, ck.class_counts)),
+        "imbalance": ck.imbalance or None, "logit_adjust": adjusted,
+        "classes": ck.classes, "confusion": ev["confusion"], "diagnostics": diag,
+    }
+    if ck.criterion.uses_anchors:
+        result["scale"] = ck.criterion.scale_value()
+    if ck.tasks and len(ck.tasks) > 1:  # class-incremental: every run's classes, the last one's new
+        from ncmcli.runs.incremental import task_accuracies
+
+        result["tasks"] = task_accuracies(ev["confusion"], ck.classes, ck.tasks)
+        result["parent"] = ck.parent
+    if ood is not None:
+        images = _ood_images(ood, ck, data_root, limit if ood_limit is None else ood_limit)
+        ood_split = Split(images, torch.zeros(len(images), dtype=torch.int64)).to(dev)
+        f_ood, l_ood, _ = diagnostics.extract(ck.classifier, ood_split, device=dev, batch_size=batch_size)
+        d_ood = None
+        if dist is not None:
+            with torch.no_grad():
+                d_ood = ck.criterion.distances(f_ood.to(dev)).cpu()
+        result["ood"] = _open_set(ood, raw_logits, dist, l_ood, d_ood, ood_score)
+    return result
+
+
+def _check_eval_options(logit_adjust, ood_score, batch_size, limit, ood_limit) -> None:
+    import math
+
+    from ncmcli import scoring
 
     if not (math.isfinite(logit_adjust) and 0 <= logit_adjust <= 10):
         raise UsageError(f"--logit-adjust must be in [0, 10], got {logit_adjust}")
@@ -98,57 +143,25 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
         raise UsageError(f"--limit must be >= 0, got {limit}")
     if ood_limit is not None and ood_limit < 0:
         raise UsageError(f"--ood-limit must be >= 0, got {ood_limit}")
-    path = resolve_checkpoint(target, which)
-    dev = pick_device(device)
-    ck = checkpoint.load(path, dev)
-    batch_size = batch_size or ck.config.train.eval_batch_size  # the checkpoint's own setting
-    data = _test_split(ck, data_root, limit)
-    test = data.test.to(dev)
-    ev = evaluate(ck.classifier, test, device=dev, batch_size=batch_size, keep_outputs=True)
-    feats, logits, labels = ev.pop("features"), ev.pop("logits"), ev.pop("labels")  # one pass, not two
-    raw_logits, adjusted = logits, None
-    if logit_adjust > 0:
-        logits, adjusted = _post_hoc(ck, path, ev, logits, labels, logit_adjust)
+
+
+def _diagnostics(ck, feats, logits, labels, dev):
+    """(calibration and feature diagnostics, the (N, C) distances to the anchors or None)."""
+    import torch
+
+    from ncmcli import diagnostics
+
     diag = {"ece_15_bins": diagnostics.expected_calibration_error(torch.softmax(logits, 1), labels),
             "feature_norm_median": feats.double().norm(dim=1).median().item()}
-    scores, macro_f1 = diagnostics.per_class_scores(ev["confusion"])
-    has_anchors = ck.criterion.uses_anchors
-    if has_anchors:
-        with torch.no_grad():
-            dist = ck.criterion.distances(feats.to(dev)).cpu()  # (N, C)
-        diag.update(diagnostics.anchor_report(dist, labels, ck.classes))
-        nearest = dist.min(1).values
-        diag["reject_above_at_95_tpr"] = torch.quantile(nearest.double(), 0.95).item()
-        two = dist.topk(2, dim=1, largest=False).values
-        diag["reject_below_margin_at_95_tpr"] = torch.quantile((two[:, 1] - two[:, 0]).double(), 0.05).item()
-    result = {
-        "checkpoint": str(path), "dataset": data.name, "epoch": ck.epoch,
-        "accuracy": ev["accuracy"], "error_pct": ev["error_pct"], "loss": ev["loss"], "n": ev["n"],
-        "per_class_accuracy": dict(zip(ck.classes, ev["per_class_accuracy"])),
-        "top5_accuracy": diagnostics.topk_accuracy(logits, labels, 5) if len(ck.classes) > 5 else None,
-        "per_class": dict(zip(ck.classes, scores)), "macro_f1": macro_f1,
-        **scoring.imbalance_metrics(ev["confusion"], ck.class_counts),
-        "train_counts": None if ck.class_counts is None else dict(zip(ck.classes, ck.class_counts)),
-        "imbalance": ck.imbalance or None, "logit_adjust": adjusted,
-        "classes": ck.classes, "confusion": ev["confusion"], "diagnostics": diag,
-    }
-    if has_anchors:
-        result["scale"] = ck.criterion.scale_value()
-    if ck.tasks and len(ck.tasks) > 1:  # class-incremental: every run's classes, the last one's new
-        from ncmcli.runs.incremental import task_accuracies
-
-        result["tasks"] = task_accuracies(ev["confusion"], ck.classes, ck.tasks)
-        result["parent"] = ck.parent
-    if ood is not None:
-        images = _ood_images(ood, ck, data_root, limit if ood_limit is None else ood_limit)
-        ood_split = Split(images, torch.zeros(len(images), dtype=torch.int64)).to(dev)
-        f_ood, l_ood, _ = diagnostics.extract(ck.classifier, ood_split, device=dev, batch_size=batch_size)
-        d_ood = None
-        if has_anchors:
-            with torch.no_grad():
-                d_ood = ck.criterion.distances(f_ood.to(dev)).cpu()
-        result["ood"] = _open_set(ood, raw_logits, dist if has_anchors else None, l_ood, d_ood, ood_score)
-    return result
+    if not ck.criterion.uses_anchors:
+        return diag, None
+    with torch.no_grad():
+        dist = ck.criterion.distances(feats.to(dev)).cpu()  # (N, C)
+    diag.update(diagnostics.anchor_report(dist, labels, ck.classes))
+    diag["reject_above_at_95_tpr"] = torch.quantile(dist.min(1).values.double(), 0.95).item()
+    two = dist.topk(2, dim=1, largest=False).values
+    diag["reject_below_margin_at_95_tpr"] = torch.quantile((two[:, 1] - two[:, 0]).double(), 0.05).item()
+    return diag, dist
 
 
 def _post_hoc(ck, path, ev: dict, logits, labels, tau: float):

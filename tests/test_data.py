@@ -5,7 +5,8 @@ import torch
 
 from helpers_data import make_cifar, make_folder, make_mnist
 from ncmcli.config.schema import DataConfig
-from ncmcli.data.batching import augment, batches, channel_stats, draw_augment, normalize
+from ncmcli.data.batching import batches, channel_stats, normalize
+from ncmcli.data.augment import augment, draw_augment
 from ncmcli.data.datasets import DEBIAN_FASHION_DIR, load_dataset
 from ncmcli.errors import DataError
 

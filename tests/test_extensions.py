@@ -114,11 +114,11 @@ def test_predict_reports_distance_and_margin(tmp_path):
     from PIL import Image
 
     from conftest import save_untrained
-    from ncmcli import engine
+    from ncmcli.predict import predict_command
 
     ck, model, crit = save_untrained(tmp_path / "ck.safetensors", epoch=1, metrics={})
     Image.new("L", (56, 28), 200).save(tmp_path / "x.png")
-    res = engine.predict_command([tmp_path / "x.png"], checkpoint_path=ck, device="cpu")
+    res = predict_command([tmp_path / "x.png"], checkpoint_path=ck, device="cpu")
     rec = res["predictions"][0]
     x = torch.full((1, 1, 28, 28), 200.0)
     with torch.no_grad():

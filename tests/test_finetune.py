@@ -4,7 +4,9 @@ frozen backbone epochs, and ImageNet statistics with pretrained weights."""
 import pytest
 import torch
 
-from ncmcli.data.batching import batches, draw_resized_crop, resized_crop
+from ncmcli.data.batching import batches
+
+from ncmcli.data.augment import draw_resized_crop, resized_crop
 from ncmcli.errors import ConfigError
 from ncmcli.config.presets import resolve
 

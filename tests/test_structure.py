@@ -19,7 +19,7 @@ PKG = REPO / "ncmcli"
 LAYERS = {
     6: {"cli", "__main__"},
     5: {"engine", "report", "tables"},
-    4: {"train", "evaluation", "plots", "export"},
+    4: {"train", "evaluation", "plots", "export", "predict"},
     3: {"runs", "forward", "scoring", "diagnostics"},
     2: {"data", "runtime"},
     1: {"nn"},

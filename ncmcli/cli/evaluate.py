@@ -53,14 +53,13 @@ def predict(
     which: str = typer.Option("best", "--which", help="With a run folder: best (best.safetensors) or last (the final epoch, last.safetensors)."),
 ) -> None:
     """Classify images with a checkpoint (preprocessing comes from the checkpoint)."""
-    from ncmcli import engine
-
+    from ncmcli.predict import predict_command
     from ncmcli.runs.runfiles import find_checkpoint
 
     path, why = find_checkpoint(checkpoint, dict(os.environ), Path.cwd(), which)
     if why != "--checkpoint":
         err.print(f"using {show(str(path))} ({show(why)})")
-    res = engine.predict_command(inputs, checkpoint_path=path, device=device, top_k=top_k, reject_above=reject_above,
+    res = predict_command(inputs, checkpoint_path=path, device=device, top_k=top_k, reject_above=reject_above,
                                  reject_below_margin=reject_below_margin,
                                  batch_size=batch_size, resize=resize)
     err.print(f"model: {show(res['checkpoint'])}, epoch {res['epoch']}")

@@ -29,24 +29,12 @@ def train(
 ) -> None:
     """Train a model; writes config.yaml, metrics.jsonl, best/last.safetensors, result.json."""
     from ncmcli.config import overrides as ov
-    from ncmcli.config import presets as presets_mod
 
-    if resume is not None and (preset or out or print_config or name or extend):
-        raise typer.BadParameter("--resume takes no --preset, --out, --name, --extend or --print-config: the run "
-                                 "folder has them", param_hint="--resume")
-    if resume is None and not preset:
-        from ncmcli.errors import UsageError
-
-        raise UsageError("ncm train needs --preset NAME or --preset FILE.yaml, e.g. --preset quickstart "
-                         "(offline, about a minute); 'ncm presets' lists them all")
-    cfg = None if resume is not None else presets_mod.resolve(preset, overrides)
-    if cfg is not None:
-        _warn_ignored(cfg, overrides)
+    cfg = _config(preset, overrides, resume, clash=bool(preset or out or print_config or name or extend))
     if print_config:
         sys.stdout.write(ov.to_yaml(cfg))
         return
     from ncmcli import engine
-
     from ncmcli.train.loop import Interrupted
 
     if not log_every > 0:
@@ -74,6 +62,26 @@ def train(
         out_json(result)
     else:
         _say(result)
+
+
+def _config(preset, overrides: list[str], resume, *, clash: bool):
+    """The run's config from --preset and --set (None for --resume, whose folder holds it),
+    with a warning for each key the loss does not read."""
+    from ncmcli.config import presets as presets_mod
+
+    if resume is not None and clash:
+        raise typer.BadParameter("--resume takes no --preset, --out, --name, --extend or --print-config: the run "
+                                 "folder has them", param_hint="--resume")
+    if resume is not None:
+        return None
+    if not preset:
+        from ncmcli.errors import UsageError
+
+        raise UsageError("ncm train needs --preset NAME or --preset FILE.yaml, e.g. --preset quickstart "
+                         "(offline, about a minute); 'ncm presets' lists them all")
+    cfg = presets_mod.resolve(preset, overrides)
+    _warn_ignored(cfg, overrides)
+    return cfg
 
 
 def _warn_ignored(cfg, overrides: list[str]) -> None:

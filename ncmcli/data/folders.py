@@ -16,6 +16,28 @@ from ncmcli.data.images import load_image
 FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def _list_split(folder: Path, index: dict, suffixes: tuple, skipped: dict, notes: list) -> tuple:
+    """(image files, labels) of one split folder: its class subfolders' regular files with an
+    image suffix; other files are counted in ``skipped`` by suffix, non-regular ones noted."""
+    files, labels = [], []
+    for cdir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if cdir.name not in index:
+            raise DataError(f"{cdir}: class '{cdir.name}' is not among the training classes")
+        for f in sorted(cdir.iterdir()):
+            if f.suffix.lower() not in suffixes:
+                if not f.is_dir():
+                    skipped[f.suffix.lower() or "(none)"] = skipped.get(f.suffix.lower() or "(none)", 0) + 1
+                continue
+            if not f.is_file():
+                notes.append(f"skipped {f}: not a regular file")
+                continue
+            files.append(f)
+            labels.append(index[cdir.name])
+    if not files:
+        raise DataError(f"{folder} holds no images ({', '.join(suffixes)}; data.extensions chooses others)")
+    return files, torch.tensor(labels, dtype=torch.int64)
+
+
 def load_folder(root: Path, channels: int, size: int, want_train: bool, *, loader: str = "auto",
             budget_gb: float = 4.0, workers: int = 2, cache: bool = True, resize: str = "crop",
             test_dir: str = "", extensions: str = "", say=None) -> tuple:
@@ -42,23 +64,7 @@ def load_folder(root: Path, channels: int, size: int, want_train: bool, *, loade
     index = {c: i for i, c in enumerate(classes)}
     listed, skipped = {}, {}
     for split, folder in (("train", "train"), ("test", held_out)) if want_train else (("test", held_out),):
-        files, labels = [], []
-        for cdir in sorted(p for p in (root / folder).iterdir() if p.is_dir()):
-            if cdir.name not in index:
-                raise DataError(f"{cdir}: class '{cdir.name}' is not among the training classes")
-            for f in sorted(cdir.iterdir()):
-                if f.suffix.lower() not in suffixes:
-                    if not f.is_dir():
-                        skipped[f.suffix.lower() or "(none)"] = skipped.get(f.suffix.lower() or "(none)", 0) + 1
-                    continue
-                if not f.is_file():
-                    notes.append(f"skipped {f}: not a regular file")
-                    continue
-                files.append(f)
-                labels.append(index[cdir.name])
-        if not files:
-            raise DataError(f"{root / folder} holds no images ({', '.join(suffixes)}; data.extensions chooses others)")
-        listed[split] = (files, torch.tensor(labels, dtype=torch.int64))
+        listed[split] = _list_split(root / folder, index, suffixes, skipped, notes)
     if skipped:
         notes.append(f"skipped {sum(skipped.values())} files that are not images ("
                      + ", ".join(f"{n} {ext}" for ext, n in sorted(skipped.items())) + "); data.extensions chooses others")

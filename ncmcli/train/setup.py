@@ -96,10 +96,50 @@ class Setup:
         return self.classifier.std
 
 
+def _classifier(cfg: Config, data, parent) -> Classifier:
+    """A new run's classifier with the training split's statistics (the paper's: global; ImageNet's
+    for pretrained weights), or an --extend run's, grown from its parent with the parent's."""
+    from ncmcli.data.batching import split_stats
+
+    if parent is not None:
+        from ncmcli.runs.incremental import extended_classifier
+
+        return extended_classifier(cfg, parent, data.classes, data.train_counts)
+    if cfg.model.pretrained:  # the statistics the pretrained weights were trained with
+        mean, std = imagenet_stats(data.input_shape[0])
+    else:
+        mean, std = split_stats(data.train, normalization=cfg.data.normalization)
+    try:
+        return Classifier.from_config(cfg, data.classes, data.input_shape, mean=mean, std=std,
+                                      class_counts=data.train_counts)
+    except NcmError:
+        raise
+    except (ValueError, TypeError) as exc:  # a library constructor's error is a config error here
+        raise NcmConfigError(str(exc)) from None
+
+
+def _step(cfg: Config, model: nn.Module, criterion: nn.Module, device: torch.device):
+    """(the module a step calls, the autocast dtype): the speed settings, none of which changes
+    the maths beyond the autocast rounding, then the compiled and DDP wrappers, which only run
+    steps (checkpoints save the plain modules)."""
+    amp_dtype = resolve_precision(cfg.train.precision, device)
+    channels_last = cfg.train.channels_last == "true" or (cfg.train.channels_last == "auto" and device.type == "cuda")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    if device.type == "cuda" and not cfg.train.deterministic:
+        torch.backends.cudnn.benchmark = True
+    step = TrainStep(torch.compile(model) if cfg.train.compile else model, criterion, amp_dtype, memory_format)
+    if dist_info()[1] > 1:
+        if cfg.model.freeze_backbone_epochs:  # DDP expects a gradient for every parameter it wraps
+            raise NcmConfigError("model.freeze_backbone_epochs is not supported under torchrun (DDP); train the "
+                                 "frozen epochs in one process, then --resume under torchrun")
+        step = nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+    return step, amp_dtype
+
+
 def build_run(cfg: Config, device: torch.device, say=None, parent=None) -> Setup:
     """Seeds, threads, data, model, anchors, criterion, the speed settings, optimiser, schedule.
     ``parent``: the ``incremental.Parent`` an --extend run starts from."""
-    from ncmcli.data.batching import split_stats
     from ncmcli.data.datasets import load_dataset
     from ncmcli.runs.incremental import check_compatible
 
@@ -111,44 +151,13 @@ def build_run(cfg: Config, device: torch.device, say=None, parent=None) -> Setup
         torch.use_deterministic_algorithms(True)
     if parent is not None:
         check_compatible(cfg, parent)
-    known = parent.classes if parent is not None else None
-    data = rank0_first(lambda: load_dataset(cfg.data, say=say, known_classes=known))  # one download, not one per rank
-    if parent is not None:  # the parent's input format: its normalisation, not this task's
-        mean, std = list(parent.checkpoint.mean), list(parent.checkpoint.std)
-    elif cfg.model.pretrained:  # the statistics the pretrained weights were trained with
-        mean, std = imagenet_stats(data.input_shape[0])
-    else:
-        mean, std = split_stats(data.train, normalization=cfg.data.normalization)  # the paper's: global
-    lineage, memory = _lineage(cfg, data, parent)
-    if parent is not None:
-        from ncmcli.runs.incremental import extended_classifier
-
-        classifier = extended_classifier(cfg, parent, data.classes, data.train_counts)
-    else:
-        try:
-            classifier = Classifier.from_config(cfg, data.classes, data.input_shape, mean=mean, std=std,
-                                                class_counts=data.train_counts)
-        except NcmError:
-            raise
-        except (ValueError, TypeError) as exc:  # a library constructor's error is a config error here
-            raise NcmConfigError(str(exc)) from None
+    data = rank0_first(lambda: load_dataset(cfg.data, say=say, known_classes=parent.classes if parent else None))
+    lineage, memory = _lineage(cfg, data, parent)  # one download above, not one per rank
+    classifier = _classifier(cfg, data, parent)
     model, criterion = classifier.parts()
     _check_size(model, criterion, len(data.classes))
     classifier.to(device)
-    # Speed settings; none changes the maths beyond the autocast rounding.
-    amp_dtype = resolve_precision(cfg.train.precision, device)
-    channels_last = cfg.train.channels_last == "true" or (cfg.train.channels_last == "auto" and device.type == "cuda")
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format)
-    if device.type == "cuda" and not cfg.train.deterministic:
-        torch.backends.cudnn.benchmark = True
-    # The compiled and DDP wrappers only run the steps; checkpoints save the plain modules.
-    step = TrainStep(torch.compile(model) if cfg.train.compile else model, criterion, amp_dtype, memory_format)
-    if dist_info()[1] > 1:
-        if cfg.model.freeze_backbone_epochs:  # DDP expects a gradient for every parameter it wraps
-            raise NcmConfigError("model.freeze_backbone_epochs is not supported under torchrun (DDP); train the "
-                                 "frozen epochs in one process, then --resume under torchrun")
-        step = nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+    step, amp_dtype = _step(cfg, model, criterion, device)
     train_split = data.train.to(device)
     steps_per_epoch = math.ceil(len(train_split) / cfg.train.batch_size)
     optimizer = make_optimizer(cfg, model, criterion)
