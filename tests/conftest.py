@@ -30,6 +30,22 @@ def assert_clean_error(proc, code, fragment=None):
         assert fragment in proc.stderr, proc.stderr
 
 
+CAP = 6 * 2**30  # torch's own import needs about 4 GiB of address space
+
+
+def capped(*args, timeout=120, cwd=None, stdin=None):
+    """``python -m ncmcli ARGS`` under an address-space cap and a timeout: adversarial inputs
+    (RELIABILITY.md) fail fast instead of taking the machine down or hanging CI."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (CAP, CAP))
+
+    env = {k: v for k, v in os.environ.items() if k != "NCM_DEBUG"}
+    return subprocess.run([sys.executable, "-m", "ncmcli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=limit, cwd=cwd, env=env, stdin=stdin)
+
+
 @pytest.fixture
 def ncm():
     return run_ncm

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from conftest import assert_clean_error
+from conftest import capped
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 
 @pytest.mark.parametrize(
@@ -38,8 +41,6 @@ def test_json_and_out(ncm, tmp_path):
     doc = json.loads(proc.stdout)  # stdout is exactly one JSON document
     assert doc["classes"] == 100 and doc["dim"] == 512
     assert doc["loss_floor"] == pytest.approx(3.2216, abs=1e-3)
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
     t = load_file(str(out))["anchors"]
     assert t.shape == (100, 512) and t.dtype == torch.float32
@@ -96,3 +97,12 @@ def test_help_shows_no_type_after_plain_flags(ncm):
         text = ncm(*cmd, "--help").stdout
         flags = [ln for ln in text.splitlines() if "--json" in ln or "--force" in ln or "--quiet" in ln]
         assert all("<bool>" not in ln for ln in flags), (cmd, flags)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--classes", "1000000", "--dim", "2"], "--classes must be in"),
+    (["--classes", "10000", "--dim", "65536"], "classes x dim"),
+    (["--classes", "10", "--dim", "0"], "--dim must be in"),
+])
+def test_anchors_are_bounded(args, fragment):
+    assert_clean_error(capped("anchors", *args, timeout=60), 2, fragment)

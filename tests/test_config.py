@@ -11,6 +11,9 @@ from ncmcli.config import schema as C
 from ncmcli.config import overrides as O
 from ncmcli.config import presets as P
 from ncmcli.errors import ConfigError
+import os
+from conftest import assert_clean_error, capped
+from ncmcli.config.presets import resolve
 
 
 def test_defaults_are_the_papers():
@@ -150,3 +153,25 @@ def test_setting_a_loss_key_the_loss_ignores_warns(ncm):
     assert "scale: 8.0" in proc.stdout  # still applied, so the config says what was asked
     quiet = ncm("train", "--preset", "quickstart", "--set", "loss.scale=4", "--print-config")
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
+def test_error_messages_quote_at_most_about_80_characters(tmp_path):
+    huge = "y" * 100_000
+    for args in (["--set", f"optim.lr={huge}"], ["--set", f"data.name={huge}"], ["--set", f"{huge}=1"]):
+        proc = capped("train", "--preset", "quickstart", "--print-config", *args, timeout=30)
+        assert_clean_error(proc, 2)
+        assert len(proc.stderr) < 400, len(proc.stderr)
+    with pytest.raises(ConfigError) as exc:
+        resolve("quickstart", [f"model.arch={huge}"])
+    assert len(str(exc.value)) < 400
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--set", f"seed={2**63}"], "seed must be in"),
+    (["--set", "seed=-1"], "seed must be in"),
+    (["--set", f"train.num_threads={(os.cpu_count() or 1) + 1}"], "train.num_threads"),
+    (["--set", "model.arch=resnet9000"], "model.arch"),
+    (["--set", "model.feature_dim=70000"], "model.feature_dim"),
+])
+def test_config_bounds_are_checked_when_the_config_is_resolved(args, fragment):
+    assert_clean_error(capped("train", "--preset", "quickstart", "--print-config", *args, timeout=30), 2, fragment)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from ncmcli.diagnostics import anchor_report, auroc, expected_calibration_error, fpr_at_tpr, pca_2d
+from ncmcli import diagnostics
 
 
 def test_auroc_known_answers():
@@ -53,3 +54,31 @@ def test_pca_finds_the_dominant_plane():
     _, comps, ratio = pca_2d(x)
     assert abs(comps[2, 0]) == pytest.approx(1.0, abs=1e-3) and abs(comps[4, 1]) == pytest.approx(1.0, abs=1e-3)
     assert sum(ratio) > 0.99
+
+
+def test_per_class_scores_against_a_hand_count():
+    # rows: true class, columns: predicted
+    confusion = [[5, 1, 0, 0],
+                 [2, 3, 1, 0],
+                 [0, 0, 4, 0],
+                 [0, 0, 0, 0]]  # class 3: no images, never predicted
+    rows, macro = diagnostics.per_class_scores(confusion)
+    # class 0: precision 5/7, recall 5/6; class 1: 3/4, 3/6; class 2: 4/5, 4/4
+    p = [5 / 7, 3 / 4, 4 / 5]
+    r = [5 / 6, 3 / 6, 4 / 4]
+    f1 = [2 * a * b / (a + b) for a, b in zip(p, r)]
+    for c in range(3):
+        assert rows[c]["precision"] == pytest.approx(p[c]) and rows[c]["recall"] == pytest.approx(r[c])
+        assert rows[c]["f1"] == pytest.approx(f1[c])
+    assert rows[3] == {"precision": None, "recall": None, "f1": None, "n": 0}
+    assert macro == pytest.approx(sum(f1) / 3)  # over the classes that have images
+
+
+def test_topk_against_a_hand_count():
+    logits = torch.tensor([[9.0, 8, 7, 6, 5, 4, 3],
+                           [1.0, 2, 3, 4, 5, 6, 7],
+                           [0.0, 0, 0, 0, 0, 9, 1]])
+    labels = torch.tensor([4, 0, 6])
+    # row 0: label 4 is 5th largest -> in top 5; row 1: label 0 is smallest -> not; row 2: 6 is 2nd -> in
+    assert diagnostics.topk_accuracy(logits, labels, 5) == pytest.approx(2 / 3)
+    assert diagnostics.topk_accuracy(logits, labels, 1) == 0.0

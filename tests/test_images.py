@@ -6,6 +6,8 @@ from PIL import Image
 
 from ncmcli.data.images import MAX_IMAGE_PIXELS, load_image
 from ncmcli.errors import ImageError
+from pathlib import Path
+from conftest import assert_clean_error, save_untrained
 
 
 @pytest.mark.parametrize("mode,channels", [("RGBA", 3), ("P", 3), ("I;16", 1), ("I;16", 3), ("L", 3), ("RGB", 1),
@@ -71,10 +73,58 @@ def test_decompression_bomb_is_refused_without_decoding(tmp_path):
 
 
 def test_predict_on_a_folder_without_images(ncm, tmp_path):
-    from conftest import assert_clean_error, save_untrained
 
     ck = save_untrained(tmp_path / "ck.safetensors", classes=[str(i) for i in range(10)], mean=(0.5,), std=(0.25,),
                         epoch=1, metrics={})[0]
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
     assert_clean_error(ncm("predict", tmp_path / "empty", "--checkpoint", ck), 2, "holds no images")
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from PIL import Image
+
+    from ncmcli.data.images import load_image
+
+    upright = Image.new("L", (8, 12), 0)
+    upright.paste(255, (0, 0, 8, 3))  # a white band at the top
+    upright.save(tmp_path / "upright.png")
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # as a camera held sideways stores it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    stored.save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    a, _ = load_image(tmp_path / "upright.png", 1, 12)
+    b, _ = load_image(tmp_path / "rotated.jpg", 1, 12)
+    assert (a.float() - b.float()).abs().mean() < 8
+    plain = stored.copy()
+    plain.save(tmp_path / "no-exif.jpg", quality=100)
+    c, _ = load_image(tmp_path / "no-exif.jpg", 1, 12)
+    assert (a.float() - c.float()).abs().mean() > 40  # the tag is what made the difference
+
+
+def test_the_pixel_cap_is_the_documented_64_megapixels(tmp_path):
+    from PIL import Image
+
+    from ncmcli.errors import ImageError
+    from ncmcli.data.images import MAX_IMAGE_PIXELS, load_image
+
+    assert MAX_IMAGE_PIXELS == 64_000_000 and "64 megapixels" in (Path(__file__).parents[1] / "README.md").read_text()
+    Image.new("L", (8000, 5000)).save(tmp_path / "40mp.png")
+    assert load_image(tmp_path / "40mp.png", 1, 8)[0].shape == (1, 8, 8)
+    Image.new("L", (8200, 8000)).save(tmp_path / "65mp.png")
+    with pytest.raises(ImageError, match="too large"):
+        load_image(tmp_path / "65mp.png", 1, 8)
+
+
+def test_crop_resize_keeps_the_aspect_ratio(tmp_path):
+    from PIL import Image
+
+    from ncmcli.data.images import load_image
+
+    im = Image.new("L", (40, 20), 0)
+    im.paste(255, (10, 0, 30, 20))  # a white square in the middle of a wide image
+    im.save(tmp_path / "wide.png")
+    crop, _ = load_image(tmp_path / "wide.png", 1, 10, "crop")
+    squash, _ = load_image(tmp_path / "wide.png", 1, 10, "squash")
+    assert crop.float().mean() > 240  # the centre crop is the white square
+    assert 100 < squash.float().mean() < 160  # squashing keeps the black sides

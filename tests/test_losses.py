@@ -6,6 +6,8 @@ import torch
 from ncmcli import NCMLoss, make_anchors
 from ncmcli.errors import ConfigError
 from ncmcli.nn.losses import SoftmaxLoss, build_criterion
+import torch.nn.functional as F
+from ncmcli.config.presets import resolve
 
 
 def ref_distance(f, a, metric):
@@ -111,3 +113,31 @@ def test_build_criterion():
     assert isinstance(build_criterion(LossConfig(name="softmax"), anchors=None, dim=4, num_classes=3), SoftmaxLoss)
     with pytest.raises(ConfigError):
         build_criterion(LossConfig(name="encm"), anchors=a, dim=5, num_classes=3)
+
+
+def test_label_smoothing_matches_the_formula_and_is_refused_for_ncm():
+    from ncmcli.nn.classifier import Classifier
+
+    cfg = resolve("quickstart-softmax", ["loss.label_smoothing=0.1"])
+    _, crit = Classifier.from_config(cfg, 4, (1, 28, 28)).parts()
+    crit = crit.double()
+    f = torch.randn(6, 32, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    logp = F.log_softmax(crit.logits(f), 1)
+    eps, c = 0.1, 4
+    by_hand = -((1 - eps) * logp.gather(1, y[:, None]).squeeze(1) + eps / c * logp.sum(1)).mean()
+    assert crit(f, y).item() == pytest.approx(by_hand.item(), abs=1e-12)
+    with pytest.raises(ConfigError, match="label_smoothing applies to"):
+        resolve("quickstart", ["loss.label_smoothing=0.1"])
+
+
+def test_ncm_top_probability_is_bounded_as_the_readme_says():
+    from ncmcli import NCMLoss, make_anchors
+
+    a = make_anchors("orthogonal", 10, 16)
+    crit = NCMLoss(a)
+    on_anchor = torch.softmax(crit.logits(a), 1).max(1).values
+    bound = math.exp(math.sqrt(2)) / (math.exp(math.sqrt(2)) + 9)
+    assert on_anchor.max().item() == pytest.approx(bound, rel=1e-5) and bound < 0.33
+    far = torch.softmax(crit.logits(torch.randn(200, 16) * 5), 1).max(1).values
+    assert far.max().item() <= bound + 1e-6

@@ -4,6 +4,8 @@ import torch
 from ncmcli import build_net
 from ncmcli.errors import ConfigError
 from ncmcli.nn.models import ARCHS
+from ncmcli.config.presets import resolve
+from ncmcli.train.schedules import make_optimizer
 
 SHAPES = {"mnist2d": (1, 28), "mnist": (1, 28), "cifar10": (3, 32), "cifar100": (3, 32)}
 
@@ -54,3 +56,59 @@ def test_mlp400_is_hsu_et_al_s_two_hidden_layers_of_400_then_the_feature_fc():
     by_hand = by_hand @ linears[2].weight.T + linears[2].bias
     torch.testing.assert_close(net(x), by_hand)
     assert build_net("mlp400", in_channels=1, image_size=28, feature_dim=16).feature_dim == 16
+
+
+@pytest.mark.parametrize("arch,size", [("resnet18-cifar", 32), ("resnet18", 64)])
+def test_resnet_backbones_give_the_feature_dim_and_train_a_step(arch, size):
+    from ncmcli.nn.classifier import Classifier
+
+    for loss in ("encm", "softmax"):
+        cfg = resolve(f"quickstart{'' if loss == 'encm' else '-softmax'}",
+                      [f"model.arch={arch}", "model.feature_dim=64"])
+        torch.manual_seed(0)
+        model, crit = Classifier.from_config(cfg, 10, (3, size, size)).parts()
+        assert model.feature_dim == 64
+        x, y = torch.randn(4, 3, size, size), torch.arange(4)
+        assert model(x).shape == (4, 64)
+        opt = make_optimizer(cfg, model, crit)
+        before = model.fc.weight.detach().clone()
+        loss_value = crit(model(x), y)
+        opt.zero_grad()
+        loss_value.backward()
+        opt.step()
+        assert torch.isfinite(loss_value) and not torch.equal(before, model.fc.weight)
+    small = Classifier.from_config(resolve("quickstart", ["model.arch=resnet34-cifar"]), 10, (1, 32, 32)).net
+    assert small.body.conv1.kernel_size == (3, 3) and small.feature_dim == 512
+
+
+def test_pretrained_weights_offline_give_one_line_saying_where_to_put_the_file(tmp_path, monkeypatch):
+    import torch.hub
+
+    from ncmcli.nn.models import build_net
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*a, **k):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(ConfigError) as exc:
+        build_net("resnet18", in_channels=3, image_size=64, pretrained=True)
+    msg = str(exc.value)
+    assert "\n" not in msg and "resnet18-" in msg and str(tmp_path / "hub" / "checkpoints") in msg
+    with pytest.raises(ConfigError, match="applies to the ResNets"):
+        build_net("tiny", in_channels=1, image_size=28, pretrained=True)
+
+
+def test_bn_relu_head_is_liu_et_als_and_linear_reaches_negative_coordinates():
+    from ncmcli.nn.models import build_net
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 28, 28)
+    liu = build_net("tiny", in_channels=1, image_size=28, head="linear-bn-relu").train()
+    f = liu(x)
+    assert isinstance(liu.head[0], torch.nn.BatchNorm1d) and (f >= 0).all() and (f > 0).any()
+    plain = build_net("tiny", in_channels=1, image_size=28).train()
+    assert plain.head is None and (plain(x) < 0).any()
+    with pytest.raises(ConfigError, match="model.head"):
+        build_net("tiny", in_channels=1, image_size=28, head="relu")

@@ -116,3 +116,19 @@ def test_deterministic_sets_cublas_or_refuses_by_name():
     assert env == {}
     with pytest.raises(ConfigError, match="adaptive_avg_pool2d"):
         deterministic_setup(resolve("quickstart", ["train.deterministic=true", "model.arch=resnet18-cifar"]), "cuda", {})
+
+
+def test_cuda_rng_states_restore_in_numeric_order(tmp_path):
+    from safetensors.torch import save_file
+
+    from ncmcli.runs import ckfile, trainstate
+
+    state = trainstate.TrainState(trainstate.Progress(), {"state": {}, "param_groups": []}, None,
+                                  torch.zeros(3, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8),
+                                  [torch.full((2,), i, dtype=torch.uint8) for i in range(12)])
+    tensors, meta = trainstate.pack(state)
+    path = tmp_path / "last.safetensors"
+    save_file(tensors, str(path), metadata={"train_state": meta, "format": ckfile.FORMAT,
+                                            "format_version": str(ckfile.FORMAT_VERSION)})
+    back = trainstate.unpack(path)
+    assert [int(t[0]) for t in back.cuda_rng] == list(range(12))

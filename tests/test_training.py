@@ -243,3 +243,72 @@ def test_a_resume_reads_last_once(tmp_path, monkeypatch):
     # The control: reading the file's metadata alone is counted too.
     read_metadata(tmp_path / "cut" / "last.safetensors")
     assert reads == ["open", "safe_open"], reads
+
+
+def _ema_run(tmp_path, name, epochs, resume=False, stop=None):
+    from ncmcli.engine import Reporter
+    from ncmcli.train.loop import train
+
+    cfg = resolve("quickstart-softmax", ["data.limit_train=256", "data.limit_test=64", "train.batch_size=64",
+                                         "train.deterministic=true", "train.num_threads=1", "model.dropout=0.2",
+                                         "train.ema_decay=0.9", f"train.epochs={epochs}"])
+    run = tmp_path / name
+    run.mkdir(exist_ok=True)
+    return train(cfg, run_dir=run, device=torch.device("cpu"), reporter=Reporter(), resume=resume, stop=stop)
+
+
+def test_ema_weights_follow_the_formula_and_are_what_is_checkpointed(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from ncmcli.train import loop as training
+
+    seen = []
+    real = training.update_ema
+
+    def spy(run):
+        seen.append({k: v.detach().clone() for k, v in run.criterion.named_parameters()})  # the live head
+        real(run)
+
+    monkeypatch.setattr(training, "update_ema", spy)
+    _ema_run(tmp_path, "a", 1)
+    d, ema = 0.9, None
+    for w in seen:  # the first update copies; then e = d e + (1 - d) w
+        ema = {k: v.clone() for k, v in w.items()} if ema is None else {k: d * ema[k] + (1 - d) * w[k] for k in w}
+    saved = load_file(str(tmp_path / "a" / "last.safetensors"))
+    assert len(seen) == 4
+    for k, v in ema.items():
+        assert torch.allclose(saved[f"criterion.{k}"], v, atol=1e-6)
+        assert not torch.allclose(saved[f"state.raw.criterion.{k}"], v)  # the live weights differ
+
+
+def test_ema_resumes_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from conftest import StopAfter
+
+    from ncmcli.train.loop import Interrupted
+
+    _ema_run(tmp_path, "straight", 3)
+    with pytest.raises(Interrupted):
+        _ema_run(tmp_path, "resumed", 3, stop=StopAfter(6))  # stops mid-epoch 2
+    _ema_run(tmp_path, "resumed", 3, resume=True)
+    a = load_file(str(tmp_path / "straight" / "last.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "last.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("state.raw.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_weights_are_checked_for_nan_before_every_save():
+    from ncmcli.train.setup import TrainingDiverged, check_finite
+
+    net, crit = torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)
+    check_finite(net, crit, "epoch 1")  # finite: no error
+    crit.running_var[0] = float("nan")
+    with pytest.raises(TrainingDiverged, match="NaN or infinite at epoch 1"):
+        check_finite(net, crit, "epoch 1")
+    crit.running_var[0] = 1.0
+    with torch.no_grad():
+        net.weight[0, 0] = float("inf")
+    with pytest.raises(TrainingDiverged):
+        check_finite(net, crit, "epoch 2")

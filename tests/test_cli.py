@@ -1,0 +1,82 @@
+"""What the command line promises whatever it is given: one JSON document on stdout, names escaped
+in human output, progress lines when piped, a quiet end on a closed pipe, and one-line errors for
+every input a user can type (RELIABILITY.md)."""
+
+import json
+import subprocess
+import sys
+import pytest
+from conftest import assert_clean_error, capped
+from conftest import save_untrained
+
+
+def _save(tmp_path, preset="quickstart", name="ck.safetensors", classes=None):
+    return save_untrained(tmp_path / name, preset, classes=classes)[0]
+
+
+def test_json_output_never_holds_nan_or_infinity():
+    from ncmcli.cli.console import strict_json
+
+    doc = strict_json({"a": float("nan"), "b": [1.0, float("inf"), {"c": -float("inf")}], "d": "nan"})
+    assert doc == {"a": None, "b": [1.0, None, {"c": None}], "d": "nan"}
+    json.loads(json.dumps(doc, allow_nan=False))
+
+
+def test_control_characters_in_names_are_escaped_in_human_output(tmp_path):
+    from PIL import Image
+
+    ck = _save(tmp_path, classes=[f"c{i}" if i else "evil\x1b[2J\nFAKE" for i in range(10)])
+    img = tmp_path / "a\x1b]0;owned\x07\nb.png"
+    Image.new("L", (28, 28), 128).save(img)
+    proc = capped("predict", img, "--checkpoint", ck, "--top-k", "10")
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stdout and "\x07" not in proc.stdout and "\\x1b" in proc.stdout
+    assert len(proc.stdout.strip().splitlines()) == 1  # no forged second line
+    js = capped("predict", img, "--checkpoint", ck, "--top-k", "10", "--json")
+    doc = json.loads(js.stdout)  # JSON keeps the names exactly
+    assert doc["predictions"][0]["path"] == str(img)
+    assert "evil\x1b[2J\nFAKE" in [t["class"] for t in doc["predictions"][0]["top"]]
+
+
+def test_rich_markup_in_paths_is_shown_literally(tmp_path):
+    folder = tmp_path / "a[/b]" / "[red]x"
+    folder.mkdir(parents=True)
+    ck = _save(folder, name="best.safetensors")
+    proc = capped("predict", tmp_path / "missing[/i].png", "--checkpoint", ck)
+    assert_clean_error(proc, 2, "missing[/i].png")
+    ev = capped("eval", ck, "--device", "cpu")
+    assert "MarkupError" not in ev.stderr and "Traceback" not in ev.stderr
+
+
+def test_a_closed_pipe_ends_quietly():
+    proc = subprocess.run(f"{sys.executable} -m ncmcli presets | head -c 1 >/dev/null; exit ${{PIPESTATUS[0]}}",
+                          shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60)
+    assert proc.returncode in (0, 141) and proc.stderr == ""
+    closed = subprocess.run(f"{sys.executable} -m ncmcli presets >&-", shell=True, executable="/bin/bash",
+                            capture_output=True, text=True, timeout=60)
+    assert closed.returncode == 0 and closed.stderr == ""
+
+
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
+def test_no_unexpected_errors_for_inputs_a_user_can_give(tmp_path):
+    ck = _save(tmp_path)
+    for device in ("xla", "meta", "cuda:x", "vulkan"):
+        proc = capped("eval", ck, "--device", device)
+        assert_clean_error(proc, 2, "device")
+    assert_clean_error(capped("anchors", "--classes", "4", "--dim", "4", "--out", tmp_path), 2, "is a folder")
+    assert_clean_error(capped("eval", ck, "--limit", "-3"), 2, "--limit")
+    assert_clean_error(capped("eval", ck, "--batch-size", "0"), 2, "--batch-size")
+
+
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
+def test_piped_progress_prints_periodic_lines_with_an_eta(ncm, tmp_path):
+    import re
+
+    proc = ncm("train", "--preset", "quickstart", "--set", "train.epochs=2", "--set", "data.limit_train=1500",
+               "--set", "data.limit_test=100", "--out", tmp_path / "r", "--log-every", "0.2")
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if re.match(r"epoch \d+/2 step \d+/\d+ .* ETA \d+:\d\d:\d\d$", ln)]
+    assert len(lines) >= 2, proc.stderr  # several lines within the run, not one per epoch
+    quiet = ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=300",
+                "--set", "data.limit_test=100", "--out", tmp_path / "q", "--log-every", "0.2", "--quiet")
+    assert "ETA" not in quiet.stderr
