@@ -51,6 +51,29 @@ def ncm():
     return run_ncm
 
 
+def run_in_process(*args, env=None):
+    """``ncm ARGS`` in this process, through typer's CliRunner (its isolated stdin, stdout and
+    stderr): the same exit codes and streams as ``run_ncm`` without a new interpreter. For
+    help, bad flags and errors; end-to-end paths (signals, torchrun, import time) keep
+    ``run_ncm``."""
+    from typer.testing import CliRunner
+
+    from ncmcli.cli import run
+
+    environ = {"NCM_DEBUG": None, **(env or {})}
+    with CliRunner().isolation(env=environ) as (out, err, _):
+        code = run([str(a) for a in args])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+    return subprocess.CompletedProcess(list(args), code, stdout, stderr)
+
+
+@pytest.fixture
+def cli():
+    return run_in_process
+
+
 class StopAfter:
     """A stop request (what the CLI's signal handler is) that arrives after ``n`` checks, i.e.
     about ``n`` training steps: mid-epoch interruption without a signal."""

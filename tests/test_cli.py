@@ -80,3 +80,11 @@ def test_piped_progress_prints_periodic_lines_with_an_eta(ncm, tmp_path):
     quiet = ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=300",
                 "--set", "data.limit_test=100", "--out", tmp_path / "q", "--log-every", "0.2", "--quiet")
     assert "ETA" not in quiet.stderr
+
+
+@pytest.mark.parametrize("args", [("train", "--bogus"), ("eval", "/no/such/checkpoint"), ("anchors", "-C", "1", "-d", "2"),
+                                  ("--version",)])
+def test_the_in_process_cli_matches_the_real_one(ncm, cli, args):
+    """CliRunner-driven tests stand in for subprocesses: same exit code, stdout and stderr."""
+    real, here = ncm(*args), cli(*args)
+    assert (here.returncode, here.stdout, here.stderr) == (real.returncode, real.stdout, real.stderr)

@@ -17,26 +17,26 @@ from safetensors.torch import load_file
      (["--classes", 10, "--dim", 9, "--method", "simplex"], "96.38°"),
      (["--classes", 100, "--dim", 64, "--method", "auto"], "90.00°")],
 )
-def test_anchor_certificates(ncm, args, angle):
-    proc = ncm("anchors", *args)
+def test_anchor_certificates(cli, args, angle):
+    proc = cli("anchors", *args)
     assert proc.returncode == 0, proc.stderr
     assert f"min angle        │ {angle}" in proc.stdout
 
 
-def test_auto_names_the_method_it_chose(ncm):
-    doc = json.loads(ncm("anchors", "--classes", 100, "--dim", 64, "--json").stdout)
+def test_auto_names_the_method_it_chose(cli):
+    doc = json.loads(cli("anchors", "--classes", 100, "--dim", 64, "--json").stdout)
     assert doc["method"] == "auto (orthoplex)" and doc["min_angle_deg"] == pytest.approx(90.0)
 
 
 @pytest.mark.slow
-def test_optimized_100_in_2d_cli(ncm):
-    doc = json.loads(ncm("anchors", "--classes", 100, "--dim", 2, "--method", "optimized", "--json").stdout)
+def test_optimized_100_in_2d_cli(cli):
+    doc = json.loads(cli("anchors", "--classes", 100, "--dim", 2, "--method", "optimized", "--json").stdout)
     assert doc["min_angle_deg"] >= 3.58
 
 
-def test_json_and_out(ncm, tmp_path):
+def test_json_and_out(cli, tmp_path):
     out = tmp_path / "a.safetensors"
-    proc = ncm("anchors", "--classes", 100, "--dim", 512, "--method", "orthogonal", "--out", out, "--json")
+    proc = cli("anchors", "--classes", 100, "--dim", 512, "--method", "orthogonal", "--out", out, "--json")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)  # stdout is exactly one JSON document
     assert doc["classes"] == 100 and doc["dim"] == 512
@@ -61,12 +61,12 @@ def test_json_and_out(ncm, tmp_path):
      (["--dim", 3], "Missing option"),
      (["--classes", 3, "--dim", 3, "--bogus"], "No such option")],
 )
-def test_bad_arguments_exit_2_with_one_line(ncm, args, fragment):
-    assert_clean_error(ncm("anchors", *args), 2, fragment)
+def test_bad_arguments_exit_2_with_one_line(cli, args, fragment):
+    assert_clean_error(cli("anchors", *args), 2, fragment)
 
 
-def test_debug_shows_traceback(ncm):
-    proc = ncm("--debug", "anchors", "--classes", 11, "--dim", 10, "--method", "orthogonal")
+def test_debug_shows_traceback(cli):
+    proc = cli("--debug", "anchors", "--classes", 11, "--dim", 10, "--method", "orthogonal")
     assert proc.returncode == 2 and "Traceback" in proc.stderr
 
 
@@ -86,15 +86,15 @@ def test_help_does_not_import_torch():
     assert "Usage" in proc.stdout
 
 
-def test_a_mistyped_method_gets_a_did_you_mean(ncm):
+def test_a_mistyped_method_gets_a_did_you_mean(cli):
     from conftest import assert_clean_error
 
-    assert_clean_error(ncm("anchors", "-C", "10", "-d", "9", "--method", "simplx"), 2, "(did you mean 'simplex'?)")
+    assert_clean_error(cli("anchors", "-C", "10", "-d", "9", "--method", "simplx"), 2, "(did you mean 'simplex'?)")
 
 
-def test_help_shows_no_type_after_plain_flags(ncm):
+def test_help_shows_no_type_after_plain_flags(cli):
     for cmd in (("train",), ("eval",), ("predict",), ("export",), ("anchors",), ("report",)):
-        text = ncm(*cmd, "--help").stdout
+        text = cli(*cmd, "--help").stdout
         flags = [ln for ln in text.splitlines() if "--json" in ln or "--force" in ln or "--quiet" in ln]
         assert all("<bool>" not in ln for ln in flags), (cmd, flags)
 

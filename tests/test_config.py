@@ -143,15 +143,15 @@ def test_any_tree_gives_a_config_or_a_clean_error(tree):
     assert isinstance(cfg, C.Config)
 
 
-def test_setting_a_loss_key_the_loss_ignores_warns(ncm):
+def test_setting_a_loss_key_the_loss_ignores_warns(cli):
     # a sweep over loss.scale that includes SoftMax would train identical SoftMax runs
-    proc = ncm("train", "--preset", "quickstart-softmax", "--set", "loss.scale=4", "--set", "loss.scale=8",
+    proc = cli("train", "--preset", "quickstart-softmax", "--set", "loss.scale=4", "--set", "loss.scale=8",
                "--set", "loss.label_smoothing=0.1", "--print-config")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "warning: loss.scale has no effect on loss softmax (it is read by encm, cncm, sqncm)"]
     assert "scale: 8.0" in proc.stdout  # still applied, so the config says what was asked
-    quiet = ncm("train", "--preset", "quickstart", "--set", "loss.scale=4", "--print-config")
+    quiet = cli("train", "--preset", "quickstart", "--set", "loss.scale=4", "--print-config")
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
 
 

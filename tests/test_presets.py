@@ -44,16 +44,16 @@ def test_preset_builds_and_trains_a_few_steps(name):
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
-def test_print_config_for_every_preset(ncm):
+def test_print_config_for_every_preset(cli):
     for name in ("quickstart", "cifar100-encm", "mnist2d-softmax"):
-        proc = ncm("train", "--preset", name, "--print-config", "--set", "model.dropout=0.25")
+        proc = cli("train", "--preset", name, "--print-config", "--set", "model.dropout=0.25")
         assert proc.returncode == 0, proc.stderr
         tree = yaml.safe_load(proc.stdout)
         assert tree["model"]["dropout"] == 0.25 and resolve(name).to_dict()["data"] == tree["data"]
 
 
-def test_presets_command_lists_descriptions(ncm):
-    proc = ncm("presets")
+def test_presets_command_lists_descriptions(cli):
+    proc = cli("presets")
     assert proc.returncode == 0
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == len(PRESETS) and all(len(line.split(None, 1)) == 2 for line in lines)

@@ -56,36 +56,44 @@ app.add_typer(plot_app, name="plot")
 
 
 def main() -> None:
-    """Console entry point: run the app, turning every failure into one line and a code."""
+    """Console entry point."""
+    sys.exit(run())
+
+
+def run(args: list[str] | None = None) -> int:
+    """``ncm ARGS`` (default: the command line) in this process, returning its exit code: every
+    failure becomes one line on stderr and its code (2 usage or config, 1 runtime, 128 + N for
+    signal N). Tests call it through typer's CliRunner."""
+    _state["debug"] = os.environ.get("NCM_DEBUG", "") not in ("", "0")
     if sys.stdout is None:  # started with stdout closed (>&-): the work still runs, its data goes nowhere
         sys.stdout = open(os.devnull, "w")
     try:
-        rv = app(prog_name="ncm", standalone_mode=False)
+        rv = app(args=args, prog_name="ncm", standalone_mode=False)
     except SystemExit as exc:
         if type(sys.stdout).__name__ == "PacifyFlushWrapper":  # click's own EPIPE handling
             _quiet_broken_pipe()
-        raise exc
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
     except BrokenPipeError:
         _quiet_broken_pipe()
     except NcmError as exc:
-        _fail(str(exc), exc.exit_code, exc)
+        return _fail(str(exc), exc.exit_code, exc)
     except (typer.Abort, KeyboardInterrupt):
         err.print("[red]interrupted[/red]")
-        sys.exit(130)
+        return 130
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except Exception as exc:
         if _is_click_error(exc):  # bad flags or arguments, from click or typer's copy of it
             ctx = getattr(exc, "ctx", None)
             cmd = ctx.command_path if ctx is not None else "ncm"
-            _fail(f"{exc.format_message()} (see '{cmd} --help')", getattr(exc, "exit_code", 2), exc)
+            return _fail(f"{exc.format_message()} (see '{cmd} --help')", getattr(exc, "exit_code", 2), exc)
         # a bug or an unexpected environment: still one line
-        _fail(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)", 1, exc)
+        return _fail(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)", 1, exc)
     try:
         sys.stdout.flush()
     except BrokenPipeError:
         _quiet_broken_pipe()
-    sys.exit(rv if isinstance(rv, int) else 0)
+    return rv if isinstance(rv, int) else 0
 
 
 def _quiet_broken_pipe() -> None:
@@ -103,10 +111,10 @@ def _is_click_error(exc: BaseException) -> bool:
     return any(cls.__name__ == "ClickException" for cls in type(exc).__mro__)
 
 
-def _fail(message: str, code: int, exc: BaseException) -> None:
+def _fail(message: str, code: int, exc: BaseException) -> int:
     if _state["debug"]:
         import traceback
 
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     err.print(f"[red]error:[/red] {show(message)}")
-    sys.exit(code)
+    return code
