@@ -71,25 +71,26 @@ def loss_key_users(key: str) -> list[str]:
 
 
 # -- Anchor methods (ncmcli.nn.anchors implements each; files are accepted besides these).
-ANCHOR_METHODS: dict[str, Entry] = {
-    "orthogonal": Entry("e_1..e_C, the paper's default"),
-    "polar": Entry("the paper's angle meshgrid"),
-    "simplex": Entry("regular simplex"),
-    "orthoplex": Entry("±e_i"),
-    "optimized": Entry("numerically maximised minimum angle"),
-    "random": Entry("normalised Gaussian rows"),
-    "auto": Entry("simplex, orthoplex or optimized, by C and d"),
+ANCHOR_METHODS: dict[str, Entry] = {  # builders: (num_classes, dim, seed) -> (C, d) float64 rows
+    "orthogonal": Entry("e_1..e_C, the paper's default", "ncmcli.nn.anchors:orthogonal"),
+    "polar": Entry("the paper's angle meshgrid", "ncmcli.nn.anchors:polar"),
+    "simplex": Entry("regular simplex", "ncmcli.nn.anchors:simplex"),
+    "orthoplex": Entry("±e_i", "ncmcli.nn.anchors:orthoplex"),
+    "optimized": Entry("numerically maximised minimum angle", "ncmcli.nn.anchors:optimized"),
+    "random": Entry("normalised Gaussian rows", "ncmcli.nn.anchors:random_rows"),
+    "auto": Entry("simplex, orthoplex or optimized, by C and d"),  # resolve_auto picks one of the above
 }
 ANCHOR_FILE_SUFFIXES = (".safetensors", ".csv")
 
 # -- Data sets: the report's label (CIFAR-10 with augment is the paper's "CIFAR-10+").
+# Builders: (data config, root, train, say) -> Dataset.
 DATASETS: dict[str, Entry] = {
-    "quickstart": Entry("quickstart"),
-    "mnist": Entry("MNIST"),
-    "fashion-mnist": Entry("Fashion-MNIST"),
-    "cifar10": Entry("CIFAR-10"),
-    "cifar100": Entry("CIFAR-100"),
-    "folder": Entry("folder"),
+    "quickstart": Entry("quickstart", "ncmcli.data.datasets:quickstart"),
+    "mnist": Entry("MNIST", "ncmcli.data.datasets:mnist_like"),
+    "fashion-mnist": Entry("Fashion-MNIST", "ncmcli.data.datasets:mnist_like"),
+    "cifar10": Entry("CIFAR-10", "ncmcli.data.datasets:cifar"),
+    "cifar100": Entry("CIFAR-100", "ncmcli.data.datasets:cifar"),
+    "folder": Entry("folder", "ncmcli.data.datasets:folder"),
 }
 
 # -- Feature heads and dropout: one definition for config and models alike.

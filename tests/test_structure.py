@@ -293,3 +293,25 @@ def test_run_folder_file_names_are_spelled_in_runfiles_only():
             if isinstance(node, ast.Constant) and node.value in names:
                 spelled.setdefault(path.name, []).append(node.value)
     assert spelled == {}, spelled
+
+
+def test_data_sets_and_anchor_methods_dispatch_through_registry_builders():
+    """Every registered data set and anchor method names a builder that exists, and the two
+    dispatchers compare against no registered name (no if-chains to keep in step)."""
+    import importlib
+    import inspect
+    import textwrap
+
+    from ncmcli.data.datasets import load_dataset
+    from ncmcli.nn.anchors import make_anchors
+
+    for family in (registry.DATASETS, registry.ANCHOR_METHODS):
+        for name, entry in family.items():
+            if name == "auto":  # resolved to one of the others by resolve_auto
+                continue
+            module, func = entry.builder.split(":")
+            assert callable(getattr(importlib.import_module(module), func)), name
+    for fn, names in ((load_dataset, registry.DATASETS), (make_anchors, registry.ANCHOR_METHODS)):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        spelled = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in names}
+        assert spelled <= {"auto"}, (fn.__name__, spelled)

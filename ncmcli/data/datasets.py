@@ -83,28 +83,13 @@ def load_dataset(data_cfg, *, train: bool = True, say=None, known_classes: list[
     Classes: ``data.classes``, or with ``class_order`` exactly these names in this order (a
     checkpoint's classes), or with ``known_classes`` (an ``--extend`` run) those first and the
     ``data.classes`` after them, the training split holding only the new ones."""
+    from ncmcli import registry
+
     root = Path(data_cfg.root).expanduser() if data_cfg.root else default_root()
-    name = data_cfg.name
-    if name == "quickstart":
-        ds = _quickstart()
-    elif name in ("mnist", "fashion-mnist"):
-        ds = _mnist_like(name, root, data_cfg.download, train)
-    elif name in ("cifar10", "cifar100"):
-        ds = _cifar(name, root, data_cfg.download, train)
-    elif name == "folder":
-        if not data_cfg.root:
-            from ncmcli.errors import ConfigError
-
-            raise ConfigError("data.name=folder needs data.root=PATH, a folder with train/<class>/ and "
-                              "test/<class>/ subfolders (e.g. --preset folder --set data.root=PATH)")
-        from ncmcli.data.folders import load_folder
-
-        ds = Dataset("folder", *load_folder(root, data_cfg.channels, data_cfg.image_size, train,
-                     loader=data_cfg.loader, budget_gb=data_cfg.memory_budget_gb, workers=worker_count(data_cfg.workers),
-                     cache=data_cfg.cache, resize=data_cfg.resize, test_dir=data_cfg.test_dir,
-                     extensions=data_cfg.extensions, say=say))
-    else:  # the config schema already refuses other names
-        raise DataError(f"unknown dataset {name!r}")
+    entry = registry.DATASETS.get(data_cfg.name)
+    if entry is None:  # the config schema already refuses other names
+        raise DataError(f"unknown dataset {data_cfg.name!r}")
+    ds = entry.build(data_cfg, root, train, say)
     notes = list(ds.notes)
     if data_cfg.classes or known_classes is not None or class_order is not None:
         ds = choose_classes(ds, data_cfg, known_classes, class_order)
@@ -163,6 +148,34 @@ def _hold_out(train, data_cfg, notes: list[str]):
 
 # ---------------------------------------------------------------------------------------
 # Formats
+
+# The registered data sets (registry.DATASETS): (data config, root, train, say) -> Dataset.
+
+def quickstart(data_cfg, root: Path, train: bool, say=None) -> Dataset:
+    return _quickstart()
+
+
+def mnist_like(data_cfg, root: Path, train: bool, say=None) -> Dataset:
+    return _mnist_like(data_cfg.name, root, data_cfg.download, train)
+
+
+def cifar(data_cfg, root: Path, train: bool, say=None) -> Dataset:
+    return _cifar(data_cfg.name, root, data_cfg.download, train)
+
+
+def folder(data_cfg, root: Path, train: bool, say=None) -> Dataset:
+    if not data_cfg.root:
+        from ncmcli.errors import ConfigError
+
+        raise ConfigError("data.name=folder needs data.root=PATH, a folder with train/<class>/ and "
+                          "test/<class>/ subfolders (e.g. --preset folder --set data.root=PATH)")
+    from ncmcli.data.folders import load_folder
+
+    return Dataset("folder", *load_folder(root, data_cfg.channels, data_cfg.image_size, train,
+                   loader=data_cfg.loader, budget_gb=data_cfg.memory_budget_gb, workers=worker_count(data_cfg.workers),
+                   cache=data_cfg.cache, resize=data_cfg.resize, test_dir=data_cfg.test_dir,
+                   extensions=data_cfg.extensions, say=say))
+
 
 def _quickstart() -> Dataset:
     from safetensors.torch import load

@@ -27,43 +27,50 @@ def make_anchors(method: str, num_classes: int, dim: int, *, seed: int = 0) -> t
         raise ConfigError(f"dim must be an integer >= 1, got {dim!r}")
     c, d = num_classes, dim
     if method.endswith(ANCHOR_FILE_SUFFIXES):
-        a = _from_file(Path(method), c, d)
-    elif method == "auto":
+        return unit_rows(_from_file(Path(method), c, d)).float()
+    if method == "auto":
         return make_anchors(resolve_auto(c, d), c, d, seed=seed)
-    elif method == "orthogonal":
-        if d < c:
-            raise ConfigError(
-                f"orthogonal anchors need dim >= classes (got classes={c}, dim={d}); "
-                f"use simplex (classes <= dim+1), orthoplex (classes <= 2*dim), optimized or auto"
-            )
-        a = torch.eye(c, d, dtype=torch.float64)
-    elif method == "polar":
-        a = _polar(c, d)
-    elif method == "simplex":
-        if c > d + 1:
-            raise ConfigError(
-                f"simplex anchors need classes <= dim+1 (got classes={c}, dim={d}); "
-                f"use orthoplex (classes <= 2*dim), optimized or auto"
-            )
-        a = _simplex(c, d)
-    elif method == "orthoplex":
-        if c > 2 * d:
-            raise ConfigError(
-                f"orthoplex anchors need classes <= 2*dim (got classes={c}, dim={d}); "
-                f"use optimized or auto"
-            )
-        a = _orthoplex(c, d)
-    elif method == "optimized":
-        a = _cached_optimized(c, d, seed)
-    elif method == "random":
-        g = torch.Generator().manual_seed(seed)
-        a = torch.randn(c, d, generator=g, dtype=torch.float64)
-    else:
+    entry = ANCHOR_METHODS.get(method)
+    if entry is None or not entry.builder:
         raise ConfigError(
             f"unknown anchor method {method!r}; choose one of: {', '.join(METHODS)}, "
             f"or a .safetensors/.csv file" + suggest(method, METHODS)
         )
-    return unit_rows(a).float()
+    return unit_rows(entry.build(c, d, seed)).float()
+
+
+# The registered methods (registry.ANCHOR_METHODS): (C, d, seed) -> (C, d) float64 rows.
+
+def orthogonal(c: int, d: int, seed: int = 0) -> torch.Tensor:
+    if d < c:
+        raise ConfigError(f"orthogonal anchors need dim >= classes (got classes={c}, dim={d}); "
+                          f"use simplex (classes <= dim+1), orthoplex (classes <= 2*dim), optimized or auto")
+    return torch.eye(c, d, dtype=torch.float64)
+
+
+def polar(c: int, d: int, seed: int = 0) -> torch.Tensor:
+    return _polar(c, d)
+
+
+def simplex(c: int, d: int, seed: int = 0) -> torch.Tensor:
+    if c > d + 1:
+        raise ConfigError(f"simplex anchors need classes <= dim+1 (got classes={c}, dim={d}); "
+                          f"use orthoplex (classes <= 2*dim), optimized or auto")
+    return _simplex(c, d)
+
+
+def orthoplex(c: int, d: int, seed: int = 0) -> torch.Tensor:
+    if c > 2 * d:
+        raise ConfigError(f"orthoplex anchors need classes <= 2*dim (got classes={c}, dim={d}); use optimized or auto")
+    return _orthoplex(c, d)
+
+
+def optimized(c: int, d: int, seed: int = 0) -> torch.Tensor:
+    return _cached_optimized(c, d, seed)
+
+
+def random_rows(c: int, d: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(c, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def resolve_auto(num_classes: int, dim: int) -> str:
