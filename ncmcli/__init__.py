@@ -8,7 +8,7 @@ and config handling never pay for importing torch, and none of them imports type
 yaml.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 _LAZY = {
     "make_anchors": ("ncmcli.nn", "make_anchors"),
