@@ -89,6 +89,8 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
     batch_size = batch_size or ck.config.train.eval_batch_size  # the checkpoint's own setting
     data = _test_split(ck, data_root, limit)
     ev = evaluate(ck.classifier, data.test.to(dev), device=dev, batch_size=batch_size, keep_outputs=True)
+    if hasattr(data.test, "close"):  # a folder read per batch: its workers stop now
+        data.test.close()
     feats, logits, labels = ev.pop("features"), ev.pop("logits"), ev.pop("labels")  # one pass, not two
     raw_logits, adjusted = logits, None
     if logit_adjust > 0:

@@ -110,3 +110,16 @@ def save_untrained(path, preset="quickstart", *, classes=None, mean=(0.3,), std=
 def tiny_checkpoint(tmp_path):
     """An untrained quickstart checkpoint file (see ``save_untrained``)."""
     return save_untrained(tmp_path / "ck.safetensors")[0]
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A run with train.num_threads sets torch's thread count for the whole process; put it
+    back after each test, so that in-process runs do not slow every later test to one thread."""
+    before = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        want = before if before is not None else torch.get_num_threads()
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)

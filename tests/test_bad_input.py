@@ -112,12 +112,12 @@ def test_a_config_at_its_limit_goes_through_train_and_eval(tmp_path, ncm, sets):
     assert ncm("train", "--resume", run, "--set", "train.epochs=2", "--quiet").returncode == 0
 
 
-def test_a_model_too_big_to_load_is_refused_before_training(tmp_path, ncm):
+def test_a_model_too_big_to_load_is_refused_before_training(tmp_path, cli):
     from ncmcli.data.fakedata import make_folder
 
     # The paper's CIFAR-100 net at d = 65536 on 32x32 RGB has 1.5 x 2^28 parameters.
     make_folder(tmp_path / "imgs", classes=("a", "b"), per_class=2, size=(32, 32))
-    proc = ncm("train", "--preset", "folder", "--set", f"data.root={tmp_path / 'imgs'}", "--set", "model.arch=cifar100",
+    proc = cli("train", "--preset", "folder", "--set", f"data.root={tmp_path / 'imgs'}", "--set", "model.arch=cifar100",
                "--set", "model.feature_dim=65536", "--set", "data.val_split=0", "--out", tmp_path / "run", "--quiet")
     assert_clean_error(proc, 2, "a checkpoint may hold")
     assert not (tmp_path / "run").exists()

@@ -258,15 +258,15 @@ def test_folder_with_val_and_no_test_trains_with_a_note(tmp_path, ncm):
     assert proc.returncode == 0 and "skipped 1 files" in proc.stderr, proc.stderr
 
 
-def test_folder_layout_errors_say_what_is_there(tmp_path, ncm):
+def test_folder_layout_errors_say_what_is_there(tmp_path, cli):
     from conftest import assert_clean_error
 
-    assert_clean_error(ncm("train", "--preset", "folder", "--set", f"data.root={tmp_path / 'nope'}"), 1, "does not exist")
+    assert_clean_error(cli("train", "--preset", "folder", "--set", f"data.root={tmp_path / 'nope'}"), 1, "does not exist")
     (tmp_path / "f" / "train" / "a").mkdir(parents=True)
     (tmp_path / "f" / "holdout").mkdir()
-    proc = ncm("train", "--preset", "folder", "--set", f"data.root={tmp_path / 'f'}")
+    proc = cli("train", "--preset", "folder", "--set", f"data.root={tmp_path / 'f'}")
     assert_clean_error(proc, 1, "it holds holdout/, train/")
-    assert_clean_error(ncm("train", "--preset", "folder", "--set", f"data.root={tmp_path / 'f'}",
+    assert_clean_error(cli("train", "--preset", "folder", "--set", f"data.root={tmp_path / 'f'}",
                            "--set", "data.test_dir=elsewhere"), 1, "data.test_dir=elsewhere")
 
 
@@ -308,3 +308,28 @@ def test_data_classes_filters_every_split_and_names_the_valid_ones(tmp_path, ncm
     assert_clean_error(proc, 2, "did you mean 'Trouser'")
     assert "T-shirt/top" in proc.stderr
     assert_clean_error(ncm("train", "--preset", "quickstart", "--set", "data.classes=3"), 2, "at least 2 classes")
+
+
+def test_training_on_a_per_batch_folder_stops_its_workers(tmp_path, monkeypatch):
+    """train() closes the splits it read per batch on its way out (a collected DataLoader
+    waits out a join timeout per worker instead): every FileSplit it built is closed."""
+    from ncmcli.config.presets import resolve
+    from ncmcli.data import batching
+    from ncmcli.engine import Reporter
+    from ncmcli.train.loop import train
+
+    closed, real = [], batching.FileSplit.close
+    monkeypatch.setattr(batching.FileSplit, "close", lambda self: (closed.append(id(self)), real(self))[1])
+    make_folder(tmp_path / "imgs", per_class=6, size=(20, 20))
+    cfg = resolve("quickstart", ["data.name=folder", f"data.root={tmp_path / 'imgs'}", "data.image_size=16",
+                                 "data.loader=dataloader", "data.workers=1", "train.epochs=1", "train.batch_size=8"])
+    made = []
+    real_to = batching.FileSplit.to
+    def to(self, device):
+        moved = real_to(self, device)
+        made.append(id(moved))
+        return moved
+
+    monkeypatch.setattr(batching.FileSplit, "to", to)
+    train(cfg, run_dir=tmp_path / "run", device=torch.device("cpu"), reporter=Reporter())
+    assert made and set(made) <= set(closed)

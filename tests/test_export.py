@@ -71,13 +71,13 @@ def test_an_exported_onnx_file_runs_without_ncm(trained_ckpts, tmp_path):
     assert proc.stdout.strip() == "[(3, 10), (3,), (3, 10)]"
 
 
-def test_export_cli(ncm, trained_ckpts, tmp_path):
+def test_export_cli(cli, trained_ckpts, tmp_path):
     from conftest import assert_clean_error
 
-    proc = ncm("export", trained_ckpts["quickstart"].parent, "--format", "torchscript", "--out", tmp_path / "x.pt")
+    proc = cli("export", trained_ckpts["quickstart"].parent, "--format", "torchscript", "--out", tmp_path / "x.pt")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(tmp_path / "x.pt") and (tmp_path / "x.pt").stat().st_size > 1000
-    assert_clean_error(ncm("export", trained_ckpts["quickstart"], "--format", "tflite"), 2, "--format must be one of")
+    assert_clean_error(cli("export", trained_ckpts["quickstart"], "--format", "tflite"), 2, "--format must be one of")
 
 
 @pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)

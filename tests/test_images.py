@@ -72,13 +72,13 @@ def test_decompression_bomb_is_refused_without_decoding(tmp_path):
         load_image(tmp_path / "bomb.png", 3, 32)
 
 
-def test_predict_on_a_folder_without_images(ncm, tmp_path):
+def test_predict_on_a_folder_without_images(cli, tmp_path):
 
     ck = save_untrained(tmp_path / "ck.safetensors", classes=[str(i) for i in range(10)], mean=(0.5,), std=(0.25,),
                         epoch=1, metrics={})[0]
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
-    assert_clean_error(ncm("predict", tmp_path / "empty", "--checkpoint", ck), 2, "holds no images")
+    assert_clean_error(cli("predict", tmp_path / "empty", "--checkpoint", ck), 2, "holds no images")
 
 
 def test_exif_orientation_is_applied(tmp_path):

@@ -144,9 +144,9 @@ def test_extend_keeps_old_anchors_bit_identical_and_gives_new_classes_free_slots
     assert second["parent"]["path"] == str((tmp / "t1" / "best.safetensors").resolve())
 
 
-def test_eval_json_lists_the_tasks_and_predict_only_the_classes_in_use(two_tasks, ncm):
+def test_eval_json_lists_the_tasks_and_predict_only_the_classes_in_use(two_tasks, cli):
     tmp, _, _ = two_tasks
-    proc = ncm("eval", tmp / "t2", "--json")
+    proc = cli("eval", tmp / "t2", "--json")
     assert proc.returncode == 0, proc.stderr
     ev = json.loads(proc.stdout)
     tasks = ev["tasks"]

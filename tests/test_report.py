@@ -122,11 +122,11 @@ def test_no_footnote_when_nothing_is_marked(tmp_path):
     assert "marks" not in text and "Paper column" not in text
 
 
-def test_report_cli_errors(ncm, tmp_path):
+def test_report_cli_errors(cli, tmp_path):
     from conftest import assert_clean_error
 
-    assert_clean_error(ncm("report", tmp_path), 2, "no result.json")
-    assert_clean_error(ncm("report", tmp_path / "missing"), 2, "no such run folder")
+    assert_clean_error(cli("report", tmp_path), 2, "no result.json")
+    assert_clean_error(cli("report", tmp_path / "missing"), 2, "no such run folder")
 
 
 @pytest.mark.slow
@@ -205,24 +205,24 @@ def test_loss_keys_a_loss_ignores_neither_split_nor_show(tmp_path):
     assert rows["s1"]["loss.lambda_gamma"] == "" and rows["l2"]["loss.lambda_gamma"] == "0.3"
 
 
-def test_report_cli_per_run_and_by(ncm, tmp_path):
+def test_report_cli_per_run_and_by(cli, tmp_path):
     fake_run(tmp_path, "a", "quickstart", 12.0, ["optim.lr=0.01"])
     fake_run(tmp_path, "b", "quickstart", 13.0, ["optim.lr=0.02"])
-    out = ncm("report", tmp_path, "--format", "csv", "--per-run")
+    out = cli("report", tmp_path, "--format", "csv", "--per-run")
     assert out.returncode == 0 and out.stdout.count("\n") == 3, out.stderr
-    by = ncm("report", tmp_path, "--by", "loss.name", "--format", "json")
+    by = cli("report", tmp_path, "--by", "loss.name", "--format", "json")
     assert by.returncode == 0 and json.loads(by.stdout)["cells"][0]["n"] == 2
     from conftest import assert_clean_error
 
-    assert_clean_error(ncm("report", tmp_path, "--by", "optim.lrr"), 2, "not a config key")
+    assert_clean_error(cli("report", tmp_path, "--by", "optim.lrr"), 2, "not a config key")
 
 
-def test_a_broken_result_json_names_the_run(ncm, tmp_path):
+def test_a_broken_result_json_names_the_run(cli, tmp_path):
     run = fake_run(tmp_path, "broken", "quickstart", 12.0)
     (run / "result.json").write_text("{not json")
     from conftest import assert_clean_error
 
-    assert_clean_error(ncm("report", tmp_path), 1, "broken: unreadable run")
+    assert_clean_error(cli("report", tmp_path), 1, "broken: unreadable run")
 
 
 def _fake_run(root, name, sets, err):

@@ -15,8 +15,8 @@ from ncmcli.train.loop import train
 TINY = ["--set", "train.epochs=1", "--set", "data.limit_train=128", "--set", "data.limit_test=64", "--quiet"]
 
 
-def test_train_without_a_preset_is_a_usage_error(ncm, tmp_path):
-    proc = ncm("train", "--out", tmp_path / "r")
+def test_train_without_a_preset_is_a_usage_error(cli, tmp_path):
+    proc = cli("train", "--out", tmp_path / "r")
     assert_clean_error(proc, 2, "--preset quickstart")
     assert "ncm presets" in proc.stderr and not (tmp_path / "r").exists()
 
@@ -54,22 +54,22 @@ def test_without_validation_result_says_best_was_selected_on_test(tmp_path):
     assert result["best_selected_on"] == "test" and result["status"] == "completed"
 
 
-def test_resume_cannot_shorten_a_run(ncm, tmp_path):
-    proc = ncm("train", "--preset", "quickstart", *TINY, "--set", "train.epochs=2", "--out", tmp_path / "r")
+def test_resume_cannot_shorten_a_run(cli, tmp_path):
+    proc = cli("train", "--preset", "quickstart", *TINY, "--set", "train.epochs=2", "--out", tmp_path / "r")
     assert proc.returncode == 0, proc.stderr
-    assert_clean_error(ncm("train", "--resume", tmp_path / "r", "--set", "train.epochs=1"), 2, "would shorten it")
+    assert_clean_error(cli("train", "--resume", tmp_path / "r", "--set", "train.epochs=1"), 2, "would shorten it")
 
 
-def test_out_into_a_foreign_non_empty_folder_is_refused(ncm, tmp_path):
+def test_out_into_a_foreign_non_empty_folder_is_refused(cli, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
-    assert_clean_error(ncm("train", "--preset", "quickstart", *TINY, "--out", tmp_path / "mine", "--force"), 2,
+    assert_clean_error(cli("train", "--preset", "quickstart", *TINY, "--out", tmp_path / "mine", "--force"), 2,
                        "not a run folder")
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 
-def test_name_sets_the_run_folder_prefix(ncm, tmp_path):
-    proc = ncm("train", "--preset", "quickstart", *TINY, "--runs", tmp_path, "--name", "lr-sweep-0.1")
+def test_name_sets_the_run_folder_prefix(cli, tmp_path):
+    proc = cli("train", "--preset", "quickstart", *TINY, "--runs", tmp_path, "--name", "lr-sweep-0.1")
     assert proc.returncode == 0, proc.stderr
     (made,) = list(tmp_path.iterdir())
     assert made.name.startswith("lr-sweep-0.1-")

@@ -189,66 +189,69 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
     # -- Set up (data, classifier, optimiser, schedule), then resume or start the run's files
     parent = open_parent(run_dir, resume, extend)
     run = build_run(cfg, device, reporter.message, parent=parent)
-    open_run(cfg, run, run_dir, device, resume=resume, parent=parent, reporter=reporter)
-    announce(cfg, run, run_dir, device, reporter)
-    optimizer, scheduler, progress, saved = run.optimizer, run.scheduler, run.progress, Checkpoints(cfg, run, run_dir, device)
-    history = RunDir(run_dir).metrics(reporter.message) if resume else []
-    tb = _tensorboard(cfg, run_dir, rank, progress.epoch + 1)
-    every = cfg.train.log_every_steps  # host reads of the device totals: every this many steps
-    for epoch in range(progress.epoch + 1, cfg.train.epochs + 1):
-        # -- Train one epoch; loss, accuracy and the NaN guard accumulate on the device
-        start_epoch(cfg, run, epoch)  # train mode; the backbone frozen for the first epochs, if asked
-        epoch_rng = run.gen.get_state()  # a mid-epoch resume replays this epoch's order from here
-        reporter.epoch_start(epoch, cfg.train.epochs, run.steps_per_epoch)
-        at = EpochCursor(progress, device)
-        for i, (x, y) in enumerate(batches(run.train_split, cfg.train.batch_size, mean=run.mean, std=run.std,
-                                            device=device, generator=run.gen, augment_batches=cfg.data.augment,
-                                            flip_batches=cfg.data.hflip, skip=at.skip, rank=rank, world=world),
-                                   at.skip + 1):
-            loss, feats = run.step(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            run.scaler.scale(loss).backward()
-            read = at.add(loss, run.criterion.predict(feats.detach()), y,
-                          read=i % every == 0 or i == run.steps_per_epoch)
-            # -- NaN guard: read before the step, so bad weights never reach a checkpoint
-            if read is not None and read[2] is not None:
-                raise _diverged(cfg, run_dir, epoch, read[2], progress.global_step + 1 - (i - read[2]))
-            run.warmup.step(progress.global_step, lambda: run.scaler.step(optimizer))
-            run.scaler.update()
-            update_ema(run)
-            if run.per_step:
-                scheduler.step()
-            progress.global_step += 1
-            reporter.step(i, *at.shown(read))
-            # -- Stop request (a signal): save a resumable checkpoint at this boundary
-            if _stop_requested(stop, i, every, world) and i < run.steps_per_epoch:
-                at.pause(i)
-                saved.save(runfiles.LAST, epoch - 1, {"interrupted_at_step": i}, epoch_rng)
-                raise _interrupt(stop, run_dir, epoch, i)
-        train_loss, train_acc, epoch_time, seen = at.finish(world)
-        # -- Evaluate on the test (and validation) split; the epoch-counted schedules step
-        ev, val = _evaluate_epoch(cfg, run, device, keep_outputs=tb is not None)
-        lr = optimizer.param_groups[0]["lr"]
-        _epoch_schedule(run, train_loss)
-        metrics = epoch_metrics(run, epoch, train_loss, train_acc, ev, val, lr=lr,
-                                images_per_s=round(seen / max(epoch_time, 1e-9), 1), epoch_time=epoch_time)
-        history.append(metrics)
-        # -- Checkpoint: best (on validation accuracy, else test; result.json says which), last
-        # (resumable), one metrics line
-        progress.epoch, progress.step, progress.loss_sum, progress.correct, progress.seen = epoch, 0, 0.0, 0, 0
-        saved.end_epoch(epoch, metrics)
-        reporter.epoch_end(metrics)
+    try:
+        open_run(cfg, run, run_dir, device, resume=resume, parent=parent, reporter=reporter)
+        announce(cfg, run, run_dir, device, reporter)
+        optimizer, scheduler, progress, saved = run.optimizer, run.scheduler, run.progress, Checkpoints(cfg, run, run_dir, device)
+        history = RunDir(run_dir).metrics(reporter.message) if resume else []
+        tb = _tensorboard(cfg, run_dir, rank, progress.epoch + 1)
+        every = cfg.train.log_every_steps  # host reads of the device totals: every this many steps
+        for epoch in range(progress.epoch + 1, cfg.train.epochs + 1):
+            # -- Train one epoch; loss, accuracy and the NaN guard accumulate on the device
+            start_epoch(cfg, run, epoch)  # train mode; the backbone frozen for the first epochs, if asked
+            epoch_rng = run.gen.get_state()  # a mid-epoch resume replays this epoch's order from here
+            reporter.epoch_start(epoch, cfg.train.epochs, run.steps_per_epoch)
+            at = EpochCursor(progress, device)
+            for i, (x, y) in enumerate(batches(run.train_split, cfg.train.batch_size, mean=run.mean, std=run.std,
+                                                device=device, generator=run.gen, augment_batches=cfg.data.augment,
+                                                flip_batches=cfg.data.hflip, skip=at.skip, rank=rank, world=world),
+                                       at.skip + 1):
+                loss, feats = run.step(x, y)
+                optimizer.zero_grad(set_to_none=True)
+                run.scaler.scale(loss).backward()
+                read = at.add(loss, run.criterion.predict(feats.detach()), y,
+                              read=i % every == 0 or i == run.steps_per_epoch)
+                # -- NaN guard: read before the step, so bad weights never reach a checkpoint
+                if read is not None and read[2] is not None:
+                    raise _diverged(cfg, run_dir, epoch, read[2], progress.global_step + 1 - (i - read[2]))
+                run.warmup.step(progress.global_step, lambda: run.scaler.step(optimizer))
+                run.scaler.update()
+                update_ema(run)
+                if run.per_step:
+                    scheduler.step()
+                progress.global_step += 1
+                reporter.step(i, *at.shown(read))
+                # -- Stop request (a signal): save a resumable checkpoint at this boundary
+                if _stop_requested(stop, i, every, world) and i < run.steps_per_epoch:
+                    at.pause(i)
+                    saved.save(runfiles.LAST, epoch - 1, {"interrupted_at_step": i}, epoch_rng)
+                    raise _interrupt(stop, run_dir, epoch, i)
+            train_loss, train_acc, epoch_time, seen = at.finish(world)
+            # -- Evaluate on the test (and validation) split; the epoch-counted schedules step
+            ev, val = _evaluate_epoch(cfg, run, device, keep_outputs=tb is not None)
+            lr = optimizer.param_groups[0]["lr"]
+            _epoch_schedule(run, train_loss)
+            metrics = epoch_metrics(run, epoch, train_loss, train_acc, ev, val, lr=lr,
+                                    images_per_s=round(seen / max(epoch_time, 1e-9), 1), epoch_time=epoch_time)
+            history.append(metrics)
+            # -- Checkpoint: best (on validation accuracy, else test; result.json says which), last
+            # (resumable), one metrics line
+            progress.epoch, progress.step, progress.loss_sum, progress.correct, progress.seen = epoch, 0, 0.0, 0, 0
+            saved.end_epoch(epoch, metrics)
+            reporter.epoch_end(metrics)
+            if tb is not None:
+                tb.epoch(metrics, ev)
+            if _stop_requested(stop, 0, 1, world) and epoch < cfg.train.epochs:
+                raise _interrupt(stop, run_dir, epoch, 0)
         if tb is not None:
-            tb.epoch(metrics, ev)
-        if _stop_requested(stop, 0, 1, world) and epoch < cfg.train.epochs:
-            raise _interrupt(stop, run_dir, epoch, 0)
-    if tb is not None:
-        tb.close()
-    result = result_record(cfg, run, run_dir, history, device=device, preset=preset, overrides=overrides,
-                           t_start=t_start)
-    if rank == 0:
-        RunDir(run_dir).write_result(result)
-    return result
+            tb.close()
+        result = result_record(cfg, run, run_dir, history, device=device, preset=preset, overrides=overrides,
+                               t_start=t_start)
+        if rank == 0:
+            RunDir(run_dir).write_result(result)
+        return result
+    finally:
+        run.close()  # DataLoader workers stop now, not whenever the splits are collected
 
 
 def _epoch_schedule(run: Setup, train_loss: float) -> None:
