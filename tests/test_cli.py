@@ -22,6 +22,7 @@ def test_json_output_never_holds_nan_or_infinity():
     json.loads(json.dumps(doc, allow_nan=False))
 
 
+@pytest.mark.slow
 def test_control_characters_in_names_are_escaped_in_human_output(tmp_path):
     from PIL import Image
 
@@ -38,6 +39,7 @@ def test_control_characters_in_names_are_escaped_in_human_output(tmp_path):
     assert "evil\x1b[2J\nFAKE" in [t["class"] for t in doc["predictions"][0]["top"]]
 
 
+@pytest.mark.slow
 def test_rich_markup_in_paths_is_shown_literally(tmp_path):
     folder = tmp_path / "a[/b]" / "[red]x"
     folder.mkdir(parents=True)

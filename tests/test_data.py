@@ -159,6 +159,7 @@ def test_batches_cover_the_split_once_and_shuffle():
     assert torch.equal(x[:, 0, 0, 0], y.float())  # images stay paired with labels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_dataloader_path_trains_exactly_like_the_tensor_path(tmp_path, workers):
     """A folder decoded per batch by DataLoader workers sees the same batches, augmentation
@@ -293,6 +294,7 @@ def test_first_decode_is_announced_before_the_wait(tmp_path, monkeypatch):
     assert said == []
 
 
+@pytest.mark.slow
 def test_data_classes_filters_every_split_and_names_the_valid_ones(tmp_path, ncm):
     from conftest import assert_clean_error
     from ncmcli.data.datasets import load_dataset
@@ -310,6 +312,7 @@ def test_data_classes_filters_every_split_and_names_the_valid_ones(tmp_path, ncm
     assert_clean_error(ncm("train", "--preset", "quickstart", "--set", "data.classes=3"), 2, "at least 2 classes")
 
 
+@pytest.mark.slow
 def test_training_on_a_per_batch_folder_stops_its_workers(tmp_path, monkeypatch):
     """train() closes the splits it read per batch on its way out (a collected DataLoader
     waits out a join timeout per worker instead): every FileSplit it built is closed."""

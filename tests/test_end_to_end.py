@@ -21,6 +21,7 @@ def short_run(tmp_path_factory):
     return out, json.loads(proc.stdout), proc
 
 
+@pytest.mark.slow
 def test_train_writes_the_run_folder(short_run):
     out, result, proc = short_run
     assert {p.name for p in out.iterdir()} - {".ncm.lock"} == {"config.yaml", "metrics.jsonl", "best.safetensors",
@@ -31,6 +32,7 @@ def test_train_writes_the_run_folder(short_run):
     assert "loss floor" in proc.stderr and "1.1594" in proc.stderr  # the certificate at start
 
 
+@pytest.mark.slow
 def test_eval_reproduces_the_training_accuracy(ncm, short_run):
     out, result, _ = short_run
     proc = ncm("eval", out, "--json")
@@ -58,6 +60,7 @@ def _write_pngs(folder: Path, n: int):
     return labels
 
 
+@pytest.mark.slow
 def test_predict_files_folders_and_bad_files(ncm, short_run, tmp_path):
     out, _, _ = short_run
     _write_pngs(tmp_path / "imgs", 5)
@@ -77,6 +80,7 @@ def test_predict_files_folders_and_bad_files(ncm, short_run, tmp_path):
     assert "resized" in proc.stderr  # the RGB 64x40 image was converted and resized
 
 
+@pytest.mark.slow
 def test_predict_finds_the_newest_checkpoint(ncm, short_run, tmp_path):
     out, _, _ = short_run
     _write_pngs(tmp_path / "imgs", 1)
@@ -109,6 +113,7 @@ def test_corrupt_checkpoint_is_a_runtime_error(ncm, tmp_path):
     assert_clean_error(ncm("eval", bad), 1, "not a readable safetensors file")
 
 
+@pytest.mark.slow
 def test_existing_run_folder_is_refused_without_force(ncm, short_run):
     out, _, _ = short_run
     before = (out / "best.safetensors").read_bytes()

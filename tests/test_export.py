@@ -20,6 +20,7 @@ def trained_ckpts(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["quickstart", "quickstart-softmax"])
 def test_onnx_and_torchscript_exports_match_pytorch(trained_ckpts, tmp_path, preset):
     import numpy as np
@@ -54,6 +55,7 @@ def test_onnx_and_torchscript_exports_match_pytorch(trained_ckpts, tmp_path, pre
     assert torch.equal(torch.from_numpy(session.run(None, {"images": x.numpy()})[1]), own)
 
 
+@pytest.mark.slow
 def test_an_exported_onnx_file_runs_without_ncm(trained_ckpts, tmp_path):
     import subprocess
     import sys
@@ -71,6 +73,7 @@ def test_an_exported_onnx_file_runs_without_ncm(trained_ckpts, tmp_path):
     assert proc.stdout.strip() == "[(3, 10), (3,), (3, 10)]"
 
 
+@pytest.mark.slow
 def test_export_cli(cli, trained_ckpts, tmp_path):
     from conftest import assert_clean_error
 

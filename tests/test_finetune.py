@@ -45,6 +45,7 @@ def test_resized_crop_draws_follow_torchvisions_ranges():
     assert torch.equal(a, draw_resized_crop(8, 32, 32, torch.Generator().manual_seed(5))[0])
 
 
+@pytest.mark.slow
 def test_randomresizedcrop_is_a_config_value_and_trains(tmp_path, ncm):
     assert resolve("quickstart", ["data.augment=randomresizedcrop"]).data.augment == "randomresizedcrop"
     assert resolve("quickstart", ["data.augment=true"]).data.augment is True

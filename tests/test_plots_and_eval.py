@@ -22,6 +22,7 @@ def run(tmp_path_factory):
 
 @pytest.mark.parametrize("kind,size", [("features", (840, 840)), ("confusion", (900, 720)),
                                        ("angles", (840, 540)), ("curves", (1440, 540))])
+@pytest.mark.slow
 def test_each_plot_writes_a_valid_png_of_the_expected_size(run, tmp_path, kind, size):
     out = tmp_path / f"{kind}.png"
     proc = run_ncm("plot", kind, run, "--out", out)
@@ -42,6 +43,7 @@ def test_other_formats_and_default_location(run, tmp_path):
     assert_clean_error(run_ncm("plot", "angles", run, "--format", "gif"), 2, "--format must be one of")
 
 
+@pytest.mark.slow
 def test_plot_without_matplotlib_says_how_to_install(run):
     code = ("import sys; sys.modules['matplotlib'] = None; sys.argv = ['ncm', 'plot', 'features', sys.argv[1]]\n"
             "from ncmcli.cli import main; main()")
@@ -49,6 +51,7 @@ def test_plot_without_matplotlib_says_how_to_install(run):
     assert_clean_error(proc, 1, "pip install 'ncmcli[plot]'")
 
 
+@pytest.mark.slow
 def test_eval_json_carries_the_diagnostics(run):
     doc = json.loads(run_ncm("eval", run, "--json").stdout)
     d = doc["diagnostics"]

@@ -84,6 +84,7 @@ def test_force_empties_the_old_runs_files(ncm, tmp_path):
     assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 1  # no line of the old run
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_with_the_holders_pid(ncm, tmp_path):
     from ncmcli.runs.runfiles import FolderLock
 
@@ -96,6 +97,7 @@ def test_a_second_writer_is_refused_with_the_holders_pid(ncm, tmp_path):
     assert ncm("train", "--preset", "quickstart", *TINY, "--out", out).returncode == 0  # the lock died with it
 
 
+@pytest.mark.slow
 def test_resume_while_the_run_is_in_use_is_refused(ncm, tmp_path):
     from ncmcli.runs.runfiles import FolderLock
 

@@ -117,6 +117,7 @@ def test_signal_saves_a_resumable_checkpoint(tmp_path, sig, code):
     checkpoint.load(out / "last.safetensors")  # still a valid checkpoint
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ncm, tmp_path, monkeypatch):
     from ncmcli.train.setup import TrainingDiverged, TrainStep
 

@@ -3,7 +3,6 @@ size), and resolved with ``--set`` overrides into a validated ``Config``. Import
 
 from __future__ import annotations
 
-import difflib
 import functools
 import os
 from pathlib import Path
@@ -13,6 +12,7 @@ import yaml
 
 from ncmcli.config.overrides import _flatten, build, parse_override
 
+from ncmcli import registry
 from ncmcli.config.schema import Config, quote
 from ncmcli.errors import ConfigError
 from ncmcli.errors import special_file
@@ -58,9 +58,8 @@ def _preset_path(name: str, near: Path | None = None) -> Path:
     path = presets_dir() / f"{name}.yaml"
     if not path.is_file():
         names = sorted(q.stem for q in presets_dir().glob("*.yaml") if not q.stem.startswith("_"))
-        close = difflib.get_close_matches(name[:200], names, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"unknown preset {quote(name)}{hint}; valid presets: {', '.join(names)}")
+        raise ConfigError(f"unknown preset {quote(name)}{registry.suggest(name, names)}; valid presets: "
+                          f"{', '.join(names)}")
     return path
 
 
