@@ -106,6 +106,11 @@ def save_untrained(path, preset="quickstart", *, classes=None, mean=(0.3,), std=
     return path, model.eval(), crit
 
 
+def untrained_file(folder, preset="quickstart", name="ck.safetensors", classes=None):
+    """``save_untrained`` into ``folder / name``; the file's path."""
+    return save_untrained(Path(folder) / name, preset, classes=classes)[0]
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """An untrained quickstart checkpoint file (see ``save_untrained``)."""

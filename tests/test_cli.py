@@ -6,12 +6,7 @@ import json
 import subprocess
 import sys
 import pytest
-from conftest import assert_clean_error, capped
-from conftest import save_untrained
-
-
-def _save(tmp_path, preset="quickstart", name="ck.safetensors", classes=None):
-    return save_untrained(tmp_path / name, preset, classes=classes)[0]
+from conftest import assert_clean_error, capped, untrained_file
 
 
 def test_json_output_never_holds_nan_or_infinity():
@@ -26,7 +21,7 @@ def test_json_output_never_holds_nan_or_infinity():
 def test_control_characters_in_names_are_escaped_in_human_output(tmp_path):
     from PIL import Image
 
-    ck = _save(tmp_path, classes=[f"c{i}" if i else "evil\x1b[2J\nFAKE" for i in range(10)])
+    ck = untrained_file(tmp_path, classes=[f"c{i}" if i else "evil\x1b[2J\nFAKE" for i in range(10)])
     img = tmp_path / "a\x1b]0;owned\x07\nb.png"
     Image.new("L", (28, 28), 128).save(img)
     proc = capped("predict", img, "--checkpoint", ck, "--top-k", "10")
@@ -43,7 +38,7 @@ def test_control_characters_in_names_are_escaped_in_human_output(tmp_path):
 def test_rich_markup_in_paths_is_shown_literally(tmp_path):
     folder = tmp_path / "a[/b]" / "[red]x"
     folder.mkdir(parents=True)
-    ck = _save(folder, name="best.safetensors")
+    ck = untrained_file(folder, name="best.safetensors")
     proc = capped("predict", tmp_path / "missing[/i].png", "--checkpoint", ck)
     assert_clean_error(proc, 2, "missing[/i].png")
     ev = capped("eval", ck, "--device", "cpu")
@@ -61,7 +56,7 @@ def test_a_closed_pipe_ends_quietly():
 
 @pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_no_unexpected_errors_for_inputs_a_user_can_give(tmp_path):
-    ck = _save(tmp_path)
+    ck = untrained_file(tmp_path)
     for device in ("xla", "meta", "cuda:x", "vulkan"):
         proc = capped("eval", ck, "--device", device)
         assert_clean_error(proc, 2, "device")

@@ -1,18 +1,13 @@
 """``ncm predict`` (ncmcli/predict.py): distances and margins, and files that must not block."""
 
 import os
-from conftest import capped
-from conftest import save_untrained
+from conftest import capped, untrained_file
 import pytest
 import torch
 
 
-def _save(tmp_path, preset="quickstart", name="ck.safetensors", classes=None):
-    return save_untrained(tmp_path / name, preset, classes=classes)[0]
-
-
 def test_predict_on_a_fifo_does_not_block(tmp_path):
-    ck = _save(tmp_path)
+    ck = untrained_file(tmp_path)
     fifo = tmp_path / "x.png"
     os.mkfifo(fifo)
     proc = capped("predict", fifo, "--checkpoint", ck, timeout=60)

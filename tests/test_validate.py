@@ -7,12 +7,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from conftest import assert_clean_error, capped, save_untrained
+from conftest import assert_clean_error, capped, untrained_file
 from ncmcli.runs import checkpoint
-
-
-def _save(tmp_path, preset="quickstart", name="ck.safetensors", classes=None):
-    return save_untrained(tmp_path / name, preset, classes=classes)[0]
 
 
 def _tamper(path, out, *, tensors=None, meta=None):
@@ -33,13 +29,13 @@ def _tamper(path, out, *, tensors=None, meta=None):
     ({"classes": json.dumps([f"c{i}" for i in range(100_001)])}, "classes"),
 ])
 def test_crafted_sizes_are_refused_before_anything_is_allocated(tmp_path, meta, fragment):
-    bad = _tamper(_save(tmp_path), tmp_path / "bad.safetensors", meta=meta)
+    bad = _tamper(untrained_file(tmp_path), tmp_path / "bad.safetensors", meta=meta)
     assert bad.stat().st_size < 2_000_000
     assert_clean_error(capped("eval", bad, "--device", "cpu"), 1, fragment)
 
 
 def test_a_header_shape_that_the_config_does_not_imply_is_refused(tmp_path):
-    path = _save(tmp_path)
+    path = untrained_file(tmp_path)
     bad = _tamper(path, tmp_path / "bad.safetensors", tensors={"model.fc.weight": torch.zeros(32, 7)})
     with pytest.raises(checkpoint.CheckpointError, match=r"model.fc.weight has shape \[32, 7\]"):
         checkpoint.load(bad)
@@ -57,14 +53,14 @@ def _anchors_of(path):
     (lambda a: a.index_copy_(0, torch.tensor([4]), a[3:4].clone()), "coincide"),
 ])
 def test_broken_anchors_are_refused(tmp_path, damage, fragment):
-    path = _save(tmp_path)
+    path = untrained_file(tmp_path)
     bad = _tamper(path, tmp_path / "bad.safetensors", tensors={"anchors": damage(_anchors_of(path).clone())})
     with pytest.raises(checkpoint.CheckpointError, match=fragment):
         checkpoint.load(bad)
 
 
 def test_nan_weights_and_statistics_are_refused(tmp_path):
-    path = _save(tmp_path)
+    path = untrained_file(tmp_path)
     w = load_file(str(path))["model.fc.weight"].clone()
     w[0, 0] = float("nan")
     with pytest.raises(checkpoint.CheckpointError, match="model.fc.weight holds NaN"):
