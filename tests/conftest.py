@@ -7,6 +7,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist (``-n auto``, the README's command) each worker is one process on one core:
+# one intra-op thread each, inherited by the CLI subprocesses, instead of every worker spinning
+# up a thread per core. Set before any test imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 
 def run_ncm(*args, cwd=None, env=None, timeout=300):
     """Run the real CLI in a subprocess, as a user's shell would."""
