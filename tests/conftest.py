@@ -117,6 +117,17 @@ def untrained_file(folder, preset="quickstart", name="ck.safetensors", classes=N
     return save_untrained(Path(folder) / name, preset, classes=classes)[0]
 
 
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """A run folder of quickstart trained for 2 epochs on 1,000 images, shared (read-only) by
+    the plot and eval tests of one process."""
+    out = tmp_path_factory.mktemp("quickstart") / "run"
+    proc = run_ncm("train", "--preset", "quickstart", "--set", "train.epochs=2", "--set", "data.limit_train=1000",
+                   "--set", "data.limit_test=300", "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """An untrained quickstart checkpoint file (see ``save_untrained``)."""

@@ -1,14 +1,17 @@
-
 import numpy as np
 import pytest
 import torch
 
 from helpers_data import make_cifar, make_folder, make_mnist
+from ncmcli.config.presets import resolve
 from ncmcli.config.schema import DataConfig
-from ncmcli.data.batching import batches, channel_stats, normalize
 from ncmcli.data.augment import augment, draw_augment
+from ncmcli.data.batching import batches, channel_stats, normalize
 from ncmcli.data.datasets import DEBIAN_FASHION_DIR, load_dataset
-from ncmcli.errors import DataError
+from ncmcli.data.subsets import imbalance_counts, imbalanced_indices
+from ncmcli.errors import ConfigError, DataError
+
+CIFAR10_LT_100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]  # Cao et al.'s CIFAR-10-LT, 12,406
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -297,8 +300,8 @@ def test_first_decode_is_announced_before_the_wait(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_data_classes_filters_every_split_and_names_the_valid_ones(tmp_path, ncm):
     from conftest import assert_clean_error
-    from ncmcli.data.datasets import load_dataset
     from ncmcli.config.presets import resolve
+    from ncmcli.data.datasets import load_dataset
 
     make_folder(tmp_path / "f", classes=("ant", "bee", "cat", "dog"), per_class=3, size=(12, 12))
     ds = load_dataset(resolve("folder", [f"data.root={tmp_path / 'f'}", "data.classes=dog,1", "data.val_split=0"]).data)
@@ -336,3 +339,46 @@ def test_training_on_a_per_batch_folder_stops_its_workers(tmp_path, monkeypatch)
     monkeypatch.setattr(batching.FileSplit, "to", to)
     train(cfg, run_dir=tmp_path / "run", device=torch.device("cpu"), reporter=Reporter())
     assert made and set(made) <= set(closed)
+
+
+def test_exp_profile_matches_cao_et_al_on_cifar10_shaped_labels():
+    labels = torch.arange(10).repeat_interleave(5000)[torch.randperm(50000, generator=torch.Generator().manual_seed(3))]
+    idx = imbalanced_indices(labels, 10, "exp", 100.0, seed=0)
+    counts = torch.bincount(labels[idx], minlength=10).tolist()
+    assert counts == CIFAR10_LT_100 and len(idx) == 12406
+    assert imbalance_counts(5000, 10, "exp", 100.0) == CIFAR10_LT_100
+    # Seeded: the same seed picks the same images, another seed others.
+    assert torch.equal(idx, imbalanced_indices(labels, 10, "exp", 100.0, seed=0))
+    assert not torch.equal(idx, imbalanced_indices(labels, 10, "exp", 100.0, seed=1))
+    assert torch.equal(idx, idx.sort().values) and len(set(idx.tolist())) == len(idx)
+
+
+def test_step_profile_and_small_classes():
+    assert imbalance_counts(1000, 10, "step", 10.0) == [1000] * 5 + [100] * 5
+    assert imbalance_counts(1000, 5, "step", 4.0) == [1000, 1000, 250, 250, 250]
+    # A class with fewer images than its share keeps them all; none vanishes.
+    labels = torch.tensor([0] * 100 + [1] * 3 + [2] * 50)
+    counts = torch.bincount(labels[imbalanced_indices(labels, 3, "exp", 1000.0)], minlength=3).tolist()
+    assert counts == [100, 3, 1]
+
+
+def test_imbalance_config_is_checked():
+    assert resolve("quickstart", ["data.imbalance=exp:100"]).data.imbalance == "exp:100"
+    for bad in ("exp", "exp:0.5", "log:10", "step:x", "exp:1e9"):
+        with pytest.raises(ConfigError, match="data.imbalance"):
+            resolve("quickstart", [f"data.imbalance={bad}"])
+    with pytest.raises(ConfigError, match="logit_adjust applies"):
+        resolve("quickstart", ["loss.name=hinge", "loss.logit_adjust=1"])
+
+
+def test_imbalance_applies_after_limit_and_before_a_stratified_validation_split():
+    from ncmcli.data.datasets import load_dataset
+
+    cfg = resolve("quickstart", ["data.limit_train=2000", "data.imbalance=exp:10", "data.val_split=0.1"]).data
+    ds = load_dataset(cfg)
+    total = [a + b for a, b in zip(ds.train_counts, torch.bincount(ds.val.labels, minlength=10).tolist())]
+    assert total == imbalance_counts(200, 10, "exp", 10.0)  # n_max = the largest class after the limit
+    val = torch.bincount(ds.val.labels, minlength=10).tolist()
+    assert sum(val) == round(0.1 * sum(total)) and val[0] > val[-1]  # stratified: the tail stays a tail
+    assert torch.bincount(ds.test.labels, minlength=10).tolist() == [100] * 10  # the test split stays balanced
+    assert any("long-tailed (exp:10" in n for n in ds.notes)

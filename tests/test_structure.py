@@ -315,3 +315,27 @@ def test_data_sets_and_anchor_methods_dispatch_through_registry_builders():
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
         spelled = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in names}
         assert spelled <= {"auto"}, (fn.__name__, spelled)
+
+
+def _test_file_subjects():
+    """What a test file may be named after: a module or folder of the package, a folder of the
+    repository (benchmarks, docs, ...), or the two cross-cutting files."""
+    units = {p.stem for p in PKG.rglob("*.py") if p.stem != "__init__"}
+    units |= {p.name for p in PKG.rglob("*") if p.is_dir() and p.name != "__pycache__"}
+    units |= {p.name for p in REPO.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    return units | {"end_to_end", "structure"}
+
+
+def test_test_files_are_named_after_what_they_test():
+    """tests/test_X.py tests ncmcli's module or folder X (or a repository folder), not a
+    feature or a session's history: a newcomer finds a unit's tests by its name."""
+    subjects = _test_file_subjects()
+    stray = sorted(p.name for p in (REPO / "tests").glob("test_*.py") if p.stem[len("test_"):] not in subjects)
+    assert stray == [], stray
+
+
+def test_the_test_file_rule_refuses_a_feature_name():
+    """The control for the rule above: history-named files of the past would be refused."""
+    subjects = _test_file_subjects()
+    assert {"sweeps", "hardening", "longtail", "which"}.isdisjoint(subjects)
+    assert {"rundir", "nn", "loop", "benchmarks"} <= subjects

@@ -1,4 +1,4 @@
-"""The step loop makes no host<->device transfer and no host sync between its log reads.
+"""ncmcli/train/loop.py: the step loop makes no host<->device transfer and no host sync between its log reads.
 
 CPU tests cannot see CUDA's streams, so a TorchFunctionMode keeps the books instead: tensors
 made on the host (from Python data, a CPU generator, or only from other host tensors,

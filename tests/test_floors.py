@@ -1,4 +1,4 @@
-"""loss.scale: auto (the scale whose loss floor is loss.floor_target) and learn (a learned
+"""ncmcli/nn/floors.py and loss.scale: auto (the scale whose loss floor is loss.floor_target) and learn (a learned
 log s), checked against the floor's formulas, a bisection, a naive loss and the CLI."""
 
 import json

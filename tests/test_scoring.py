@@ -1,5 +1,7 @@
-"""Long-tailed data: data.imbalance profiles, head/medium/tail metrics, and logit adjustment
-(train-time and post-hoc), against the published counts and hand computations."""
+"""ncmcli/scoring.py: head/medium/tail metrics and logit adjustment (train-time and post-hoc)
+against hand computations, and the open-set scores of `ncm eval --ood` against their
+formulas, every AUROC reported, with the warning when a score ranks unknowns as more known
+than knowns. (The data.imbalance profiles are in test_data.py.)"""
 
 import json
 import math
@@ -8,57 +10,14 @@ import pytest
 import torch
 
 from conftest import assert_clean_error
-from ncmcli.config.schema import LossConfig
-from ncmcli.errors import ConfigError
-from ncmcli.data.subsets import imbalance_counts, imbalanced_indices
-from ncmcli.nn.losses import build_criterion
+from ncmcli import diagnostics, scoring
 from ncmcli.config.presets import resolve
+from ncmcli.config.schema import LossConfig
+from ncmcli.data.subsets import imbalance_counts
+from ncmcli.errors import UsageError
+from ncmcli.evaluation import _open_set
+from ncmcli.nn.losses import build_criterion
 from ncmcli.scoring import adjusted_logits, imbalance_metrics
-
-CIFAR10_LT_100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]  # Cao et al.'s CIFAR-10-LT, 12,406
-
-
-def test_exp_profile_matches_cao_et_al_on_cifar10_shaped_labels():
-    labels = torch.arange(10).repeat_interleave(5000)[torch.randperm(50000, generator=torch.Generator().manual_seed(3))]
-    idx = imbalanced_indices(labels, 10, "exp", 100.0, seed=0)
-    counts = torch.bincount(labels[idx], minlength=10).tolist()
-    assert counts == CIFAR10_LT_100 and len(idx) == 12406
-    assert imbalance_counts(5000, 10, "exp", 100.0) == CIFAR10_LT_100
-    # Seeded: the same seed picks the same images, another seed others.
-    assert torch.equal(idx, imbalanced_indices(labels, 10, "exp", 100.0, seed=0))
-    assert not torch.equal(idx, imbalanced_indices(labels, 10, "exp", 100.0, seed=1))
-    assert torch.equal(idx, idx.sort().values) and len(set(idx.tolist())) == len(idx)
-
-
-def test_step_profile_and_small_classes():
-    assert imbalance_counts(1000, 10, "step", 10.0) == [1000] * 5 + [100] * 5
-    assert imbalance_counts(1000, 5, "step", 4.0) == [1000, 1000, 250, 250, 250]
-    # A class with fewer images than its share keeps them all; none vanishes.
-    labels = torch.tensor([0] * 100 + [1] * 3 + [2] * 50)
-    counts = torch.bincount(labels[imbalanced_indices(labels, 3, "exp", 1000.0)], minlength=3).tolist()
-    assert counts == [100, 3, 1]
-
-
-def test_imbalance_config_is_checked():
-    assert resolve("quickstart", ["data.imbalance=exp:100"]).data.imbalance == "exp:100"
-    for bad in ("exp", "exp:0.5", "log:10", "step:x", "exp:1e9"):
-        with pytest.raises(ConfigError, match="data.imbalance"):
-            resolve("quickstart", [f"data.imbalance={bad}"])
-    with pytest.raises(ConfigError, match="logit_adjust applies"):
-        resolve("quickstart", ["loss.name=hinge", "loss.logit_adjust=1"])
-
-
-def test_imbalance_applies_after_limit_and_before_a_stratified_validation_split():
-    from ncmcli.data.datasets import load_dataset
-
-    cfg = resolve("quickstart", ["data.limit_train=2000", "data.imbalance=exp:10", "data.val_split=0.1"]).data
-    ds = load_dataset(cfg)
-    total = [a + b for a, b in zip(ds.train_counts, torch.bincount(ds.val.labels, minlength=10).tolist())]
-    assert total == imbalance_counts(200, 10, "exp", 10.0)  # n_max = the largest class after the limit
-    val = torch.bincount(ds.val.labels, minlength=10).tolist()
-    assert sum(val) == round(0.1 * sum(total)) and val[0] > val[-1]  # stratified: the tail stays a tail
-    assert torch.bincount(ds.test.labels, minlength=10).tolist() == [100] * 10  # the test split stays balanced
-    assert any("long-tailed (exp:10" in n for n in ds.notes)
 
 
 def test_imbalance_metrics_on_a_hand_made_confusion():
@@ -145,9 +104,9 @@ def test_train_prints_counts_and_eval_reports_long_tail_metrics(tmp_path, ncm):
     assert ev["balanced_accuracy"] == pytest.approx(imbalance_metrics(conf, expected)["balanced_accuracy"])
     assert list(ev["train_counts"].values()) == expected and ev["imbalance"] == "exp:10"
     # Post-hoc: the predictions are the argmax of logits - tau log prior (checked by hand).
-    from ncmcli.runs import checkpoint
     from ncmcli.data.datasets import load_dataset
     from ncmcli.forward import evaluate
+    from ncmcli.runs import checkpoint
 
     adj = json.loads(ncm("eval", out, "--json", "--logit-adjust", "1").stdout)
     ck = checkpoint.load(out / "best.safetensors")
@@ -194,3 +153,86 @@ def test_report_groups_by_imbalance(tmp_path):
     cells = collect([tmp_path], by=["data.imbalance"])
     got = {c.settings["data.imbalance"]: sorted(c.errors) for c in cells}
     assert got == {"exp:10": [30.0], "exp:100": [40.0, 42.0]}
+
+
+def test_each_score_matches_its_formula_per_sample():
+    g = torch.Generator().manual_seed(0)
+    dist = torch.rand(6, 4, generator=g, dtype=torch.float64) * 3
+    logits = -2.0 * dist
+    s = scoring.ood_scores(logits, dist)
+    assert set(s) == {"dist", "margin", "cac", "msp", "maxlogit"}
+    for i in range(6):
+        d = sorted(dist[i].tolist())
+        assert s["dist"][i].item() == pytest.approx(-d[0])
+        assert s["margin"][i].item() == pytest.approx(d[1] - d[0])
+        softmin = [math.exp(-v) for v in dist[i].tolist()]
+        assert s["cac"][i].item() == pytest.approx(-d[0] * (1 - max(softmin) / sum(softmin)))
+        z = [math.exp(v) for v in logits[i].tolist()]
+        assert s["msp"][i].item() == pytest.approx(max(z) / sum(z))
+        assert s["maxlogit"][i].item() == pytest.approx(max(logits[i].tolist()))
+    assert set(scoring.ood_scores(logits, None)) == {"msp", "maxlogit"}  # no anchors, no distance scores
+
+
+def test_an_inverted_score_warns_and_names_a_better_one():
+    # Knowns sit far from every anchor but much nearer one; unknowns sit near all of them alike:
+    # the distance ranks unknowns as more known (AUROC < 0.5), the margin does not.
+    d_in = torch.tensor([[5.0, 9.0, 9.0], [6.0, 9.5, 9.0], [5.5, 9.0, 10.0]])
+    d_out = torch.tensor([[2.0, 2.1, 2.05], [1.5, 1.6, 1.55]])
+    res = _open_set("x", -d_in, d_in, -d_out, d_out, None)
+    assert res["score"] == "msp" and res["by_score"]["margin"]["auroc"] == 1.0 == res["auroc"]
+    assert res["by_score"]["dist"]["auroc"] == 0.0
+    assert any("--ood-score dist has AUROC 0.0000 < 0.5" in w and "try --ood-score margin" in w
+               for w in res["warnings"])
+    assert all("margin has" not in w for w in res["warnings"])
+    # The headline follows --ood-score, and matches the AUROC computed directly.
+    res = _open_set("x", -d_in, d_in, -d_out, d_out, "dist")
+    assert res["auroc"] == diagnostics.auroc(-d_in.min(1).values, -d_out.min(1).values)
+    with pytest.raises(UsageError, match="anchor model"):
+        _open_set("x", -d_in, None, -d_out, None, "margin")
+
+
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
+def test_eval_reports_every_score_and_warns_on_stderr(tmp_path, ncm):
+    import json
+
+    from ncmcli.data.fakedata import make_folder
+
+    out = tmp_path / "run"
+    assert ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=300",
+               "--set", "data.limit_test=100", "--out", out).returncode == 0
+    make_folder(tmp_path / "other", classes=("a", "b"), per_class=10, size=(28, 28), mode="L")
+    proc = ncm("eval", out, "--ood", tmp_path / "other", "--json")
+    res = json.loads(proc.stdout)["ood"]
+    assert set(res["by_score"]) == {"dist", "margin", "cac", "msp", "maxlogit"}
+    assert res["n_out"] == 20  # a folder with train/ and test/ (20 images each): its test part only
+    inverted = [n for n, v in res["by_score"].items() if v["auroc"] < 0.5]
+    for name in inverted:
+        assert f"--ood-score {name} has AUROC" in proc.stderr
+    assert len(res["warnings"]) == len(inverted)
+    assert ncm("eval", out, "--ood-score", "marign").stderr.count("did you mean 'margin'") == 1
+    res = json.loads(ncm("eval", out, "--ood", tmp_path / "other", "--ood-limit", "7", "--json").stdout)
+    assert res["ood"]["n_out"] == 7 and res["n"] == 100  # --ood-limit samples the unknowns only
+
+
+@pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
+def test_predict_rejects_below_a_margin(tmp_path, ncm):
+    import json
+
+    from ncmcli.data.fakedata import make_folder
+
+    out = tmp_path / "run"
+    assert ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=300",
+               "--set", "data.limit_test=100", "--out", out).returncode == 0
+    make_folder(tmp_path / "imgs", classes=("a",), per_class=4, size=(28, 28), mode="L")
+
+    def labels(threshold):
+        proc = ncm("predict", tmp_path / "imgs", "--checkpoint", out, "--json", "--reject-below-margin", threshold)
+        assert proc.returncode == 0, proc.stderr
+        return [(p["label"], p["second_anchor_margin"]) for p in json.loads(proc.stdout)["predictions"]]
+
+    assert all(label != "unknown" for label, _ in labels("0"))
+    assert all(label == "unknown" for label, _ in labels("1e6"))
+    mid = sorted(m for _, m in labels("0"))[len(labels("0")) // 2]
+    assert all((label == "unknown") == (m < mid) for label, m in labels(str(mid)))
+    ev = json.loads(ncm("eval", out, "--json").stdout)["diagnostics"]
+    assert ev["reject_below_margin_at_95_tpr"] >= 0
