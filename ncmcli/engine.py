@@ -129,17 +129,14 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
 
     import yaml
 
-
-    from ncmcli.config import values
-
     from ncmcli.config import overrides as ov
-    from ncmcli.runs import trainstate
-    from ncmcli.runs.ckfile import CheckpointFile
+    from ncmcli.config import values
     from ncmcli.config.presets import load_yaml_text
     from ncmcli.errors import CheckpointError
-    from ncmcli.train.loop import train
-
+    from ncmcli.runs import trainstate
+    from ncmcli.runs.ckfile import CheckpointFile
     from ncmcli.runs.rundir import RunDir
+    from ncmcli.train.loop import train
 
     run_dir = Path(run_dir)
     folder = RunDir(run_dir)

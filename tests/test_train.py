@@ -215,8 +215,10 @@ def test_second_sigint_aborts_at_once_and_leaves_files_valid(tmp_path):
 def test_a_resume_reads_last_once(tmp_path, monkeypatch):
     """``ncm train --resume`` reads last.safetensors from disk once: the integrity check, the
     progress, the weights and the train state all come from that one read. Every way ncm reads
-    a safetensors file is counted (Python's open, safe_open, load_file)."""
+    a safetensors file is counted (Python's open, safe_open, load_file). config.yaml, too, is
+    read once (``io.open``, which pathlib's read_text uses)."""
     import builtins
+    import io
 
     import safetensors
     import safetensors.torch
@@ -238,12 +240,26 @@ def test_a_resume_reads_last_once(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "open", counted(builtins.open, "open"))
     monkeypatch.setattr(safetensors, "safe_open", counted(safetensors.safe_open, "safe_open"))
     monkeypatch.setattr(safetensors.torch, "load_file", counted(safetensors.torch.load_file, "load_file"))
+    config_reads = []
+
+    def io_open(file, mode="r", *args, **kwargs):
+        if str(file).endswith("config.yaml") and "r" in mode:
+            config_reads.append(file)
+        return real_io_open(file, mode, *args, **kwargs)
+
+    real_io_open = io.open
+    monkeypatch.setattr(io, "open", io_open)
     result = resume_command(tmp_path / "cut", overrides=[], device="cpu", reporter=Reporter())
     assert result["status"] == "completed" and result["final"]["epoch"] == 2
     assert reads == ["open"], reads
+    assert len(config_reads) == 1, config_reads
+    # The resumed run's checkpoints keep the folder's run id (taken from the checked checkpoint).
+    folder_id = (tmp_path / "cut" / "config.yaml").read_text().splitlines()[0]
+    assert folder_id.endswith(read_metadata(tmp_path / "cut" / "last.safetensors")["run_id"])
+    reads.clear()
     # The control: reading the file's metadata alone is counted too.
     read_metadata(tmp_path / "cut" / "last.safetensors")
-    assert reads == ["open", "safe_open"], reads
+    assert reads == ["safe_open"], reads
 
 
 def _ema_run(tmp_path, name, epochs, resume=False, stop=None):

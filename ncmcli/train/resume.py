@@ -25,7 +25,8 @@ def restore(run: Setup, run_dir: Path, device: torch.device, file=None) -> None:
     optimiser, schedule, the data generator, the RNGs, the position in the epoch (and, with
     EMA, the average and the live weights). ``file``: that file's ``CheckpointFile``, when the
     caller has read it already (it is read once, then released)."""
-    file = file if isinstance(file, CheckpointFile) else CheckpointFile.read(run_dir / runfiles.LAST)
+    checked = isinstance(file, CheckpointFile)  # `ncm train --resume` matched its run id to config.yaml's
+    file = file if checked else CheckpointFile.read(run_dir / runfiles.LAST)
     last = checkpoint.load(file, device)
     state = trainstate.unpack(file)
     file.release()
@@ -51,7 +52,7 @@ def restore(run: Setup, run_dir: Path, device: torch.device, file=None) -> None:
     if state.scaler and run.scaler.is_enabled():
         run.scaler.load_state_dict(state.scaler)  # the fp16 loss scale carries on, not from 65536
     run.progress = state.progress
-    run.run_id = RunDir(run_dir).run_id()
+    run.run_id = file.meta.get("run_id") if checked else RunDir(run_dir).run_id()
 
 
 def open_parent(run_dir: Path, resume: bool, extend: Path | None):
