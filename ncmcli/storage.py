@@ -72,9 +72,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def cache_dir() -> Path:
-    """$NCM_CACHE, else $XDG_CACHE_HOME/ncm/folders (~/.cache/ncm/folders): decoded folders and
-    optimized anchors."""
+    """$NCM_CACHE, else $XDG_CACHE_HOME/ncm (~/.cache/ncm): decoded image folders go in its
+    ``folders/``, optimized anchors in its ``anchors/``."""
     if os.environ.get("NCM_CACHE"):
         return Path(os.environ["NCM_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ncm" / "folders"
+    return Path(base) / "ncm"

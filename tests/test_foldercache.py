@@ -43,7 +43,7 @@ def test_second_load_reads_the_cache_without_decoding(tmp_path, monkeypatch):
     second = load_dataset(_cfg(tmp_path / "f"))
     assert len(calls) == 2 * 3 * 4  # nothing decoded again
     assert torch.equal(first.train.images, second.train.images) and torch.equal(first.test.labels, second.test.labels)
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+    assert len(list((tmp_path / "cache" / "folders").glob("*.safetensors"))) == 2
 
 
 @pytest.mark.parametrize("change", ["add", "remove", "rewrite"])
@@ -74,7 +74,7 @@ def test_a_changed_folder_is_decoded_again(tmp_path, monkeypatch, change):
 def test_a_corrupt_cache_file_is_rebuilt_with_a_note(tmp_path, damage):
     make_folder(tmp_path / "f", per_class=2)
     good = load_dataset(_cfg(tmp_path / "f"))
-    for path in (tmp_path / "cache").glob("*train*.safetensors"):
+    for path in (tmp_path / "cache" / "folders").glob("*train*.safetensors"):
         path.write_bytes(path.read_bytes()[:200] if damage == "truncate" else damage)
     again = load_dataset(_cfg(tmp_path / "f"))
     assert torch.equal(good.train.images, again.train.images)
@@ -100,7 +100,7 @@ def test_the_cache_load_path_never_unpickles(tmp_path, monkeypatch):
     assert len(ds.train) == 6
     from safetensors import safe_open
 
-    for path in (tmp_path / "cache").glob("*.safetensors"):
+    for path in (tmp_path / "cache" / "folders").glob("*.safetensors"):
         with safe_open(str(path), framework="pt") as fh:  # a plain safetensors file
             assert set(fh.keys()) == {"images", "labels"} and fh.metadata()["format"] == foldercache.FORMAT
 
@@ -167,3 +167,19 @@ def test_a_fifo_named_like_an_image_is_skipped_not_waited_on(tmp_path):
     os.mkfifo(tmp_path / "f" / "train" / "cat" / "zz.png")
     ds = load_dataset(_cfg(tmp_path / "f"))
     assert len(ds.train) == 6 and any("not a regular file" in n for n in ds.notes)
+
+
+def test_without_ncm_cache_folders_and_anchors_sit_side_by_side_under_xdg(tmp_path, monkeypatch):
+    """The default cache is $XDG_CACHE_HOME/ncm, holding ``folders/`` and ``anchors/`` (anchors
+    once went into ``ncm/folders/anchors``)."""
+    from ncmcli.nn.anchors import make_anchors
+
+    monkeypatch.delenv("NCM_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    make_folder(tmp_path / "f", classes=("a", "b"), per_class=2)
+    load_dataset(_cfg(tmp_path / "f"))
+    make_anchors("optimized", 5, 3, seed=1)
+    ncm = tmp_path / "xdg" / "ncm"
+    assert sorted(p.name for p in ncm.iterdir()) == ["anchors", "folders"]
+    assert len(list((ncm / "folders").glob("*.safetensors"))) == 2
+    assert [p.name for p in (ncm / "anchors").iterdir()] == ["optimized-v1-c5-d3-seed1.safetensors"]

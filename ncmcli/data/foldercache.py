@@ -38,7 +38,7 @@ def content_key(root: Path, files: list[Path], channels: int, size: int, resize:
 
 def cache_path(root: Path, split: str, channels: int, size: int, resize: str = "crop") -> Path:
     where = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-    return cache_dir() / f"{where}-{split}-{channels}x{size}-{resize}.safetensors"
+    return cache_dir() / "folders" / f"{where}-{split}-{channels}x{size}-{resize}.safetensors"
 
 
 def decode_all(files: list[Path], channels: int, size: int, threads: int | None = None,
