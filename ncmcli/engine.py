@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ncmcli.errors import NcmError, UsageError
+from ncmcli.errors import NcmError, UsageError, config_boundary
 from ncmcli.runtime import distributed_run, setup_distributed
 
 
@@ -23,7 +23,8 @@ def anchors_command(
     from ncmcli.nn.certificate import anchor_certificate
     from ncmcli.nn.distances import get_distance
 
-    get_distance(metric)
+    with config_boundary():
+        get_distance(metric)
     raw, scale = scale, "auto" if str(scale).strip().lower() == "auto" else _number(scale)
     if scale != "auto" and not (scale > 0 and scale != float("inf")):
         raise UsageError(f"--scale must be a finite number > 0 or auto, got {str(raw)[:40]!r}")
@@ -37,7 +38,8 @@ def anchors_command(
                          f"got {classes} x {dim}")
     if out is not None and (Path(out).is_dir() or str(out).endswith(("/", "\\"))):
         raise UsageError(f"--out {out} is a folder; give a file name such as {Path(out) / 'anchors.safetensors'}")
-    a = make_anchors(method, classes, dim, seed=seed)
+    with config_boundary():
+        a = make_anchors(method, classes, dim, seed=seed)
     label = f"auto ({resolve_auto(classes, dim)})" if method == "auto" else method
     if scale == "auto":
         from ncmcli.nn.floors import scale_for_floor

@@ -1,5 +1,7 @@
 """Errors a user can act on. The CLI turns each into one line on stderr and its exit code."""
 
+import contextlib
+
 
 class NcmError(Exception):
     """Base class: a failure with a message meant for the user."""
@@ -14,9 +16,24 @@ class UsageError(NcmError):
 
 
 class ConfigError(UsageError, ValueError):
-    """An invalid config key, value or preset. Also a ValueError: the library's constructors
-    (``NCMLoss``, ``make_anchors``, ``build_net``) raise it for bad arguments, and a caller
-    that does not know ncm's errors catches it as one."""
+    """An invalid config key, value or preset. Also a ValueError, so that a caller that does
+    not know ncm's errors catches it as one. The library (``ncmcli.nn``) never raises it: its
+    constructors raise plain ValueError and TypeError, and the app turns those into a
+    ConfigError where it hands config values over (``config_boundary``)."""
+
+
+@contextlib.contextmanager
+def config_boundary(prefix: str = ""):
+    """Where the app hands config or command-line values to the library: a ValueError the
+    library raises for a bad value becomes a ConfigError (one line, exit code 2), with
+    ``prefix`` before its message; ncm's own errors pass through, and ``--debug`` shows the
+    library's traceback as the cause."""
+    try:
+        yield
+    except NcmError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"{prefix}{exc}") from exc
 
 
 class DataError(NcmError):

@@ -6,7 +6,7 @@ import torch
 from ncmcli import make_anchors
 from ncmcli.nn.certificate import anchor_certificate, best_known_min_angle, pairwise_angles
 from ncmcli.nn.floors import loss_floor
-from ncmcli.errors import UsageError
+from ncmcli.errors import NcmError
 
 
 def min_angle(a):
@@ -79,13 +79,14 @@ def test_optimized_100_in_2d():
      ("auto", 1, 3, "classes must be"),
      ("auto", 3, 0, "dim must be")],
 )
-def test_errors_are_usage_errors(method, c, d, fragment):
-    with pytest.raises(UsageError, match=fragment):
+def test_errors_are_value_errors_not_cli_errors(method, c, d, fragment):
+    with pytest.raises(ValueError, match=fragment) as exc:
         make_anchors(method, c, d)
+    assert not isinstance(exc.value, NcmError)  # the library raises no CLI error (ncm anchors maps it)
 
 
 def test_orthogonal_error_names_the_methods_that_work():
-    with pytest.raises(UsageError) as exc:
+    with pytest.raises(ValueError) as exc:
         make_anchors("orthogonal", 11, 10)
     for name in ("simplex", "orthoplex", "optimized", "auto"):
         assert name in str(exc.value)
@@ -101,15 +102,15 @@ def test_from_files(tmp_path):
     (tmp_path / "a.csv").write_text("2,0\n0,-3\n1,1\n")
     assert torch.allclose(make_anchors(str(tmp_path / "a.csv"), 3, 2), a)
     (tmp_path / "dup.csv").write_text("1,0\n2,0\n0,1\n")
-    with pytest.raises(UsageError, match="duplicate"):
+    with pytest.raises(ValueError, match="duplicate"):
         make_anchors(str(tmp_path / "dup.csv"), 3, 2)
     (tmp_path / "zero.csv").write_text("1,0\n0,0\n0,1\n")
-    with pytest.raises(UsageError, match="zero"):
+    with pytest.raises(ValueError, match="zero"):
         make_anchors(str(tmp_path / "zero.csv"), 3, 2)
-    with pytest.raises(UsageError, match="shape"):
+    with pytest.raises(ValueError, match="shape"):
         make_anchors(str(tmp_path / "a.csv"), 4, 2)
     (tmp_path / "bad.csv").write_text("1,x\n")
-    with pytest.raises(UsageError, match="cannot read"):
+    with pytest.raises(ValueError, match="cannot read"):
         make_anchors(str(tmp_path / "bad.csv"), 1 + 1, 2)
 
 

@@ -71,5 +71,8 @@ def test_library_constructors_raise_value_and_type_errors():
         NCMLoss(anchors, distance=3)
     with pytest.raises(ValueError):
         build_net("tiny", in_channels=1, image_size=28, dropout=2.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as exc:
         NCMLoss(torch.ones(1, 4))
+    from ncmcli.errors import NcmError
+
+    assert not isinstance(exc.value, NcmError)  # a plain ValueError: no exit code from a library

@@ -80,7 +80,7 @@ def test_anchors_are_a_buffer_not_a_parameter():
     assert list(crit.parameters()) == []
     assert torch.equal(crit.state_dict()["anchors"], anchors)
     assert crit.to(torch.float64).anchors.device == anchors.device  # follows .to()
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError):
         NCMLoss(anchors, scale=0.0)
 
 
@@ -111,7 +111,7 @@ def test_build_criterion():
     assert isinstance(build_criterion(LossConfig(name="encm"), anchors=a, dim=4, num_classes=3), NCMLoss)
     assert build_criterion(LossConfig(name="cncm"), anchors=a, dim=4, num_classes=3).metric == "cosine"
     assert isinstance(build_criterion(LossConfig(name="softmax"), anchors=None, dim=4, num_classes=3), SoftmaxLoss)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError):
         build_criterion(LossConfig(name="encm"), anchors=a, dim=5, num_classes=3)
 
 

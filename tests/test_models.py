@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from ncmcli import build_net
-from ncmcli.errors import ConfigError
 from ncmcli.nn.models import ARCHS
 from ncmcli.config.presets import resolve
 from ncmcli.train.schedules import make_optimizer
@@ -38,9 +37,9 @@ def test_table1_layout():
 
 
 def test_bad_arch_and_dropout():
-    with pytest.raises(ConfigError, match="choose one of"):
+    with pytest.raises(ValueError, match="choose one of"):
         build_net("resnet", in_channels=3, image_size=32)
-    with pytest.raises(ConfigError, match="dropout"):
+    with pytest.raises(ValueError, match="dropout"):
         build_net("mnist", in_channels=1, image_size=28, dropout=1.0)
 
 
@@ -92,11 +91,11 @@ def test_pretrained_weights_offline_give_one_line_saying_where_to_put_the_file(t
         raise OSError("Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(ConfigError) as exc:
+    with pytest.raises(ValueError) as exc:
         build_net("resnet18", in_channels=3, image_size=64, pretrained=True)
     msg = str(exc.value)
     assert "\n" not in msg and "resnet18-" in msg and str(tmp_path / "hub" / "checkpoints") in msg
-    with pytest.raises(ConfigError, match="applies to the ResNets"):
+    with pytest.raises(ValueError, match="applies to the ResNets"):
         build_net("tiny", in_channels=1, image_size=28, pretrained=True)
 
 
@@ -110,5 +109,5 @@ def test_bn_relu_head_is_liu_et_als_and_linear_reaches_negative_coordinates():
     assert isinstance(liu.head[0], torch.nn.BatchNorm1d) and (f >= 0).all() and (f > 0).any()
     plain = build_net("tiny", in_channels=1, image_size=28).train()
     assert plain.head is None and (plain(x) < 0).any()
-    with pytest.raises(ConfigError, match="model.head"):
+    with pytest.raises(ValueError, match="model.head"):
         build_net("tiny", in_channels=1, image_size=28, head="relu")

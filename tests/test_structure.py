@@ -115,6 +115,20 @@ def test_the_library_imports_no_app_module():
     assert not outside, outside
 
 
+def test_the_library_raises_no_cli_error():
+    """ncmcli.nn's constructors raise ValueError/TypeError, never ncm's exit-coded errors: the
+    app turns them into a ConfigError where it hands values over (errors.config_boundary)."""
+    cli_errors = {"NcmError", "UsageError", "ConfigError", "DataError", "CheckpointError", "ImageError"}
+    named = {}
+    for path in (PKG / "nn").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Name) and node.id in cli_errors:
+                named.setdefault(path.name, set()).add(node.id)
+            elif isinstance(node, ast.alias) and node.name in cli_errors:
+                named.setdefault(path.name, set()).add(node.name)
+    assert named == {}, named
+
+
 def test_nets_and_criteria_are_built_only_inside_the_library():
     """``Classifier.from_config`` is the one builder: no module outside ncmcli/nn calls
     build_net or build_criterion."""

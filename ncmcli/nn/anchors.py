@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ncmcli.errors import ConfigError, special_file
+from ncmcli.errors import special_file
 from ncmcli.nn.certificate import duplicate_pairs, pairwise_angles, unit_rows
 from ncmcli.registry import ANCHOR_FILE_SUFFIXES, ANCHOR_METHODS, suggest
 
@@ -22,9 +22,9 @@ def make_anchors(method: str, num_classes: int, dim: int, *, seed: int = 0) -> t
     """(C, d) float32 anchors with unit rows. ``method`` is one of ``METHODS`` or a path to
     a ``.safetensors`` (key ``anchors``) or ``.csv`` file with one row per class."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ConfigError(f"classes must be an integer >= 2, got {num_classes!r}")
+        raise ValueError(f"classes must be an integer >= 2, got {num_classes!r}")
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ConfigError(f"dim must be an integer >= 1, got {dim!r}")
+        raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
     c, d = num_classes, dim
     if method.endswith(ANCHOR_FILE_SUFFIXES):
         return unit_rows(_from_file(Path(method), c, d)).float()
@@ -32,7 +32,7 @@ def make_anchors(method: str, num_classes: int, dim: int, *, seed: int = 0) -> t
         return make_anchors(resolve_auto(c, d), c, d, seed=seed)
     entry = ANCHOR_METHODS.get(method)
     if entry is None or not entry.builder:
-        raise ConfigError(
+        raise ValueError(
             f"unknown anchor method {method!r}; choose one of: {', '.join(METHODS)}, "
             f"or a .safetensors/.csv file" + suggest(method, METHODS)
         )
@@ -43,7 +43,7 @@ def make_anchors(method: str, num_classes: int, dim: int, *, seed: int = 0) -> t
 
 def orthogonal(c: int, d: int, seed: int = 0) -> torch.Tensor:
     if d < c:
-        raise ConfigError(f"orthogonal anchors need dim >= classes (got classes={c}, dim={d}); "
+        raise ValueError(f"orthogonal anchors need dim >= classes (got classes={c}, dim={d}); "
                           f"use simplex (classes <= dim+1), orthoplex (classes <= 2*dim), optimized or auto")
     return torch.eye(c, d, dtype=torch.float64)
 
@@ -54,14 +54,14 @@ def polar(c: int, d: int, seed: int = 0) -> torch.Tensor:
 
 def simplex(c: int, d: int, seed: int = 0) -> torch.Tensor:
     if c > d + 1:
-        raise ConfigError(f"simplex anchors need classes <= dim+1 (got classes={c}, dim={d}); "
+        raise ValueError(f"simplex anchors need classes <= dim+1 (got classes={c}, dim={d}); "
                           f"use orthoplex (classes <= 2*dim), optimized or auto")
     return _simplex(c, d)
 
 
 def orthoplex(c: int, d: int, seed: int = 0) -> torch.Tensor:
     if c > 2 * d:
-        raise ConfigError(f"orthoplex anchors need classes <= 2*dim (got classes={c}, dim={d}); use optimized or auto")
+        raise ValueError(f"orthoplex anchors need classes <= 2*dim (got classes={c}, dim={d}); use optimized or auto")
     return _orthoplex(c, d)
 
 
@@ -118,7 +118,7 @@ def _polar(c: int, d: int) -> torch.Tensor:
     points are de-duplicated and C of them are picked by farthest-point sampling."""
     if d == 1:
         if c > 2:
-            raise ConfigError("polar anchors in dim 1 allow at most 2 classes; use dim >= 2")
+            raise ValueError("polar anchors in dim 1 allow at most 2 classes; use dim >= 2")
         return torch.tensor([[1.0], [-1.0]], dtype=torch.float64)[:c]
     if d == 2:
         theta = torch.arange(c, dtype=torch.float64) * (2 * math.pi / c)
@@ -220,7 +220,7 @@ def _cached_optimized(c: int, d: int, seed: int) -> torch.Tensor:
 def _from_file(path: Path, c: int, d: int) -> torch.Tensor:
     if not path.is_file():
         kind = special_file(path)
-        raise ConfigError(f"anchor file {path} is {kind}, not a regular file" if kind else f"anchor file not found: {path}")
+        raise ValueError(f"anchor file {path} is {kind}, not a regular file" if kind else f"anchor file not found: {path}")
     try:
         if path.suffix == ".csv":
             rows = [
@@ -234,18 +234,18 @@ def _from_file(path: Path, c: int, d: int) -> torch.Tensor:
 
             a = load_file(str(path))["anchors"].double()
     except KeyError:
-        raise ConfigError(f"{path}: no tensor named 'anchors'") from None
+        raise ValueError(f"{path}: no tensor named 'anchors'") from None
     except Exception as exc:  # malformed CSV numbers, ragged rows, corrupt safetensors
-        raise ConfigError(f"{path}: cannot read anchors ({exc})") from None
+        raise ValueError(f"{path}: cannot read anchors ({exc})") from None
     if a.ndim != 2 or tuple(a.shape) != (c, d):
-        raise ConfigError(f"{path}: anchors have shape {tuple(a.shape)}, expected ({c}, {d})")
+        raise ValueError(f"{path}: anchors have shape {tuple(a.shape)}, expected ({c}, {d})")
     if not torch.isfinite(a).all():
-        raise ConfigError(f"{path}: anchors contain NaN or Inf")
+        raise ValueError(f"{path}: anchors contain NaN or Inf")
     if (a.norm(dim=1) == 0).any():
-        raise ConfigError(f"{path}: anchor rows {_zero_rows(a)} are zero")
+        raise ValueError(f"{path}: anchor rows {_zero_rows(a)} are zero")
     dup = duplicate_pairs(unit_rows(a))
     if dup:
-        raise ConfigError(f"{path}: duplicate anchor rows {dup[:5]}")
+        raise ValueError(f"{path}: duplicate anchor rows {dup[:5]}")
     return a
 
 

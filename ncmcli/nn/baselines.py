@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ncmcli import registry
-from ncmcli.errors import ConfigError
 from ncmcli.nn.losses import Criterion, fp32
 
 
@@ -27,7 +26,7 @@ class HingeLoss(Criterion):
     def __init__(self, dim: int, num_classes: int, form: str = "ova"):
         super().__init__()
         if form not in self.FORMS:
-            raise ConfigError(f"hinge form must be one of {', '.join(self.FORMS)}, got {form!r}")
+            raise ValueError(f"hinge form must be one of {', '.join(self.FORMS)}, got {form!r}")
         self.form = form
         self.fc = nn.Linear(dim, num_classes)
 
@@ -58,7 +57,7 @@ class LSoftmaxLoss(Criterion):
                  gamma: float = 2e-5, power: float = 45.0, lambda_min: float = 0.0):
         super().__init__()
         if margin not in registry.LSOFTMAX_MARGINS:
-            raise ConfigError(f"L-Softmax margin must be one of {registry.LSOFTMAX_MARGINS}, got {margin}")
+            raise ValueError(f"L-Softmax margin must be one of {registry.LSOFTMAX_MARGINS}, got {margin}")
         self.margin = margin
         self.label_smoothing = 0.0  # an extension, set by the builder
         self.base, self.gamma, self.power, self.lambda_min = base, gamma, power, lambda_min
@@ -123,7 +122,7 @@ class CenterLoss(Criterion):
     def __init__(self, dim: int, num_classes: int, weight: float = 0.003, alpha: float = 0.5):
         super().__init__()
         if weight < 0 or not 0 <= alpha <= 1:
-            raise ConfigError(f"center loss needs weight >= 0 and alpha in [0, 1], got {weight}, {alpha}")
+            raise ValueError(f"center loss needs weight >= 0 and alpha in [0, 1], got {weight}, {alpha}")
         # ``lam``, not ``weight``: every criterion's ``weight`` would be a class-vector matrix.
         self.lam, self.alpha = weight, alpha
         self.label_smoothing = 0.0  # an extension, set by the builder

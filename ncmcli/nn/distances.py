@@ -50,6 +50,4 @@ def get_distance(metric: str):
     try:
         return DISTANCES[metric]
     except (KeyError, TypeError):
-        from ncmcli.errors import ConfigError
-
-        raise ConfigError(f"unknown metric {metric!r}; choose one of: {', '.join(DISTANCES)}") from None
+        raise ValueError(f"unknown metric {metric!r}; choose one of: {', '.join(DISTANCES)}") from None

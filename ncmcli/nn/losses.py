@@ -15,7 +15,6 @@ from torch import nn
 
 from ncmcli import registry
 from ncmcli.nn.distances import DISTANCES, get_distance
-from ncmcli.errors import ConfigError
 
 
 class Criterion(nn.Module):
@@ -45,7 +44,7 @@ class Criterion(nn.Module):
 
     def set_logit_bias(self, bias: torch.Tensor | None, num_classes: int) -> None:
         if bias is not None and tuple(bias.shape) != (num_classes,):
-            raise ConfigError(f"logit_bias must have shape ({num_classes},), got {tuple(bias.shape)}")
+            raise ValueError(f"logit_bias must have shape ({num_classes},), got {tuple(bias.shape)}")
         self.logit_bias = None if bias is None else bias.detach().float().clone()
 
     def adjusted(self, logits: torch.Tensor) -> torch.Tensor:
@@ -107,11 +106,11 @@ class NCMLoss(Criterion):
                  class_slots: torch.Tensor | None = None, free_slots: str = "softmax", distance=None):
         super().__init__()
         if anchors.ndim != 2 or anchors.shape[0] < 2:
-            raise ConfigError(f"anchors must be (C >= 2, D), got {tuple(anchors.shape)}")
+            raise ValueError(f"anchors must be (C >= 2, D), got {tuple(anchors.shape)}")
         if not (scale > 0 and math.isfinite(scale)):
-            raise ConfigError(f"scale must be a finite number > 0, got {scale}")
+            raise ValueError(f"scale must be a finite number > 0, got {scale}")
         if free_slots not in self.FREE_SLOTS:
-            raise ConfigError(f"free_slots must be one of {', '.join(self.FREE_SLOTS)}, got {free_slots!r}")
+            raise ValueError(f"free_slots must be one of {', '.join(self.FREE_SLOTS)}, got {free_slots!r}")
         if distance is not None and not isinstance(distance, str) and not callable(distance):
             raise TypeError(f"distance must be a registered name or a callable (features, anchors) -> (B, C), "
                             f"got {type(distance).__name__}")
@@ -134,7 +133,7 @@ class NCMLoss(Criterion):
             class_slots = torch.as_tensor(class_slots, dtype=torch.int64, device="cpu").detach().clone().flatten()
             if len(class_slots) < 2 or len(set(class_slots.tolist())) != len(class_slots) \
                     or not bool(((class_slots >= 0) & (class_slots < len(anchors))).all()):
-                raise ConfigError(f"class_slots must be >= 2 distinct slots of the {len(anchors)} anchors")
+                raise ValueError(f"class_slots must be >= 2 distinct slots of the {len(anchors)} anchors")
             self.register_buffer("slot_anchors", anchors.detach().clone().float())
             self.register_buffer("class_slots", class_slots)
             used = anchors[class_slots.to(anchors.device)]
@@ -224,12 +223,12 @@ def logit_bias(tau: float, prior: torch.Tensor | None, num_classes: int) -> torc
     if tau == 0:
         return None
     if prior is None:
-        raise ConfigError("loss.logit_adjust needs the training class counts (none are known for this model)")
+        raise ValueError("loss.logit_adjust needs the training class counts (none are known for this model)")
     if not isinstance(prior, torch.Tensor):
         prior = torch.tensor(list(prior), dtype=torch.float64, device="cpu")
     prior = prior.detach().to("cpu", torch.float64).flatten()  # .to, not a factory: safe on the meta device
     if len(prior) != num_classes or not bool((prior > 0).all()):
-        raise ConfigError(f"loss.logit_adjust needs a positive count for each of the {num_classes} classes")
+        raise ValueError(f"loss.logit_adjust needs a positive count for each of the {num_classes} classes")
     return (tau * torch.log(prior / prior.sum())).float()
 
 
@@ -243,7 +242,7 @@ def resolve_scale(scale: float | str, floor_target: float, anchors: torch.Tensor
     try:
         return scale_for_floor(anchors, metric, floor_target)
     except ValueError as exc:
-        raise ConfigError(f"loss.scale={scale}: {exc}") from None
+        raise ValueError(f"loss.scale={scale}: {exc}") from None
 
 
 def build_ncm(loss_cfg, *, anchors: torch.Tensor | None, dim: int, num_classes: int,
@@ -254,10 +253,10 @@ def build_ncm(loss_cfg, *, anchors: torch.Tensor | None, dim: int, num_classes: 
     (num_classes,) the slot of each class; auto then reads the geometry of every slot."""
     rows = num_classes if class_slots is None else len(anchors) if anchors is not None else -1
     if anchors is None or anchors.ndim != 2 or anchors.shape[1] != dim or len(anchors) != rows:
-        raise ConfigError(f"{loss_cfg.name} needs anchors of shape ({num_classes}, {dim})"
+        raise ValueError(f"{loss_cfg.name} needs anchors of shape ({num_classes}, {dim})"
                           + (" or (slots, dim) with class_slots" if class_slots is not None else ""))
     if class_slots is not None and len(class_slots) != num_classes:
-        raise ConfigError(f"class_slots must give a slot for each of the {num_classes} classes")
+        raise ValueError(f"class_slots must give a slot for each of the {num_classes} classes")
     metric = NCM_METRICS[loss_cfg.name]
     if scale is None:
         masked = class_slots is not None and loss_cfg.free_slots == "masked"
@@ -282,7 +281,7 @@ def build_criterion(loss_cfg, *, anchors: torch.Tensor | None, dim: int, num_cla
     ``class_slots``: an NCM loss's slot per class, when ``anchors`` are pre-allocated slots."""
     entry = registry.LOSSES.get(loss_cfg.name)
     if entry is None:
-        raise ConfigError(f"unknown loss {loss_cfg.name!r}; choose one of: {', '.join(registry.LOSSES)}"
+        raise ValueError(f"unknown loss {loss_cfg.name!r}; choose one of: {', '.join(registry.LOSSES)}"
                           + registry.suggest(loss_cfg.name, registry.LOSSES))
     kw = {}
     if "logit_adjust" in entry.keys:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ncmcli.errors import ConfigError
 from ncmcli.netspecs import ARCH_NAMES, ARCHS, MLPS, RESNETS, MLPSpec, NetSpec, ResNetSpec
 from ncmcli.registry import DROPOUT_RANGE, HEADS
 
@@ -37,11 +36,11 @@ class FeatureNet(nn.Module):
     ):
         super().__init__()
         if head not in HEADS:
-            raise ConfigError(f"unknown model.head {head!r}; choose one of: {', '.join(HEADS)}")
+            raise ValueError(f"unknown model.head {head!r}; choose one of: {', '.join(HEADS)}")
         if not DROPOUT_RANGE[0] <= dropout < DROPOUT_RANGE[1]:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {dropout}")
+            raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
         if in_channels < 1 or image_size < 8:
-            raise ConfigError(f"input must have >= 1 channel and size >= 8, got {in_channels}x{image_size}")
+            raise ValueError(f"input must have >= 1 channel and size >= 8, got {in_channels}x{image_size}")
         d = feature_dim or spec.feature_dim
         layers: list[nn.Module] = []
         ch, size = in_channels, image_size
@@ -78,7 +77,7 @@ class MLPFeatures(nn.Module):
                  feature_dim: int | None = None, head: str = "linear"):
         super().__init__()
         if head not in HEADS or not DROPOUT_RANGE[0] <= dropout < DROPOUT_RANGE[1]:
-            raise ConfigError(f"model.dropout must be in [0, 1) and model.head one of {', '.join(HEADS)}")
+            raise ValueError(f"model.dropout must be in [0, 1) and model.head one of {', '.join(HEADS)}")
         width, layers = in_channels * image_size * image_size, [nn.Flatten()]
         for units in spec.hidden:
             layers += [nn.Linear(width, units), nn.ReLU(inplace=True)]
@@ -147,7 +146,7 @@ def _pretrained_weights(spec: ResNetSpec):
             torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True)
         except Exception as exc:
             reason = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
-            raise ConfigError(f"model.pretrained: cannot download {weights.url} ({reason}); offline, copy {name} "
+            raise ValueError(f"model.pretrained: cannot download {weights.url} ({reason}); offline, copy {name} "
                               f"into {hub} from a machine with internet, or set model.pretrained=false") from None
     return weights
 
@@ -172,16 +171,16 @@ def build_net(
 ) -> nn.Module:
     if arch in RESNETS:
         if not DROPOUT_RANGE[0] <= dropout < DROPOUT_RANGE[1] or head not in HEADS:
-            raise ConfigError(f"model.dropout must be in [0, 1) and model.head one of {', '.join(HEADS)}")
+            raise ValueError(f"model.dropout must be in [0, 1) and model.head one of {', '.join(HEADS)}")
         return ResNetFeatures(RESNETS[arch], in_channels=in_channels, dropout=dropout, feature_dim=feature_dim,
                               head=head, pretrained=pretrained)
     if pretrained:
-        raise ConfigError(f"model.pretrained applies to the ResNets ({', '.join(RESNETS)}), not {arch}")
+        raise ValueError(f"model.pretrained applies to the ResNets ({', '.join(RESNETS)}), not {arch}")
     if arch in MLPS:
         return MLPFeatures(MLPS[arch], in_channels=in_channels, image_size=image_size, dropout=dropout,
                            feature_dim=feature_dim, head=head)
     if arch not in ARCHS:
-        raise ConfigError(f"unknown model.arch {arch!r}; choose one of: {', '.join(ARCH_NAMES)}")
+        raise ValueError(f"unknown model.arch {arch!r}; choose one of: {', '.join(ARCH_NAMES)}")
     return FeatureNet(
         ARCHS[arch],
         in_channels=in_channels,

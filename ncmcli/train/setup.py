@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ncmcli.config.schema import Config
-from ncmcli.errors import ConfigError as NcmConfigError, NcmError
+from ncmcli.errors import ConfigError as NcmConfigError, NcmError, config_boundary
 from ncmcli.nn.classifier import Classifier
 from ncmcli.runs import trainstate
 from ncmcli.runtime import dist_info, rank0_first
@@ -116,13 +116,9 @@ def _classifier(cfg: Config, data, parent) -> Classifier:
         mean, std = imagenet_stats(data.input_shape[0])
     else:
         mean, std = split_stats(data.train, normalization=cfg.data.normalization)
-    try:
+    with config_boundary():  # the library's ValueError for a config value is a config error here
         return Classifier.from_config(cfg, data.classes, data.input_shape, mean=mean, std=std,
                                       class_counts=data.train_counts)
-    except NcmError:
-        raise
-    except (ValueError, TypeError) as exc:  # a library constructor's error is a config error here
-        raise NcmConfigError(str(exc)) from None
 
 
 def _step(cfg: Config, model: nn.Module, criterion: nn.Module, device: torch.device):
