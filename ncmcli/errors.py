@@ -18,7 +18,7 @@ class UsageError(NcmError):
 class ConfigError(UsageError, ValueError):
     """An invalid config key, value or preset. Also a ValueError, so that a caller that does
     not know ncm's errors catches it as one. The library (``ncmcli.nn``) never raises it: its
-    constructors raise plain ValueError and TypeError, and the app turns those into a
+    constructors raise plain ValueError and TypeError, and the app turns a ValueError into a
     ConfigError where it hands config values over (``config_boundary``)."""
 
 
