@@ -44,8 +44,18 @@ class Trainer:
     """One training step exactly as ``ncm train`` takes it: ``TrainStep`` (net under autocast,
     criterion in fp32), backward, SGD step."""
 
-    def __init__(self, preset: str, overrides: list[str], shape, classes: int, *, device="cpu",
-                 amp: torch.dtype | None = None, memory_format=torch.contiguous_format, compile: bool = False):
+    def __init__(
+        self,
+        preset: str,
+        overrides: list[str],
+        shape,
+        classes: int,
+        *,
+        device="cpu",
+        amp: torch.dtype | None = None,
+        memory_format=torch.contiguous_format,
+        compile: bool = False,
+    ):
         self.cfg = resolve(preset, overrides)
         torch.manual_seed(0)
         self.model, self.crit = Classifier.from_config(self.cfg, classes, shape).parts()
@@ -69,7 +79,9 @@ def forward_flops(model, shape) -> float:
 
     def conv_hook(m, inp, out):
         nonlocal total
-        total += out.numel() // out.shape[0] * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        total += (
+            out.numel() // out.shape[0] * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        )
 
     def lin_hook(m, inp, out):
         nonlocal total
@@ -87,8 +99,16 @@ def forward_flops(model, shape) -> float:
     return 2.0 * total
 
 
-def model_only_rate(preset: str, overrides: list[str], shape, classes: int, batch: int, steps: int,
-                    device="cpu", warmup: int = 2) -> float:
+def model_only_rate(
+    preset: str,
+    overrides: list[str],
+    shape,
+    classes: int,
+    batch: int,
+    steps: int,
+    device="cpu",
+    warmup: int = 2,
+) -> float:
     """Images/s of training steps on one fixed in-memory batch: the ceiling for a pipeline."""
     trainer = Trainer(preset, overrides, shape, classes, device=device)
     x = torch.randn(batch, *shape, device=device)

@@ -25,14 +25,16 @@ def main() -> None:
         print("ok")
         return
     runs = sorted({p.parent for a in args for p in Path(a).rglob(METRICS)})
-    print(f"{'run':32} {'epochs':>6} {'last fifth':>10} {'moved':>7} {'converged':>10} {'trend':>7} "
-          f"{'train acc':>9}")
+    print(
+        f"{'run':32} {'epochs':>6} {'last fifth':>10} {'moved':>7} {'converged':>10} {'trend':>7} "
+        f"{'train acc':>9}"
+    )
     ok = flat = 0
     for run in runs:
         rows = read_metrics(run / METRICS)
         if not rows:
             continue
-        tail = rows[-max(1, math.ceil(len(rows) / 5)):]
+        tail = rows[-max(1, math.ceil(len(rows) / 5)) :]
         errors = [r["test_error_pct"] for r in tail]
         moved = max(errors) - min(errors)
         change = trend(errors)
@@ -40,10 +42,14 @@ def main() -> None:
         flat += abs(change) <= 0.2
         span = f"{tail[0]['epoch']}-{tail[-1]['epoch']}"
         train_acc = 100 * rows[-1].get("train_acc", float("nan"))
-        print(f"{run.name:32} {len(rows):6d} {span:>10} {moved:7.2f} {'yes' if moved <= 0.2 else 'no':>10} "
-              f"{change:+7.2f} {train_acc:8.1f}%")
-    print(f"{ok} of {len(runs)} runs moved by <= 0.2 points over their last fifth; "
-          f"{flat} of {len(runs)} had a trend within +-0.2 points")
+        print(
+            f"{run.name:32} {len(rows):6d} {span:>10} {moved:7.2f} {'yes' if moved <= 0.2 else 'no':>10} "
+            f"{change:+7.2f} {train_acc:8.1f}%"
+        )
+    print(
+        f"{ok} of {len(runs)} runs moved by <= 0.2 points over their last fifth; "
+        f"{flat} of {len(runs)} had a trend within +-0.2 points"
+    )
 
 
 def trend(values: list[float]) -> float:
@@ -52,7 +58,9 @@ def trend(values: list[float]) -> float:
     if n < 2:
         return 0.0
     mean_x, mean_y = (n - 1) / 2, sum(values) / n
-    slope = sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values)) / sum((i - mean_x) ** 2 for i in range(n))
+    slope = sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values)) / sum(
+        (i - mean_x) ** 2 for i in range(n)
+    )
     return slope * (n - 1)
 
 

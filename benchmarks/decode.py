@@ -70,8 +70,11 @@ def rate(files: list[Path], size: int, workers: int, batch: int, *, draft: bool)
 
 
 def main() -> None:
-    args = parse(__doc__.splitlines()[0], size=(int, 224, "target side in pixels"),
-                 images=(int, 192, "JPEGs per source size"))
+    args = parse(
+        __doc__.splitlines()[0],
+        size=(int, 224, "target side in pixels"),
+        images=(int, 192, "JPEGs per source size"),
+    )
     size, n = (32, 8) if args.dry_run else (args.size, args.images)
     sources = [(64, 48), (160, 120)] if args.dry_run else [(500, 375), (1024, 768), (2048, 1536)]
     print(f"decode to {size} px (shorter side, centre crop), 2 DataLoader workers, {n} JPEGs per source size")

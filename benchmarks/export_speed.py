@@ -44,7 +44,9 @@ def main() -> None:
                 t_ts = timed(lambda: scripted(x), reps=reps)
             xn = x.numpy()
             t_onnx = timed(lambda: session.run(None, {"images": xn}), reps=reps)
-        print(f"{arch:10} {batch / t_torch:14.0f} {batch / t_onnx:13.0f} {batch / t_ts:12.0f} {t_torch / t_onnx:13.2f}")
+        print(
+            f"{arch:10} {batch / t_torch:14.0f} {batch / t_onnx:13.0f} {batch / t_ts:12.0f} {t_torch / t_onnx:13.2f}"
+        )
 
 
 if __name__ == "__main__":

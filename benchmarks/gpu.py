@@ -28,8 +28,11 @@ import torch
 from _common import Trainer, forward_flops, sync
 from ncmcli.data.batching import Split, batches, channel_stats, normalize
 
-NETS = [("mnist", "mnist-encm", (1, 28, 28), 10, 60000), ("cifar10", "cifar10plus-encm", (3, 32, 32), 10, 50000),
-        ("cifar100", "cifar100-encm", (3, 32, 32), 100, 50000)]
+NETS = [
+    ("mnist", "mnist-encm", (1, 28, 28), 10, 60000),
+    ("cifar10", "cifar10plus-encm", (3, 32, 32), 10, 50000),
+    ("cifar100", "cifar100-encm", (3, 32, 32), 100, 50000),
+]
 PEAKS = {"bf16": 989.0, "fp32": 494.0}  # fp32: TF32 tensor cores, cuDNN's default for convolutions
 
 
@@ -61,13 +64,17 @@ def main() -> None:
     peak = args.peak_tflops or PEAKS[args.precision]
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        print(f"device: {torch.cuda.get_device_name()}, {args.precision}, peak {peak:g} TFLOP/s; "
-              f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
-              f"matmul precision {torch.get_float32_matmul_precision()}")
+        print(
+            f"device: {torch.cuda.get_device_name()}, {args.precision}, peak {peak:g} TFLOP/s; "
+            f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
+            f"matmul precision {torch.get_float32_matmul_precision()}"
+        )
     else:
         print(f"device: cpu, {args.precision} (dry run: tiny sizes, the numbers mean nothing)")
-    print(f"{'net':9} {'GFLOP/img':>9} {'model img/s':>11} {'pipeline img/s':>14} {'TFLOP/s':>8} {'of peak':>8} "
-          f"{'s/epoch':>8} {'90 epochs':>10}")
+    print(
+        f"{'net':9} {'GFLOP/img':>9} {'model img/s':>11} {'pipeline img/s':>14} {'TFLOP/s':>8} {'of peak':>8} "
+        f"{'s/epoch':>8} {'90 epochs':>10}"
+    )
     rows = []
     for arch, preset, shape, classes, n_train in NETS:
         amp = torch.bfloat16 if args.precision == "bf16" and dev.type == "cuda" else None
@@ -80,16 +87,35 @@ def main() -> None:
         mean, std = channel_stats(images[:256].cpu())
         x0, y0 = normalize(images[:batch], mean, std), labels[:batch]
         model_rate = measure(tr, ((x0, y0) for _ in range(steps + 6)), steps, batch, dev, warmup)
-        feed = batches(Split(images, labels), batch, mean=mean, std=std, device=dev,
-                       generator=torch.Generator().manual_seed(0), augment_batches=tr.cfg.data.augment)
+        feed = batches(
+            Split(images, labels),
+            batch,
+            mean=mean,
+            std=std,
+            device=dev,
+            generator=torch.Generator().manual_seed(0),
+            augment_batches=tr.cfg.data.augment,
+        )
         rate = measure(tr, feed, steps, batch, dev, warmup)
         tflops = rate * flops / 1e12
         epoch_s = n_train / rate
-        rows.append({"net": arch, "precision": args.precision, "gflop_per_image": flops / 1e9,
-                     "model_images_per_s": model_rate, "pipeline_images_per_s": rate, "tflops": tflops,
-                     "peak_tflops": peak, "epoch_s": epoch_s, "epochs90_min": 90 * epoch_s / 60})
-        print(f"{arch:9} {flops / 1e9:9.2f} {model_rate:11.0f} {rate:14.0f} {tflops:8.1f} {tflops / peak:8.1%} "
-              f"{epoch_s:8.1f} {90 * epoch_s / 60:8.1f} min")
+        rows.append(
+            {
+                "net": arch,
+                "precision": args.precision,
+                "gflop_per_image": flops / 1e9,
+                "model_images_per_s": model_rate,
+                "pipeline_images_per_s": rate,
+                "tflops": tflops,
+                "peak_tflops": peak,
+                "epoch_s": epoch_s,
+                "epochs90_min": 90 * epoch_s / 60,
+            }
+        )
+        print(
+            f"{arch:9} {flops / 1e9:9.2f} {model_rate:11.0f} {rate:14.0f} {tflops:8.1f} {tflops / peak:8.1%} "
+            f"{epoch_s:8.1f} {90 * epoch_s / 60:8.1f} min"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": str(dev), "precision": args.precision, "rows": rows}, fh, indent=2)

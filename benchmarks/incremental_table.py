@@ -69,15 +69,19 @@ def _fake_sweep(root: Path) -> None:
     """Two seeds of a 2-task chain and one joint run, with made-up accuracies."""
     for seed, drop in ((0, 0.5), (1, 0.4)):
         chain = root / f"encm-slots10-r0-s{seed}"
-        for t, (acc, per) in enumerate([(0.99, {"a": 0.99, "b": 0.99}),
-                                        (0.5, {"a": 0.99 - drop, "b": 0.99 - drop, "c": 0.9, "d": 0.9})], 1):
+        for t, (acc, per) in enumerate(
+            [(0.99, {"a": 0.99, "b": 0.99}), (0.5, {"a": 0.99 - drop, "b": 0.99 - drop, "c": 0.9, "d": 0.9})],
+            1,
+        ):
             (chain / f"t{t}").mkdir(parents=True)
             tasks = [{"classes": ["a", "b"]}] + ([{"classes": ["c", "d"]}] if t == 2 else [])
-            (chain / f"t{t}" / "eval.json").write_text(json.dumps({"accuracy": acc, "per_class_accuracy": per,
-                                                                   "tasks": tasks}))
+            (chain / f"t{t}" / "eval.json").write_text(
+                json.dumps({"accuracy": acc, "per_class_accuracy": per, "tasks": tasks})
+            )
     (root / "joint-encm-s0" / "t1").mkdir(parents=True)
-    (root / "joint-encm-s0" / "t1" / "eval.json").write_text(json.dumps(
-        {"accuracy": 0.9, "per_class_accuracy": {"a": 0.9}, "tasks": None}))
+    (root / "joint-encm-s0" / "t1" / "eval.json").write_text(
+        json.dumps({"accuracy": 0.9, "per_class_accuracy": {"a": 0.9}, "tasks": None})
+    )
 
 
 def main(argv=None) -> int:
@@ -91,7 +95,9 @@ def main(argv=None) -> int:
             print(table(Path(tmp)))
         return 0
     if args.out is None or not args.out.is_dir():
-        print("incremental_table.py: give the sweep folder (OUT of benchmarks/incremental.sh)", file=sys.stderr)
+        print(
+            "incremental_table.py: give the sweep folder (OUT of benchmarks/incremental.sh)", file=sys.stderr
+        )
         return 2
     print(table(args.out))
     return 0

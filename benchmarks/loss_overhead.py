@@ -29,8 +29,10 @@ def main() -> None:
                     loss_fn(f, y).backward()
 
                 loss_s = timed(loss_only, reps=LOSS_REPS)
-                print(f"{arch:9} {c:4d} {d:4d} {metric:>10} {1e3 * loss_s:8.3f} {1e3 * step_s:8.1f} "
-                      f"{loss_s / step_s:7.2%}")
+                print(
+                    f"{arch:9} {c:4d} {d:4d} {metric:>10} {1e3 * loss_s:8.3f} {1e3 * step_s:8.1f} "
+                    f"{loss_s / step_s:7.2%}"
+                )
 
 
 if __name__ == "__main__":

@@ -40,19 +40,32 @@ def main() -> None:
             tmp = Path(tmp)
             data = []
             if preset.startswith("cifar"):
-                make_folder(tmp / "cifar", classes=[f"c{i}" for i in range(10)], per_class=n // 10, size=(32, 32))
-                data = ["data.name=folder", f"data.root={tmp / 'cifar'}", "data.image_size=32", "data.cache=false"]
+                make_folder(
+                    tmp / "cifar", classes=[f"c{i}" for i in range(10)], per_class=n // 10, size=(32, 32)
+                )
+                data = [
+                    "data.name=folder",
+                    f"data.root={tmp / 'cifar'}",
+                    "data.image_size=32",
+                    "data.cache=false",
+                ]
             elif preset.startswith("mnist"):
                 make_mnist(tmp, n_train=n, n_test=256)
                 data = [f"data.root={tmp}", "data.download=false"]
-            cfg = resolve(preset, over + data + ["train.epochs=2", f"data.limit_train={n}", "data.limit_test=64",
-                                                 "optim.schedule=none"])
+            cfg = resolve(
+                preset,
+                over
+                + data
+                + ["train.epochs=2", f"data.limit_train={n}", "data.limit_test=64", "optim.schedule=none"],
+            )
             run = tmp / "run"
             run.mkdir()
             train(cfg, run_dir=run, device=torch.device("cpu"), reporter=Reporter())
             e2e = json.loads((run / "metrics.jsonl").read_text().splitlines()[1])["images_per_s"]
         batch = cfg.train.batch_size
-        ceiling = model_only_rate(preset, over, shape, classes, batch, steps=max(1 if args.dry_run else 3, n // batch))
+        ceiling = model_only_rate(
+            preset, over, shape, classes, batch, steps=max(1 if args.dry_run else 3, n // batch)
+        )
         print(f"{name:34} {e2e:16.1f} {ceiling:17.1f} {e2e / ceiling:7.3f}")
 
 

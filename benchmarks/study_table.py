@@ -36,7 +36,10 @@ COLUMNS = {  # name -> (header, extractor(run folder) -> number or None)
     "train_acc": ("train acc %", lambda r: _pct((_last_metrics(r) or {}).get("train_acc"))),
     "scale": ("final s", lambda r: ((_json(r, "result.json") or {}).get("scale") or {}).get("value")),
     "ece": ("ECE", lambda r: ((_json(r, "eval.json") or {}).get("diagnostics") or {}).get("ece_15_bins")),
-    "norm": ("median ‖f‖", lambda r: ((_json(r, "eval.json") or {}).get("diagnostics") or {}).get("feature_norm_median")),
+    "norm": (
+        "median ‖f‖",
+        lambda r: ((_json(r, "eval.json") or {}).get("diagnostics") or {}).get("feature_norm_median"),
+    ),
     "auroc_dist": ("AUROC dist", lambda r: _ood(r, "dist")),
     "auroc_margin": ("AUROC margin", lambda r: _ood(r, "margin")),
     "auroc_msp": ("AUROC msp", lambda r: _ood(r, "msp")),
@@ -48,15 +51,26 @@ COLUMNS = {  # name -> (header, extractor(run folder) -> number or None)
     "medium": ("medium %", lambda r: _pct((_json(r, "eval.json") or {}).get("medium_accuracy"))),
     "tail": ("tail %", lambda r: _pct((_json(r, "eval.json") or {}).get("tail_accuracy"))),
     "la_acc": ("acc % (post-hoc LA)", lambda r: _pct((_json(r, "eval-la1.json") or {}).get("accuracy"))),
-    "la_balanced": ("balanced % (post-hoc LA)", lambda r: _pct((_json(r, "eval-la1.json") or {}).get("balanced_accuracy"))),
-    "la_head": ("head % (post-hoc LA)", lambda r: _pct((_json(r, "eval-la1.json") or {}).get("head_accuracy"))),
-    "la_tail": ("tail % (post-hoc LA)", lambda r: _pct((_json(r, "eval-la1.json") or {}).get("tail_accuracy"))),
+    "la_balanced": (
+        "balanced % (post-hoc LA)",
+        lambda r: _pct((_json(r, "eval-la1.json") or {}).get("balanced_accuracy")),
+    ),
+    "la_head": (
+        "head % (post-hoc LA)",
+        lambda r: _pct((_json(r, "eval-la1.json") or {}).get("head_accuracy")),
+    ),
+    "la_tail": (
+        "tail % (post-hoc LA)",
+        lambda r: _pct((_json(r, "eval-la1.json") or {}).get("tail_accuracy")),
+    ),
 }
 
 
 def _ood(run: Path, score: str):
     for name in ("eval.json", "ood.json"):  # reproduce.sh names an open-set-only evaluation ood
-        found = (((_json(run, name) or {}).get("ood") or {}).get("by_score") or {}).get(score, {}).get("auroc")
+        found = (
+            (((_json(run, name) or {}).get("ood") or {}).get("by_score") or {}).get(score, {}).get("auroc")
+        )
         if found is not None:
             return found
     return None
@@ -83,8 +97,13 @@ def table(paths: list[Path], columns: list[str], by: list[str] = ()) -> str:
             vals = [v for v in (COLUMNS[col][1](Path(r)) for r in cell.runs) if v is not None]
             row.append(_stat(vals, 4 if col.startswith(("auroc", "ece")) else 2))
         rows.append(row)
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                      *("| " + " | ".join(r) + " |" for r in rows)])
+    return "\n".join(
+        [
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows),
+        ]
+    )
 
 
 def fake_runs(root: Path) -> Path:
@@ -98,9 +117,17 @@ def fake_runs(root: Path) -> Path:
         (run / "config.yaml").write_text(to_yaml(resolve("quickstart", [f"seed={seed}", "loss.scale=auto"])))
         (run / "result.json").write_text(json.dumps({"test_error_pct": err, "scale": {"value": 3.0 + seed}}))
         (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_acc": acc}) + "\n")
-        (run / "eval.json").write_text(json.dumps({"accuracy": acc, "balanced_accuracy": acc, "tail_accuracy": acc / 2,
-                                                   "diagnostics": {"ece_15_bins": 0.01, "feature_norm_median": 5.0},
-                                                   "ood": {"by_score": {"dist": {"auroc": auroc}}}}))
+        (run / "eval.json").write_text(
+            json.dumps(
+                {
+                    "accuracy": acc,
+                    "balanced_accuracy": acc,
+                    "tail_accuracy": acc / 2,
+                    "diagnostics": {"ece_15_bins": 0.01, "feature_norm_median": 5.0},
+                    "ood": {"by_score": {"dist": {"auroc": auroc}}},
+                }
+            )
+        )
     return root
 
 

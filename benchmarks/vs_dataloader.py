@@ -53,7 +53,9 @@ def main() -> None:
     labels = torch.randint(0, 10, (N,), generator=g)
     split = Split(images, labels)
     mean, std = channel_stats(images)
-    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    tf = T.Compose(
+        [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
+    )
     ds = PilCifar(images, labels, tf)
     gen = torch.Generator().manual_seed(1)
     ncm = lambda: batches(split, BATCH, mean=mean, std=std, device="cpu", generator=gen, augment_batches=True)  # noqa: E731
@@ -62,8 +64,13 @@ def main() -> None:
     for arch in ("tiny",) if args.dry_run else ("tiny", "cifar10"):
         ours = rate(ncm, arch)
         w0 = rate(lambda: DataLoader(ds, BATCH, shuffle=True, num_workers=0), arch)
-        w2 = w0 if args.dry_run else rate(
-            lambda: DataLoader(ds, BATCH, shuffle=True, num_workers=2, persistent_workers=False), arch)
+        w2 = (
+            w0
+            if args.dry_run
+            else rate(
+                lambda: DataLoader(ds, BATCH, shuffle=True, num_workers=2, persistent_workers=False), arch
+            )
+        )
         print(f"{arch:10} {ours:10.1f} {w0:8.1f} {w2:8.1f} {ours / w0:10.2f} {ours / w2:10.2f}")
 
 

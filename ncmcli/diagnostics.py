@@ -11,8 +11,10 @@ def extract(classifier, split, *, device, batch_size: int = 1024):
     """(features (N, d), logits (N, C), labels (N,)) of a split, on the CPU."""
     from ncmcli.forward import forward_split
 
-    parts = [(f.float().cpu(), z.float().cpu(), y.cpu()) for f, z, y in
-             forward_split(classifier, split, device=device, batch_size=batch_size)]
+    parts = [
+        (f.float().cpu(), z.float().cpu(), y.cpu())
+        for f, z, y in forward_split(classifier, split, device=device, batch_size=batch_size)
+    ]
     feats, logits, labels = zip(*parts)
     return torch.cat(feats), torch.cat(logits), torch.cat(labels)
 
@@ -32,7 +34,9 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     for lo, hi in zip(edges[:-1], edges[1:]):
         inside = (conf.double() > lo) & (conf.double() <= hi)
         if inside.any():
-            ece += inside.double().mean().item() * abs(correct[inside].mean().item() - conf[inside].double().mean().item())
+            ece += inside.double().mean().item() * abs(
+                correct[inside].mean().item() - conf[inside].double().mean().item()
+            )
     return ece
 
 
@@ -68,11 +72,17 @@ def anchor_report(distances: torch.Tensor, labels: torch.Tensor, classes: list[s
     for c, name in enumerate(classes):
         m = labels == c
         if m.any():
-            per_class[name] = {"mean": own[m].mean().item(), "median": own[m].median().item(), "n": int(m.sum())}
+            per_class[name] = {
+                "mean": own[m].mean().item(),
+                "median": own[m].median().item(),
+                "n": int(m.sum()),
+            }
     return {
         "compactness": {"mean": own.mean().item(), "median": own.median().item(), "per_class": per_class},
-        "separation": {"mean_nearest_other_anchor": nearest_other.mean().item(),
-                       "own_voronoi_cell_share": (distances.argmin(1) == labels).double().mean().item()},
+        "separation": {
+            "mean_nearest_other_anchor": nearest_other.mean().item(),
+            "own_voronoi_cell_share": (distances.argmin(1) == labels).double().mean().item(),
+        },
     }
 
 

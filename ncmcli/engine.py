@@ -14,8 +14,15 @@ MAX_ANCHOR_NUMBERS = 2**26
 
 
 def anchors_command(
-    classes: int, dim: int, method: str, *, seed: int = 0, metric: str = "euclidean",
-    scale: float | str = 1.0, floor_target: float = 0.1, out: Path | None = None,
+    classes: int,
+    dim: int,
+    method: str,
+    *,
+    seed: int = 0,
+    metric: str = "euclidean",
+    scale: float | str = 1.0,
+    floor_target: float = 0.1,
+    out: Path | None = None,
 ) -> dict:
     """Build anchors, optionally save them, and return their certificate as a dict.
     ``scale``: a number, or "auto" for the scale whose loss floor is ``floor_target`` nats."""
@@ -34,10 +41,14 @@ def anchors_command(
     if not 2 <= classes <= MAX_ANCHOR_CLASSES:
         raise UsageError(f"--classes must be in [2, {MAX_ANCHOR_CLASSES}], got {classes}")
     if not 1 <= dim <= MAX_ANCHOR_DIM or classes * dim > MAX_ANCHOR_NUMBERS:
-        raise UsageError(f"--dim must be in [1, {MAX_ANCHOR_DIM}] with classes x dim <= {MAX_ANCHOR_NUMBERS:,}, "
-                         f"got {classes} x {dim}")
+        raise UsageError(
+            f"--dim must be in [1, {MAX_ANCHOR_DIM}] with classes x dim <= {MAX_ANCHOR_NUMBERS:,}, "
+            f"got {classes} x {dim}"
+        )
     if out is not None and (Path(out).is_dir() or str(out).endswith(("/", "\\"))):
-        raise UsageError(f"--out {out} is a folder; give a file name such as {Path(out) / 'anchors.safetensors'}")
+        raise UsageError(
+            f"--out {out} is a folder; give a file name such as {Path(out) / 'anchors.safetensors'}"
+        )
     with config_boundary():
         a = make_anchors(method, classes, dim, seed=seed)
     label = f"auto ({resolve_auto(classes, dim)})" if method == "auto" else method
@@ -60,7 +71,9 @@ def anchors_command(
 
         meta = {"method": method, "seed": str(seed), "classes": str(classes), "dim": str(dim)}
         try:
-            atomic_write(Path(out), lambda tmp: save_file({"anchors": a.contiguous()}, str(tmp), metadata=meta))
+            atomic_write(
+                Path(out), lambda tmp: save_file({"anchors": a.contiguous()}, str(tmp), metadata=meta)
+            )
         except OSError as exc:
             raise UsageError(f"cannot write --out {out} ({exc.strerror or exc})") from None
     return cert
@@ -76,6 +89,7 @@ def _number(text) -> float:
 # ---------------------------------------------------------------------------------------
 # Shared helpers
 
+
 class Reporter:
     """How the engine tells the outside world what it is doing. The default says nothing;
     the CLI passes one that draws progress on stderr."""
@@ -90,6 +104,7 @@ class Reporter:
 # ---------------------------------------------------------------------------------------
 # Commands
 
+
 def _check_resume_integrity(run, cfg, config_text: str, meta: dict) -> None:
     """The checkpoint is the truth: refuse a ``last`` whose config differs from config.yaml
     (a hand edit) or that another run wrote (a copied file)."""
@@ -100,8 +115,10 @@ def _check_resume_integrity(run, cfg, config_text: str, meta: dict) -> None:
 
     folder_id = run_id_of_config(config_text)
     if folder_id and meta.get("run_id") != folder_id:
-        raise CheckpointError(f"{run.last} belongs to another run (run id {meta.get('run_id')!s:.20}, "
-                              f"this folder's is {folder_id}); refusing to resume from it")
+        raise CheckpointError(
+            f"{run.last} belongs to another run (run id {meta.get('run_id')!s:.20}, "
+            f"this folder's is {folder_id}); refusing to resume from it"
+        )
     try:
         saved = from_dict(bounded_json(meta["config"]))
     except (KeyError, ValueError, NcmError):
@@ -110,8 +127,10 @@ def _check_resume_integrity(run, cfg, config_text: str, meta: dict) -> None:
     a["train"]["epochs"] = b["train"]["epochs"]  # the one key --resume may change
     if a != b:
         diff = _first_difference(a, b)
-        raise CheckpointError(f"{run.config} differs from the config in {run.last.name} ({diff}); "
-                              "the checkpoint is the truth: restore config.yaml or start a new run")
+        raise CheckpointError(
+            f"{run.config} differs from the config in {run.last.name} ({diff}); "
+            "the checkpoint is the truth: restore config.yaml or start a new run"
+        )
 
 
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
@@ -125,7 +144,9 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
     return ""
 
 
-def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter: Reporter, stop=None) -> dict:
+def resume_command(
+    run_dir: Path, *, overrides: list[str], device: str, reporter: Reporter, stop=None
+) -> dict:
     """Continue an interrupted run exactly; only ``train.epochs`` may change (to extend it)."""
     import dataclasses
 
@@ -143,7 +164,9 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
     run_dir = Path(run_dir)
     folder = RunDir(run_dir)
     if not folder.is_resumable():
-        raise UsageError(f"{run_dir} is not a resumable run folder (needs {folder.config.name} and {folder.last.name})")
+        raise UsageError(
+            f"{run_dir} is not a resumable run folder (needs {folder.config.name} and {folder.last.name})"
+        )
     config_text = folder.config_text()
     try:
         cfg = ov.from_dict(load_yaml_text(config_text, str(folder.config)) or {})
@@ -160,24 +183,36 @@ def resume_command(run_dir: Path, *, overrides: list[str], device: str, reporter
     cfg = ov.from_dict(cfg.to_dict())  # re-validate the changed epochs
     progress = trainstate.unpack(last).progress
     if cfg.train.epochs < progress.epoch or (cfg.train.epochs == progress.epoch and progress.step > 0):
-        raise UsageError(f"{run_dir} has already trained {progress.epoch} epochs"
-                         + (f" and {progress.step} steps of the next" if progress.step else "")
-                         + f"; train.epochs={cfg.train.epochs} would shorten it (give N > {progress.epoch})")
+        raise UsageError(
+            f"{run_dir} has already trained {progress.epoch} epochs"
+            + (f" and {progress.step} steps of the next" if progress.step else "")
+            + f"; train.epochs={cfg.train.epochs} would shorten it (give N > {progress.epoch})"
+        )
     if progress.epoch >= cfg.train.epochs and progress.step == 0:
-        raise UsageError(f"{run_dir} already finished {progress.epoch} epochs; extend it with --set train.epochs=N")
+        raise UsageError(
+            f"{run_dir} already finished {progress.epoch} epochs; extend it with --set train.epochs=N"
+        )
     dev, rank, _ = setup_distributed(device)
 
     def run() -> dict:  # under the folder's lock: a refused resume says nothing else
         if cfg.train.epochs != old_epochs and cfg.optim.schedule == "cosine" and rank == 0:
-            reporter.message(f"note: the cosine schedule spans train.epochs, so extending {old_epochs} -> "
-                             f"{cfg.train.epochs} epochs re-spans it: the lr jumps to where the longer cosine "
-                             f"is at step {progress.global_step}, not where the old one would have ended")
+            reporter.message(
+                f"note: the cosine schedule spans train.epochs, so extending {old_epochs} -> "
+                f"{cfg.train.epochs} epochs re-spans it: the lr jumps to where the longer cosine "
+                f"is at step {progress.global_step}, not where the old one would have ended"
+            )
         if overrides and rank == 0:
             from ncmcli.runs.rundir import run_id_of_config
 
             folder.write_config(ov.to_yaml(cfg), run_id_of_config(config_text))
-        return train(cfg, run_dir=run_dir, device=dev, resume=last, stop=stop,
-                     reporter=reporter if rank == 0 else Reporter())
+        return train(
+            cfg,
+            run_dir=run_dir,
+            device=dev,
+            resume=last,
+            stop=stop,
+            reporter=reporter if rank == 0 else Reporter(),
+        )
 
     return distributed_run(lambda: _locked(run_dir, rank, run))
 
@@ -192,9 +227,20 @@ def _locked(run_dir: Path, rank: int, fn):
         return fn()
 
 
-def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | None,
-                  runs_root: Path, device: str, force: bool, reporter: Reporter, stop=None,
-                  name: str | None = None, extend: Path | None = None) -> dict:
+def train_command(
+    cfg,
+    *,
+    preset: str | None,
+    overrides: list[str],
+    out: Path | None,
+    runs_root: Path,
+    device: str,
+    force: bool,
+    reporter: Reporter,
+    stop=None,
+    name: str | None = None,
+    extend: Path | None = None,
+) -> dict:
     import contextlib
     import os
     import shutil
@@ -220,8 +266,18 @@ def train_command(cfg, *, preset: str | None, overrides: list[str], out: Path | 
         else:  # other ranks write nothing
             run_dir, created, reporter = Path(out), False, Reporter()
         try:
-            return distributed_run(lambda: train(cfg, run_dir=run_dir, device=dev, reporter=reporter,
-                                                  preset=preset, overrides=overrides, stop=stop, extend=extend))
+            return distributed_run(
+                lambda: train(
+                    cfg,
+                    run_dir=run_dir,
+                    device=dev,
+                    reporter=reporter,
+                    preset=preset,
+                    overrides=overrides,
+                    stop=stop,
+                    extend=extend,
+                )
+            )
         except BaseException:
             # A run that fails before its first checkpoint (missing data, bad anchors) leaves
             # no empty folder behind; one with checkpoints keeps them.

@@ -25,7 +25,9 @@ def _test_split(ck, data_root: str | None, limit: int = 0):
         data_cfg = dataclasses.replace(data_cfg, channels=ck.input_shape[0], image_size=ck.input_shape[1])
     data = load_dataset(data_cfg, train=False, class_order=_class_order(ck))
     if data.classes != ck.classes:
-        raise DataError(f"the test data has classes {data.classes[:5]}..., the checkpoint {ck.classes[:5]}...")
+        raise DataError(
+            f"the test data has classes {data.classes[:5]}..., the checkpoint {ck.classes[:5]}..."
+        )
     if data.input_shape != ck.input_shape:
         raise DataError(f"the test data has input shape {data.input_shape}, the checkpoint {ck.input_shape}")
     return data
@@ -58,7 +60,9 @@ def _ood_images(source: str, ck, data_root: str | None, limit: int):
         return x.round().clamp(0, 255).to(torch.uint8)
     folder = Path(source)
     if not folder.is_dir():
-        raise UsageError(f"--ood {source!r} is neither a dataset ({', '.join(d for d in DATASETS if d != 'folder')}) nor a folder")
+        raise UsageError(
+            f"--ood {source!r} is neither a dataset ({', '.join(d for d in DATASETS if d != 'folder')}) nor a folder"
+        )
     if (folder / "test").is_dir():  # a train/ + test/ data set: its held-out part only
         folder = folder / "test"
     files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
@@ -70,9 +74,19 @@ def _ood_images(source: str, ck, data_root: str | None, limit: int):
     return torch.stack([load_image(f, c, h)[0] for f in files])
 
 
-def eval_command(target: Path, *, data_root: str | None, device: str, batch_size: int | None = None,
-                 limit: int = 0, ood: str | None = None, logit_adjust: float = 0.0,
-                 ood_score: str | None = None, which: str = "best", ood_limit: int | None = None) -> dict:
+def eval_command(
+    target: Path,
+    *,
+    data_root: str | None,
+    device: str,
+    batch_size: int | None = None,
+    limit: int = 0,
+    ood: str | None = None,
+    logit_adjust: float = 0.0,
+    ood_score: str | None = None,
+    which: str = "best",
+    ood_limit: int | None = None,
+) -> dict:
     """Accuracy, loss, per-class accuracy, confusion, long-tail metrics and feature diagnostics
     on the test split; ``logit_adjust`` tau > 0 predicts with post-hoc adjusted logits."""
     import torch
@@ -98,15 +112,24 @@ def eval_command(target: Path, *, data_root: str | None, device: str, batch_size
     diag, dist = _diagnostics(ck, feats, logits, labels, dev)
     scores, macro_f1 = diagnostics.per_class_scores(ev["confusion"])
     result = {
-        "checkpoint": str(path), "dataset": data.name, "epoch": ck.epoch,
-        "accuracy": ev["accuracy"], "error_pct": ev["error_pct"], "loss": ev["loss"], "n": ev["n"],
+        "checkpoint": str(path),
+        "dataset": data.name,
+        "epoch": ck.epoch,
+        "accuracy": ev["accuracy"],
+        "error_pct": ev["error_pct"],
+        "loss": ev["loss"],
+        "n": ev["n"],
         "per_class_accuracy": dict(zip(ck.classes, ev["per_class_accuracy"])),
         "top5_accuracy": diagnostics.topk_accuracy(logits, labels, 5) if len(ck.classes) > 5 else None,
-        "per_class": dict(zip(ck.classes, scores)), "macro_f1": macro_f1,
+        "per_class": dict(zip(ck.classes, scores)),
+        "macro_f1": macro_f1,
         **scoring.imbalance_metrics(ev["confusion"], ck.class_counts),
         "train_counts": None if ck.class_counts is None else dict(zip(ck.classes, ck.class_counts)),
-        "imbalance": ck.imbalance or None, "logit_adjust": adjusted,
-        "classes": ck.classes, "confusion": ev["confusion"], "diagnostics": diag,
+        "imbalance": ck.imbalance or None,
+        "logit_adjust": adjusted,
+        "classes": ck.classes,
+        "confusion": ev["confusion"],
+        "diagnostics": diag,
     }
     if ck.criterion.uses_anchors:
         result["scale"] = ck.criterion.scale_value()
@@ -137,8 +160,10 @@ def _check_eval_options(logit_adjust, ood_score, batch_size, limit, ood_limit) -
     if ood_score is not None and ood_score not in scoring.OOD_SCORES:
         from ncmcli.registry import suggest
 
-        raise UsageError(f"--ood-score must be one of {', '.join(scoring.OOD_SCORES)}, got {ood_score!r}"
-                         + suggest(ood_score, scoring.OOD_SCORES))
+        raise UsageError(
+            f"--ood-score must be one of {', '.join(scoring.OOD_SCORES)}, got {ood_score!r}"
+            + suggest(ood_score, scoring.OOD_SCORES)
+        )
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if limit < 0:
@@ -153,8 +178,10 @@ def _diagnostics(ck, feats, logits, labels, dev):
 
     from ncmcli import diagnostics
 
-    diag = {"ece_15_bins": diagnostics.expected_calibration_error(torch.softmax(logits, 1), labels),
-            "feature_norm_median": feats.double().norm(dim=1).median().item()}
+    diag = {
+        "ece_15_bins": diagnostics.expected_calibration_error(torch.softmax(logits, 1), labels),
+        "feature_norm_median": feats.double().norm(dim=1).median().item(),
+    }
     if not ck.criterion.uses_anchors:
         return diag, None
     with torch.no_grad():
@@ -172,8 +199,10 @@ def _post_hoc(ck, path, ev: dict, logits, labels, tau: float):
     from ncmcli import scoring
 
     if ck.class_counts is None:
-        raise UsageError(f"--logit-adjust needs the training class counts, and {path} has none "
-                         "(checkpoints from this version of ncm store them)")
+        raise UsageError(
+            f"--logit-adjust needs the training class counts, and {path} has none "
+            "(checkpoints from this version of ncm store them)"
+        )
     try:
         logits = scoring.adjusted_logits(logits, ck.class_counts, tau)
     except ValueError as exc:
@@ -181,8 +210,12 @@ def _post_hoc(ck, path, ev: dict, logits, labels, tau: float):
     adjusted = {"tau": tau, "unadjusted_accuracy": ev["accuracy"]}
     conf = scoring.confusion_of(logits.argmax(1), labels, len(ck.classes))
     correct = int(conf.diag().sum())
-    ev.update(accuracy=correct / ev["n"], error_pct=100.0 * (1 - correct / ev["n"]), confusion=conf.tolist(),
-              per_class_accuracy=[int(h) / int(t) if t else None for h, t in zip(conf.diag(), conf.sum(1))])
+    ev.update(
+        accuracy=correct / ev["n"],
+        error_pct=100.0 * (1 - correct / ev["n"]),
+        confusion=conf.tolist(),
+        per_class_accuracy=[int(h) / int(t) if t else None for h, t in zip(conf.diag(), conf.sum(1))],
+    )
     return logits, adjusted
 
 
@@ -202,11 +235,22 @@ def _open_set(source: str, logits_in, dist_in, logits_out, dist_out, choice: str
         by_score[name] = {"auroc": diagnostics.auroc(s_in[name], s_out[name]), "fpr_at_95_tpr": fpr}
     inverted = [n for n, v in by_score.items() if v["auroc"] < 0.5]
     better = max(by_score, key=lambda n: by_score[n]["auroc"])
-    warnings = [f"--ood-score {n} has AUROC {by_score[n]['auroc']:.4f} < 0.5: the score ranks unknowns as more "
-                f"known; try --ood-score {better}" for n in inverted]
-    return {"source": source, "n_in": len(logits_in), "n_out": len(logits_out), "score": primary,
-            "score_description": scoring.OOD_SCORES[primary][0], "auroc": by_score[primary]["auroc"],
-            "fpr_at_95_tpr": by_score[primary]["fpr_at_95_tpr"], "by_score": by_score, "warnings": warnings}
+    warnings = [
+        f"--ood-score {n} has AUROC {by_score[n]['auroc']:.4f} < 0.5: the score ranks unknowns as more "
+        f"known; try --ood-score {better}"
+        for n in inverted
+    ]
+    return {
+        "source": source,
+        "n_in": len(logits_in),
+        "n_out": len(logits_out),
+        "score": primary,
+        "score_description": scoring.OOD_SCORES[primary][0],
+        "auroc": by_score[primary]["auroc"],
+        "fpr_at_95_tpr": by_score[primary]["fpr_at_95_tpr"],
+        "by_score": by_score,
+        "warnings": warnings,
+    }
 
 
 def _plot_out(out: Path | None, default_dir: Path, stem: str, fmt: str) -> Path:
@@ -222,9 +266,18 @@ def _plot_out(out: Path | None, default_dir: Path, stem: str, fmt: str) -> Path:
     return out if out.suffix else out.with_suffix(f".{fmt}")
 
 
-def plot_command(kind: str, target: Path | list[Path], *, out: Path | None, fmt: str = "png",
-                 device: str = "auto", split: str = "test", max_points: int = 5000,
-                 data_root: str | None = None, which: str = "best") -> Path:
+def plot_command(
+    kind: str,
+    target: Path | list[Path],
+    *,
+    out: Path | None,
+    fmt: str = "png",
+    device: str = "auto",
+    split: str = "test",
+    max_points: int = 5000,
+    data_root: str | None = None,
+    which: str = "best",
+) -> Path:
     """Draw one plot and return the file written."""
     import dataclasses
 
@@ -257,27 +310,46 @@ def plot_command(kind: str, target: Path | list[Path], *, out: Path | None, fmt:
     ck = checkpoint.load(path, dev)
     name = f"{ck.config.loss.name} {ck.config.model.arch} on {ck.config.data.name}, epoch {ck.epoch}"
     if split == "train" and kind == "features":
-        data_cfg = ck.config.data if data_root is None else dataclasses.replace(ck.config.data, root=data_root)
+        data_cfg = (
+            ck.config.data if data_root is None else dataclasses.replace(ck.config.data, root=data_root)
+        )
         data = load_dataset(data_cfg, class_order=_class_order(ck))
         s = data.train
     else:
         s = _test_split(ck, data_root).test
     if kind == "confusion":
         ev = evaluate(ck.classifier, s.to(dev), device=dev, batch_size=ck.config.train.eval_batch_size)
-        return plots.confusion(ev["confusion"], ck.classes, f"{name}: accuracy {ev['accuracy']:.4f}",
-                               _plot_out(out, path.parent, "confusion", fmt))
+        return plots.confusion(
+            ev["confusion"],
+            ck.classes,
+            f"{name}: accuracy {ev['accuracy']:.4f}",
+            _plot_out(out, path.parent, "confusion", fmt),
+        )
     if max_points and len(s) > max_points:
         idx = torch.randperm(len(s), generator=torch.Generator().manual_seed(0))[:max_points]
         s = s.subset(idx)
-    feats, _, labels = diagnostics.extract(ck.classifier, s.to(dev), device=dev,
-                                           batch_size=ck.config.train.eval_batch_size)
+    feats, _, labels = diagnostics.extract(
+        ck.classifier, s.to(dev), device=dev, batch_size=ck.config.train.eval_batch_size
+    )
     directions, direction_kind = diagnostics.class_directions(ck.criterion)
     if kind == "features":
         metric = ck.criterion.metric
-        return plots.features(feats, labels, directions, direction_kind, ck.classes, metric=metric,
-                              title=f"{name} ({split})", out=_plot_out(out, path.parent, f"features-{split}", fmt))
+        return plots.features(
+            feats,
+            labels,
+            directions,
+            direction_kind,
+            ck.classes,
+            metric=metric,
+            title=f"{name} ({split})",
+            out=_plot_out(out, path.parent, f"features-{split}", fmt),
+        )
     if kind == "angles":
         if directions is None:
-            raise UsageError("this checkpoint has neither anchors nor class weight vectors to measure angles to")
-        return plots.angles(feats, labels, directions, direction_kind, name, _plot_out(out, path.parent, "angles", fmt))
+            raise UsageError(
+                "this checkpoint has neither anchors nor class weight vectors to measure angles to"
+            )
+        return plots.angles(
+            feats, labels, directions, direction_kind, name, _plot_out(out, path.parent, "angles", fmt)
+        )
     raise UsageError(f"unknown plot {kind!r}")

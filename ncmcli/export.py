@@ -50,8 +50,11 @@ def client_metadata(ck, names: list[str]) -> dict[str, str]:
 
     c, h, w = ck.input_shape
     resize = ck.config.data.resize
-    rule = (f"shorter side to {h} px (bilinear), then a centre crop to {h}x{w}" if resize == "crop"
-            else f"stretch to {h}x{w} px (bilinear)")
+    rule = (
+        f"shorter side to {h} px (bilinear), then a centre crop to {h}x{w}"
+        if resize == "crop"
+        else f"stretch to {h}x{w} px (bilinear)"
+    )
     meta = {
         "ncm.classes": json.dumps(list(ck.classes)),
         "ncm.input_shape": json.dumps(["B", c, h, w]),
@@ -59,8 +62,14 @@ def client_metadata(ck, names: list[str]) -> dict[str, str]:
         "ncm.channel_order": "L (grayscale)" if c == 1 else "RGB",
         "ncm.layout": "NCHW",
         "ncm.resize": rule,
-        "ncm.normalization": json.dumps({"built_in": True, "mean": list(ck.mean), "std": list(ck.std),
-                                         "applied_as": "(x / 255 - mean) / std"}),
+        "ncm.normalization": json.dumps(
+            {
+                "built_in": True,
+                "mean": list(ck.mean),
+                "std": list(ck.std),
+                "applied_as": "(x / 255 - mean) / std",
+            }
+        ),
         "ncm.outputs": json.dumps(names),
         "ncm.loss": ck.config.loss.name,
     }
@@ -102,8 +111,15 @@ def export(ck, fmt: str, out: Path) -> Path:
         import onnx
 
         batch = torch.export.Dim("batch", min=1, max=65536)
-        program = torch.onnx.export(wrapper, (example,), input_names=["images"], output_names=names,
-                                    dynamic_shapes={"images": {0: batch}}, dynamo=True, verbose=False)
+        program = torch.onnx.export(
+            wrapper,
+            (example,),
+            input_names=["images"],
+            output_names=names,
+            dynamic_shapes={"images": {0: batch}},
+            dynamo=True,
+            verbose=False,
+        )
         program.save(str(tmp))
         model = onnx.load(str(tmp))
         for key, value in client_metadata(ck, names).items():

@@ -12,8 +12,9 @@ from ncmcli.scoring import confusion_of
 from ncmcli.runtime import dist_info
 
 
-def forward_split(classifier, split, *, device, batch_size: int,
-                  shard: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def forward_split(
+    classifier, split, *, device, batch_size: int, shard: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(features, logits, labels) per batch of ``split``, in order, without gradients and
     with the classifier (a ``Classifier``) in eval mode (no dropout, no centre updates, no L-Softmax
     schedule steps). ``shard`` keeps this rank's rows ``[rank::world]`` under DDP."""
@@ -38,9 +39,13 @@ def evaluate(classifier, split, *, device, batch_size: int, keep_outputs: bool =
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     kept: list[tuple] = []
-    for feats, logits, y in forward_split(classifier, split, device=device, batch_size=batch_size, shard=True):
+    for feats, logits, y in forward_split(
+        classifier, split, device=device, batch_size=batch_size, shard=True
+    ):
         with torch.no_grad():
-            loss_sum += criterion(feats, y).double() * len(y)  # the training loss (L-Softmax: with its margin)
+            loss_sum += criterion(feats, y).double() * len(
+                y
+            )  # the training loss (L-Softmax: with its margin)
             pred = criterion.predict(feats)
         confusion += confusion_of(pred, y, num_classes)
         if keep_outputs:
@@ -53,8 +58,14 @@ def evaluate(classifier, split, *, device, batch_size: int, keep_outputs: bool =
     correct = int(conf.diag().sum())
     # A class without test images has no accuracy (None, shown as n/a), not 0.
     per_class = [int(hit) / int(total) if total else None for hit, total in zip(conf.diag(), conf.sum(1))]
-    out = {"loss": loss_sum.item() / n, "accuracy": correct / n, "error_pct": 100.0 * (1 - correct / n),
-           "n": n, "per_class_accuracy": per_class, "confusion": conf.tolist()}
+    out = {
+        "loss": loss_sum.item() / n,
+        "accuracy": correct / n,
+        "error_pct": 100.0 * (1 - correct / n),
+        "n": n,
+        "per_class_accuracy": per_class,
+        "confusion": conf.tolist(),
+    }
     if keep_outputs:
         out["features"], out["logits"], out["labels"] = (torch.cat(parts) for parts in zip(*kept))
     return out

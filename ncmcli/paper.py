@@ -12,8 +12,12 @@ from ncmcli import registry
 PAPER_FILE = Path(__file__).resolve().parent / "paper_results.json"
 
 
-PAPER_DATASETS = {("mnist", False): "MNIST", ("cifar10", False): "CIFAR-10", ("cifar10", True): "CIFAR-10+",
-                  ("cifar100", False): "CIFAR-100"}
+PAPER_DATASETS = {
+    ("mnist", False): "MNIST",
+    ("cifar10", False): "CIFAR-10",
+    ("cifar10", True): "CIFAR-10+",
+    ("cifar100", False): "CIFAR-100",
+}
 
 
 PAPER_ARCH = {"MNIST": "mnist", "CIFAR-10": "cifar10", "CIFAR-10+": "cifar10", "CIFAR-100": "cifar100"}
@@ -32,8 +36,19 @@ LIU_METHODS = ("Hinge", "L-Softmax")
 LIU_EPOCHS = {"MNIST": 64, "CIFAR-10": 77, "CIFAR-10+": 77, "CIFAR-100": 77}
 
 
-METHOD_ORDER = ["SoftMax", "Hinge", "Hinge (WW)", "L-Softmax m=1", "L-Softmax m=2", "L-Softmax m=3",
-                "L-Softmax m=4", "Center", "C-NCM", "E-NCM", "sq-NCM"]
+METHOD_ORDER = [
+    "SoftMax",
+    "Hinge",
+    "Hinge (WW)",
+    "L-Softmax m=1",
+    "L-Softmax m=2",
+    "L-Softmax m=3",
+    "L-Softmax m=4",
+    "Center",
+    "C-NCM",
+    "E-NCM",
+    "sq-NCM",
+]
 
 
 def method_label(loss) -> str:
@@ -65,7 +80,9 @@ def load_paper() -> dict:
     return out
 
 
-def paper_value(paper: dict, dataset: str, net: str, method: str, dropout: float) -> tuple[float | None, bool]:
+def paper_value(
+    paper: dict, dataset: str, net: str, method: str, dropout: float
+) -> tuple[float | None, bool]:
     """The paper's number for a cell, and whether it belongs to another net. A run on a net
     the paper did not use (a CPU-sized one) is shown beside the paper's-net number, marked;
     Figure 2's 2-D net only ever matches the Figure 2 cells."""

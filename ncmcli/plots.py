@@ -49,8 +49,9 @@ def _save(fig, out: Path) -> Path:
     return out
 
 
-def feature_layout(feats: torch.Tensor, directions: torch.Tensor | None, direction_kind: str, *,
-                   metric: str | None) -> dict:
+def feature_layout(
+    feats: torch.Tensor, directions: torch.Tensor | None, direction_kind: str, *, metric: str | None
+) -> dict:
     """Where Figure 2 puts things: the features' 2-D coordinates (the features themselves for
     d = 2, else a PCA), the class vectors' coordinates through the *same* map, the axis labels
     and the caption lines."""
@@ -58,6 +59,7 @@ def feature_layout(feats: torch.Tensor, directions: torch.Tensor | None, directi
 
     out: dict = {"caption": [], "title_suffix": ""}
     if feats.shape[1] == 2:
+
         def proj(a):
             return a.double()
 
@@ -84,15 +86,26 @@ def feature_layout(feats: torch.Tensor, directions: torch.Tensor | None, directi
         else:
             ratio = radius / max(a.norm(dim=1).median().item(), 1e-12)
             if ratio > 3 or ratio < 1 / 3:
-                out["caption"].append(f"{direction_kind} at their true positions: median feature norm "
-                                      f"{radius:.2f}, anchor norm {a.norm(dim=1).median():.2f}")
+                out["caption"].append(
+                    f"{direction_kind} at their true positions: median feature norm "
+                    f"{radius:.2f}, anchor norm {a.norm(dim=1).median():.2f}"
+                )
         out["stars"] = proj(a)
         out["caption"].append(f"stars: {direction_kind}, labelled by class")
     return out
 
 
-def features(feats: torch.Tensor, labels: torch.Tensor, directions: torch.Tensor | None, direction_kind: str,
-             classes: list[str], *, metric: str | None, title: str, out: Path) -> Path:
+def features(
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    directions: torch.Tensor | None,
+    direction_kind: str,
+    classes: list[str],
+    *,
+    metric: str | None,
+    title: str,
+    out: Path,
+) -> Path:
     """Figure 2: features coloured by class, each class vector drawn as a labelled star on top."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 7), dpi=120)
@@ -105,11 +118,25 @@ def features(feats: torch.Tensor, labels: torch.Tensor, directions: torch.Tensor
     if lay["stars"] is not None:
         p = lay["stars"]
         for c in range(len(classes)):
-            ax.scatter(p[c, 0], p[c, 1], marker="*", s=320, color=colors[c], edgecolors="black",
-                       linewidths=1.0, zorder=5)
+            ax.scatter(
+                p[c, 0],
+                p[c, 1],
+                marker="*",
+                s=320,
+                color=colors[c],
+                edgecolors="black",
+                linewidths=1.0,
+                zorder=5,
+            )
             if len(classes) <= 20:
-                ax.annotate(classes[c], (p[c, 0].item(), p[c, 1].item()), xytext=(6, 6),
-                            textcoords="offset points", fontsize=7, zorder=6)
+                ax.annotate(
+                    classes[c],
+                    (p[c, 0].item(), p[c, 1].item()),
+                    xytext=(6, 6),
+                    textcoords="offset points",
+                    fontsize=7,
+                    zorder=6,
+                )
     ax.set_aspect("equal", adjustable="datalim")
     ax.set_xlabel(lay["axes"][0])
     ax.set_ylabel(lay["axes"][1])
@@ -149,14 +176,15 @@ def curve_labels(runs: list[Path]) -> list[str]:
     # loss.name and data.name do; then by its whole dotted name.
     last = [k.split(".")[-1] for k in keys]
     short = {k: k.split(".")[-1] if last.count(k.split(".")[-1]) == 1 else k for k in vary}
-    return [", ".join(f"{short[k]}={f[k]}" for k in vary if k in f) or run.name for run, f in zip(runs, flats)]
+    return [
+        ", ".join(f"{short[k]}={f[k]}" for k in vary if k in f) or run.name for run, f in zip(runs, flats)
+    ]
 
 
 def curves(runs: list[Path], out: Path) -> Path:
     """Figure 3: training loss and test error per epoch; each NCM run's loss floor dashed.
     The legend sits outside the axes and names only what differs between the runs."""
     from matplotlib.ticker import MaxNLocator
-
 
     plt = _pyplot()
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
@@ -183,7 +211,9 @@ def curves(runs: list[Path], out: Path) -> Path:
         if floor is not None:
             ax_loss.axhline(floor, color=color, linestyle="--", linewidth=1)
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss (dashed: NCM loss floor)")
-    ax_err.set(xlabel="epoch", ylabel="error %", title="test error (dotted: validation)" if has_val else "test error")
+    ax_err.set(
+        xlabel="epoch", ylabel="error %", title="test error (dotted: validation)" if has_val else "test error"
+    )
     for ax in (ax_loss, ax_err):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
@@ -212,14 +242,27 @@ def confusion(matrix: list[list[int]], classes: list[str], title: str, out: Path
     if n <= 12:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if m[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{m[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if m[i, j] > 0.5 else "black",
+                )
     fig.tight_layout()
     return _save(fig, out)
 
 
-def angles(feats: torch.Tensor, labels: torch.Tensor, directions: torch.Tensor, direction_kind: str,
-           title: str, out: Path) -> Path:
+def angles(
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    directions: torch.Tensor,
+    direction_kind: str,
+    title: str,
+    out: Path,
+) -> Path:
     """Histograms of the angle from each feature to its own class vector and to the nearest
     other one: well-trained NCM features sit near 0 degrees from their own anchor."""
     plt = _pyplot()

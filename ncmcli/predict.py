@@ -9,9 +9,17 @@ from ncmcli.errors import UsageError
 from ncmcli.runtime import pick_device
 
 
-def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, top_k: int = 3,
-                    reject_above: float | None = None, batch_size: int = 256, resize: str | None = None,
-                    reject_below_margin: float | None = None) -> dict:
+def predict_command(
+    inputs: list[Path],
+    *,
+    checkpoint_path: Path,
+    device: str,
+    top_k: int = 3,
+    reject_above: float | None = None,
+    batch_size: int = 256,
+    resize: str | None = None,
+    reject_below_margin: float | None = None,
+) -> dict:
     """Top-k classes for each image; unreadable files are reported, the rest go on."""
     from ncmcli.runs import checkpoint
 
@@ -28,10 +36,24 @@ def predict_command(inputs: list[Path], *, checkpoint_path: Path, device: str, t
     results: list[dict] = []
     # Decoded one batch at a time: memory stays bounded however many files are given.
     for start in range(0, len(files), batch_size):
-        _predict_batch(ck, files[start:start + batch_size], results, dev, resize=resize, top_k=top_k,
-                       reject_above=reject_above, reject_below_margin=reject_below_margin)
-    return {"checkpoint": str(checkpoint_path), "epoch": ck.epoch, "input_size": [c, h, h], "resize": resize,
-            "predictions": results, "failed": sum("error" in r for r in results)}
+        _predict_batch(
+            ck,
+            files[start : start + batch_size],
+            results,
+            dev,
+            resize=resize,
+            top_k=top_k,
+            reject_above=reject_above,
+            reject_below_margin=reject_below_margin,
+        )
+    return {
+        "checkpoint": str(checkpoint_path),
+        "epoch": ck.epoch,
+        "input_size": [c, h, h],
+        "resize": resize,
+        "predictions": results,
+        "failed": sum("error" in r for r in results),
+    }
 
 
 def _check_options(top_k, batch_size, resize, reject_above, reject_below_margin) -> None:
@@ -65,8 +87,17 @@ def image_files(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def _predict_batch(ck, files: list[Path], results: list[dict], dev, *, resize: str, top_k: int,
-                   reject_above: float | None, reject_below_margin: float | None) -> None:
+def _predict_batch(
+    ck,
+    files: list[Path],
+    results: list[dict],
+    dev,
+    *,
+    resize: str,
+    top_k: int,
+    reject_above: float | None,
+    reject_below_margin: float | None,
+) -> None:
     """Decode ``files`` (an unreadable one becomes an error record) and append a record for each."""
     import torch
 
@@ -91,11 +122,18 @@ def _predict_batch(ck, files: list[Path], results: list[dict], dev, *, resize: s
     ((feats, logits, _),) = forward_split(ck.classifier, chunk.to(dev), device=dev, batch_size=len(tensors))
     probs = torch.softmax(logits, 1)
     with torch.no_grad():
-        two = ck.criterion.distances(feats).topk(2, dim=1, largest=False).values if ck.criterion.uses_anchors else None
+        two = (
+            ck.criterion.distances(feats).topk(2, dim=1, largest=False).values
+            if ck.criterion.uses_anchors
+            else None
+        )
     top_p, top_i = probs.topk(min(top_k, len(ck.classes)), 1)
     for row in range(len(tensors)):
         rec = results[good[row]]
-        rec["top"] = [{"class": ck.classes[i], "prob": round(p, 6)} for p, i in zip(top_p[row].tolist(), top_i[row].tolist())]
+        rec["top"] = [
+            {"class": ck.classes[i], "prob": round(p, 6)}
+            for p, i in zip(top_p[row].tolist(), top_i[row].tolist())
+        ]
         rec["label"] = rec["top"][0]["class"]
         rec["nearest_anchor_distance"] = None if two is None else round(two[row, 0].item(), 6)
         # How much farther the second-nearest anchor is: the confidence that a flat scale-1

@@ -36,10 +36,16 @@ LOSSES: dict[str, Entry] = {
     "cncm": Entry("C-NCM", "ncmcli.nn.losses:build_ncm", metric="cosine", keys=_NCM_KEYS),
     "sqncm": Entry("sq-NCM", "ncmcli.nn.losses:build_ncm", metric="sqeuclidean", keys=_NCM_KEYS),
     "hinge": Entry("{hinge_label}", "ncmcli.nn.baselines:build_hinge", keys=("hinge_form",)),
-    "lsoftmax": Entry("L-Softmax m={margin}", "ncmcli.nn.baselines:build_lsoftmax",
-                      keys=("margin", "lambda_base", "lambda_gamma", "lambda_power", "lambda_min", "label_smoothing")),
-    "center": Entry("Center", "ncmcli.nn.baselines:build_center",
-                    keys=("center_weight", "center_alpha", "label_smoothing")),
+    "lsoftmax": Entry(
+        "L-Softmax m={margin}",
+        "ncmcli.nn.baselines:build_lsoftmax",
+        keys=("margin", "lambda_base", "lambda_gamma", "lambda_power", "lambda_min", "label_smoothing"),
+    ),
+    "center": Entry(
+        "Center",
+        "ncmcli.nn.baselines:build_center",
+        keys=("center_weight", "center_alpha", "label_smoothing"),
+    ),
 }
 HINGE_FORMS: dict[str, Entry] = {
     "ova": Entry("Hinge"),  # Caffe's one-vs-all L1 HingeLoss: the paper's cited rows
@@ -53,7 +59,7 @@ def loss_ignores(loss_name: str, key: str) -> bool:
     """Whether a dotted config key is a ``loss.*`` field that this loss never reads (``loss.scale``
     for softmax, ``loss.lambda_gamma`` for E-NCM). Unknown losses ignore nothing."""
     entry = LOSSES.get(loss_name)
-    field = key[len("loss."):] if key.startswith("loss.") else None
+    field = key[len("loss.") :] if key.startswith("loss.") else None
     return entry is not None and field not in (None, "name") and field not in entry.keys
 
 
@@ -66,7 +72,7 @@ def keys_read(flat: dict) -> dict:
 
 def loss_key_users(key: str) -> list[str]:
     """The losses that read a dotted ``loss.*`` key."""
-    field = key[len("loss."):]
+    field = key[len("loss.") :]
     return [name for name, e in LOSSES.items() if field in e.keys]
 
 

@@ -17,15 +17,31 @@ from ncmcli.runs.rundir import RunDir
 from ncmcli.config.presets import load_yaml_text
 from ncmcli.errors import NcmError, UsageError
 from ncmcli import paper as papers
-from ncmcli.paper import (FIGURE2_ARCH, LIU_EPOCHS, LIU_METHODS, METHOD_ORDER, PAPER_ARCH, PAPER_EPOCHS,
-                          dataset_label, method_label, paper_value)
+from ncmcli.paper import (
+    FIGURE2_ARCH,
+    LIU_EPOCHS,
+    LIU_METHODS,
+    METHOD_ORDER,
+    PAPER_ARCH,
+    PAPER_EPOCHS,
+    dataset_label,
+    method_label,
+    paper_value,
+)
 
 # Never part of a group's identity: the seed is what a group averages over; the rest name
 # where things are, not what was trained.
 IGNORED_KEYS = ("seed", "description", "data.root")
 # Shown by a cell's labels (data set, net, method, p) rather than as columns.
-LABEL_KEYS = ("data.name", "data.augment", "model.arch", "loss.name", "loss.margin", "loss.hinge_form",
-              "model.dropout")
+LABEL_KEYS = (
+    "data.name",
+    "data.augment",
+    "model.arch",
+    "loss.name",
+    "loss.margin",
+    "loss.hinge_form",
+    "model.dropout",
+)
 
 
 @dataclass
@@ -56,8 +72,13 @@ class Cell:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(n=self.n, mean=self.mean, std=self.std, marks=sorted(self.marks),
-                 diff=None if self.paper is None else self.mean - self.paper)
+        d.update(
+            n=self.n,
+            mean=self.mean,
+            std=self.std,
+            marks=sorted(self.marks),
+            diff=None if self.paper is None else self.mean - self.paper,
+        )
         return d
 
 
@@ -94,10 +115,16 @@ def _flat(tree: dict) -> dict:
 
 # Besides the test error, a report can aggregate any number a run's result.json records for its
 # final epoch (``--metric``): accuracies are shown in %, like the error.
-METRICS = {"test_error_pct": "Test error %", "test_acc": "Test accuracy %", "train_acc": "Training accuracy %",
-           "test_balanced_acc": "Balanced test accuracy %", "test_head_acc": "Head-third test accuracy %",
-           "test_medium_acc": "Medium-third test accuracy %", "test_tail_acc": "Tail-third test accuracy %",
-           "scale": "Final NCM scale s"}
+METRICS = {
+    "test_error_pct": "Test error %",
+    "test_acc": "Test accuracy %",
+    "train_acc": "Training accuracy %",
+    "test_balanced_acc": "Balanced test accuracy %",
+    "test_head_acc": "Head-third test accuracy %",
+    "test_medium_acc": "Medium-third test accuracy %",
+    "test_tail_acc": "Tail-third test accuracy %",
+    "scale": "Final NCM scale s",
+}
 
 
 def metric_value(result: dict, metric: str) -> float:
@@ -114,7 +141,10 @@ def _lacks(result: dict, metric: str) -> bool:
 
 def load_runs(paths: list[Path], metric: str = "test_error_pct") -> list[Run]:
     if metric not in METRICS:
-        raise UsageError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}" + registry.suggest(metric, METRICS))
+        raise UsageError(
+            f"--metric must be one of {', '.join(METRICS)}, got {metric!r}"
+            + registry.suggest(metric, METRICS)
+        )
     runs = []
     for run in find_runs(paths):
         try:
@@ -126,8 +156,10 @@ def load_runs(paths: list[Path], metric: str = "test_error_pct") -> list[Run]:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise NcmError(f"{run}: unreadable run ({reason[:120]})") from None
         if error is None:
-            raise UsageError(f"{run}: result.json records no {metric} (long-tailed runs record head/medium/tail, "
-                             "NCM runs their scale)")
+            raise UsageError(
+                f"{run}: result.json records no {metric} (long-tailed runs record head/medium/tail, "
+                "NCM runs their scale)"
+            )
         labels = (dataset_label(cfg.data), method_label(cfg.loss), cfg.model.dropout, cfg.model.arch)
         # Keys the run's loss never reads (lambda_gamma on SoftMax) neither split nor label it.
         flat = registry.keys_read(_flat(cfg.to_dict()))
@@ -158,8 +190,15 @@ def collect(paths: list[Path], by: list[str] = (), metric: str = "test_error_pct
         group_keys = list(by)
     else:
         # Keys that split some (data set, net, method, p) group: these become columns.
-        group_keys = [k for k in vary if k not in LABEL_KEYS and any(
-            len({repr(r.flat.get(k)) for r in runs if r.labels == lab}) > 1 for lab in {r.labels for r in runs})]
+        group_keys = [
+            k
+            for k in vary
+            if k not in LABEL_KEYS
+            and any(
+                len({repr(r.flat.get(k)) for r in runs if r.labels == lab}) > 1
+                for lab in {r.labels for r in runs}
+            )
+        ]
         if group_keys:  # a per-setting table: every key that differs between its rows gets a column
             group_keys = [k for k in vary if k not in LABEL_KEYS]
     paper = papers.load_paper()
@@ -172,8 +211,14 @@ def collect(paths: list[Path], by: list[str] = (), metric: str = "test_error_pct
             value, other_net = paper_value(paper, dataset, net, method, dropout)
             if metric != "test_error_pct":  # the paper reports errors only
                 value, other_net = None, False
-            cells[key] = Cell(dataset, method, dropout, net=net, paper=value,
-                              settings={k: r.flat.get(k) for k in by} if by else settings)
+            cells[key] = Cell(
+                dataset,
+                method,
+                dropout,
+                net=net,
+                paper=value,
+                settings={k: r.flat.get(k) for k in by} if by else settings,
+            )
             if other_net:
                 cells[key].marks.add("net")
         cell = cells[key]
@@ -191,8 +236,16 @@ def collect(paths: list[Path], by: list[str] = (), metric: str = "test_error_pct
             group = members.get(key, [])
             cell.pooled = [k for k in varying_keys(group) if k not in by and k not in IGNORED_KEYS]
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    return sorted(cells.values(), key=lambda c: (order.get(c.method, 99), c.dataset, c.net, c.dropout,
-                                                 repr(sorted(c.settings.items()))))
+    return sorted(
+        cells.values(),
+        key=lambda c: (
+            order.get(c.method, 99),
+            c.dataset,
+            c.net,
+            c.dropout,
+            repr(sorted(c.settings.items())),
+        ),
+    )
 
 
 def _mark(cell: Cell, cfg) -> None:

@@ -78,8 +78,10 @@ def torchrun_device(device: str, local_rank: int, cuda_available: bool, device_c
         raise UsageError(f"--device {device} was asked for under torchrun, but no CUDA GPU is available")
     index = first + local_rank
     if index >= device_count:
-        raise UsageError(f"--device {device} with local rank {local_rank} needs cuda:{index}, but there are only "
-                         f"{device_count} CUDA devices")
+        raise UsageError(
+            f"--device {device} with local rank {local_rank} needs cuda:{index}, but there are only "
+            f"{device_count} CUDA devices"
+        )
     return torch.device("cuda", index), "nccl"
 
 

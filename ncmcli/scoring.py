@@ -35,14 +35,17 @@ def imbalance_metrics(confusion, train_counts: list[int] | None) -> dict:
     c = len(train_counts)
     order = sorted(range(c), key=lambda i: (-train_counts[i], i))
     sizes = [c // 3 + (1 if i < c % 3 else 0) for i in range(3)]
-    thirds = [order[:sizes[0]], order[sizes[0]:sizes[0] + sizes[1]], order[sizes[0] + sizes[1]:]]
-    out["head_accuracy"], out["medium_accuracy"], out["tail_accuracy"] = (_group_accuracy(conf, g) for g in thirds)
+    thirds = [order[: sizes[0]], order[sizes[0] : sizes[0] + sizes[1]], order[sizes[0] + sizes[1] :]]
+    out["head_accuracy"], out["medium_accuracy"], out["tail_accuracy"] = (
+        _group_accuracy(conf, g) for g in thirds
+    )
     out["thirds"] = {"head": thirds[0], "medium": thirds[1], "tail": thirds[2]}
     many = [i for i in range(c) if train_counts[i] > MANY_ABOVE]
     few = [i for i in range(c) if train_counts[i] < FEW_BELOW]
     medium = [i for i in range(c) if FEW_BELOW <= train_counts[i] <= MANY_ABOVE]
     out["many_shot_accuracy"], out["medium_shot_accuracy"], out["few_shot_accuracy"] = (
-        _group_accuracy(conf, g) for g in (many, medium, few))
+        _group_accuracy(conf, g) for g in (many, medium, few)
+    )
     out["shot_groups"] = {"many": len(many), "medium": len(medium), "few": len(few)}
     return out
 
@@ -59,7 +62,9 @@ def adjusted_logits(logits: torch.Tensor, train_counts: list[int], tau: float) -
 
 def confusion_of(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(C, C) counts: row = true class, column = predicted."""
-    return torch.bincount(labels * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+    return torch.bincount(labels * num_classes + pred, minlength=num_classes**2).view(
+        num_classes, num_classes
+    )
 
 
 # -- Open-set scores: higher = more likely known. Each takes (logits, distances or None).
@@ -78,7 +83,11 @@ OOD_SCORES = {
     "dist": ("negative distance to the nearest anchor", True, lambda logits, dist: -dist.min(1).values),
     "margin": ("second-nearest minus nearest anchor distance", True, _margin),
     "cac": ("CAC: -(d_min (1 - softmin(d)))", True, _cac),
-    "msp": ("maximum softmax probability", False, lambda logits, dist: torch.softmax(logits.float(), 1).max(1).values),
+    "msp": (
+        "maximum softmax probability",
+        False,
+        lambda logits, dist: torch.softmax(logits.float(), 1).max(1).values,
+    ),
     "maxlogit": ("maximum logit", False, lambda logits, dist: logits.max(1).values),
 }
 # Measured on two real pairs (REPRODUCTION.md, "Open-set scores"): msp ranks best on 3 of the 4
@@ -89,5 +98,8 @@ DEFAULT_OOD_SCORE = "msp"
 
 def ood_scores(logits: torch.Tensor, dist: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Every open-set score that applies (anchor scores need distances)."""
-    return {name: fn(logits, dist) for name, (_, needs_dist, fn) in OOD_SCORES.items()
-            if dist is not None or not needs_dist}
+    return {
+        name: fn(logits, dist)
+        for name, (_, needs_dist, fn) in OOD_SCORES.items()
+        if dist is not None or not needs_dist
+    }

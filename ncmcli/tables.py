@@ -27,8 +27,18 @@ def per_run_csv(paths: list[Path]) -> str:
     w.writerow(["run", "dataset", "net", "method", "dropout", "seed", "test_error_pct", *vary])
     for r in runs:
         dataset, method, dropout, net = r.labels
-        w.writerow([r.path, dataset, net, method, dropout, r.flat["seed"], f"{r.error:.4f}",
-                    *(_show(r.flat.get(k)) for k in vary)])
+        w.writerow(
+            [
+                r.path,
+                dataset,
+                net,
+                method,
+                dropout,
+                r.flat["seed"],
+                f"{r.error:.4f}",
+                *(_show(r.flat.get(k)) for k in vary),
+            ]
+        )
     return buf.getvalue().rstrip("\n")
 
 
@@ -44,7 +54,11 @@ def _fmt(cell: Cell | None) -> tuple[str, str, str]:
     if cell is None:
         return "", "", ""
     distinct = len(set(map(repr, cell.seeds))) if cell.seeds else cell.n
-    count = f"n={cell.n}" if distinct == cell.n else f"n={cell.n} runs, {distinct} seed{'s' if distinct > 1 else ''}"
+    count = (
+        f"n={cell.n}"
+        if distinct == cell.n
+        else f"n={cell.n} runs, {distinct} seed{'s' if distinct > 1 else ''}"
+    )
     ours = f"{cell.mean:.2f}" + (f" ± {cell.std:.2f}" if cell.std is not None else "") + f" ({count})"
     if cell.marks:
         ours += " *" + ",".join(sorted(cell.marks))
@@ -68,15 +82,22 @@ def tables(cells: list[Cell], metric: str = "test_error_pct") -> list[tuple[str,
     fig2 = [c for c in cells if is_figure2(c)]
     if fig2:
         rows = [[c.method, f"{c.dropout:g}", *_fmt(c)] for c in fig2]
-        out.append(("Figure 2 (MNIST, 2-D features): test error % (mean ± std over seeds)",
-                    ["method", "p", "ours", "paper", "Δ"], rows))
+        out.append(
+            (
+                "Figure 2 (MNIST, 2-D features): test error % (mean ± std over seeds)",
+                ["method", "p", "ours", "paper", "Δ"],
+                rows,
+            )
+        )
     main = [c for c in cells if not is_figure2(c)]
     if main:
         cols = sorted({_col(c) for c in main}, key=lambda k: (k.split(" [")[0] not in PAPER_ARCH, k))
         index = {(c.method, c.dropout, _col(c)): c for c in main}
         row_keys = list(dict.fromkeys((c.method, c.dropout) for c in main))
         with_paper = [col for col in cols if any(c.paper is not None for c in main if _col(c) == col)]
-        header = ["method", "p"] + [h for col in cols for h in ((f"{col} ours", "paper", "Δ") if col in with_paper else (col,))]
+        header = ["method", "p"] + [
+            h for col in cols for h in ((f"{col} ours", "paper", "Δ") if col in with_paper else (col,))
+        ]
         rows = []
         for m, p in row_keys:
             row = [m, f"{p:g}"]
@@ -109,8 +130,17 @@ def _settings_table(cells: list[Cell], what: str = "Test error %") -> tuple[str,
     beyond data set, net, method and p (or a --by grouping)."""
     keys = list(dict.fromkeys(k for c in cells for k in c.settings))
     header = ["data set", "net", "method", "p", *keys, "ours", "paper", "Δ"]
-    rows = [[c.dataset, c.net, c.method, f"{c.dropout:g}", *(_show(c.settings.get(k, "")) for k in keys), *_fmt(c)]
-            for c in cells]
+    rows = [
+        [
+            c.dataset,
+            c.net,
+            c.method,
+            f"{c.dropout:g}",
+            *(_show(c.settings.get(k, "")) for k in keys),
+            *_fmt(c),
+        ]
+        for c in cells
+    ]
     return f"{what} per setting (mean ± std over seeds; a column per key that varies)", header, rows
 
 
@@ -118,38 +148,79 @@ def render(cells: list[Cell], fmt: str, metric: str = "test_error_pct") -> str:
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if fmt == "json":
-        return json.dumps({"cells": [c.to_dict() for c in cells], "paper_source": json.loads(papers.PAPER_FILE.read_text())["source"]}, indent=2)
+        return json.dumps(
+            {
+                "cells": [c.to_dict() for c in cells],
+                "paper_source": json.loads(papers.PAPER_FILE.read_text())["source"],
+            },
+            indent=2,
+        )
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         keys = list(dict.fromkeys(k for c in cells for k in c.settings))
-        w.writerow(["dataset", "net", "method", "dropout", *keys, "n", "mean_error_pct", "std", "paper_error_pct", "diff", "marks"])
+        w.writerow(
+            [
+                "dataset",
+                "net",
+                "method",
+                "dropout",
+                *keys,
+                "n",
+                "mean_error_pct",
+                "std",
+                "paper_error_pct",
+                "diff",
+                "marks",
+            ]
+        )
         for c in cells:
             d = c.to_dict()
-            w.writerow([c.dataset, c.net, c.method, c.dropout, *(_show(c.settings.get(k, "")) for k in keys), c.n, f"{c.mean:.4f}",
-                        "" if d["std"] is None else f"{d['std']:.4f}",
-                        "" if c.paper is None else c.paper, "" if d["diff"] is None else f"{d['diff']:.4f}",
-                        ";".join(d["marks"])])
+            w.writerow(
+                [
+                    c.dataset,
+                    c.net,
+                    c.method,
+                    c.dropout,
+                    *(_show(c.settings.get(k, "")) for k in keys),
+                    c.n,
+                    f"{c.mean:.4f}",
+                    "" if d["std"] is None else f"{d['std']:.4f}",
+                    "" if c.paper is None else c.paper,
+                    "" if d["diff"] is None else f"{d['diff']:.4f}",
+                    ";".join(d["marks"]),
+                ]
+            )
         return buf.getvalue().rstrip("\n")
     parts = []
     for title, header, rows in tables(cells, metric):
         if fmt == "md":
-            parts.append(f"**{title}**\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-                         + "\n".join("| " + " | ".join(r) + " |" for r in rows))
+            parts.append(
+                f"**{title}**\n\n| "
+                + " | ".join(header)
+                + " |\n|"
+                + "---|" * len(header)
+                + "\n"
+                + "\n".join("| " + " | ".join(r) + " |" for r in rows)
+            )
         else:
             widths = [max(len(x) for x in col) for col in zip(header, *rows)]
             line = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
             parts.append("\n".join([title, line(header), *map(line, rows)]))
     marks = set().union(*(c.marks for c in cells))
-    notes = {"epochs": "epochs = not the paper's budget (90 epochs; Liu et al.'s 30k iterations for Hinge/L-Softmax)",
-             "net": "net = not the paper's net for that data set (the paper column is its net's number)",
-             "subset": "subset = trained or tested on part of the data"}
+    notes = {
+        "epochs": "epochs = not the paper's budget (90 epochs; Liu et al.'s 30k iterations for Hinge/L-Softmax)",
+        "net": "net = not the paper's net for that data set (the paper column is its net's number)",
+        "subset": "subset = trained or tested on part of the data",
+    }
     if marks:
         parts.append("* marks: " + "; ".join(notes[m] for m in sorted(marks)))
     pooled = list(dict.fromkeys(k for c in cells for k in c.pooled))
     if pooled:
-        parts.append("pooled over: " + ", ".join(pooled) + " (runs that differ in these are averaged together "
-                     "by --by; drop --by to keep them apart)")
+        parts.append(
+            "pooled over: " + ", ".join(pooled) + " (runs that differ in these are averaged together "
+            "by --by; drop --by to keep them apart)"
+        )
     if any(len(set(map(repr, c.seeds))) < c.n for c in cells):
         parts.append("Some cells repeat a seed: their ± is over runs, not independent seeds.")
     if any(c.paper is not None for c in cells):

@@ -38,8 +38,15 @@ def field_comments() -> dict[str, str]:
     source = CONFIG.read_text()
     comments = _comments(source)
     lines = source.splitlines()
-    sections = {"DataConfig": "data", "ModelConfig": "model", "AnchorsConfig": "anchors", "LossConfig": "loss",
-                "TrainConfig": "train", "OptimConfig": "optim", "Config": ""}
+    sections = {
+        "DataConfig": "data",
+        "ModelConfig": "model",
+        "AnchorsConfig": "anchors",
+        "LossConfig": "loss",
+        "TrainConfig": "train",
+        "OptimConfig": "optim",
+        "Config": "",
+    }
     out = {}
     for node in ast.parse(source).body:
         if not (isinstance(node, ast.ClassDef) and node.name in sections):
@@ -72,14 +79,26 @@ def choices() -> dict[str, tuple]:
     from ncmcli.config import values as c_values
     from ncmcli import registry
 
-    return {"data.name": c.DATASETS, "data.normalization": c.NORMALIZATIONS, "data.loader": c.LOADERS,
-            "data.resize": ("crop", "squash"), "model.arch": c.ARCH_NAMES, "model.head": c.HEADS,
-            "anchors.method": tuple(registry.ANCHOR_METHODS) + ("FILE.safetensors", "FILE.csv"),
-            "loss.name": c.LOSSES, "loss.hinge_form": c.HINGE_FORMS, "loss.scale": ("a number",) + c_values.SCALE_WORDS,
-            "train.precision": c.PRECISIONS, "train.channels_last": c.TRISTATE, "optim.name": c.OPTIMIZERS,
-            "optim.schedule": c.SCHEDULES, "optim.milestone_unit": c.MILESTONE_UNITS,
-            "data.imbalance": ("exp:IF", "step:IF", '""'), "data.augment": ("false", "true", "randomresizedcrop"),
-            "loss.free_slots": c.FREE_SLOTS}
+    return {
+        "data.name": c.DATASETS,
+        "data.normalization": c.NORMALIZATIONS,
+        "data.loader": c.LOADERS,
+        "data.resize": ("crop", "squash"),
+        "model.arch": c.ARCH_NAMES,
+        "model.head": c.HEADS,
+        "anchors.method": tuple(registry.ANCHOR_METHODS) + ("FILE.safetensors", "FILE.csv"),
+        "loss.name": c.LOSSES,
+        "loss.hinge_form": c.HINGE_FORMS,
+        "loss.scale": ("a number",) + c_values.SCALE_WORDS,
+        "train.precision": c.PRECISIONS,
+        "train.channels_last": c.TRISTATE,
+        "optim.name": c.OPTIMIZERS,
+        "optim.schedule": c.SCHEDULES,
+        "optim.milestone_unit": c.MILESTONE_UNITS,
+        "data.imbalance": ("exp:IF", "step:IF", '""'),
+        "data.augment": ("false", "true", "randomresizedcrop"),
+        "loss.free_slots": c.FREE_SLOTS,
+    }
 
 
 def table() -> str:
@@ -100,14 +119,18 @@ def table() -> str:
         if key in names:
             if meaning and not meaning.endswith("."):
                 meaning += "."
-            meaning += (" " if meaning else "") + "Values: " + ", ".join(
-                v if v == "a number" else f"`{v}`" for v in names[key]) + "."
+            meaning += (
+                (" " if meaning else "")
+                + "Values: "
+                + ", ".join(v if v == "a number" else f"`{v}`" for v in names[key])
+                + "."
+            )
         rows.append(f"| `{key}` | {_default(defaults[key])} | {meaning} |")
     return "\n".join(rows)
 
 
 def readme_table(text: str) -> str:
-    return text[text.index(START) + len(START):text.index(END)].strip("\n")
+    return text[text.index(START) + len(START) : text.index(END)].strip("\n")
 
 
 def main(argv: list[str]) -> int:
@@ -116,7 +139,9 @@ def main(argv: list[str]) -> int:
         print(generated)
         return 0
     text = README.read_text()
-    README.write_text(text[:text.index(START) + len(START)] + "\n" + generated + "\n" + text[text.index(END):])
+    README.write_text(
+        text[: text.index(START) + len(START)] + "\n" + generated + "\n" + text[text.index(END) :]
+    )
     return 0
 
 

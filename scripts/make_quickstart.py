@@ -20,8 +20,10 @@ from safetensors.torch import save
 from ncmcli.data.datasets import DATA_LICENSE_NOTE, QUICKSTART_FILE, read_idx
 
 PER_CLASS = {"train": 500, "test": 100}
-FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-         "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
 
 
 def main() -> None:

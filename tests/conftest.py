@@ -21,7 +21,11 @@ def run_ncm(*args, cwd=None, env=None, timeout=300):
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "ncmcli", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=full_env,
+        timeout=timeout,
     )
 
 
@@ -48,8 +52,16 @@ def capped(*args, timeout=120, cwd=None, stdin=None):
         resource.setrlimit(resource.RLIMIT_AS, (CAP, CAP))
 
     env = {k: v for k, v in os.environ.items() if k != "NCM_DEBUG"}
-    return subprocess.run([sys.executable, "-m", "ncmcli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=limit, cwd=cwd, env=env, stdin=stdin)
+    return subprocess.run(
+        [sys.executable, "-m", "ncmcli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=limit,
+        cwd=cwd,
+        env=env,
+        stdin=stdin,
+    )
 
 
 @pytest.fixture
@@ -94,7 +106,9 @@ class StopAfter:
         return self.calls >= self.n
 
 
-def save_untrained(path, preset="quickstart", *, classes=None, mean=(0.3,), std=(0.2,), epoch=3, metrics=None):
+def save_untrained(
+    path, preset="quickstart", *, classes=None, mean=(0.3,), std=(0.2,), epoch=3, metrics=None
+):
     """An untrained quickstart-shaped checkpoint (10 classes, 1x28x28) at ``path``, seeded;
     returns (path, model in eval mode, criterion)."""
     import torch
@@ -105,9 +119,12 @@ def save_untrained(path, preset="quickstart", *, classes=None, mean=(0.3,), std=
 
     cfg = resolve(preset)
     torch.manual_seed(0)
-    clf = Classifier.from_config(cfg, classes or [f"c{i}" for i in range(10)], (1, 28, 28), mean=list(mean),
-                                 std=list(std))
-    checkpoint.save(path, clf, config=cfg, epoch=epoch, metrics={"test_acc": 0.5} if metrics is None else metrics)
+    clf = Classifier.from_config(
+        cfg, classes or [f"c{i}" for i in range(10)], (1, 28, 28), mean=list(mean), std=list(std)
+    )
+    checkpoint.save(
+        path, clf, config=cfg, epoch=epoch, metrics={"test_acc": 0.5} if metrics is None else metrics
+    )
     model, crit = clf.parts()
     return path, model.eval(), crit
 
@@ -122,8 +139,20 @@ def quickstart_run(tmp_path_factory):
     """A run folder of quickstart trained for 2 epochs on 1,000 images, shared (read-only) by
     the plot and eval tests of one process."""
     out = tmp_path_factory.mktemp("quickstart") / "run"
-    proc = run_ncm("train", "--preset", "quickstart", "--set", "train.epochs=2", "--set", "data.limit_train=1000",
-                   "--set", "data.limit_test=300", "--out", out, "--quiet")
+    proc = run_ncm(
+        "train",
+        "--preset",
+        "quickstart",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "data.limit_train=1000",
+        "--set",
+        "data.limit_test=300",
+        "--out",
+        out,
+        "--quiet",
+    )
     assert proc.returncode == 0, proc.stderr
     return out
 

@@ -17,7 +17,11 @@ def make_cifar(root: Path, kind: str = "cifar10", per_batch: int = 4, seed=0):
     folder = root / ("cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python")
     folder.mkdir(parents=True, exist_ok=True)
     label_key = "labels" if kind == "cifar10" else "fine_labels"
-    names = (["data_batch_%d" % i for i in range(1, 6)], ["test_batch"]) if kind == "cifar10" else (["train"], ["test"])
+    names = (
+        (["data_batch_%d" % i for i in range(1, 6)], ["test_batch"])
+        if kind == "cifar10"
+        else (["train"], ["test"])
+    )
     out = {"train": [], "test": []}
     for split, files in zip(("train", "test"), names):
         for f in files:
@@ -26,7 +30,9 @@ def make_cifar(root: Path, kind: str = "cifar10", per_batch: int = 4, seed=0):
             with open(folder / f, "wb") as fh:
                 pickle.dump({"data": data, label_key: [int(v) for v in labels]}, fh)
             out[split].append((data, labels))
-    meta_name, meta_key = ("batches.meta", "label_names") if kind == "cifar10" else ("meta", "fine_label_names")
+    meta_name, meta_key = (
+        ("batches.meta", "label_names") if kind == "cifar10" else ("meta", "fine_label_names")
+    )
     with open(folder / meta_name, "wb") as fh:
         pickle.dump({meta_key: [f"class{i}" for i in range(classes)]}, fh)
     return out

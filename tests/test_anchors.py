@@ -15,8 +15,18 @@ def min_angle(a):
 
 @pytest.mark.parametrize(
     "method,c,d",
-    [("orthogonal", 10, 16), ("polar", 10, 2), ("polar", 7, 3), ("polar", 20, 64), ("simplex", 10, 9),
-     ("orthoplex", 12, 6), ("optimized", 9, 3), ("random", 5, 4), ("auto", 100, 64), ("auto", 4, 8)],
+    [
+        ("orthogonal", 10, 16),
+        ("polar", 10, 2),
+        ("polar", 7, 3),
+        ("polar", 20, 64),
+        ("simplex", 10, 9),
+        ("orthoplex", 12, 6),
+        ("optimized", 9, 3),
+        ("random", 5, 4),
+        ("auto", 100, 64),
+        ("auto", 4, 8),
+    ],
 )
 def test_shape_dtype_unit_rows_and_determinism(method, c, d):
     a = make_anchors(method, c, d, seed=3)
@@ -72,12 +82,14 @@ def test_optimized_100_in_2d():
 
 @pytest.mark.parametrize(
     "method,c,d,fragment",
-    [("orthogonal", 11, 10, "orthogonal anchors need dim >= classes"),
-     ("simplex", 12, 10, "simplex anchors need"),
-     ("orthoplex", 21, 10, "orthoplex anchors need"),
-     ("nope", 3, 3, "unknown anchor method"),
-     ("auto", 1, 3, "classes must be"),
-     ("auto", 3, 0, "dim must be")],
+    [
+        ("orthogonal", 11, 10, "orthogonal anchors need dim >= classes"),
+        ("simplex", 12, 10, "simplex anchors need"),
+        ("orthoplex", 21, 10, "orthoplex anchors need"),
+        ("nope", 3, 3, "unknown anchor method"),
+        ("auto", 1, 3, "classes must be"),
+        ("auto", 3, 0, "dim must be"),
+    ],
 )
 def test_errors_are_value_errors_not_cli_errors(method, c, d, fragment):
     with pytest.raises(ValueError, match=fragment) as exc:
@@ -127,7 +139,9 @@ def test_loss_floor_matches_closed_form():
     assert loss_floor(a, "cosine", 2.0) == pytest.approx(math.log(1 + 9 * math.exp(-2.0 * gap)), abs=1e-9)
     assert loss_floor(a, "cosine") < math.log(1 + 9 * math.exp(-1.0)) - 0.04  # 1.420 vs 1.461 on the anchor
     wide = make_anchors("orthogonal", 100, 512)
-    assert loss_floor(wide, "cosine") == pytest.approx(math.log(1 + 99 * math.exp(-math.sqrt(100 / 99))), abs=1e-9)
+    assert loss_floor(wide, "cosine") == pytest.approx(
+        math.log(1 + 99 * math.exp(-math.sqrt(100 / 99))), abs=1e-9
+    )
     # sq-NCM: the gap 2 f.(a_c - a_j) is unbounded along f = t a_c.
     assert loss_floor(a, "sqeuclidean") == 0.0
 
@@ -151,11 +165,14 @@ def _cosine_floor_by_search(anchors, scale):
     return per_row.detach().view(3, c).min(0).values.mean().item()
 
 
-@pytest.mark.parametrize("method,c,d,scale", [("random", 6, 4, 1.0), ("orthogonal", 5, 7, 3.0), ("random", 7, 2, 2.0)])
+@pytest.mark.parametrize(
+    "method,c,d,scale", [("random", 6, 4, 1.0), ("orthogonal", 5, 7, 3.0), ("random", 7, 2, 2.0)]
+)
 def test_cosine_floor_matches_a_per_class_search(method, c, d, scale):
     a = make_anchors(method, c, d)
-    on_anchor = torch.nn.functional.cross_entropy(scale * (lambda n: n @ n.T)(torch.nn.functional.normalize(a.double(), dim=1)),
-                                                  torch.arange(c)).item()
+    on_anchor = torch.nn.functional.cross_entropy(
+        scale * (lambda n: n @ n.T)(torch.nn.functional.normalize(a.double(), dim=1)), torch.arange(c)
+    ).item()
     floor = loss_floor(a, "cosine", scale)
     assert floor == pytest.approx(_cosine_floor_by_search(a, scale), abs=1e-6)
     assert floor <= on_anchor + 1e-12
@@ -189,7 +206,9 @@ def test_equiangular_closed_form_matches_the_solver_and_a_search(rho, c, scale):
     # (1 - rho) I + rho 11^T (rho = -1/(C-1) is the regular simplex), in a random rotation.
     gram = (1 - rho) * torch.eye(c, dtype=torch.float64) + rho
     vectors = torch.linalg.cholesky(gram + 1e-15 * torch.eye(c, dtype=torch.float64))
-    rot, _ = torch.linalg.qr(torch.randn(c + 2, c + 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    rot, _ = torch.linalg.qr(
+        torch.randn(c + 2, c + 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    )
     a = torch.nn.functional.pad(vectors, (0, 2)) @ rot
     closed = _equiangular_floor(a, scale)
     assert closed is not None
@@ -198,7 +217,9 @@ def test_equiangular_closed_form_matches_the_solver_and_a_search(rho, c, scale):
     assert loss_floor(a.float(), "cosine", scale) == pytest.approx(closed, abs=1e-6)
     assert _equiangular_floor(make_anchors("random", 6, 4), 1.0) is None  # not equiangular: the solver's
     simplex = make_anchors("simplex", 10, 9)  # float32: cosines -1/9 to within about 3e-8
-    assert _equiangular_floor(simplex.double(), 1.0) == pytest.approx(math.log1p(9 * math.exp(-10 / 9)), abs=1e-7)
+    assert _equiangular_floor(simplex.double(), 1.0) == pytest.approx(
+        math.log1p(9 * math.exp(-10 / 9)), abs=1e-7
+    )
 
 
 def test_loss_floor_is_cached_per_anchors_metric_and_scale(monkeypatch):

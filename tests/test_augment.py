@@ -18,7 +18,7 @@ def test_resized_crop_matches_a_per_image_bilinear_resize():
     assert torch.equal(out[0], images[0])  # the whole image, unflipped: unchanged
     for i in (1, 2):  # naive reference: crop, then bilinear resize (pixel centres), then flip
         x1, y1, x2, y2 = boxes[i].long().tolist()
-        crop = images[i:i + 1, :, y1:y2, x1:x2].float()
+        crop = images[i : i + 1, :, y1:y2, x1:x2].float()
         ref = torch.nn.functional.interpolate(crop, size=(16, 16), mode="bilinear", align_corners=False)
         if i == 2:
             ref = ref.flip(3)
@@ -53,10 +53,38 @@ def test_randomresizedcrop_is_a_config_value_and_trains(tmp_path, ncm):
     from ncmcli.data.batching import Split
 
     split = Split(torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8), torch.arange(10))
-    a = [x for x, _ in batches(split, 5, mean=[0.5], std=[0.2], device="cpu", generator=torch.Generator().manual_seed(0),
-                               augment_batches="randomresizedcrop")]
-    plain = [x for x, _ in batches(split, 5, mean=[0.5], std=[0.2], device="cpu", generator=torch.Generator().manual_seed(0))]
+    a = [
+        x
+        for x, _ in batches(
+            split,
+            5,
+            mean=[0.5],
+            std=[0.2],
+            device="cpu",
+            generator=torch.Generator().manual_seed(0),
+            augment_batches="randomresizedcrop",
+        )
+    ]
+    plain = [
+        x
+        for x, _ in batches(
+            split, 5, mean=[0.5], std=[0.2], device="cpu", generator=torch.Generator().manual_seed(0)
+        )
+    ]
     assert a[0].shape == plain[0].shape and not torch.equal(a[0], plain[0])
-    proc = ncm("train", "--preset", "quickstart", "--set", "data.augment=randomresizedcrop", "--set", "train.epochs=1",
-               "--set", "data.limit_train=200", "--set", "data.limit_test=50", "--out", tmp_path / "run")
+    proc = ncm(
+        "train",
+        "--preset",
+        "quickstart",
+        "--set",
+        "data.augment=randomresizedcrop",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "data.limit_train=200",
+        "--set",
+        "data.limit_test=50",
+        "--out",
+        tmp_path / "run",
+    )
     assert proc.returncode == 0, proc.stderr

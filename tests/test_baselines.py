@@ -12,8 +12,7 @@ from ncmcli.nn.losses import SoftmaxLoss
 
 def _data(b=9, d=5, c=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, d, generator=g, dtype=torch.float64),
-            torch.randint(0, c, (b,), generator=g))
+    return (torch.randn(b, d, generator=g, dtype=torch.float64), torch.randint(0, c, (b,), generator=g))
 
 
 def test_caffe_hinge_matches_reference():
@@ -119,11 +118,18 @@ def test_center_loss_matches_reference_and_updates_centres():
     crit.centers.copy_(torch.randn(4, 5, dtype=torch.float64))
     c0 = crit.centers.clone()
     ce = F.cross_entropy(crit.fc(feats), y).item()
-    center = sum(0.5 * sum((fi - ci) ** 2 for fi, ci in zip(f.tolist(), c0[t].tolist())) for f, t in zip(feats, y)) / 8
+    center = (
+        sum(0.5 * sum((fi - ci) ** 2 for fi, ci in zip(f.tolist(), c0[t].tolist())) for f, t in zip(feats, y))
+        / 8
+    )
     assert crit(feats, y).item() == pytest.approx(ce + 0.7 * center, abs=1e-9)
     for j in range(4):  # Wen et al.: c_j -= alpha * sum_{y_i=j} (c_j - x_i) / (1 + n_j)
         members = feats[y == j]
-        delta = (c0[j] - members).sum(0) / (1 + len(members)) if len(members) else torch.zeros(5, dtype=torch.float64)
+        delta = (
+            (c0[j] - members).sum(0) / (1 + len(members))
+            if len(members)
+            else torch.zeros(5, dtype=torch.float64)
+        )
         assert torch.allclose(crit.centers[j], c0[j] - 0.5 * delta, atol=1e-12)
     assert list(n for n, _ in crit.named_parameters()) == ["fc.weight", "fc.bias"]  # centres: not optimised
 
@@ -160,10 +166,27 @@ def test_every_loss_trains_end_to_end_on_quickstart_and_reloads(tmp_path, loss):
     from ncmcli.engine import Reporter
     from ncmcli.train.loop import train
 
-    cfg = resolve("quickstart", [f"loss.name={loss}", "train.epochs=2", "data.limit_train=640",
-                                 "data.limit_test=200", "optim.lr=0.01"])
+    cfg = resolve(
+        "quickstart",
+        [
+            f"loss.name={loss}",
+            "train.epochs=2",
+            "data.limit_train=640",
+            "data.limit_test=200",
+            "optim.lr=0.01",
+        ],
+    )
     result = train(cfg, run_dir=tmp_path, device=torch.device("cpu"), reporter=Reporter())
     assert result["loss"] == loss and result["test_acc"] > 0.3  # learnt something (chance is 0.1)
     ck = checkpoint.load(tmp_path / "last.safetensors")
-    assert type(ck.criterion).__name__ == {"softmax": "SoftmaxLoss", "hinge": "HingeLoss", "lsoftmax": "LSoftmaxLoss",
-                                           "center": "CenterLoss", "cncm": "NCMLoss", "encm": "NCMLoss"}[loss]
+    assert (
+        type(ck.criterion).__name__
+        == {
+            "softmax": "SoftmaxLoss",
+            "hinge": "HingeLoss",
+            "lsoftmax": "LSoftmaxLoss",
+            "center": "CenterLoss",
+            "cncm": "NCMLoss",
+            "encm": "NCMLoss",
+        }[loss]
+    )

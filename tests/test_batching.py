@@ -24,8 +24,15 @@ def test_flip_only_batches_mirror_or_keep_each_image():
     images = torch.randint(0, 256, (64, 1, 6, 6), generator=g, dtype=torch.uint8)
     split = Split(images, torch.arange(64))
     flipped = kept = 0
-    for x, y in batches(split, 16, mean=[0.0], std=[1 / 255], device="cpu",
-                        generator=torch.Generator().manual_seed(1), flip_batches=True):
+    for x, y in batches(
+        split,
+        16,
+        mean=[0.0],
+        std=[1 / 255],
+        device="cpu",
+        generator=torch.Generator().manual_seed(1),
+        flip_batches=True,
+    ):
         for xi, yi in zip(x, y):
             orig = images[yi].float()
             if torch.equal(xi, orig):

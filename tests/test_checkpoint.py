@@ -45,8 +45,12 @@ def test_plain_safetensors_reads_anchors_and_metadata(tmp_path):
 def test_truncated_empty_random_and_foreign_files_are_refused(tmp_path):
     path, _, _ = _save(tmp_path)
     blob = path.read_bytes()
-    cases = {"truncated": blob[: len(blob) // 2], "empty": b"", "random": os.urandom(4096),
-             "header-only": blob[:8]}
+    cases = {
+        "truncated": blob[: len(blob) // 2],
+        "empty": b"",
+        "random": os.urandom(4096),
+        "header-only": blob[:8],
+    }
     for name, data in cases.items():
         p = tmp_path / f"{name}.safetensors"
         p.write_bytes(data)
@@ -73,19 +77,25 @@ def _rewrite(path, out, *, drop=None, reshape=None, meta_update=None):
     return out
 
 
-@pytest.mark.parametrize("kwargs,fragment", [
-    ({"drop": "model.fc.weight"}, "do not match the model"),
-    ({"reshape": "model.fc.weight"}, "model.fc.weight has shape .3, 3., the config implies"),
-    ({"reshape": "anchors"}, "anchors has shape"),
-    ({"meta_update": {"config": "{not json"}}, "not valid JSON"),
-    ({"meta_update": {"classes": "[]"}}, "classes"),
-    ({"meta_update": {"classes": json.dumps(["a", "b"])}}, "anchors has shape"),
-    ({"meta_update": {"input_shape": "[1, 99999999, 28]"}}, "input_shape"),
-    ({"meta_update": {"input_shape": "[-1, 28, 28]"}}, "input_shape"),
-    ({"meta_update": {"config": json.dumps({"model": {"feature_dim": 10**9}})}}, "feature_dim must be in"),
-    ({"meta_update": {"config": json.dumps({"loss": {"name": "evil"}})}}, "invalid config"),
-    ({"meta_update": {"format_version": "99"}}, "version"),
-])
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        ({"drop": "model.fc.weight"}, "do not match the model"),
+        ({"reshape": "model.fc.weight"}, "model.fc.weight has shape .3, 3., the config implies"),
+        ({"reshape": "anchors"}, "anchors has shape"),
+        ({"meta_update": {"config": "{not json"}}, "not valid JSON"),
+        ({"meta_update": {"classes": "[]"}}, "classes"),
+        ({"meta_update": {"classes": json.dumps(["a", "b"])}}, "anchors has shape"),
+        ({"meta_update": {"input_shape": "[1, 99999999, 28]"}}, "input_shape"),
+        ({"meta_update": {"input_shape": "[-1, 28, 28]"}}, "input_shape"),
+        (
+            {"meta_update": {"config": json.dumps({"model": {"feature_dim": 10**9}})}},
+            "feature_dim must be in",
+        ),
+        ({"meta_update": {"config": json.dumps({"loss": {"name": "evil"}})}}, "invalid config"),
+        ({"meta_update": {"format_version": "99"}}, "version"),
+    ],
+)
 def test_tampered_checkpoints_are_refused(tmp_path, kwargs, fragment):
     path, _, _ = _save(tmp_path)
     bad = _rewrite(path, tmp_path / "bad.safetensors", **kwargs)

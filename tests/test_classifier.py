@@ -9,8 +9,9 @@ from ncmcli.nn import Classifier
 
 def _clf(preset="quickstart", overrides=(), classes=4, mean=(0.3,), std=(0.2,)):
     torch.manual_seed(0)
-    return Classifier.from_config(resolve(preset, list(overrides)), classes, (1, 28, 28), mean=list(mean),
-                                  std=list(std)).eval()
+    return Classifier.from_config(
+        resolve(preset, list(overrides)), classes, (1, 28, 28), mean=list(mean), std=list(std)
+    ).eval()
 
 
 def test_uint8_input_is_normalised_with_the_classifiers_own_statistics():
@@ -49,7 +50,9 @@ def test_a_learned_head_has_no_distances_and_names_default_to_indices():
 def test_bad_arguments_are_value_errors():
     clf = _clf()
     with pytest.raises(ValueError):
-        Classifier(clf.net, clf.criterion, classes=list("abcd"), mean=[0.1, 0.2], std=[0.3], input_shape=(1, 28, 28))
+        Classifier(
+            clf.net, clf.criterion, classes=list("abcd"), mean=[0.1, 0.2], std=[0.3], input_shape=(1, 28, 28)
+        )
     with pytest.raises(ValueError):
         Classifier.from_config(resolve("quickstart", ["anchors.slots=3"]), 4, (1, 28, 28))
 
@@ -76,7 +79,9 @@ def test_extended_keeps_the_old_model_and_makes_room(preset):
     old = Classifier.from_config(cfg, ["a", "b", "c"], (1, 28, 28), mean=[0.2], std=[0.4])
     new = old.extended(cfg, ["a", "b", "c", "d", "e"], keep_scale=True)
     assert new.classes == list("abcde") and (new.mean, new.std) == (old.mean, old.std)
-    assert all(torch.equal(p, q) for p, q in zip(old.net.state_dict().values(), new.net.state_dict().values()))
+    assert all(
+        torch.equal(p, q) for p, q in zip(old.net.state_dict().values(), new.net.state_dict().values())
+    )
     if old.criterion.uses_anchors:
         assert torch.equal(new.criterion.slot_anchors, old.criterion.slot_anchors)
         assert new.criterion.class_slots[:3].tolist() == old.criterion.class_slots.tolist()

@@ -52,11 +52,23 @@ def test_rich_markup_in_paths_is_shown_literally(tmp_path):
 
 
 def test_a_closed_pipe_ends_quietly():
-    proc = subprocess.run(f"{sys.executable} -m ncmcli presets | head -c 1 >/dev/null; exit ${{PIPESTATUS[0]}}",
-                          shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        f"{sys.executable} -m ncmcli presets | head -c 1 >/dev/null; exit ${{PIPESTATUS[0]}}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode in (0, 141) and proc.stderr == ""
-    closed = subprocess.run(f"{sys.executable} -m ncmcli presets >&-", shell=True, executable="/bin/bash",
-                            capture_output=True, text=True, timeout=60)
+    closed = subprocess.run(
+        f"{sys.executable} -m ncmcli presets >&-",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert closed.returncode == 0 and closed.stderr == ""
 
 
@@ -75,18 +87,56 @@ def test_no_unexpected_errors_for_inputs_a_user_can_give(tmp_path):
 def test_piped_progress_prints_periodic_lines_with_an_eta(ncm, tmp_path):
     import re
 
-    proc = ncm("train", "--preset", "quickstart", "--set", "train.epochs=2", "--set", "data.limit_train=1500",
-               "--set", "data.limit_test=100", "--out", tmp_path / "r", "--log-every", "0.2")
+    proc = ncm(
+        "train",
+        "--preset",
+        "quickstart",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "data.limit_train=1500",
+        "--set",
+        "data.limit_test=100",
+        "--out",
+        tmp_path / "r",
+        "--log-every",
+        "0.2",
+    )
     assert proc.returncode == 0, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if re.match(r"epoch \d+/2 step \d+/\d+ .* ETA \d+:\d\d:\d\d$", ln)]
+    lines = [
+        ln
+        for ln in proc.stderr.splitlines()
+        if re.match(r"epoch \d+/2 step \d+/\d+ .* ETA \d+:\d\d:\d\d$", ln)
+    ]
     assert len(lines) >= 2, proc.stderr  # several lines within the run, not one per epoch
-    quiet = ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=300",
-                "--set", "data.limit_test=100", "--out", tmp_path / "q", "--log-every", "0.2", "--quiet")
+    quiet = ncm(
+        "train",
+        "--preset",
+        "quickstart",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "data.limit_train=300",
+        "--set",
+        "data.limit_test=100",
+        "--out",
+        tmp_path / "q",
+        "--log-every",
+        "0.2",
+        "--quiet",
+    )
     assert "ETA" not in quiet.stderr
 
 
-@pytest.mark.parametrize("args", [("train", "--bogus"), ("eval", "/no/such/checkpoint"), ("anchors", "-C", "1", "-d", "2"),
-                                  ("--version",)])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("train", "--bogus"),
+        ("eval", "/no/such/checkpoint"),
+        ("anchors", "-C", "1", "-d", "2"),
+        ("--version",),
+    ],
+)
 def test_the_in_process_cli_matches_the_real_one(ncm, cli, args):
     """CliRunner-driven tests stand in for subprocesses: same exit code, stdout and stderr."""
     real, here = ncm(*args), cli(*args)
@@ -95,9 +145,11 @@ def test_the_in_process_cli_matches_the_real_one(ncm, cli, args):
 
 @pytest.mark.parametrize(
     "args,angle",
-    [(["--classes", 10, "--dim", 2, "--method", "polar"], "36.00°"),
-     (["--classes", 10, "--dim", 9, "--method", "simplex"], "96.38°"),
-     (["--classes", 100, "--dim", 64, "--method", "auto"], "90.00°")],
+    [
+        (["--classes", 10, "--dim", 2, "--method", "polar"], "36.00°"),
+        (["--classes", 10, "--dim", 9, "--method", "simplex"], "96.38°"),
+        (["--classes", 100, "--dim", 64, "--method", "auto"], "90.00°"),
+    ],
 )
 def test_anchor_certificates(cli, args, angle):
     proc = cli("anchors", *args)
@@ -134,14 +186,16 @@ def test_json_and_out(cli, tmp_path):
 
 @pytest.mark.parametrize(
     "args,fragment",
-    [(["--classes", 11, "--dim", 10, "--method", "orthogonal"], "orthogonal anchors need dim >= classes"),
-     (["--classes", 1, "--dim", 3], "classes must be"),
-     (["--classes", 3, "--dim", 0], "dim must be"),
-     (["--classes", 3, "--dim", 3, "--method", "bogus"], "unknown anchor method"),
-     (["--classes", 3, "--dim", 3, "--metric", "manhattan"], "unknown metric"),
-     (["--classes", "x", "--dim", 3], "Invalid value for '--classes'"),
-     (["--dim", 3], "Missing option"),
-     (["--classes", 3, "--dim", 3, "--bogus"], "No such option")],
+    [
+        (["--classes", 11, "--dim", 10, "--method", "orthogonal"], "orthogonal anchors need dim >= classes"),
+        (["--classes", 1, "--dim", 3], "classes must be"),
+        (["--classes", 3, "--dim", 0], "dim must be"),
+        (["--classes", 3, "--dim", 3, "--method", "bogus"], "unknown anchor method"),
+        (["--classes", 3, "--dim", 3, "--metric", "manhattan"], "unknown metric"),
+        (["--classes", "x", "--dim", 3], "Invalid value for '--classes'"),
+        (["--dim", 3], "Missing option"),
+        (["--classes", 3, "--dim", 3, "--bogus"], "No such option"),
+    ],
 )
 def test_bad_arguments_exit_2_with_one_line(cli, args, fragment):
     assert_clean_error(cli("anchors", *args), 2, fragment)
@@ -171,7 +225,9 @@ def test_help_does_not_import_torch():
 def test_a_mistyped_method_gets_a_did_you_mean(cli):
     from conftest import assert_clean_error
 
-    assert_clean_error(cli("anchors", "-C", "10", "-d", "9", "--method", "simplx"), 2, "(did you mean 'simplex'?)")
+    assert_clean_error(
+        cli("anchors", "-C", "10", "-d", "9", "--method", "simplx"), 2, "(did you mean 'simplex'?)"
+    )
 
 
 def test_help_shows_no_type_after_plain_flags(cli):
@@ -181,10 +237,13 @@ def test_help_shows_no_type_after_plain_flags(cli):
         assert all("<bool>" not in ln for ln in flags), (cmd, flags)
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--classes", "1000000", "--dim", "2"], "--classes must be in"),
-    (["--classes", "10000", "--dim", "65536"], "classes x dim"),
-    (["--classes", "10", "--dim", "0"], "--dim must be in"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--classes", "1000000", "--dim", "2"], "--classes must be in"),
+        (["--classes", "10000", "--dim", "65536"], "classes x dim"),
+        (["--classes", "10", "--dim", "0"], "--dim must be in"),
+    ],
+)
 def test_anchors_are_bounded(args, fragment):
     assert_clean_error(capped("anchors", *args, timeout=60), 2, fragment)

@@ -31,9 +31,22 @@ def test_config_is_frozen():
 
 
 def test_public_keys_exist():
-    for key in ["seed", "data.name", "data.root", "data.augment", "model.arch", "model.dropout",
-                "anchors.method", "loss.name", "loss.scale", "train.epochs", "train.batch_size",
-                "optim.lr", "optim.momentum", "optim.weight_decay"]:
+    for key in [
+        "seed",
+        "data.name",
+        "data.root",
+        "data.augment",
+        "model.arch",
+        "model.dropout",
+        "anchors.method",
+        "loss.name",
+        "loss.scale",
+        "train.epochs",
+        "train.batch_size",
+        "optim.lr",
+        "optim.momentum",
+        "optim.weight_decay",
+    ]:
         assert key in C.SCHEMA
 
 
@@ -43,8 +56,10 @@ def test_unknown_key_names_the_closest():
 
 
 def test_overrides_are_coerced_against_the_schema():
-    cfg = P.resolve("quickstart", ["optim.lr=1e-3", "train.epochs=3", "data.augment=yes",
-                                   "model.dropout=0.25", "description=no"])
+    cfg = P.resolve(
+        "quickstart",
+        ["optim.lr=1e-3", "train.epochs=3", "data.augment=yes", "model.dropout=0.25", "description=no"],
+    )
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
     assert cfg.train.epochs == 3 and cfg.data.augment is True and cfg.model.dropout == 0.25
     assert cfg.description == "no"  # on the command line a string stays a string
@@ -62,14 +77,24 @@ def test_yaml_quirks_are_coerced(tmp_path):
         P.resolve(str(p))
 
 
-@pytest.mark.parametrize("override,fragment", [
-    ("train.epochs=abc", "expected int"), ("train.epochs=1.5", "expected int"),
-    ("optim.lr=fast", "expected float"), ("data.augment=maybe", "expected bool"),
-    ("train.epochs=0", "train.epochs must be >= 1"), ("optim.lr=-1", "optim.lr must be > 0"),
-    ("model.dropout=1", "dropout must be in [0, 1)"), ("train.batch_size=0", "batch_size"),
-    ("loss.name=arcface", "loss.name"), ("data.name=imagenet", "data.name"),
-    ("optim.lr=nan", "finite"), ("noequals", "key.sub=value"), ("model=3", "unknown key 'model'"),
-])
+@pytest.mark.parametrize(
+    "override,fragment",
+    [
+        ("train.epochs=abc", "expected int"),
+        ("train.epochs=1.5", "expected int"),
+        ("optim.lr=fast", "expected float"),
+        ("data.augment=maybe", "expected bool"),
+        ("train.epochs=0", "train.epochs must be >= 1"),
+        ("optim.lr=-1", "optim.lr must be > 0"),
+        ("model.dropout=1", "dropout must be in [0, 1)"),
+        ("train.batch_size=0", "batch_size"),
+        ("loss.name=arcface", "loss.name"),
+        ("data.name=imagenet", "data.name"),
+        ("optim.lr=nan", "finite"),
+        ("noequals", "key.sub=value"),
+        ("model=3", "unknown key 'model'"),
+    ],
+)
 def test_bad_values(override, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         P.resolve("quickstart", [override])
@@ -131,10 +156,15 @@ def test_any_override_gives_a_config_or_a_clean_error(key, value):
 
 
 @settings(max_examples=200, deadline=None)
-@given(tree=st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-    lambda children: st.dictionaries(st.sampled_from(["data", "name", "lr", "optim", "train", "epochs", "x"]), children, max_size=3),
-    max_leaves=8))
+@given(
+    tree=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+        lambda children: st.dictionaries(
+            st.sampled_from(["data", "name", "lr", "optim", "train", "epochs", "x"]), children, max_size=3
+        ),
+        max_leaves=8,
+    )
+)
 def test_any_tree_gives_a_config_or_a_clean_error(tree):
     try:
         cfg = O.from_dict(tree if isinstance(tree, dict) else {"seed": tree})
@@ -145,11 +175,22 @@ def test_any_tree_gives_a_config_or_a_clean_error(tree):
 
 def test_setting_a_loss_key_the_loss_ignores_warns(cli):
     # a sweep over loss.scale that includes SoftMax would train identical SoftMax runs
-    proc = cli("train", "--preset", "quickstart-softmax", "--set", "loss.scale=4", "--set", "loss.scale=8",
-               "--set", "loss.label_smoothing=0.1", "--print-config")
+    proc = cli(
+        "train",
+        "--preset",
+        "quickstart-softmax",
+        "--set",
+        "loss.scale=4",
+        "--set",
+        "loss.scale=8",
+        "--set",
+        "loss.label_smoothing=0.1",
+        "--print-config",
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "warning: loss.scale has no effect on loss softmax (it is read by encm, cncm, sqncm)"]
+        "warning: loss.scale has no effect on loss softmax (it is read by encm, cncm, sqncm)"
+    ]
     assert "scale: 8.0" in proc.stdout  # still applied, so the config says what was asked
     quiet = cli("train", "--preset", "quickstart", "--set", "loss.scale=4", "--print-config")
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
@@ -166,12 +207,17 @@ def test_error_messages_quote_at_most_about_80_characters(tmp_path):
     assert len(str(exc.value)) < 400
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--set", f"seed={2**63}"], "seed must be in"),
-    (["--set", "seed=-1"], "seed must be in"),
-    (["--set", f"train.num_threads={(os.cpu_count() or 1) + 1}"], "train.num_threads"),
-    (["--set", "model.arch=resnet9000"], "model.arch"),
-    (["--set", "model.feature_dim=70000"], "model.feature_dim"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--set", f"seed={2**63}"], "seed must be in"),
+        (["--set", "seed=-1"], "seed must be in"),
+        (["--set", f"train.num_threads={(os.cpu_count() or 1) + 1}"], "train.num_threads"),
+        (["--set", "model.arch=resnet9000"], "model.arch"),
+        (["--set", "model.feature_dim=70000"], "model.feature_dim"),
+    ],
+)
 def test_config_bounds_are_checked_when_the_config_is_resolved(args, fragment):
-    assert_clean_error(capped("train", "--preset", "quickstart", "--print-config", *args, timeout=30), 2, fragment)
+    assert_clean_error(
+        capped("train", "--preset", "quickstart", "--print-config", *args, timeout=30), 2, fragment
+    )

@@ -49,9 +49,15 @@ def test_cifar_pickle_format(tmp_path, kind):
     assert len(ds.classes) == (10 if kind == "cifar10" else 100) and ds.classes[1] == "class1"
 
 
-@pytest.mark.parametrize("name,files", [
-    ("mnist", "train-images-idx3-ubyte"), ("fashion-mnist", "t10k-labels-idx1-ubyte"),
-    ("cifar10", "data_batch_1..5"), ("cifar100", "meta")])
+@pytest.mark.parametrize(
+    "name,files",
+    [
+        ("mnist", "train-images-idx3-ubyte"),
+        ("fashion-mnist", "t10k-labels-idx1-ubyte"),
+        ("cifar10", "data_batch_1..5"),
+        ("cifar100", "meta"),
+    ],
+)
 def test_missing_data_offline_names_folder_and_files(tmp_path, name, files, monkeypatch):
     if name == "fashion-mnist":
         monkeypatch.setattr("ncmcli.data.datasets.DEBIAN_FASHION_DIR", tmp_path / "nowhere")
@@ -152,7 +158,9 @@ def test_batched_augmentation_equals_torchvision_per_sample():
 def test_batches_cover_the_split_once_and_shuffle():
     from ncmcli.data.batching import Split
 
-    split = Split(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).clone(), torch.arange(10))
+    split = Split(
+        torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).clone(), torch.arange(10)
+    )
     g = torch.Generator().manual_seed(0)
     ys = [y for _, y in batches(split, 4, mean=[0.0], std=[1 / 255], device="cpu", generator=g)]
     assert [len(y) for y in ys] == [4, 4, 2]
@@ -177,15 +185,29 @@ def test_dataloader_path_trains_exactly_like_the_tensor_path(tmp_path, workers):
     make_folder(tmp_path / "imgs", per_class=12, size=(20, 20))
     results = {}
     for loader in ("tensor", "dataloader"):
-        cfg = resolve("quickstart", ["data.name=folder", f"data.root={tmp_path / 'imgs'}", "data.image_size=16",
-                                     f"data.loader={loader}", f"data.workers={workers}", "data.augment=true",
-                                     "train.epochs=2", "train.batch_size=8", "train.deterministic=true"])
+        cfg = resolve(
+            "quickstart",
+            [
+                "data.name=folder",
+                f"data.root={tmp_path / 'imgs'}",
+                "data.image_size=16",
+                f"data.loader={loader}",
+                f"data.workers={workers}",
+                "data.augment=true",
+                "train.epochs=2",
+                "train.batch_size=8",
+                "train.deterministic=true",
+            ],
+        )
         if loader == "dataloader":
             assert isinstance(load_dataset(cfg.data).train, FileSplit)
         run = tmp_path / loader
         run.mkdir()
         results[loader] = train(cfg, run_dir=run, device=torch.device("cpu"), reporter=Reporter())
-    a, b = load_file(str(tmp_path / "tensor" / "last.safetensors")), load_file(str(tmp_path / "dataloader" / "last.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "tensor" / "last.safetensors")),
+        load_file(str(tmp_path / "dataloader" / "last.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert results["tensor"]["final"] == results["dataloader"]["final"]
 
@@ -234,7 +256,9 @@ def test_auto_loader_follows_the_memory_budget(tmp_path):
 
     make_folder(tmp_path, per_class=2, size=(8, 8))
     small = load_dataset(DataConfig(name="folder", root=str(tmp_path), loader="auto", memory_budget_gb=1.0))
-    tiny_budget = load_dataset(DataConfig(name="folder", root=str(tmp_path), loader="auto", memory_budget_gb=1e-9))
+    tiny_budget = load_dataset(
+        DataConfig(name="folder", root=str(tmp_path), loader="auto", memory_budget_gb=1e-9)
+    )
     assert isinstance(small.train, Split) and isinstance(tiny_budget.train, FileSplit)
     assert tiny_budget.input_shape == (3, 8, 8)  # the images' own side (image_size 0)
 
@@ -246,8 +270,20 @@ def test_folder_with_val_and_no_test_trains_with_a_note(tmp_path, ncm):
     make_folder(tmp_path / "ab", classes=("ants", "bees"), per_class=6, size=(28, 28), mode="L")
     shutil.move(str(tmp_path / "ab" / "test"), str(tmp_path / "ab" / "val"))
     (tmp_path / "ab" / "train" / "ants" / "placeholder.gif").write_bytes(b"GIF89a")
-    proc = ncm("train", "--preset", "folder", "--set", f"data.root={tmp_path / 'ab'}", "--set", "train.epochs=1",
-               "--set", "data.val_split=0", "--out", tmp_path / "run", "--json")
+    proc = ncm(
+        "train",
+        "--preset",
+        "folder",
+        "--set",
+        f"data.root={tmp_path / 'ab'}",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "data.val_split=0",
+        "--out",
+        tmp_path / "run",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "val/ is the held-out split" in proc.stderr
     assert "skipped 1 files that are not images (1 .gif)" in proc.stderr
@@ -257,21 +293,49 @@ def test_folder_with_val_and_no_test_trains_with_a_note(tmp_path, ncm):
 
     assert checkpoint.load(tmp_path / "run" / "best.safetensors").input_shape == (1, 28, 28)
     # data.extensions reads the .gif too (and fails on it, being no image: a clear error)
-    proc = ncm("train", "--preset", "folder", "--set", f"data.root={tmp_path / 'ab'}", "--set", "data.extensions=png",
-               "--set", "data.test_dir=val", "--set", "train.epochs=1", "--set", "data.val_split=0", "--out", tmp_path / "r2")
+    proc = ncm(
+        "train",
+        "--preset",
+        "folder",
+        "--set",
+        f"data.root={tmp_path / 'ab'}",
+        "--set",
+        "data.extensions=png",
+        "--set",
+        "data.test_dir=val",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "data.val_split=0",
+        "--out",
+        tmp_path / "r2",
+    )
     assert proc.returncode == 0 and "skipped 1 files" in proc.stderr, proc.stderr
 
 
 def test_folder_layout_errors_say_what_is_there(tmp_path, cli):
     from conftest import assert_clean_error
 
-    assert_clean_error(cli("train", "--preset", "folder", "--set", f"data.root={tmp_path / 'nope'}"), 1, "does not exist")
+    assert_clean_error(
+        cli("train", "--preset", "folder", "--set", f"data.root={tmp_path / 'nope'}"), 1, "does not exist"
+    )
     (tmp_path / "f" / "train" / "a").mkdir(parents=True)
     (tmp_path / "f" / "holdout").mkdir()
     proc = cli("train", "--preset", "folder", "--set", f"data.root={tmp_path / 'f'}")
     assert_clean_error(proc, 1, "it holds holdout/, train/")
-    assert_clean_error(cli("train", "--preset", "folder", "--set", f"data.root={tmp_path / 'f'}",
-                           "--set", "data.test_dir=elsewhere"), 1, "data.test_dir=elsewhere")
+    assert_clean_error(
+        cli(
+            "train",
+            "--preset",
+            "folder",
+            "--set",
+            f"data.root={tmp_path / 'f'}",
+            "--set",
+            "data.test_dir=elsewhere",
+        ),
+        1,
+        "data.test_dir=elsewhere",
+    )
 
 
 def test_first_decode_is_announced_before_the_wait(tmp_path, monkeypatch):
@@ -304,7 +368,9 @@ def test_data_classes_filters_every_split_and_names_the_valid_ones(tmp_path, ncm
     from ncmcli.data.datasets import load_dataset
 
     make_folder(tmp_path / "f", classes=("ant", "bee", "cat", "dog"), per_class=3, size=(12, 12))
-    ds = load_dataset(resolve("folder", [f"data.root={tmp_path / 'f'}", "data.classes=dog,1", "data.val_split=0"]).data)
+    ds = load_dataset(
+        resolve("folder", [f"data.root={tmp_path / 'f'}", "data.classes=dog,1", "data.val_split=0"]).data
+    )
     assert ds.classes == ["bee", "dog"]  # original order, relabelled 0..k-1
     assert ds.train.labels.tolist() == [0, 0, 0, 1, 1, 1] and ds.test.labels.tolist() == [0, 0, 0, 1, 1, 1]
     q = load_dataset(resolve("quickstart", ["data.classes=0,1,2,4,5,9", "data.limit_train=600"]).data)
@@ -312,7 +378,9 @@ def test_data_classes_filters_every_split_and_names_the_valid_ones(tmp_path, ncm
     proc = ncm("train", "--preset", "quickstart", "--set", "data.classes=Trousr,3")
     assert_clean_error(proc, 2, "did you mean 'Trouser'")
     assert "T-shirt/top" in proc.stderr
-    assert_clean_error(ncm("train", "--preset", "quickstart", "--set", "data.classes=3"), 2, "at least 2 classes")
+    assert_clean_error(
+        ncm("train", "--preset", "quickstart", "--set", "data.classes=3"), 2, "at least 2 classes"
+    )
 
 
 @pytest.mark.slow
@@ -327,10 +395,21 @@ def test_training_on_a_per_batch_folder_stops_its_workers(tmp_path, monkeypatch)
     closed, real = [], batching.FileSplit.close
     monkeypatch.setattr(batching.FileSplit, "close", lambda self: (closed.append(id(self)), real(self))[1])
     make_folder(tmp_path / "imgs", per_class=6, size=(20, 20))
-    cfg = resolve("quickstart", ["data.name=folder", f"data.root={tmp_path / 'imgs'}", "data.image_size=16",
-                                 "data.loader=dataloader", "data.workers=1", "train.epochs=1", "train.batch_size=8"])
+    cfg = resolve(
+        "quickstart",
+        [
+            "data.name=folder",
+            f"data.root={tmp_path / 'imgs'}",
+            "data.image_size=16",
+            "data.loader=dataloader",
+            "data.workers=1",
+            "train.epochs=1",
+            "train.batch_size=8",
+        ],
+    )
     made = []
     real_to = batching.FileSplit.to
+
     def to(self, device):
         moved = real_to(self, device)
         made.append(id(moved))
@@ -342,7 +421,9 @@ def test_training_on_a_per_batch_folder_stops_its_workers(tmp_path, monkeypatch)
 
 
 def test_exp_profile_matches_cao_et_al_on_cifar10_shaped_labels():
-    labels = torch.arange(10).repeat_interleave(5000)[torch.randperm(50000, generator=torch.Generator().manual_seed(3))]
+    labels = torch.arange(10).repeat_interleave(5000)[
+        torch.randperm(50000, generator=torch.Generator().manual_seed(3))
+    ]
     idx = imbalanced_indices(labels, 10, "exp", 100.0, seed=0)
     counts = torch.bincount(labels[idx], minlength=10).tolist()
     assert counts == CIFAR10_LT_100 and len(idx) == 12406
@@ -380,5 +461,7 @@ def test_imbalance_applies_after_limit_and_before_a_stratified_validation_split(
     assert total == imbalance_counts(200, 10, "exp", 10.0)  # n_max = the largest class after the limit
     val = torch.bincount(ds.val.labels, minlength=10).tolist()
     assert sum(val) == round(0.1 * sum(total)) and val[0] > val[-1]  # stratified: the tail stays a tail
-    assert torch.bincount(ds.test.labels, minlength=10).tolist() == [100] * 10  # the test split stays balanced
+    assert (
+        torch.bincount(ds.test.labels, minlength=10).tolist() == [100] * 10
+    )  # the test split stays balanced
     assert any("long-tailed (exp:10" in n for n in ds.notes)

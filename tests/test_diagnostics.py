@@ -52,16 +52,20 @@ def test_pca_finds_the_dominant_plane():
     x[:, 4] = torch.randn(400, generator=g) * 3
     x[:, 0] = torch.randn(400, generator=g) * 0.01
     _, comps, ratio = pca_2d(x)
-    assert abs(comps[2, 0]) == pytest.approx(1.0, abs=1e-3) and abs(comps[4, 1]) == pytest.approx(1.0, abs=1e-3)
+    assert abs(comps[2, 0]) == pytest.approx(1.0, abs=1e-3) and abs(comps[4, 1]) == pytest.approx(
+        1.0, abs=1e-3
+    )
     assert sum(ratio) > 0.99
 
 
 def test_per_class_scores_against_a_hand_count():
     # rows: true class, columns: predicted
-    confusion = [[5, 1, 0, 0],
-                 [2, 3, 1, 0],
-                 [0, 0, 4, 0],
-                 [0, 0, 0, 0]]  # class 3: no images, never predicted
+    confusion = [
+        [5, 1, 0, 0],
+        [2, 3, 1, 0],
+        [0, 0, 4, 0],
+        [0, 0, 0, 0],
+    ]  # class 3: no images, never predicted
     rows, macro = diagnostics.per_class_scores(confusion)
     # class 0: precision 5/7, recall 5/6; class 1: 3/4, 3/6; class 2: 4/5, 4/4
     p = [5 / 7, 3 / 4, 4 / 5]
@@ -75,9 +79,7 @@ def test_per_class_scores_against_a_hand_count():
 
 
 def test_topk_against_a_hand_count():
-    logits = torch.tensor([[9.0, 8, 7, 6, 5, 4, 3],
-                           [1.0, 2, 3, 4, 5, 6, 7],
-                           [0.0, 0, 0, 0, 0, 9, 1]])
+    logits = torch.tensor([[9.0, 8, 7, 6, 5, 4, 3], [1.0, 2, 3, 4, 5, 6, 7], [0.0, 0, 0, 0, 0, 9, 1]])
     labels = torch.tensor([4, 0, 6])
     # row 0: label 4 is 5th largest -> in top 5; row 1: label 0 is smallest -> not; row 2: 6 is 2nd -> in
     assert diagnostics.topk_accuracy(logits, labels, 5) == pytest.approx(2 / 3)

@@ -29,13 +29,18 @@ def test_readme_config_table_is_the_generated_one():
 
     from conftest import REPO as root
 
-    generated = subprocess.run([sys.executable, str(root / "scripts" / "config_table.py")], capture_output=True,
-                               text=True, check=True).stdout.strip()
+    generated = subprocess.run(
+        [sys.executable, str(root / "scripts" / "config_table.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     text = (root / "README.md").read_text()
     start = text.index("<!-- config-table:start")
     start = text.index("-->", start) + 3
-    assert text[start:text.index("<!-- config-table:end -->")].strip() == generated, \
+    assert text[start : text.index("<!-- config-table:end -->")].strip() == generated, (
         "README's config table is stale: run python scripts/config_table.py --write"
+    )
     for name in ("tiny", "resnet34-cifar", "lsoftmax", "center", "sqncm"):  # every arch and loss is listed
         assert f"`{name}`" in generated
 
@@ -45,12 +50,14 @@ def test_the_readme_python_api_example_runs_without_typer_rich_or_yaml():
     import sys
 
     text = (REPO / "README.md").read_text()
-    section = text[text.index("## Python API"):text.index("## The nets")]
-    code = section[section.index("```python") + len("```python"):]
-    code = code[:code.index("```")]
-    check = ("\nimport sys\nfrom ncmcli import load_checkpoint, anchor_certificate, Criterion, HingeLoss\n"
-             "assert round(floor, 3) == 1.159, floor\n"
-             "print(sorted(m for m in ('typer', 'rich', 'yaml') if m in sys.modules))\n")
+    section = text[text.index("## Python API") : text.index("## The nets")]
+    code = section[section.index("```python") + len("```python") :]
+    code = code[: code.index("```")]
+    check = (
+        "\nimport sys\nfrom ncmcli import load_checkpoint, anchor_certificate, Criterion, HingeLoss\n"
+        "assert round(floor, 3) == 1.159, floor\n"
+        "print(sorted(m for m in ('typer', 'rich', 'yaml') if m in sys.modules))\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"

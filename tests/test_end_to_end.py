@@ -24,8 +24,13 @@ def short_run(tmp_path_factory):
 @pytest.mark.slow
 def test_train_writes_the_run_folder(short_run):
     out, result, proc = short_run
-    assert {p.name for p in out.iterdir()} - {".ncm.lock"} == {"config.yaml", "metrics.jsonl", "best.safetensors",
-                                               "last.safetensors", "result.json"}
+    assert {p.name for p in out.iterdir()} - {".ncm.lock"} == {
+        "config.yaml",
+        "metrics.jsonl",
+        "best.safetensors",
+        "last.safetensors",
+        "result.json",
+    }
     assert json.loads((out / "result.json").read_text()) == result
     assert result["checkpoint"] == str(out / "best.safetensors") and result["epochs"] == 1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
@@ -68,7 +73,9 @@ def test_predict_files_folders_and_bad_files(ncm, short_run, tmp_path):
     from PIL import Image
 
     Image.new("RGB", (64, 40), (200, 10, 10)).save(tmp_path / "big.jpg")
-    proc = ncm("predict", tmp_path / "imgs", tmp_path / "big.jpg", "--checkpoint", out, "--json", "--top-k", "2")
+    proc = ncm(
+        "predict", tmp_path / "imgs", tmp_path / "big.jpg", "--checkpoint", out, "--json", "--top-k", "2"
+    )
     assert proc.returncode == 1  # one file failed, the rest went on
     doc = json.loads(proc.stdout)
     preds = doc["predictions"]
@@ -84,23 +91,43 @@ def test_predict_files_folders_and_bad_files(ncm, short_run, tmp_path):
 def test_predict_finds_the_newest_checkpoint(ncm, short_run, tmp_path):
     out, _, _ = short_run
     _write_pngs(tmp_path / "imgs", 1)
-    proc = ncm("predict", tmp_path / "imgs" / "0000.png", env={"NCM_CHECKPOINT": str(out / "best.safetensors")})
+    proc = ncm(
+        "predict", tmp_path / "imgs" / "0000.png", env={"NCM_CHECKPOINT": str(out / "best.safetensors")}
+    )
     assert proc.returncode == 0, proc.stderr
     assert "$NCM_CHECKPOINT" in proc.stderr and proc.stdout.startswith(str(tmp_path / "imgs" / "0000.png"))
     none = ncm("predict", tmp_path / "imgs" / "0000.png", cwd=tmp_path)
     assert_clean_error(none, 2, "no checkpoint")
 
 
-@pytest.mark.parametrize("args,code,fragment", [
-    (["train", "--preset", "nope"], 2, "unknown preset 'nope'"),
-    (["train", "--preset", "quickstart", "--set", "optim.lrr=1"], 2, "did you mean 'optim.lr'"),
-    (["train", "--preset", "quickstart", "--set", "train.epochs=zero"], 2, "expected int"),
-    (["train", "--preset", "mnist-encm", "--set", "data.root=/nonexistent/x", "--set", "data.download=false"],
-     1, "mnist not found in /nonexistent/x/MNIST/raw"),
-    (["train", "--preset", "quickstart", "--out", "/proc/forbidden/run"], 2, "cannot create output folder"),
-    (["eval", "/nonexistent.safetensors"], 2, "checkpoint not found"),
-    (["predict", "/nonexistent.png", "--checkpoint", "/nonexistent.safetensors"], 2, "not found"),
-])
+@pytest.mark.parametrize(
+    "args,code,fragment",
+    [
+        (["train", "--preset", "nope"], 2, "unknown preset 'nope'"),
+        (["train", "--preset", "quickstart", "--set", "optim.lrr=1"], 2, "did you mean 'optim.lr'"),
+        (["train", "--preset", "quickstart", "--set", "train.epochs=zero"], 2, "expected int"),
+        (
+            [
+                "train",
+                "--preset",
+                "mnist-encm",
+                "--set",
+                "data.root=/nonexistent/x",
+                "--set",
+                "data.download=false",
+            ],
+            1,
+            "mnist not found in /nonexistent/x/MNIST/raw",
+        ),
+        (
+            ["train", "--preset", "quickstart", "--out", "/proc/forbidden/run"],
+            2,
+            "cannot create output folder",
+        ),
+        (["eval", "/nonexistent.safetensors"], 2, "checkpoint not found"),
+        (["predict", "/nonexistent.png", "--checkpoint", "/nonexistent.safetensors"], 2, "not found"),
+    ],
+)
 def test_bad_input_gives_one_line_and_the_right_code(ncm, args, code, fragment, tmp_path):
     proc = ncm(*args, cwd=tmp_path)
     assert_clean_error(proc, code, fragment)

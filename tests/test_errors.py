@@ -27,6 +27,10 @@ def test_config_boundary_passes_ncm_errors_and_other_exceptions_through():
 
 
 def test_exit_codes():
-    assert (NcmError().exit_code, UsageError().exit_code, ConfigError().exit_code, CheckpointError().exit_code) \
-        == (1, 2, 2, 1)
+    assert (
+        NcmError().exit_code,
+        UsageError().exit_code,
+        ConfigError().exit_code,
+        CheckpointError().exit_code,
+    ) == (1, 2, 2, 1)
     assert isinstance(ConfigError(), ValueError)

@@ -48,10 +48,16 @@ def test_open_set_against_an_image_folder_and_rejection(quickstart_run, tmp_path
     doc = json.loads(run_ncm("eval", quickstart_run, "--json", "--ood", tmp_path / "noise").stdout)
     ood = doc["ood"]
     assert ood["n_out"] == 40 and 0 <= ood["auroc"] <= 1 and 0 <= ood["fpr_at_95_tpr"] <= 1
-    pred = json.loads(run_ncm("predict", tmp_path / "noise", "--checkpoint", quickstart_run, "--json",
-                              "--reject-above", "1e-6").stdout)
+    pred = json.loads(
+        run_ncm(
+            "predict", tmp_path / "noise", "--checkpoint", quickstart_run, "--json", "--reject-above", "1e-6"
+        ).stdout
+    )
     assert all(p["label"] == "unknown" for p in pred["predictions"])
-    keep = json.loads(run_ncm("predict", tmp_path / "noise", "--checkpoint", quickstart_run, "--json",
-                              "--reject-above", "1e6").stdout)
+    keep = json.loads(
+        run_ncm(
+            "predict", tmp_path / "noise", "--checkpoint", quickstart_run, "--json", "--reject-above", "1e6"
+        ).stdout
+    )
     assert all(p["label"] != "unknown" for p in keep["predictions"])
     assert_clean_error(run_ncm("eval", quickstart_run, "--ood", tmp_path / "nowhere"), 2, "neither a dataset")

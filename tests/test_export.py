@@ -14,8 +14,12 @@ def trained_ckpts(tmp_path_factory):
     out = {}
     for preset in ("quickstart", "quickstart-softmax"):
         run = tmp_path_factory.mktemp(preset)
-        train(resolve(preset, ["data.limit_train=256", "data.limit_test=64", "train.epochs=1"]), run_dir=run,
-              device=torch.device("cpu"), reporter=Reporter())
+        train(
+            resolve(preset, ["data.limit_train=256", "data.limit_test=64", "train.epochs=1"]),
+            run_dir=run,
+            device=torch.device("cpu"),
+            reporter=Reporter(),
+        )
         out[preset] = run / "best.safetensors"
     return out
 
@@ -63,11 +67,13 @@ def test_an_exported_onnx_file_runs_without_ncm(trained_ckpts, tmp_path):
     from ncmcli.engine import export_command
 
     f, _ = export_command(trained_ckpts["quickstart"], fmt="onnx", out=tmp_path / "m.onnx")
-    code = ("import sys; sys.modules['ncmcli'] = None\n"  # any import of ncm would fail
-            "import numpy as np, onnxruntime as ort\n"
-            f"s = ort.InferenceSession({str(f)!r})\n"
-            "out = s.run(None, {'images': np.zeros((3, 1, 28, 28), np.uint8)})\n"
-            "print([o.shape for o in out])")
+    code = (
+        "import sys; sys.modules['ncmcli'] = None\n"  # any import of ncm would fail
+        "import numpy as np, onnxruntime as ort\n"
+        f"s = ort.InferenceSession({str(f)!r})\n"
+        "out = s.run(None, {'images': np.zeros((3, 1, 28, 28), np.uint8)})\n"
+        "print([o.shape for o in out])"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[(3, 10), (3,), (3, 10)]"
@@ -77,10 +83,14 @@ def test_an_exported_onnx_file_runs_without_ncm(trained_ckpts, tmp_path):
 def test_export_cli(cli, trained_ckpts, tmp_path):
     from conftest import assert_clean_error
 
-    proc = cli("export", trained_ckpts["quickstart"].parent, "--format", "torchscript", "--out", tmp_path / "x.pt")
+    proc = cli(
+        "export", trained_ckpts["quickstart"].parent, "--format", "torchscript", "--out", tmp_path / "x.pt"
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(tmp_path / "x.pt") and (tmp_path / "x.pt").stat().st_size > 1000
-    assert_clean_error(cli("export", trained_ckpts["quickstart"], "--format", "tflite"), 2, "--format must be one of")
+    assert_clean_error(
+        cli("export", trained_ckpts["quickstart"], "--format", "tflite"), 2, "--format must be one of"
+    )
 
 
 @pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
@@ -99,17 +109,19 @@ def test_onnx_metadata_lets_a_client_classify_alone(trained_ckpts, tmp_path, ncm
     assert proc.returncode == 0 and "(B, 1, 28, 28) uint8, grayscale" in proc.stderr, proc.stderr
     img = tmp_path / "shirt.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 56), dtype=np.uint8), "L").save(img)
-    code = ("import sys, json; sys.modules['ncmcli'] = None\n"
-            "import numpy as np, onnxruntime as ort\n"
-            "from PIL import Image\n"
-            f"s = ort.InferenceSession({str(tmp_path / 'm.onnx')!r})\n"
-            "meta = s.get_modelmeta().custom_metadata_map\n"
-            "classes = json.loads(meta['ncm.classes']); _, c, h, w = json.loads(meta['ncm.input_shape'])\n"
-            f"im = Image.open({str(img)!r}).convert('L' if c == 1 else 'RGB')\n"
-            "k = h / min(im.size); im = im.resize((max(h, round(im.width * k)), max(h, round(im.height * k))), Image.BILINEAR)\n"
-            "l, t = (im.width - w) // 2, (im.height - h) // 2; im = im.crop((l, t, l + w, t + h))\n"
-            "x = np.asarray(im, np.uint8).reshape(1, c, h, w)\n"
-            "print(json.dumps({'label': classes[int(s.run(None, {'images': x})[1][0])], 'meta': meta}))")
+    code = (
+        "import sys, json; sys.modules['ncmcli'] = None\n"
+        "import numpy as np, onnxruntime as ort\n"
+        "from PIL import Image\n"
+        f"s = ort.InferenceSession({str(tmp_path / 'm.onnx')!r})\n"
+        "meta = s.get_modelmeta().custom_metadata_map\n"
+        "classes = json.loads(meta['ncm.classes']); _, c, h, w = json.loads(meta['ncm.input_shape'])\n"
+        f"im = Image.open({str(img)!r}).convert('L' if c == 1 else 'RGB')\n"
+        "k = h / min(im.size); im = im.resize((max(h, round(im.width * k)), max(h, round(im.height * k))), Image.BILINEAR)\n"
+        "l, t = (im.width - w) // 2, (im.height - h) // 2; im = im.crop((l, t, l + w, t + h))\n"
+        "x = np.asarray(im, np.uint8).reshape(1, c, h, w)\n"
+        "print(json.dumps({'label': classes[int(s.run(None, {'images': x})[1][0])], 'meta': meta}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     client = json.loads(out.stdout)

@@ -117,8 +117,17 @@ def _train(tmp_path, name, overrides, stop=None, resume=False):
     from ncmcli.engine import Reporter
     from ncmcli.train.loop import train
 
-    cfg = resolve("quickstart", ["data.limit_train=256", "data.limit_test=64", "train.batch_size=64",
-                                 "train.num_threads=1", "train.deterministic=true", *overrides])
+    cfg = resolve(
+        "quickstart",
+        [
+            "data.limit_train=256",
+            "data.limit_test=64",
+            "train.batch_size=64",
+            "train.num_threads=1",
+            "train.deterministic=true",
+            *overrides,
+        ],
+    )
     run = tmp_path / name
     run.mkdir(exist_ok=True)
     return train(cfg, run_dir=run, device=torch.device("cpu"), reporter=Reporter(), resume=resume, stop=stop)
@@ -141,12 +150,18 @@ def test_learned_scale_resumes_bit_identically_and_is_logged(tmp_path):
         assert torch.equal(a[k], b[k]), k
     lines = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     s_final = math.exp(a["criterion.log_scale"].item())
-    assert [ln["epoch"] for ln in lines] == [1, 2, 3] and lines[-1]["scale"] == pytest.approx(s_final, rel=1e-6)
+    assert [ln["epoch"] for ln in lines] == [1, 2, 3] and lines[-1]["scale"] == pytest.approx(
+        s_final, rel=1e-6
+    )
     assert lines[0]["scale"] != lines[-1]["scale"]  # it did learn
     rec = result["scale"]
     assert rec["setting"] == "learn" and rec["value"] == pytest.approx(s_final, rel=1e-6)
-    assert rec["initial"] == pytest.approx(scale_for_floor(make_anchors("orthogonal", 10, 32), "euclidean", 0.1))
-    assert result["loss_floor"] == pytest.approx(loss_floor(make_anchors("orthogonal", 10, 32), "euclidean", s_final))
+    assert rec["initial"] == pytest.approx(
+        scale_for_floor(make_anchors("orthogonal", 10, 32), "euclidean", 0.1)
+    )
+    assert result["loss_floor"] == pytest.approx(
+        loss_floor(make_anchors("orthogonal", 10, 32), "euclidean", s_final)
+    )
     # The anchors never moved.
     assert torch.equal(a["anchors"], make_anchors("orthogonal", 10, 32))
 
@@ -168,12 +183,28 @@ def test_auto_scale_everywhere(tmp_path, ncm):
     """train --json reports it; config.yaml notes it; the checkpoint stores it; eval, predict and
     ONNX export all use it."""
     out = tmp_path / "run"
-    proc = ncm("train", "--preset", "quickstart", "--set", "loss.scale=auto", "--set", "train.epochs=1",
-               "--set", "data.limit_train=500", "--set", "data.limit_test=100", "--out", out, "--json")
+    proc = ncm(
+        "train",
+        "--preset",
+        "quickstart",
+        "--set",
+        "loss.scale=auto",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "data.limit_train=500",
+        "--set",
+        "data.limit_test=100",
+        "--out",
+        out,
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
     s = res["scale"]["value"]
-    assert res["scale"]["setting"] == "auto" and s == pytest.approx(math.log(9 / math.expm1(0.1)) / math.sqrt(2), rel=1e-4)
+    assert res["scale"]["setting"] == "auto" and s == pytest.approx(
+        math.log(9 / math.expm1(0.1)) / math.sqrt(2), rel=1e-4
+    )
     assert abs(res["loss_floor"] - 0.1) < 1e-6 and "s = 3.14" in proc.stderr
     assert f"resolved to {s:.6g}" in (out / "config.yaml").read_text()
     from ncmcli.runs import checkpoint
@@ -185,8 +216,11 @@ def test_auto_scale_everywhere(tmp_path, ncm):
     from ncmcli.data.fakedata import make_folder
 
     make_folder(tmp_path / "imgs", classes=("a",), per_class=1, size=(28, 28), mode="L")
-    pred = json.loads(ncm("predict", tmp_path / "imgs", "--checkpoint", out / "best.safetensors", "--json",
-                          "--top-k", "10").stdout)
+    pred = json.loads(
+        ncm(
+            "predict", tmp_path / "imgs", "--checkpoint", out / "best.safetensors", "--json", "--top-k", "10"
+        ).stdout
+    )
     top = pred["predictions"][0]
     # softmax(-s d): the top class's probability over the second's is exp(s * margin).
     p = [t["prob"] for t in top["top"]]
@@ -204,13 +238,19 @@ def test_auto_scale_everywhere(tmp_path, ncm):
 
 @pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_anchors_command_prints_floor_and_top_probability_at_auto(ncm):
-    res = json.loads(ncm("anchors", "-C", "10", "-d", "10", "--method", "orthogonal", "--scale", "auto", "--json").stdout)
+    res = json.loads(
+        ncm("anchors", "-C", "10", "-d", "10", "--method", "orthogonal", "--scale", "auto", "--json").stdout
+    )
     assert res["scale_setting"] == "auto" and abs(res["loss_floor"] - 0.1) < 1e-6
     assert res["top_probability"] == pytest.approx(math.exp(-0.1), abs=1e-6)
     res = json.loads(ncm("anchors", "-C", "10", "-d", "10", "--method", "orthogonal", "--json").stdout)
-    assert res["scale"] == 1.0 and res["top_probability"] == pytest.approx(math.exp(-math.log1p(9 * math.exp(-math.sqrt(2)))))
+    assert res["scale"] == 1.0 and res["top_probability"] == pytest.approx(
+        math.exp(-math.log1p(9 * math.exp(-math.sqrt(2))))
+    )
     assert_clean_error(ncm("anchors", "-C", "10", "-d", "10", "--scale", "fast"), 2, "--scale")
-    assert_clean_error(ncm("anchors", "-C", "10", "-d", "10", "--scale", "auto", "--floor-target", "3"), 2, "log C")
+    assert_clean_error(
+        ncm("anchors", "-C", "10", "-d", "10", "--scale", "auto", "--floor-target", "3"), 2, "log C"
+    )
 
 
 def test_scale_floor_cache_stays_bounded():

@@ -42,7 +42,9 @@ def test_second_load_reads_the_cache_without_decoding(tmp_path, monkeypatch):
     assert len(calls) == 2 * 3 * 4
     second = load_dataset(_cfg(tmp_path / "f"))
     assert len(calls) == 2 * 3 * 4  # nothing decoded again
-    assert torch.equal(first.train.images, second.train.images) and torch.equal(first.test.labels, second.test.labels)
+    assert torch.equal(first.train.images, second.train.images) and torch.equal(
+        first.test.labels, second.test.labels
+    )
     assert len(list((tmp_path / "cache" / "folders").glob("*.safetensors"))) == 2
 
 
@@ -67,7 +69,10 @@ def test_a_changed_folder_is_decoded_again(tmp_path, monkeypatch, change):
     assert any("changed since it was cached" in n for n in after.notes)
     if change == "rewrite":
         idx = [i for i, lbl in enumerate(after.train.labels.tolist()) if lbl == 1][1]  # dog/1.png
-        assert torch.equal(after.train.images[idx], torch.tensor([0, 255, 0], dtype=torch.uint8).view(3, 1, 1).expand(3, 8, 8))
+        assert torch.equal(
+            after.train.images[idx],
+            torch.tensor([0, 255, 0], dtype=torch.uint8).view(3, 1, 1).expand(3, 8, 8),
+        )
 
 
 @pytest.mark.parametrize("damage", [b"", b"\x00" * 7, b"garbage that is not a safetensors file", "truncate"])
@@ -155,9 +160,16 @@ def test_augmentation_works_on_folder_data(tmp_path):
                 candidates = ds.train.images[idx].float()
                 pad = 4 if kw.get("augment_batches") else 0
                 padded = torch.nn.functional.pad(candidates, (pad, pad, pad, pad))
-                windows = [padded[:, :, oy:oy + 8, ox:ox + 8] for oy in range(2 * pad + 1) for ox in range(2 * pad + 1)]
-                assert any(torch.equal(w[j], xi) or torch.equal(w[j].flip(-1), xi)
-                           for w in windows for j in range(len(candidates)))
+                windows = [
+                    padded[:, :, oy : oy + 8, ox : ox + 8]
+                    for oy in range(2 * pad + 1)
+                    for ox in range(2 * pad + 1)
+                ]
+                assert any(
+                    torch.equal(w[j], xi) or torch.equal(w[j].flip(-1), xi)
+                    for w in windows
+                    for j in range(len(candidates))
+                )
                 seen += 1
         assert seen == len(ds.train)
 

@@ -10,8 +10,10 @@ from pathlib import Path
 from conftest import assert_clean_error, save_untrained
 
 
-@pytest.mark.parametrize("mode,channels", [("RGBA", 3), ("P", 3), ("I;16", 1), ("I;16", 3), ("L", 3), ("RGB", 1),
-                                           ("LA", 1), ("1", 1), ("CMYK", 3)])
+@pytest.mark.parametrize(
+    "mode,channels",
+    [("RGBA", 3), ("P", 3), ("I;16", 1), ("I;16", 3), ("L", 3), ("RGB", 1), ("LA", 1), ("1", 1), ("CMYK", 3)],
+)
 def test_modes_convert_to_the_model_channels(tmp_path, mode, channels):
     path = tmp_path / f"img.{'tiff' if mode == 'CMYK' else 'png'}"
     if mode == "I;16":
@@ -46,7 +48,9 @@ def test_broken_files_are_image_errors(tmp_path, content):
 
 
 def test_truncated_png(tmp_path):
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        tmp_path / "a.png"
+    )
     blob = (tmp_path / "a.png").read_bytes()
     (tmp_path / "t.png").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(ImageError):
@@ -60,13 +64,22 @@ def test_decompression_bomb_is_refused_without_decoding(tmp_path):
     import zlib, struct  # noqa: E401 - build the PNG by hand so the test itself stays small
 
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     row = b"\x00" + b"\x00" * (side // 8)
     comp = zlib.compressobj(9)
     body = b"".join(comp.compress(row) for _ in range(50)) + comp.flush()  # only 50 rows: truncated
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)) \
-        + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", body)
+        + chunk(b"IEND", b"")
+    )
     (tmp_path / "bomb.png").write_bytes(png)
     with pytest.raises(ImageError, match="too large"):
         load_image(tmp_path / "bomb.png", 3, 32)
@@ -74,8 +87,14 @@ def test_decompression_bomb_is_refused_without_decoding(tmp_path):
 
 def test_predict_on_a_folder_without_images(cli, tmp_path):
 
-    ck = save_untrained(tmp_path / "ck.safetensors", classes=[str(i) for i in range(10)], mean=(0.5,), std=(0.25,),
-                        epoch=1, metrics={})[0]
+    ck = save_untrained(
+        tmp_path / "ck.safetensors",
+        classes=[str(i) for i in range(10)],
+        mean=(0.5,),
+        std=(0.25,),
+        epoch=1,
+        metrics={},
+    )[0]
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
     assert_clean_error(cli("predict", tmp_path / "empty", "--checkpoint", ck), 2, "holds no images")
@@ -108,7 +127,10 @@ def test_the_pixel_cap_is_the_documented_64_megapixels(tmp_path):
     from ncmcli.errors import ImageError
     from ncmcli.data.images import MAX_IMAGE_PIXELS, load_image
 
-    assert MAX_IMAGE_PIXELS == 64_000_000 and "64 megapixels" in (Path(__file__).parents[1] / "README.md").read_text()
+    assert (
+        MAX_IMAGE_PIXELS == 64_000_000
+        and "64 megapixels" in (Path(__file__).parents[1] / "README.md").read_text()
+    )
     Image.new("L", (8000, 5000)).save(tmp_path / "40mp.png")
     assert load_image(tmp_path / "40mp.png", 1, 8)[0].shape == (1, 8, 8)
     Image.new("L", (8200, 8000)).save(tmp_path / "65mp.png")

@@ -19,16 +19,29 @@ from ncmcli.nn.losses import NCMLoss
 from ncmcli.nn.slots import assign_slots, grow_head
 from ncmcli.train.loop import Interrupted, train
 
-SMALL = ["data.limit_train=400", "data.limit_test=200", "train.batch_size=50", "train.num_threads=1",
-         "train.epochs=1", "train.deterministic=true"]
+SMALL = [
+    "data.limit_train=400",
+    "data.limit_test=200",
+    "train.batch_size=50",
+    "train.num_threads=1",
+    "train.epochs=1",
+    "train.deterministic=true",
+]
 
 
 def _train(tmp, name, over, *, extend=None, resume=False, stop=None):
     cfg = resolve("quickstart", SMALL + list(over))
     run = tmp / name
     run.mkdir(exist_ok=True)
-    return train(cfg, run_dir=run, device=torch.device("cpu"), reporter=Reporter(), extend=extend,
-                 resume=resume, stop=stop)
+    return train(
+        cfg,
+        run_dir=run,
+        device=torch.device("cpu"),
+        reporter=Reporter(),
+        extend=extend,
+        resume=resume,
+        stop=stop,
+    )
 
 
 # -- Slots and the loss, against references
@@ -121,8 +134,12 @@ def test_a_grown_head_keeps_its_old_rows_and_initialises_the_new_ones():
 def two_tasks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("incremental")
     first = _train(tmp, "t1", ["anchors.slots=10", "data.classes=0,1", "train.replay=60", "loss.scale=auto"])
-    second = _train(tmp, "t2", ["anchors.slots=10", "data.classes=Pullover,3", "train.replay=60", "loss.scale=auto"],
-                    extend=tmp / "t1")
+    second = _train(
+        tmp,
+        "t2",
+        ["anchors.slots=10", "data.classes=Pullover,3", "train.replay=60", "loss.scale=auto"],
+        extend=tmp / "t1",
+    )
     return tmp, first, second
 
 
@@ -183,8 +200,10 @@ def test_replay_memory_is_balanced_seeded_and_safetensors(two_tasks):
     parent_rows = {bytes(img.numpy()) for img in parent.images}
     assert all(bytes(img.numpy()) in parent_rows for img in mem.images[mem.labels < 2])
     # Seeded: the same seed picks the same images, another seed others.
-    pool = Split(torch.arange(200, dtype=torch.uint8).view(200, 1, 1, 1).expand(200, 1, 2, 2).contiguous(),
-                 torch.arange(200) % 4)
+    pool = Split(
+        torch.arange(200, dtype=torch.uint8).view(200, 1, 1, 1).expand(200, 1, 2, 2).contiguous(),
+        torch.arange(200) % 4,
+    )
     a = replay.select(pool, list("abcd"), 40, seed=0)
     assert torch.equal(a.images, replay.select(pool, list("abcd"), 40, seed=0).images)
     assert not torch.equal(a.images, replay.select(pool, list("abcd"), 40, seed=1).images)
@@ -194,11 +213,26 @@ def test_replay_memory_is_balanced_seeded_and_safetensors(two_tasks):
 @pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_extend_refuses_a_mismatched_net_other_anchors_and_no_free_slot(two_tasks, ncm, tmp_path):
     tmp, _, _ = two_tasks
-    base = ["train", "--preset", "quickstart", "--extend", str(tmp / "t1"), "--set", "data.classes=4,5",
-            "--set", "train.epochs=1", "--set", "data.limit_train=100", "--runs", str(tmp_path)]
-    cases = [(["--set", "anchors.slots=10", "--set", "model.arch=small"], "model.arch is tiny"),
-             (["--set", "anchors.slots=10", "--set", "anchors.method=simplex"], "anchors.method is orthogonal"),
-             (["--set", "anchors.slots=12"], "anchors.slots is 10")]
+    base = [
+        "train",
+        "--preset",
+        "quickstart",
+        "--extend",
+        str(tmp / "t1"),
+        "--set",
+        "data.classes=4,5",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "data.limit_train=100",
+        "--runs",
+        str(tmp_path),
+    ]
+    cases = [
+        (["--set", "anchors.slots=10", "--set", "model.arch=small"], "model.arch is tiny"),
+        (["--set", "anchors.slots=10", "--set", "anchors.method=simplex"], "anchors.method is orthogonal"),
+        (["--set", "anchors.slots=12"], "anchors.slots is 10"),
+    ]
     for extra, fragment in cases:
         assert_clean_error(ncm(*base, *extra), 2, fragment)
     full = _train(tmp_path, "full", ["data.classes=0,1"])  # no spare slot: 2 classes in 2 anchors
@@ -217,7 +251,10 @@ def test_a_softmax_head_grows_and_an_extended_run_resumes_exactly(tmp_path):
     with pytest.raises(Interrupted):
         _train(tmp_path, "r", over + ["data.classes=3,4"], extend=tmp_path / "p", stop=StopAfter(10))
     resumed = _train(tmp_path, "r", over + ["data.classes=3,4"], resume=True)
-    a, b = load_file(str(tmp_path / "s" / "last.safetensors")), load_file(str(tmp_path / "r" / "last.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "s" / "last.safetensors")),
+        load_file(str(tmp_path / "r" / "last.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert a["criterion.fc.weight"].shape == (5, 32)
     assert straight["tasks"][-1]["classes"] == ["Dress", "Coat"] == resumed["tasks"][-1]["classes"]
@@ -229,8 +266,9 @@ def test_replay_without_a_parent_memory_is_a_config_error(tmp_path):
 
     _train(tmp_path, "p", ["anchors.slots=4", "data.classes=0,1"])
     with pytest.raises(ConfigError, match="has no replay.safetensors"):
-        _train(tmp_path, "c", ["anchors.slots=4", "data.classes=2,3", "train.replay=10"], extend=tmp_path / "p")
-
+        _train(
+            tmp_path, "c", ["anchors.slots=4", "data.classes=2,3", "train.replay=10"], extend=tmp_path / "p"
+        )
 
 
 @pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
@@ -238,9 +276,9 @@ def test_the_readme_two_step_example_runs(tmp_path, ncm):
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("## Adding classes later"):text.index("## Checkpoints")]
-    block = section[section.index("```") + 3:]
-    commands = [line.split() for line in block[:block.index("```")].strip().splitlines()]
+    section = text[text.index("## Adding classes later") : text.index("## Checkpoints")]
+    block = section[section.index("```") + 3 :]
+    commands = [line.split() for line in block[: block.index("```")].strip().splitlines()]
     assert [c[:2] for c in commands] == [["ncm", "train"], ["ncm", "train"], ["ncm", "eval"]]
     for argv in commands:
         proc = ncm(*argv[1:], cwd=tmp_path)
@@ -258,4 +296,8 @@ def test_auto_scale_reads_every_slot_and_result_json_reports_the_slot_floor(two_
     assert first["scale"]["initial"] == pytest.approx(scale_for_floor(slots, "euclidean", 0.1))
     assert second["scale"]["initial"] == first["scale"]["value"]  # every task at the parent's scale
     # The floor with both used classes on their anchors and all 10 slots in the softmax: 0.1.
-    assert first["scale"]["floor"] == pytest.approx(0.1, rel=1e-6) == pytest.approx(first["loss_floor"], rel=1e-6)
+    assert (
+        first["scale"]["floor"]
+        == pytest.approx(0.1, rel=1e-6)
+        == pytest.approx(first["loss_floor"], rel=1e-6)
+    )

@@ -27,10 +27,26 @@ from ncmcli.config.presets import resolve
 from ncmcli.engine import Reporter
 from ncmcli.train.loop import train
 
-SYNCS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
-         torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy,
-         torch.nonzero, torch.Tensor.nonzero, torch.unique, torch.Tensor.unique, torch.bincount,
-         torch.Tensor.bincount, torch.masked_select, torch.Tensor.masked_select, torch.equal, torch.Tensor.equal}
+SYNCS = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.__bool__,
+    torch.Tensor.__float__,
+    torch.Tensor.__int__,
+    torch.Tensor.__index__,
+    torch.Tensor.cpu,
+    torch.Tensor.numpy,
+    torch.nonzero,
+    torch.Tensor.nonzero,
+    torch.unique,
+    torch.Tensor.unique,
+    torch.bincount,
+    torch.Tensor.bincount,
+    torch.masked_select,
+    torch.Tensor.masked_select,
+    torch.equal,
+    torch.Tensor.equal,
+}
 FROM_DATA = {torch.tensor, torch.as_tensor, torch.from_numpy}
 
 
@@ -52,7 +68,8 @@ class HostDeviceBooks(TorchFunctionMode):
         device_in = [t for t in tensors if not self._is_host(t)]
         name = getattr(func, "__qualname__", getattr(func, "__name__", str(func)))
         to_device = func in (torch.Tensor.to, torch.Tensor.cuda) and (
-            "device" in kwargs or any(isinstance(a, (torch.device, str)) for a in args[1:]))
+            "device" in kwargs or any(isinstance(a, (torch.device, str)) for a in args[1:])
+        )
         if func in SYNCS and device_in:
             self.events.append((self.step, "sync", name))
         elif to_device and host_in:
@@ -87,9 +104,18 @@ CASES = {
 def test_no_transfer_and_no_sync_inside_the_step(case, tmp_path, monkeypatch):
     from ncmcli.train import loop as training
 
-    cfg = resolve("quickstart", ["data.limit_train=192", "data.limit_test=32", "train.batch_size=32",
-                                 "train.epochs=1", "train.num_threads=1", "train.log_every_steps=1000",
-                                 *CASES[case]])
+    cfg = resolve(
+        "quickstart",
+        [
+            "data.limit_train=192",
+            "data.limit_test=32",
+            "train.batch_size=32",
+            "train.epochs=1",
+            "train.num_threads=1",
+            "train.log_every_steps=1000",
+            *CASES[case],
+        ],
+    )
     books = HostDeviceBooks()
     built = training.build_run
 
@@ -131,6 +157,11 @@ def test_the_books_count_the_old_step_s_per_batch_copies():
         loss.item()
         counts = torch.bincount(torch.arange(8) % 3 + (x.flatten(1)[:, 0] > 1e9).long())
     names = [(kind, name.split(".")[-1].split(" ")[0]) for _, kind, name in books.events]
-    assert names == [("transfer", "tensor"), ("transfer", "to"), ("sync", "item"), ("transfer", "add"),
-                     ("sync", "bincount")], books.events
+    assert names == [
+        ("transfer", "tensor"),
+        ("transfer", "to"),
+        ("sync", "item"),
+        ("transfer", "add"),
+        ("sync", "bincount"),
+    ], books.events
     assert counts.sum().item() == 8

@@ -43,8 +43,9 @@ def test_loss_logits_predict_match_reference(metric, scale):
     loss = crit(feats, targets)
     assert loss.dtype == torch.float64
     assert loss.item() == pytest.approx(ref_loss(feats, targets, anchors, metric, scale), abs=1e-6)
-    ref_d = torch.tensor([[ref_distance(f, a, metric) for a in anchors.tolist()] for f in feats.tolist()],
-                         dtype=torch.float64)
+    ref_d = torch.tensor(
+        [[ref_distance(f, a, metric) for a in anchors.tolist()] for f in feats.tolist()], dtype=torch.float64
+    )
     assert torch.allclose(crit.logits(feats), -scale * ref_d, atol=1e-6)
     assert torch.equal(crit.predict(feats), ref_d.argmin(1))
 
@@ -71,7 +72,7 @@ def test_finite_at_anchor_and_at_zero(metric):
 
 def test_euclidean_is_not_squared():
     crit = NCMLoss(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), metric="euclidean")
-    assert torch.allclose(crit.logits(torch.tensor([[4.0, 0.0]])), -torch.tensor([[3.0, 17 ** 0.5]]))
+    assert torch.allclose(crit.logits(torch.tensor([[4.0, 0.0]])), -torch.tensor([[3.0, 17**0.5]]))
 
 
 def test_anchors_are_a_buffer_not_a_parameter():
@@ -110,7 +111,9 @@ def test_build_criterion():
     a = make_anchors("orthogonal", 3, 4)
     assert isinstance(build_criterion(LossConfig(name="encm"), anchors=a, dim=4, num_classes=3), NCMLoss)
     assert build_criterion(LossConfig(name="cncm"), anchors=a, dim=4, num_classes=3).metric == "cosine"
-    assert isinstance(build_criterion(LossConfig(name="softmax"), anchors=None, dim=4, num_classes=3), SoftmaxLoss)
+    assert isinstance(
+        build_criterion(LossConfig(name="softmax"), anchors=None, dim=4, num_classes=3), SoftmaxLoss
+    )
     with pytest.raises(ValueError):
         build_criterion(LossConfig(name="encm"), anchors=a, dim=5, num_classes=3)
 

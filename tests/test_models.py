@@ -62,8 +62,10 @@ def test_resnet_backbones_give_the_feature_dim_and_train_a_step(arch, size):
     from ncmcli.nn.classifier import Classifier
 
     for loss in ("encm", "softmax"):
-        cfg = resolve(f"quickstart{'' if loss == 'encm' else '-softmax'}",
-                      [f"model.arch={arch}", "model.feature_dim=64"])
+        cfg = resolve(
+            f"quickstart{'' if loss == 'encm' else '-softmax'}",
+            [f"model.arch={arch}", "model.feature_dim=64"],
+        )
         torch.manual_seed(0)
         model, crit = Classifier.from_config(cfg, 10, (3, size, size)).parts()
         assert model.feature_dim == 64

@@ -41,8 +41,22 @@ def test_cells_aggregate_seeds_and_mark_departures(tmp_path):
 def test_paper_numbers_sit_beside_ours(tmp_path, monkeypatch):
     fake_run(tmp_path, "a", "cifar10plus-cncm", 7.0)
     paper = tmp_path / "paper.json"
-    paper.write_text(json.dumps({"source": "test", "cells": [
-        {"table": "2", "dataset": "CIFAR-10+", "method": "C-NCM", "dropout": 0.1, "error_pct": 6.5}]}))
+    paper.write_text(
+        json.dumps(
+            {
+                "source": "test",
+                "cells": [
+                    {
+                        "table": "2",
+                        "dataset": "CIFAR-10+",
+                        "method": "C-NCM",
+                        "dropout": 0.1,
+                        "error_pct": 6.5,
+                    }
+                ],
+            }
+        )
+    )
     monkeypatch.setattr("ncmcli.paper.PAPER_FILE", paper)
     cell = collect([tmp_path])[0]
     assert cell.paper == 6.5 and cell.to_dict()["diff"] == pytest.approx(0.5)
@@ -74,16 +88,16 @@ def test_paper_file_has_every_cell_of_tables_2_and_3():
 
 # (preset, overrides) -> the paper's number, as printed in Tables 2 and 3 and Section 4.3.
 PAPER_SPOT_CHECKS = [
-    ("mnist-lsoftmax4", [], 0.31),                       # Table 2, Liu et al.'s row
-    ("cifar10-hinge", [], 9.91),                         # Table 2
-    ("cifar100-encm", [], 28.14),                        # Table 2 / Table 3, p=0.1
-    ("mnist-cncm", [], 0.25),                            # Table 2
+    ("mnist-lsoftmax4", [], 0.31),  # Table 2, Liu et al.'s row
+    ("cifar10-hinge", [], 9.91),  # Table 2
+    ("cifar100-encm", [], 28.14),  # Table 2 / Table 3, p=0.1
+    ("mnist-cncm", [], 0.25),  # Table 2
     ("cifar10plus-softmax", ["model.dropout=0"], 6.60),  # Table 3
-    ("cifar10-encm", ["model.dropout=0.25"], 8.43),      # Table 3
-    ("cifar100-softmax", ["model.dropout=0.25"], 37.26), # Table 3, printed twice
-    ("cifar100-cncm", ["model.dropout=0.5"], 31.31),     # Table 3
-    ("mnist2d-softmax", [], 0.68),                       # Figure 2: 99.32% accuracy
-    ("mnist2d-encm", [], 0.47),                          # Figure 2: 99.53%
+    ("cifar10-encm", ["model.dropout=0.25"], 8.43),  # Table 3
+    ("cifar100-softmax", ["model.dropout=0.25"], 37.26),  # Table 3, printed twice
+    ("cifar100-cncm", ["model.dropout=0.5"], 31.31),  # Table 3
+    ("mnist2d-softmax", [], 0.68),  # Figure 2: 99.32% accuracy
+    ("mnist2d-encm", [], 0.47),  # Figure 2: 99.53%
 ]
 
 
@@ -132,21 +146,41 @@ def test_report_cli_errors(cli, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["1", "2"])
 def test_reproduce_script_sweep_aggregates(tmp_path, parallel):
-    env = dict(os.environ, SEEDS="0 1", EPOCHS="1", NCM=str(Path(sys.executable).parent / "ncm"), PARALLEL=parallel,
-               EXTRA="--set data.limit_train=300 --set data.limit_test=100")
+    env = dict(
+        os.environ,
+        SEEDS="0 1",
+        EPOCHS="1",
+        NCM=str(Path(sys.executable).parent / "ncm"),
+        PARALLEL=parallel,
+        EXTRA="--set data.limit_train=300 --set data.limit_test=100",
+    )
     out = tmp_path / "sweep"
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "reproduce.sh"), "smoke", str(out)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "reproduce.sh"), "smoke", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     runs = sorted(p.name for p in out.iterdir() if (p / "result.json").exists())
     assert runs == ["quickstart-s0", "quickstart-s1", "quickstart-softmax-s0", "quickstart-softmax-s1"]
     errors = {n: json.loads((out / "logs" / f"{n}.json").read_text())["test_error_pct"] for n in runs}
     cells = {c.method: c for c in collect([out])}
-    assert cells["E-NCM"].n == 2 and cells["E-NCM"].mean == pytest.approx((errors["quickstart-s0"] + errors["quickstart-s1"]) / 2)
-    assert cells["SoftMax"].errors == pytest.approx([errors["quickstart-softmax-s0"], errors["quickstart-softmax-s1"]])
+    assert cells["E-NCM"].n == 2 and cells["E-NCM"].mean == pytest.approx(
+        (errors["quickstart-s0"] + errors["quickstart-s1"]) / 2
+    )
+    assert cells["SoftMax"].errors == pytest.approx(
+        [errors["quickstart-softmax-s0"], errors["quickstart-softmax-s1"]]
+    )
     assert (out / "report.md").read_text().strip() == proc.stdout.strip()
-    again = subprocess.run(["bash", str(REPO / "benchmarks" / "reproduce.sh"), "smoke", str(out)],
-                           capture_output=True, text=True, env=env, timeout=600)
+    again = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "reproduce.sh"), "smoke", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert again.returncode == 0 and again.stderr.count("skip") == 4  # resumable
 
 
@@ -180,7 +214,9 @@ def test_per_run_csv_lists_every_varying_key(tmp_path):
 
     fake_run(tmp_path, "a", "quickstart", 12.0, ["optim.lr=0.01"])
     fake_run(tmp_path, "b", "quickstart", 13.0, ["optim.lr=0.02", "seed=4"])
-    rows = list(csv.DictReader(io.StringIO(__import__("ncmcli.tables", fromlist=["x"]).per_run_csv([tmp_path]))))
+    rows = list(
+        csv.DictReader(io.StringIO(__import__("ncmcli.tables", fromlist=["x"]).per_run_csv([tmp_path])))
+    )
     assert [r["optim.lr"] for r in rows] == ["0.01", "0.02"] and [r["seed"] for r in rows] == ["0", "4"]
     assert "seed" not in list(rows[0])[7:]  # the seed is a column of its own, not a "varying key"
 
@@ -199,8 +235,10 @@ def test_loss_keys_a_loss_ignores_neither_split_nor_show(tmp_path):
     fake_run(tmp_path, "l2", "quickstart-softmax", 16.0, ["loss.name=lsoftmax", "loss.lambda_gamma=0.3"])
     cells = {(c.method, tuple(c.settings.items())): c for c in collect([tmp_path])}
     assert cells[("SoftMax", ())].n == 2
-    assert {k for k in cells if k[0] != "SoftMax"} == {("L-Softmax m=2", (("loss.lambda_gamma", 0.1),)),
-                                                        ("L-Softmax m=2", (("loss.lambda_gamma", 0.3),))}
+    assert {k for k in cells if k[0] != "SoftMax"} == {
+        ("L-Softmax m=2", (("loss.lambda_gamma", 0.1),)),
+        ("L-Softmax m=2", (("loss.lambda_gamma", 0.3),)),
+    }
     rows = {Path(r["run"]).name: r for r in csv.DictReader(io.StringIO(per_run_csv([tmp_path])))}
     assert rows["s1"]["loss.lambda_gamma"] == "" and rows["l2"]["loss.lambda_gamma"] == "0.3"
 
@@ -262,8 +300,22 @@ def test_repeated_seeds_and_pooled_by_are_said_plainly(tmp_path):
 @pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_resuming_a_cosine_run_longer_says_it_re_spans(tmp_path, ncm):
     out = tmp_path / "run"
-    assert ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=200",
-               "--set", "data.limit_test=50", "--out", out).returncode == 0
+    assert (
+        ncm(
+            "train",
+            "--preset",
+            "quickstart",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "data.limit_train=200",
+            "--set",
+            "data.limit_test=50",
+            "--out",
+            out,
+        ).returncode
+        == 0
+    )
     proc = ncm("train", "--resume", out, "--set", "train.epochs=2")
     assert proc.returncode == 0, proc.stderr
     assert "re-spans it" in proc.stderr
@@ -288,11 +340,18 @@ def test_reports_and_legends_show_resolved_values(tmp_path):
     from ncmcli.tables import render
 
     for name, side, err in (("a", 28, 10.0), ("b", 32, 12.0)):
-        _fake_run(tmp_path, name, ["data.name=folder", "data.root=/x", "data.image_size=0", f"seed={side}"], err)
+        _fake_run(
+            tmp_path, name, ["data.name=folder", "data.root=/x", "data.image_size=0", f"seed={side}"], err
+        )
         res = json.loads((tmp_path / name / "result.json").read_text())
         res["resolved"] = {"data.image_size": side, "loss.scale": "auto=3.146"}
         (tmp_path / name / "result.json").write_text(json.dumps(res))
-        (tmp_path / name / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 1.0, "test_error_pct": err}) + "\n")
+        (tmp_path / name / "metrics.jsonl").write_text(
+            json.dumps({"epoch": 1, "train_loss": 1.0, "test_error_pct": err}) + "\n"
+        )
     text = render(collect([tmp_path]), "table")
     assert "data.image_size" in text and " 28 " in text and " 32 " in text
-    assert curve_labels([tmp_path / "a", tmp_path / "b"]) == ["image_size=28, seed=28", "image_size=32, seed=32"]
+    assert curve_labels([tmp_path / "a", tmp_path / "b"]) == [
+        "image_size=28, seed=28",
+        "image_size=32, seed=32",
+    ]

@@ -20,7 +20,12 @@ def test_rundir_names_every_file_and_round_trips_its_text_files(tmp_path):
     run = RunDir(tmp_path / "r")
     run.path.mkdir()
     assert (run.config.name, run.last.name, run.best.name, run.result_file.name, run.metrics_file.name) == (
-        runfiles.CONFIG, runfiles.LAST, runfiles.BEST, runfiles.RESULT, runfiles.METRICS)
+        runfiles.CONFIG,
+        runfiles.LAST,
+        runfiles.BEST,
+        runfiles.RESULT,
+        runfiles.METRICS,
+    )
     assert not run.holds_run() and not run.is_resumable() and not run.has_result()
     run.write_config("seed: 3\n", "abc123", "# a note\n")
     assert run.config.read_text() == "# ncm run id: abc123\n# a note\nseed: 3\n"
@@ -54,12 +59,16 @@ def test_resume_refuses_a_hand_edited_config_and_a_foreign_checkpoint(two_runs):
     a, b = two_runs
     text = (a / "config.yaml").read_text()
     (a / "config.yaml").write_text(text.replace("lr: 0.05", "lr: 0.5"))
-    assert_clean_error(capped("train", "--resume", a, "--set", "train.epochs=2"), 1, "differs from the config in last")
+    assert_clean_error(
+        capped("train", "--resume", a, "--set", "train.epochs=2"), 1, "differs from the config in last"
+    )
     (a / "config.yaml").write_text(text)
     (a / "last.safetensors").write_bytes((b / "last.safetensors").read_bytes())  # another run's, another net
     assert_clean_error(capped("train", "--resume", a, "--set", "train.epochs=2"), 1, "belongs to another run")
     (a / "config.yaml").write_text(text.split("\n", 1)[1])  # no run id: the config check still holds
-    assert_clean_error(capped("train", "--resume", a, "--set", "train.epochs=2"), 1, "differs from the config")
+    assert_clean_error(
+        capped("train", "--resume", a, "--set", "train.epochs=2"), 1, "differs from the config"
+    )
 
 
 @pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
@@ -79,8 +88,18 @@ def test_train_without_a_preset_is_a_usage_error(cli, tmp_path):
 
 
 def test_best_is_selected_on_validation_accuracy_when_there_is_a_validation_split(tmp_path):
-    cfg = resolve("quickstart", ["data.limit_train=600", "data.limit_test=200", "data.val_split=0.25",
-                                 "train.epochs=4", "train.batch_size=64", "optim.lr=0.2", "train.num_threads=1"])
+    cfg = resolve(
+        "quickstart",
+        [
+            "data.limit_train=600",
+            "data.limit_test=200",
+            "data.val_split=0.25",
+            "train.epochs=4",
+            "train.batch_size=64",
+            "optim.lr=0.2",
+            "train.num_threads=1",
+        ],
+    )
     result = train(cfg, run_dir=tmp_path, device=torch.device("cpu"), reporter=Reporter())
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all("val_acc" in m and "val_loss" in m for m in lines)
@@ -114,14 +133,19 @@ def test_without_validation_result_says_best_was_selected_on_test(tmp_path):
 def test_resume_cannot_shorten_a_run(cli, tmp_path):
     proc = cli("train", "--preset", "quickstart", *TINY, "--set", "train.epochs=2", "--out", tmp_path / "r")
     assert proc.returncode == 0, proc.stderr
-    assert_clean_error(cli("train", "--resume", tmp_path / "r", "--set", "train.epochs=1"), 2, "would shorten it")
+    assert_clean_error(
+        cli("train", "--resume", tmp_path / "r", "--set", "train.epochs=1"), 2, "would shorten it"
+    )
 
 
 def test_out_into_a_foreign_non_empty_folder_is_refused(cli, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
-    assert_clean_error(cli("train", "--preset", "quickstart", *TINY, "--out", tmp_path / "mine", "--force"), 2,
-                       "not a run folder")
+    assert_clean_error(
+        cli("train", "--preset", "quickstart", *TINY, "--out", tmp_path / "mine", "--force"),
+        2,
+        "not a run folder",
+    )
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 
@@ -135,7 +159,9 @@ def test_name_sets_the_run_folder_prefix(cli, tmp_path):
 @pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_force_empties_the_old_runs_files(ncm, tmp_path):
     out = tmp_path / "r"
-    assert ncm("train", "--preset", "quickstart", *TINY, "--set", "train.epochs=2", "--out", out).returncode == 0
+    assert (
+        ncm("train", "--preset", "quickstart", *TINY, "--set", "train.epochs=2", "--out", out).returncode == 0
+    )
     assert ncm("train", "--preset", "quickstart", *TINY, "--out", out, "--force").returncode == 0
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 1  # no line of the old run
@@ -151,7 +177,9 @@ def test_a_second_writer_is_refused_with_the_holders_pid(ncm, tmp_path):
         proc = ncm("train", "--preset", "quickstart", *TINY, "--out", out, "--force")
         assert_clean_error(proc, 1, f"PID {os.getpid()}")
     assert not (out / "config.yaml").exists()  # nothing was cleared or written
-    assert ncm("train", "--preset", "quickstart", *TINY, "--out", out).returncode == 0  # the lock died with it
+    assert (
+        ncm("train", "--preset", "quickstart", *TINY, "--out", out).returncode == 0
+    )  # the lock died with it
 
 
 @pytest.mark.slow
@@ -161,20 +189,50 @@ def test_resume_while_the_run_is_in_use_is_refused(ncm, tmp_path):
     out = tmp_path / "r"
     assert ncm("train", "--preset", "quickstart", *TINY, "--out", out).returncode == 0
     with FolderLock(out):
-        assert_clean_error(ncm("train", "--resume", out, "--set", "train.epochs=2"), 1, "in use by another ncm process")
+        assert_clean_error(
+            ncm("train", "--resume", out, "--set", "train.epochs=2"), 1, "in use by another ncm process"
+        )
 
 
 @pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_a_tiny_validation_split_warns_and_best_follows_the_last_epoch(tmp_path, cli):
     out = tmp_path / "run"
-    proc = cli("train", "--preset", "quickstart", "--set", "train.epochs=2", "--set", "data.limit_train=300",
-               "--set", "data.limit_test=100", "--set", "data.val_split=24", "--out", out, "--json")
+    proc = cli(
+        "train",
+        "--preset",
+        "quickstart",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "data.limit_train=300",
+        "--set",
+        "data.limit_test=100",
+        "--set",
+        "data.val_split=24",
+        "--out",
+        out,
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "only 24 images (one is 4.2 points" in proc.stderr and "follows the last epoch" in proc.stderr
     res = json.loads(proc.stdout)
     assert res["best_selected_on"] == "last epoch" and res["best"]["epoch"] == 2
-    proc = cli("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=1000",
-               "--set", "data.limit_test=100", "--set", "data.val_split=100", "--out", tmp_path / "r2", "--json")
+    proc = cli(
+        "train",
+        "--preset",
+        "quickstart",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "data.limit_train=1000",
+        "--set",
+        "data.limit_test=100",
+        "--set",
+        "data.val_split=100",
+        "--out",
+        tmp_path / "r2",
+        "--json",
+    )
     assert "best.safetensors may be chosen by noise" in proc.stderr
     assert json.loads(proc.stdout)["best_selected_on"] == "validation"
 
@@ -184,14 +242,30 @@ def test_which_last_on_eval_predict_export_and_plot(tmp_path, cli):
     from ncmcli.data.fakedata import make_folder
 
     out = tmp_path / "run"
-    assert cli("train", "--preset", "quickstart", "--set", "train.epochs=2", "--set", "data.limit_train=300",
-               "--set", "data.limit_test=100", "--out", out).returncode == 0
+    assert (
+        cli(
+            "train",
+            "--preset",
+            "quickstart",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "data.limit_train=300",
+            "--set",
+            "data.limit_test=100",
+            "--out",
+            out,
+        ).returncode
+        == 0
+    )
     best_epoch = json.loads((out / "result.json").read_text())["best"]["epoch"]
     ev = json.loads(cli("eval", out, "--which", "last", "--json").stdout)
     assert ev["checkpoint"].endswith("last.safetensors") and ev["epoch"] == 2
     assert json.loads(cli("eval", out, "--json").stdout)["epoch"] == best_epoch
     make_folder(tmp_path / "imgs", classes=("a",), per_class=1, size=(28, 28), mode="L")
-    pred = json.loads(cli("predict", tmp_path / "imgs", "--checkpoint", out, "--which", "last", "--json").stdout)
+    pred = json.loads(
+        cli("predict", tmp_path / "imgs", "--checkpoint", out, "--which", "last", "--json").stdout
+    )
     assert pred["checkpoint"].endswith("last.safetensors")
     proc = cli("export", out, "--which", "last", "--format", "torchscript")
     assert proc.returncode == 0 and proc.stdout.strip().endswith("last.torchscript.pt"), proc.stderr

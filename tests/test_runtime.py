@@ -37,8 +37,13 @@ def test_torchrun_honours_cuda_n_and_never_falls_back_silently():
 
 def _state(**kw):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
-    base = dict(progress=trainstate.Progress(epoch=1), optimizer=opt.state_dict(), scheduler=None,
-                data_rng=torch.Generator().get_state(), torch_rng=torch.get_rng_state())
+    base = dict(
+        progress=trainstate.Progress(epoch=1),
+        optimizer=opt.state_dict(),
+        scheduler=None,
+        data_rng=torch.Generator().get_state(),
+        torch_rng=torch.get_rng_state(),
+    )
     base.update(kw)
     return trainstate.TrainState(**base)
 
@@ -48,18 +53,27 @@ def _roundtrip(tmp_path, state):
 
     tensors, meta = trainstate.pack(state)
     path = tmp_path / "last.safetensors"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
-              metadata={"format": "ncm-checkpoint", "format_version": "1", "train_state": meta})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(path),
+        metadata={"format": "ncm-checkpoint", "format_version": "1", "train_state": meta},
+    )
     return trainstate.unpack(path)
 
 
 def test_one_cuda_rng_state_per_rank_and_each_rank_takes_its_own(tmp_path):
-    states = [torch.randint(0, 255, (16,), dtype=torch.uint8, generator=torch.Generator().manual_seed(r))
-              for r in range(12)]
+    states = [
+        torch.randint(0, 255, (16,), dtype=torch.uint8, generator=torch.Generator().manual_seed(r))
+        for r in range(12)
+    ]
     back = _roundtrip(tmp_path, _state(cuda_rng=states))
-    assert len(back.cuda_rng) == 12 and all(torch.equal(a, b) for a, b in zip(states, back.cuda_rng))  # 10 after 9
+    assert len(back.cuda_rng) == 12 and all(
+        torch.equal(a, b) for a, b in zip(states, back.cuda_rng)
+    )  # 10 after 9
     assert torch.equal(trainstate.rng_for_rank(back.cuda_rng, 11), states[11])
-    assert trainstate.rng_for_rank(back.cuda_rng, 12) is None  # resumed with more ranks: a fresh RNG, no IndexError
+    assert (
+        trainstate.rng_for_rank(back.cuda_rng, 12) is None
+    )  # resumed with more ranks: a fresh RNG, no IndexError
     assert trainstate.rng_for_rank([], 0) is None  # written on the CPU, resumed on a GPU
 
 
@@ -124,7 +138,9 @@ def test_deterministic_sets_cublas_or_refuses_by_name():
     deterministic_setup(resolve("quickstart", ["train.deterministic=true"]), "cpu", env)
     assert env == {}
     with pytest.raises(ConfigError, match="adaptive_avg_pool2d"):
-        deterministic_setup(resolve("quickstart", ["train.deterministic=true", "model.arch=resnet18-cifar"]), "cuda", {})
+        deterministic_setup(
+            resolve("quickstart", ["train.deterministic=true", "model.arch=resnet18-cifar"]), "cuda", {}
+        )
 
 
 def test_cuda_rng_states_restore_in_numeric_order(tmp_path):
@@ -132,13 +148,21 @@ def test_cuda_rng_states_restore_in_numeric_order(tmp_path):
 
     from ncmcli.runs import ckfile, trainstate
 
-    state = trainstate.TrainState(trainstate.Progress(), {"state": {}, "param_groups": []}, None,
-                                  torch.zeros(3, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8),
-                                  [torch.full((2,), i, dtype=torch.uint8) for i in range(12)])
+    state = trainstate.TrainState(
+        trainstate.Progress(),
+        {"state": {}, "param_groups": []},
+        None,
+        torch.zeros(3, dtype=torch.uint8),
+        torch.zeros(3, dtype=torch.uint8),
+        [torch.full((2,), i, dtype=torch.uint8) for i in range(12)],
+    )
     tensors, meta = trainstate.pack(state)
     path = tmp_path / "last.safetensors"
-    save_file(tensors, str(path), metadata={"train_state": meta, "format": ckfile.FORMAT,
-                                            "format_version": str(ckfile.FORMAT_VERSION)})
+    save_file(
+        tensors,
+        str(path),
+        metadata={"train_state": meta, "format": ckfile.FORMAT, "format_version": str(ckfile.FORMAT_VERSION)},
+    )
     back = trainstate.unpack(path)
     assert [int(t[0]) for t in back.cuda_rng] == list(range(12))
 
@@ -151,11 +175,37 @@ def test_two_process_gloo_run_matches_single_process_eval(tmp_path):
     out = tmp_path / "ddp"
     for attempt in range(2):
         proc = subprocess.run(
-            [str(torchrun), "--nproc-per-node", "2", "--master-port", str(29517 + attempt), "-m", "ncmcli", "train",
-             "--preset", "quickstart", "--set", "train.epochs=2", "--set", "data.limit_train=512",
-             "--set", "data.limit_test=200", "--set", "data.augment=true", "--out", str(out), "--device", "cpu",
-             "--json", "--quiet", "--force"],
-            capture_output=True, text=True, timeout=600)
+            [
+                str(torchrun),
+                "--nproc-per-node",
+                "2",
+                "--master-port",
+                str(29517 + attempt),
+                "-m",
+                "ncmcli",
+                "train",
+                "--preset",
+                "quickstart",
+                "--set",
+                "train.epochs=2",
+                "--set",
+                "data.limit_train=512",
+                "--set",
+                "data.limit_test=200",
+                "--set",
+                "data.augment=true",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--json",
+                "--quiet",
+                "--force",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         # A gloo worker thread has been seen to abort a rank at exit on a loaded machine ("terminate
         # called without an active exception", SIGABRT), rarely and never on an idle one: one retry
         # for that failure only; any other failure fails at once.
@@ -180,9 +230,27 @@ def test_two_process_gloo_run_matches_single_process_eval(tmp_path):
 @pytest.mark.slow
 def test_compiled_bf16_channels_last_run_saves_the_plain_module(tmp_path):
     out = tmp_path / "c"
-    proc = run_ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=256",
-                   "--set", "data.limit_test=64", "--set", "train.compile=true", "--set", "train.precision=bf16",
-                   "--set", "train.channels_last=true", "--out", out, "--quiet", "--json")
+    proc = run_ncm(
+        "train",
+        "--preset",
+        "quickstart",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "data.limit_train=256",
+        "--set",
+        "data.limit_test=64",
+        "--set",
+        "train.compile=true",
+        "--set",
+        "train.precision=bf16",
+        "--set",
+        "train.channels_last=true",
+        "--out",
+        out,
+        "--quiet",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     from safetensors.torch import load_file
 

@@ -11,8 +11,16 @@ from ncmcli.train.schedules import PlateauOnExcess
 
 
 def test_warmup_ramps_then_hands_over_to_the_schedule():
-    cfg = resolve("quickstart", ["optim.schedule=multistep", "optim.milestones=6", "optim.milestone_unit=step",
-                                 "optim.lr=0.1", "optim.warmup_epochs=0.4"])
+    cfg = resolve(
+        "quickstart",
+        [
+            "optim.schedule=multistep",
+            "optim.milestones=6",
+            "optim.milestone_unit=step",
+            "optim.lr=0.1",
+            "optim.warmup_epochs=0.4",
+        ],
+    )
     opt = make_optimizer(cfg, torch.nn.Linear(2, 2), torch.nn.Identity())
     sched, per_step = make_scheduler(cfg, opt, steps_per_epoch=10)
     warm = Warmup(opt, round(cfg.optim.warmup_epochs * 10))
@@ -26,8 +34,11 @@ def test_warmup_ramps_then_hands_over_to_the_schedule():
 
 def test_adamw_and_nesterov():
     model = torch.nn.Linear(3, 2)
-    adamw = make_optimizer(resolve("quickstart", ["optim.name=adamw", "optim.betas=0.8,0.99", "optim.lr=0.001"]),
-                           model, torch.nn.Identity())
+    adamw = make_optimizer(
+        resolve("quickstart", ["optim.name=adamw", "optim.betas=0.8,0.99", "optim.lr=0.001"]),
+        model,
+        torch.nn.Identity(),
+    )
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.8, 0.99)
     sgd = make_optimizer(resolve("quickstart", ["optim.nesterov=true"]), model, torch.nn.Identity())
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] is True
@@ -55,8 +66,25 @@ def _cut_epochs(scheduler, losses):
 
 # A curve of excess over the floor: fast progress, then a slow creep (< 1% per epoch of the
 # raw loss near an NCM floor, > 1% of the excess), then a plateau.
-EXCESS = [2.0, 1.0, 0.5, 0.3, 0.2, 0.15, 0.12, 0.1, 0.09, 0.082, 0.075, 0.069, 0.064,
-          *[0.064] * 8, 0.03, 0.02, *[0.02] * 10]
+EXCESS = [
+    2.0,
+    1.0,
+    0.5,
+    0.3,
+    0.2,
+    0.15,
+    0.12,
+    0.1,
+    0.09,
+    0.082,
+    0.075,
+    0.069,
+    0.064,
+    *[0.064] * 8,
+    0.03,
+    0.02,
+    *[0.02] * 10,
+]
 
 
 NCM_FLOOR = 1.159  # E-NCM, 10 orthonormal anchors
@@ -87,8 +115,10 @@ def test_plateau_makes_exactly_max_drops_cuts_and_resumes_from_its_state():
 
 @pytest.mark.parametrize("unit", ["step", "epoch"])
 def test_multistep_cuts_at_its_milestones(unit):
-    cfg = P.resolve("quickstart", ["optim.schedule=multistep", "optim.milestones=3,5",
-                                   f"optim.milestone_unit={unit}", "optim.lr=0.1"])
+    cfg = P.resolve(
+        "quickstart",
+        ["optim.schedule=multistep", "optim.milestones=3,5", f"optim.milestone_unit={unit}", "optim.lr=0.1"],
+    )
     opt = _optimizer(0.1)
     sched, per_step = make_scheduler(cfg, opt, steps_per_epoch=10)
     assert per_step == (unit == "step")

@@ -56,8 +56,13 @@ def test_logit_adjustment_zero_is_exact_and_one_matches_a_hand_computation(name)
 
     def crit(tau):
         torch.manual_seed(0)
-        return build_criterion(LossConfig(name=name, logit_adjust=tau), anchors=anchors if name != "softmax" else None,
-                               dim=6, num_classes=4, prior=counts).double()
+        return build_criterion(
+            LossConfig(name=name, logit_adjust=tau),
+            anchors=anchors if name != "softmax" else None,
+            dim=6,
+            num_classes=4,
+            prior=counts,
+        ).double()
 
     plain, zero, one = crit(0.0), crit(0.0), crit(1.0)
     assert zero.logit_bias is None
@@ -80,8 +85,18 @@ def test_post_hoc_adjustment_subtracts_the_log_prior():
 
 def _train(tmp_path, ncm, *sets):
     out = tmp_path / "run"
-    args = ["train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_test=200",
-            "--out", out, "--json"]
+    args = [
+        "train",
+        "--preset",
+        "quickstart",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "data.limit_test=200",
+        "--out",
+        out,
+        "--json",
+    ]
     for s in sets:
         args += ["--set", s]
     proc = ncm(*args)
@@ -97,8 +112,15 @@ def test_train_prints_counts_and_eval_reports_long_tail_metrics(tmp_path, ncm):
     assert list(res["class_counts"].values()) == expected and res["imbalance"] == "exp:10"
     proc = ncm("eval", out, "--json")
     ev = json.loads(proc.stdout)
-    for key in ("balanced_accuracy", "head_accuracy", "medium_accuracy", "tail_accuracy",
-                "many_shot_accuracy", "medium_shot_accuracy", "few_shot_accuracy"):
+    for key in (
+        "balanced_accuracy",
+        "head_accuracy",
+        "medium_accuracy",
+        "tail_accuracy",
+        "many_shot_accuracy",
+        "medium_shot_accuracy",
+        "few_shot_accuracy",
+    ):
         assert key in ev, key
     conf = torch.tensor(ev["confusion"])
     assert ev["balanced_accuracy"] == pytest.approx(imbalance_metrics(conf, expected)["balanced_accuracy"])
@@ -125,8 +147,12 @@ def test_train_time_adjustment_at_zero_trains_identical_weights(tmp_path, ncm):
     from safetensors.torch import load_file
 
     a, _, _ = _train(tmp_path / "a", ncm, "data.imbalance=step:5", "data.limit_train=400")
-    b, res, _ = _train(tmp_path / "b", ncm, "data.imbalance=step:5", "data.limit_train=400", "loss.logit_adjust=0")
-    c, _, _ = _train(tmp_path / "c", ncm, "data.imbalance=step:5", "data.limit_train=400", "loss.logit_adjust=1")
+    b, res, _ = _train(
+        tmp_path / "b", ncm, "data.imbalance=step:5", "data.limit_train=400", "loss.logit_adjust=0"
+    )
+    c, _, _ = _train(
+        tmp_path / "c", ncm, "data.imbalance=step:5", "data.limit_train=400", "loss.logit_adjust=1"
+    )
     ta, tb, tc = (load_file(str(p / "last.safetensors")) for p in (a, b, c))
     assert all(torch.equal(ta[k], tb[k]) for k in ta if k.startswith("model."))
     assert not all(torch.equal(ta[k], tc[k]) for k in ta if k.startswith("model."))
@@ -148,8 +174,9 @@ def test_report_groups_by_imbalance(tmp_path):
         from ncmcli.config.overrides import to_yaml
 
         (run / "config.yaml").write_text(to_yaml(cfg))
-        (run / "result.json").write_text(json.dumps({"status": "completed", "test_error_pct": err,
-                                                     "final": {"test_error_pct": err}}))
+        (run / "result.json").write_text(
+            json.dumps({"status": "completed", "test_error_pct": err, "final": {"test_error_pct": err}})
+        )
     cells = collect([tmp_path], by=["data.imbalance"])
     got = {c.settings["data.imbalance"]: sorted(c.errors) for c in cells}
     assert got == {"exp:10": [30.0], "exp:100": [40.0, 42.0]}
@@ -181,8 +208,10 @@ def test_an_inverted_score_warns_and_names_a_better_one():
     res = _open_set("x", -d_in, d_in, -d_out, d_out, None)
     assert res["score"] == "msp" and res["by_score"]["margin"]["auroc"] == 1.0 == res["auroc"]
     assert res["by_score"]["dist"]["auroc"] == 0.0
-    assert any("--ood-score dist has AUROC 0.0000 < 0.5" in w and "try --ood-score margin" in w
-               for w in res["warnings"])
+    assert any(
+        "--ood-score dist has AUROC 0.0000 < 0.5" in w and "try --ood-score margin" in w
+        for w in res["warnings"]
+    )
     assert all("margin has" not in w for w in res["warnings"])
     # The headline follows --ood-score, and matches the AUROC computed directly.
     res = _open_set("x", -d_in, d_in, -d_out, d_out, "dist")
@@ -198,8 +227,22 @@ def test_eval_reports_every_score_and_warns_on_stderr(tmp_path, ncm):
     from ncmcli.data.fakedata import make_folder
 
     out = tmp_path / "run"
-    assert ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=300",
-               "--set", "data.limit_test=100", "--out", out).returncode == 0
+    assert (
+        ncm(
+            "train",
+            "--preset",
+            "quickstart",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "data.limit_train=300",
+            "--set",
+            "data.limit_test=100",
+            "--out",
+            out,
+        ).returncode
+        == 0
+    )
     make_folder(tmp_path / "other", classes=("a", "b"), per_class=10, size=(28, 28), mode="L")
     proc = ncm("eval", out, "--ood", tmp_path / "other", "--json")
     res = json.loads(proc.stdout)["ood"]
@@ -221,12 +264,28 @@ def test_predict_rejects_below_a_margin(tmp_path, ncm):
     from ncmcli.data.fakedata import make_folder
 
     out = tmp_path / "run"
-    assert ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=300",
-               "--set", "data.limit_test=100", "--out", out).returncode == 0
+    assert (
+        ncm(
+            "train",
+            "--preset",
+            "quickstart",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "data.limit_train=300",
+            "--set",
+            "data.limit_test=100",
+            "--out",
+            out,
+        ).returncode
+        == 0
+    )
     make_folder(tmp_path / "imgs", classes=("a",), per_class=4, size=(28, 28), mode="L")
 
     def labels(threshold):
-        proc = ncm("predict", tmp_path / "imgs", "--checkpoint", out, "--json", "--reject-below-margin", threshold)
+        proc = ncm(
+            "predict", tmp_path / "imgs", "--checkpoint", out, "--json", "--reject-below-margin", threshold
+        )
         assert proc.returncode == 0, proc.stderr
         return [(p["label"], p["second_anchor_margin"]) for p in json.loads(proc.stdout)["predictions"]]
 

@@ -25,13 +25,24 @@ def test_backbone_lr_factor_and_frozen_epochs(tmp_path):
     back = backbone_parameters(model)
     assert back and all(lr_of[id(p)] == pytest.approx(0.1 * cfg.optim.lr) for p in back)
     assert all(lr_of[id(p)] == cfg.optim.lr for p in [*model.fc.parameters(), *crit.parameters()])
-    assert len(make_optimizer(resolve("quickstart", []), model, crit).param_groups) == 1  # factor 1: one group
+    assert (
+        len(make_optimizer(resolve("quickstart", []), model, crit).param_groups) == 1
+    )  # factor 1: one group
 
     from conftest import StopAfter
     from ncmcli.train.loop import Interrupted
 
-    c = resolve("quickstart-softmax", ["data.limit_train=128", "data.limit_test=32", "train.batch_size=64",
-                                       "train.num_threads=1", "train.epochs=2", "model.freeze_backbone_epochs=1"])
+    c = resolve(
+        "quickstart-softmax",
+        [
+            "data.limit_train=128",
+            "data.limit_test=32",
+            "train.batch_size=64",
+            "train.num_threads=1",
+            "train.epochs=2",
+            "model.freeze_backbone_epochs=1",
+        ],
+    )
     torch.manual_seed(c.seed)  # what train() builds first: the same initial weights
     init, _ = Classifier.from_config(c, 10, (1, 28, 28)).parts()
     start = {k: v.clone() for k, v in init.state_dict().items()}

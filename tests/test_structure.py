@@ -44,6 +44,7 @@ def _unit(module: str) -> str:
 
 def _imports(path: Path) -> set[str]:
     """The ncmcli modules ``path`` imports anywhere in it (inside functions too)."""
+
     def known(name):
         while name not in MODULES and "." in name:
             name = name.rsplit(".", 1)[0]
@@ -69,8 +70,12 @@ def test_every_unit_has_a_layer():
 
 
 def test_imports_never_go_upward():
-    upward = [f"{m} imports {d}" for m, deps in GRAPH.items() for d in deps
-              if LAYER_OF[_unit(d)] > LAYER_OF[_unit(m)]]
+    upward = [
+        f"{m} imports {d}"
+        for m, deps in GRAPH.items()
+        for d in deps
+        if LAYER_OF[_unit(d)] > LAYER_OF[_unit(m)]
+    ]
     assert not upward, upward
 
 
@@ -82,7 +87,7 @@ def test_the_import_graph_has_no_cycle():
         state[m] = "open"
         for d in sorted(GRAPH.get(m, ())):
             if state.get(d) == "open":
-                cycles.append(stack[stack.index(d):] + [d])
+                cycles.append(stack[stack.index(d) :] + [d])
             elif d not in state:
                 visit(d, stack + [d])
         state[m] = "done"
@@ -102,16 +107,23 @@ def test_the_graph_sees_imports_inside_functions():
 def test_the_library_imports_no_app_module():
     """ncmcli.nn needs torch alone: importing it in a fresh process loads no config, data,
     run-folder, training or CLI module, and none of yaml, typer and rich."""
-    code = ("import sys, ncmcli.nn\n"
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('yaml', 'typer', 'rich') or\n"
-            "       m.startswith(('ncmcli.config', 'ncmcli.data', 'ncmcli.runs', 'ncmcli.train', 'ncmcli.cli',\n"
-            "                     'ncmcli.engine', 'ncmcli.evaluation', 'ncmcli.forward'))]\n"
-            "print(bad, 'torch' in sys.modules)")
+    code = (
+        "import sys, ncmcli.nn\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('yaml', 'typer', 'rich') or\n"
+        "       m.startswith(('ncmcli.config', 'ncmcli.data', 'ncmcli.runs', 'ncmcli.train', 'ncmcli.cli',\n"
+        "                     'ncmcli.engine', 'ncmcli.evaluation', 'ncmcli.forward'))]\n"
+        "print(bad, 'torch' in sys.modules)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip() == "[] True", proc.stdout + proc.stderr
     # Statically as well, imports inside functions included.
-    outside = {d for m, deps in GRAPH.items() if _unit(m) == "nn" for d in deps
-               if _unit(d) not in ("nn", "registry", "netspecs", "errors", "storage", "__init__")}
+    outside = {
+        d
+        for m, deps in GRAPH.items()
+        if _unit(m) == "nn"
+        for d in deps
+        if _unit(d) not in ("nn", "registry", "netspecs", "errors", "storage", "__init__")
+    }
     assert not outside, outside
 
 
@@ -160,7 +172,9 @@ def test_config_registry_and_report_labels_agree():
     assert labels <= set(METHOD_ORDER), labels - set(METHOD_ORDER)
     from ncmcli.config.schema import DataConfig
 
-    assert {dataset_label(DataConfig(name=d)) for d in registry.DATASETS} == {e.label for e in registry.DATASETS.values()}
+    assert {dataset_label(DataConfig(name=d)) for d in registry.DATASETS} == {
+        e.label for e in registry.DATASETS.values()
+    }
 
 
 def test_every_registered_loss_builds_through_the_registry():
@@ -171,7 +185,9 @@ def test_every_registered_loss_builds_through_the_registry():
 
     anchors = torch.eye(3, 4)
     for name, entry in registry.LOSSES.items():
-        crit = build_criterion(LossConfig(name=name), anchors=anchors if entry.metric else None, dim=4, num_classes=3)
+        crit = build_criterion(
+            LossConfig(name=name), anchors=anchors if entry.metric else None, dim=4, num_classes=3
+        )
         assert isinstance(crit, Criterion) and crit.uses_anchors == bool(entry.metric)
         f = torch.randn(5, 4, requires_grad=True)
         crit(f, torch.tensor([0, 1, 2, 0, 1])).backward()
@@ -190,8 +206,13 @@ def test_loss_keys_are_exactly_what_each_builder_reads():
     for name, entry in registry.LOSSES.items():
         module, func = entry.builder.split(":")
         tree = ast.parse(textwrap.dedent(inspect.getsource(getattr(importlib.import_module(module), func))))
-        read = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
-                and isinstance(node.value, ast.Name) and node.value.id == "loss_cfg"}
+        read = {
+            node.attr
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "loss_cfg"
+        }
         assert read - {"name"} == set(entry.keys), (name, read)
 
 
@@ -204,20 +225,34 @@ def test_loss_fields_a_loss_does_not_read_change_nothing():
     from ncmcli.config.schema import LossConfig
     from ncmcli.nn.losses import build_criterion
 
-    other = {"scale": 3.0, "hinge_form": "weston-watkins", "margin": 3, "lambda_base": 10.0,
-             "lambda_gamma": 0.5, "lambda_power": 2.0, "lambda_min": 0.5, "center_weight": 0.5,
-             "center_alpha": 0.1, "label_smoothing": 0.2, "floor_target": 0.5, "logit_adjust": 1.0,
-             "free_slots": "masked"}
+    other = {
+        "scale": 3.0,
+        "hinge_form": "weston-watkins",
+        "margin": 3,
+        "lambda_base": 10.0,
+        "lambda_gamma": 0.5,
+        "lambda_power": 2.0,
+        "lambda_min": 0.5,
+        "center_weight": 0.5,
+        "center_alpha": 0.1,
+        "label_smoothing": 0.2,
+        "floor_target": 0.5,
+        "logit_adjust": 1.0,
+        "free_slots": "masked",
+    }
     fields = {f.name for f in dataclasses.fields(LossConfig)} - {"name"}
     assert set(other) == fields, "give every new LossConfig field a second value here"
-    anchors = torch.nn.functional.normalize(torch.randn(4, 6, generator=torch.Generator().manual_seed(0)), dim=1)
+    anchors = torch.nn.functional.normalize(
+        torch.randn(4, 6, generator=torch.Generator().manual_seed(0)), dim=1
+    )
     f = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
 
     def loss_of(cfg):
         torch.manual_seed(0)
-        crit = build_criterion(cfg, anchors=anchors if registry.LOSSES[cfg.name].metric else None,
-                               dim=6, num_classes=4)
+        crit = build_criterion(
+            cfg, anchors=anchors if registry.LOSSES[cfg.name].metric else None, dim=6, num_classes=4
+        )
         return crit(f, y).item(), {k: v.clone() for k, v in crit.state_dict().items()}
 
     checked = 0
@@ -237,31 +272,39 @@ def test_loss_fields_a_loss_does_not_read_change_nothing():
 
 def test_readme_tables_list_every_registered_name():
     text = (REPO / "README.md").read_text()
-    baselines = text[text.index("## Baselines"):text.index("## Speed")]
+    baselines = text[text.index("## Baselines") : text.index("## Speed")]
     for name in registry.LOSSES:
         assert f"`{name}`" in baselines, name
-    anchors = text[text.index("### `ncm anchors`"):text.index("## Presets")]
+    anchors = text[text.index("### `ncm anchors`") : text.index("## Presets")]
     for name in registry.ANCHOR_METHODS:
         assert f"| `{name}` |" in anchors, name
-    nets = text[text.index("## The nets"):text.index("## Development")]
+    nets = text[text.index("## The nets") : text.index("## Development")]
     for name in ARCH_NAMES:
         assert re.search(rf"\| `{re.escape(name)}`", nets), name
     for name in registry.DATASETS:
-        assert f"`{name}`" in text[text.index("| `data.name`"):], name
+        assert f"`{name}`" in text[text.index("| `data.name`") :], name
     for key in SCHEMA:
         assert f"`{key}`" in text, key
 
 
 def test_cli_start_up_imports_no_torch():
-    code = "import sys; import ncmcli.cli, ncmcli.config.schema, ncmcli.registry; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    code = (
+        "import sys; import ncmcli.cli, ncmcli.config.schema, ncmcli.registry; print('torch' in sys.modules)"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    )
 
 
 MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_TRAIN_LINES = 300, 60, 80
 
 
 def test_modules_are_at_most_300_lines():
-    long = {str(p.relative_to(PKG)): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    long = {
+        str(p.relative_to(PKG)): n
+        for p in PKG.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    }
     assert not long, long
 
 
@@ -273,8 +316,16 @@ def _function_lengths():
 
 
 def test_functions_are_at_most_60_lines_and_train_80():
-    long = {f"{p.relative_to(PKG)}:{name}": n for p, name, n in _function_lengths()
-            if n > (MAX_TRAIN_LINES if (p.parent.name, p.name, name) == ("train", "loop.py", "train") else MAX_FUNCTION_LINES)}
+    long = {
+        f"{p.relative_to(PKG)}:{name}": n
+        for p, name, n in _function_lengths()
+        if n
+        > (
+            MAX_TRAIN_LINES
+            if (p.parent.name, p.name, name) == ("train", "loop.py", "train")
+            else MAX_FUNCTION_LINES
+        )
+    }
     assert not long, long
 
 
@@ -290,15 +341,25 @@ def test_no_module_level_getattr_outside_the_package_init():
         if path == PKG / "__init__.py":
             continue
         tree = ast.parse(path.read_text())
-        assert not any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in tree.body), path.name
+        assert not any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in tree.body), (
+            path.name
+        )
 
 
 def test_run_folder_file_names_are_spelled_in_runfiles_only():
     """RunDir owns the run folder: no other module spells one of its file names as a string."""
     from ncmcli.runs import runfiles
 
-    names = {runfiles.CONFIG, runfiles.METRICS, runfiles.BEST, runfiles.LAST, runfiles.RESULT, runfiles.REPLAY,
-             runfiles.PARENT, runfiles.LOCK}
+    names = {
+        runfiles.CONFIG,
+        runfiles.METRICS,
+        runfiles.BEST,
+        runfiles.LAST,
+        runfiles.RESULT,
+        runfiles.REPLAY,
+        runfiles.PARENT,
+        runfiles.LOCK,
+    }
     spelled = {}
     for path in PKG.rglob("*.py"):
         if path.name == "runfiles.py":
@@ -344,7 +405,9 @@ def test_test_files_are_named_after_what_they_test():
     """tests/test_X.py tests ncmcli's module or folder X (or a repository folder), not a
     feature or a session's history: a newcomer finds a unit's tests by its name."""
     subjects = _test_file_subjects()
-    stray = sorted(p.name for p in (REPO / "tests").glob("test_*.py") if p.stem[len("test_"):] not in subjects)
+    stray = sorted(
+        p.name for p in (REPO / "tests").glob("test_*.py") if p.stem[len("test_") :] not in subjects
+    )
     assert stray == [], stray
 
 

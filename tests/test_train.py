@@ -21,8 +21,15 @@ from ncmcli.train.loop import Interrupted, train
 
 REPO = Path(__file__).resolve().parents[1]
 # Augmentation and dropout on, so the data and dropout RNG states both matter.
-SMALL = ["data.limit_train=320", "data.limit_test=64", "train.batch_size=64", "train.deterministic=true",
-         "data.augment=true", "model.dropout=0.2", "train.num_threads=1"]
+SMALL = [
+    "data.limit_train=320",
+    "data.limit_test=64",
+    "train.batch_size=64",
+    "train.deterministic=true",
+    "data.augment=true",
+    "model.dropout=0.2",
+    "train.num_threads=1",
+]
 
 
 def _tensors(path):
@@ -49,7 +56,10 @@ def test_resume_mid_epoch_and_at_epoch_end_is_bit_identical(tmp_path, extra):
         _run(tmp_path, "cut", 3, stop=StopAfter(8), extra=extra)  # epoch 2, step 3 (5 steps/epoch)
     assert exc.value.exit_code == 130 and "ncm train --resume" in str(exc.value)
     _run(tmp_path, "cut", 3, resume=True, extra=extra)
-    full, cut = _tensors(tmp_path / "full" / "last.safetensors"), _tensors(tmp_path / "cut" / "last.safetensors")
+    full, cut = (
+        _tensors(tmp_path / "full" / "last.safetensors"),
+        _tensors(tmp_path / "cut" / "last.safetensors"),
+    )
     _same(full, cut)  # weights, anchors, momentum buffers and RNG states
     assert (tmp_path / "full" / "metrics.jsonl").read_text().count("\n") == 3
     m_full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
@@ -68,7 +78,10 @@ def test_center_and_lsoftmax_state_survive_resume(tmp_path):
         cfg_path = tmp_path / f"{loss}-cut" / "config.yaml"
         cfg_path.write_text(cfg_path.read_text().replace("epochs: 1", "epochs: 2"))
         _run(tmp_path, f"{loss}-cut", 2, resume=True, extra=extra)
-        _same(_tensors(tmp_path / f"{loss}-full" / "last.safetensors"), _tensors(tmp_path / f"{loss}-cut" / "last.safetensors"))
+        _same(
+            _tensors(tmp_path / f"{loss}-full" / "last.safetensors"),
+            _tensors(tmp_path / f"{loss}-cut" / "last.safetensors"),
+        )
     assert "criterion.centers" in _tensors(tmp_path / "center-full" / "last.safetensors")
     assert int(_tensors(tmp_path / "lsoftmax-full" / "last.safetensors")["criterion.iteration"]) == 10
     assert "model.head.0.running_mean" in _tensors(tmp_path / "lsoftmax-full" / "last.safetensors")
@@ -82,13 +95,29 @@ def test_deterministic_runs_are_identical(tmp_path):
 
 @pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
 def test_resume_cli_rules(ncm, tmp_path):
-    proc = ncm("train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=128",
-               "--set", "data.limit_test=64", "--out", tmp_path / "r", "--quiet")
+    proc = ncm(
+        "train",
+        "--preset",
+        "quickstart",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "data.limit_train=128",
+        "--set",
+        "data.limit_test=64",
+        "--out",
+        tmp_path / "r",
+        "--quiet",
+    )
     assert proc.returncode == 0, proc.stderr
     assert_clean_error(ncm("train", "--resume", tmp_path / "r"), 2, "already finished 1 epochs")
-    assert_clean_error(ncm("train", "--resume", tmp_path / "r", "--set", "optim.lr=1"), 2, "only train.epochs may change")
+    assert_clean_error(
+        ncm("train", "--resume", tmp_path / "r", "--set", "optim.lr=1"), 2, "only train.epochs may change"
+    )
     assert_clean_error(ncm("train", "--resume", tmp_path / "nope"), 2, "not a resumable run folder")
-    assert_clean_error(ncm("train", "--resume", tmp_path / "r", "--preset", "quickstart"), 2, "--resume takes no")
+    assert_clean_error(
+        ncm("train", "--resume", tmp_path / "r", "--preset", "quickstart"), 2, "--resume takes no"
+    )
     ext = ncm("train", "--resume", tmp_path / "r", "--set", "train.epochs=2", "--json", "--quiet")
     assert ext.returncode == 0, ext.stderr
     assert json.loads(ext.stdout)["final"]["epoch"] == 2
@@ -99,9 +128,27 @@ def test_resume_cli_rules(ncm, tmp_path):
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_signal_saves_a_resumable_checkpoint(tmp_path, sig, code):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "ncmcli", "train", "--preset", "quickstart", "--out", str(out),
-                             "--set", "train.epochs=50", "--set", "data.limit_train=2000", "--quiet", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ncmcli",
+            "train",
+            "--preset",
+            "quickstart",
+            "--out",
+            str(out),
+            "--set",
+            "train.epochs=50",
+            "--set",
+            "data.limit_train=2000",
+            "--quiet",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (out / "last.safetensors").exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -110,7 +157,11 @@ def test_signal_saves_a_resumable_checkpoint(tmp_path, sig, code):
     assert proc.returncode == code, err
     assert "Traceback" not in err and f"ncm train --resume {out}" in err
     doc = json.loads(stdout)  # an interrupted --json run still prints one JSON document
-    assert doc["status"] == "interrupted" and doc["exit_code"] == code and doc["resume"] == f"ncm train --resume {out}"
+    assert (
+        doc["status"] == "interrupted"
+        and doc["exit_code"] == code
+        and doc["resume"] == f"ncm train --resume {out}"
+    )
     assert doc["epoch"] >= 1
     meta = read_metadata(out / "last.safetensors")
     assert "train_state" in meta
@@ -130,7 +181,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ncm, tmp_path, monkey
         return (loss * float("nan"), feats) if len(calls) > 4 else (loss, feats)
 
     monkeypatch.setattr(TrainStep, "forward", poisoned)
-    cfg = resolve("quickstart", ["data.limit_train=256", "data.limit_test=64", "train.batch_size=64", "train.epochs=3"])
+    cfg = resolve(
+        "quickstart", ["data.limit_train=256", "data.limit_test=64", "train.batch_size=64", "train.epochs=3"]
+    )
     run = tmp_path / "run"
     run.mkdir()
     snapshots = {}
@@ -146,8 +199,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ncm, tmp_path, monkey
     assert {p.name: p.read_bytes() for p in run.glob("*.safetensors")} == snapshots
     checkpoint.load(run / "last.safetensors")
     # From the CLI: one clean line, and a run that never saved leaves no folder behind.
-    fresh = ncm("train", "--preset", "quickstart", "--set", "optim.lr=1e12", "--set", "data.limit_train=256",
-                "--set", "data.limit_test=64", "--quiet", "--out", tmp_path / "nan")
+    fresh = ncm(
+        "train",
+        "--preset",
+        "quickstart",
+        "--set",
+        "optim.lr=1e12",
+        "--set",
+        "data.limit_train=256",
+        "--set",
+        "data.limit_test=64",
+        "--quiet",
+        "--out",
+        tmp_path / "nan",
+    )
     assert_clean_error(fresh, 1, "try a lower learning rate")
     assert not (tmp_path / "nan").exists()  # nothing half-made is left
 
@@ -176,7 +241,9 @@ def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tmp_path):
     rng = random.Random(0)
     seen_epochs = set()
     for _ in range(15):
-        proc = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(target)], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SAVE_LOOP, str(target)], stdout=subprocess.PIPE, text=True
+        )
         proc.stdout.readline()  # at least one save has finished
         time.sleep(rng.uniform(0.0, 0.5))
         proc.send_signal(signal.SIGKILL)
@@ -198,9 +265,24 @@ def test_load_paths_never_unpickle():
 @pytest.mark.slow
 def test_second_sigint_aborts_at_once_and_leaves_files_valid(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "ncmcli", "train", "--preset", "quickstart", "--out", str(out),
-                             "--set", "train.epochs=50", "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ncmcli",
+            "train",
+            "--preset",
+            "quickstart",
+            "--out",
+            str(out),
+            "--set",
+            "train.epochs=50",
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (out / "last.safetensors").exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -231,10 +313,12 @@ def test_a_resume_reads_last_once(tmp_path, monkeypatch):
 
     def counted(real, kind):
         def spy(file, *args, **kwargs):
-            if str(file).endswith("last.safetensors") and (kind != "open" or "r" in (args[0] if args else
-                                                                                 kwargs.get("mode", "r"))):
+            if str(file).endswith("last.safetensors") and (
+                kind != "open" or "r" in (args[0] if args else kwargs.get("mode", "r"))
+            ):
                 reads.append(kind)
             return real(file, *args, **kwargs)
+
         return spy
 
     monkeypatch.setattr(builtins, "open", counted(builtins.open, "open"))
@@ -266,9 +350,19 @@ def _ema_run(tmp_path, name, epochs, resume=False, stop=None):
     from ncmcli.engine import Reporter
     from ncmcli.train.loop import train
 
-    cfg = resolve("quickstart-softmax", ["data.limit_train=256", "data.limit_test=64", "train.batch_size=64",
-                                         "train.deterministic=true", "train.num_threads=1", "model.dropout=0.2",
-                                         "train.ema_decay=0.9", f"train.epochs={epochs}"])
+    cfg = resolve(
+        "quickstart-softmax",
+        [
+            "data.limit_train=256",
+            "data.limit_test=64",
+            "train.batch_size=64",
+            "train.deterministic=true",
+            "train.num_threads=1",
+            "model.dropout=0.2",
+            "train.ema_decay=0.9",
+            f"train.epochs={epochs}",
+        ],
+    )
     run = tmp_path / name
     run.mkdir(exist_ok=True)
     return train(cfg, run_dir=run, device=torch.device("cpu"), reporter=Reporter(), resume=resume, stop=stop)
@@ -290,7 +384,11 @@ def test_ema_weights_follow_the_formula_and_are_what_is_checkpointed(tmp_path, m
     _ema_run(tmp_path, "a", 1)
     d, ema = 0.9, None
     for w in seen:  # the first update copies; then e = d e + (1 - d) w
-        ema = {k: v.clone() for k, v in w.items()} if ema is None else {k: d * ema[k] + (1 - d) * w[k] for k in w}
+        ema = (
+            {k: v.clone() for k, v in w.items()}
+            if ema is None
+            else {k: d * ema[k] + (1 - d) * w[k] for k in w}
+        )
     saved = load_file(str(tmp_path / "a" / "last.safetensors"))
     assert len(seen) == 4
     for k, v in ema.items():

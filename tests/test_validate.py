@@ -29,13 +29,22 @@ def _tamper(path, out, *, tensors=None, meta=None):
     return out
 
 
-@pytest.mark.parametrize("meta,fragment", [
-    ({"input_shape": "[1, 4096, 4096]"}, "at most 1024"),
-    ({"input_shape": "[1, 1024, 1024]"}, "the config implies [32, 524288]"),
-    ({"input_shape": "[3, 1024, 1024]", "normalization": json.dumps({"mean": [0.1] * 3, "std": [0.2] * 3}),
-      "config": json.dumps({"model": {"arch": "cifar100", "feature_dim": 65536}})}, "parameters, above"),
-    ({"classes": json.dumps([f"c{i}" for i in range(100_001)])}, "classes"),
-])
+@pytest.mark.parametrize(
+    "meta,fragment",
+    [
+        ({"input_shape": "[1, 4096, 4096]"}, "at most 1024"),
+        ({"input_shape": "[1, 1024, 1024]"}, "the config implies [32, 524288]"),
+        (
+            {
+                "input_shape": "[3, 1024, 1024]",
+                "normalization": json.dumps({"mean": [0.1] * 3, "std": [0.2] * 3}),
+                "config": json.dumps({"model": {"arch": "cifar100", "feature_dim": 65536}}),
+            },
+            "parameters, above",
+        ),
+        ({"classes": json.dumps([f"c{i}" for i in range(100_001)])}, "classes"),
+    ],
+)
 def test_crafted_sizes_are_refused_before_anything_is_allocated(tmp_path, meta, fragment):
     bad = _tamper(untrained_file(tmp_path), tmp_path / "bad.safetensors", meta=meta)
     assert bad.stat().st_size < 2_000_000
@@ -53,13 +62,16 @@ def _anchors_of(path):
     return load_file(str(path))["anchors"]
 
 
-@pytest.mark.parametrize("damage,fragment", [
-    (lambda a: a.index_fill_(0, torch.tensor([2]), float("nan")), "NaN or infinite"),
-    (lambda a: a.index_fill_(0, torch.tensor([2]), float("inf")), "NaN or infinite"),
-    (lambda a: a.index_fill_(0, torch.tensor([2]), 0.0), "norm"),
-    (lambda a: a * 3, "norm"),
-    (lambda a: a.index_copy_(0, torch.tensor([4]), a[3:4].clone()), "coincide"),
-])
+@pytest.mark.parametrize(
+    "damage,fragment",
+    [
+        (lambda a: a.index_fill_(0, torch.tensor([2]), float("nan")), "NaN or infinite"),
+        (lambda a: a.index_fill_(0, torch.tensor([2]), float("inf")), "NaN or infinite"),
+        (lambda a: a.index_fill_(0, torch.tensor([2]), 0.0), "norm"),
+        (lambda a: a * 3, "norm"),
+        (lambda a: a.index_copy_(0, torch.tensor([4]), a[3:4].clone()), "coincide"),
+    ],
+)
 def test_broken_anchors_are_refused(tmp_path, damage, fragment):
     path = untrained_file(tmp_path)
     bad = _tamper(path, tmp_path / "bad.safetensors", tensors={"anchors": damage(_anchors_of(path).clone())})
@@ -74,13 +86,30 @@ def test_nan_weights_and_statistics_are_refused(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="model.fc.weight holds NaN"):
         checkpoint.load(_tamper(path, tmp_path / "w.safetensors", tensors={"model.fc.weight": w}))
     with pytest.raises(checkpoint.CheckpointError, match="mean is not finite"):
-        checkpoint.load(_tamper(path, tmp_path / "m.safetensors",
-                                meta={"normalization": json.dumps({"mean": [float("nan")], "std": [0.2]})}))
+        checkpoint.load(
+            _tamper(
+                path,
+                tmp_path / "m.safetensors",
+                meta={"normalization": json.dumps({"mean": [float("nan")], "std": [0.2]})},
+            )
+        )
 
 
 def _quick_run(ncm, out, *sets):
-    args = ["train", "--preset", "quickstart", "--set", "train.epochs=1", "--set", "data.limit_train=64",
-            "--set", "data.limit_test=20", "--out", out, "--quiet"]
+    args = [
+        "train",
+        "--preset",
+        "quickstart",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "data.limit_train=64",
+        "--set",
+        "data.limit_test=20",
+        "--out",
+        out,
+        "--quiet",
+    ]
     for s in sets:
         args += ["--set", s]
     proc = ncm(*args)
@@ -123,7 +152,9 @@ def test_deep_json_in_checkpoint_metadata_is_a_one_line_error(tmp_path, ncm, key
         (tmp_path / "r" / "config.yaml").write_text((run / "config.yaml").read_text())
         os.replace(bad, tmp_path / "r" / "last.safetensors")
         proc = ncm("train", "--resume", tmp_path / "r")
-    assert_clean_error(proc, 1, "not a valid ncm checkpoint" if key != "train_state" else "damaged train state")
+    assert_clean_error(
+        proc, 1, "not a valid ncm checkpoint" if key != "train_state" else "damaged train state"
+    )
     assert "RecursionError" not in proc.stderr
 
 
@@ -162,11 +193,14 @@ def test_bounds_come_from_one_place():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sets", [
-    ("model.feature_dim=65536",),
-    ("loss.scale=10000", "optim.lr=1e-9"),
-    ("data.imbalance=exp:10000", "loss.logit_adjust=10"),
-])
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ("model.feature_dim=65536",),
+        ("loss.scale=10000", "optim.lr=1e-9"),
+        ("data.imbalance=exp:10000", "loss.logit_adjust=10"),
+    ],
+)
 def test_a_config_at_its_limit_goes_through_train_and_eval(tmp_path, ncm, sets):
     run = _quick_run(ncm, tmp_path / "run", *sets)
     for cmd in (("eval", run, "--json"), ("eval", run / "last.safetensors", "--json")):
@@ -181,7 +215,21 @@ def test_a_model_too_big_to_load_is_refused_before_training(tmp_path, cli):
 
     # The paper's CIFAR-100 net at d = 65536 on 32x32 RGB has 1.5 x 2^28 parameters.
     make_folder(tmp_path / "imgs", classes=("a", "b"), per_class=2, size=(32, 32))
-    proc = cli("train", "--preset", "folder", "--set", f"data.root={tmp_path / 'imgs'}", "--set", "model.arch=cifar100",
-               "--set", "model.feature_dim=65536", "--set", "data.val_split=0", "--out", tmp_path / "run", "--quiet")
+    proc = cli(
+        "train",
+        "--preset",
+        "folder",
+        "--set",
+        f"data.root={tmp_path / 'imgs'}",
+        "--set",
+        "model.arch=cifar100",
+        "--set",
+        "model.feature_dim=65536",
+        "--set",
+        "data.val_split=0",
+        "--out",
+        tmp_path / "run",
+        "--quiet",
+    )
     assert_clean_error(proc, 2, "a checkpoint may hold")
     assert not (tmp_path / "run").exists()

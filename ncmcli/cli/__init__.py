@@ -36,11 +36,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.", metavar=""),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.", metavar=""),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version.", metavar=""
+    ),
 ) -> None:
     if debug:
         _state["debug"] = True
-
 
 
 # The commands, in the order ``ncm --help`` lists them; each module holds one command's options

@@ -30,8 +30,8 @@ def out_json(doc) -> None:
     sys.stdout.flush()
 
 
-_CONTROL = {i: f"\\x{i:02x}" for i in (*range(0x00, 0x20), 0x7f)}
-_CONTROL.update({0x09: "\\t", 0x0a: "\\n", 0x0d: "\\r", 0x1b: "\\x1b"})
+_CONTROL = {i: f"\\x{i:02x}" for i in (*range(0x00, 0x20), 0x7F)}
+_CONTROL.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r", 0x1B: "\\x1b"})
 
 
 def safe_text(text: str) -> str:
@@ -40,7 +40,7 @@ def safe_text(text: str) -> str:
     crafted name cannot move the cursor, recolour the terminal or forge extra lines. C1
     controls (0x80-0x9f) too. JSON output never goes through this."""
     out = str(text).translate(_CONTROL)
-    return "".join(f"\\x{ord(ch):02x}" if 0x80 <= ord(ch) <= 0x9f else ch for ch in out)
+    return "".join(f"\\x{ord(ch):02x}" if 0x80 <= ord(ch) <= 0x9F else ch for ch in out)
 
 
 def show(text: str) -> str:
@@ -96,14 +96,26 @@ class RichReporter:
         self.epoch, self.epochs, self.steps = epoch, epochs, steps
         if self.quiet or not self.live:
             return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         if self.progress is None:
             self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=err, transient=True,
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=err,
+                transient=True,
             )
             self.progress.start()
         if self.task is not None:
@@ -135,8 +147,11 @@ class RichReporter:
         elif not self.quiet and not self.live and now - self.t_last_line >= self.log_every:
             self.t_last_line = now
             eta = self.eta_s(step)
-            err.print(f"epoch {self.epoch}/{self.epochs} step {step}/{self.steps}  {stats}  "
-                      f"ETA {_clock(eta) if eta is not None else '?'}", soft_wrap=True)
+            err.print(
+                f"epoch {self.epoch}/{self.epochs} step {step}/{self.steps}  {stats}  "
+                f"ETA {_clock(eta) if eta is not None else '?'}",
+                soft_wrap=True,
+            )
 
     def epoch_end(self, m: dict) -> None:
         if not self.quiet:
@@ -197,38 +212,64 @@ def render_eval(res: dict, con: Console) -> None:
     """``ncm eval``'s human-readable report (``--json`` prints ``res`` itself)."""
     from rich.table import Table
 
-    con.print(f"{show(res['checkpoint'])}  ({show(res['dataset'])}, epoch {res['epoch']}, {res['n']} test images)")
+    con.print(
+        f"{show(res['checkpoint'])}  ({show(res['dataset'])}, epoch {res['epoch']}, {res['n']} test images)"
+    )
     top5 = f"   top-5 {res['top5_accuracy']:.4f}" if res.get("top5_accuracy") is not None else ""
     macro = f"   macro-F1 {res['macro_f1']:.4f}" if res.get("macro_f1") is not None else ""
-    con.print(f"accuracy {res['accuracy']:.4f}{top5}   error {res['error_pct']:.2f}%   loss {res['loss']:.4f}{macro}")
+    con.print(
+        f"accuracy {res['accuracy']:.4f}{top5}   error {res['error_pct']:.2f}%   loss {res['loss']:.4f}{macro}"
+    )
     if res.get("logit_adjust"):
         la = res["logit_adjust"]
-        con.print(f"post-hoc logit adjustment tau={la['tau']:g}: accuracy {la['unadjusted_accuracy']:.4f} "
-                  f"-> {res['accuracy']:.4f} (prediction: argmax of logits - tau log prior)")
-    tail = "   ".join(f"{k} {res[f'{k}_accuracy']:.4f}" for k in ("head", "medium", "tail")
-                       if res.get(f"{k}_accuracy") is not None)
-    con.print(f"balanced accuracy {res['balanced_accuracy']:.4f}" + (f"   {tail} (thirds by training count)" if tail else "")
-              + (f"   (long-tailed training data: {res['imbalance']})" if res.get("imbalance") else ""))
+        con.print(
+            f"post-hoc logit adjustment tau={la['tau']:g}: accuracy {la['unadjusted_accuracy']:.4f} "
+            f"-> {res['accuracy']:.4f} (prediction: argmax of logits - tau log prior)"
+        )
+    tail = "   ".join(
+        f"{k} {res[f'{k}_accuracy']:.4f}"
+        for k in ("head", "medium", "tail")
+        if res.get(f"{k}_accuracy") is not None
+    )
+    con.print(
+        f"balanced accuracy {res['balanced_accuracy']:.4f}"
+        + (f"   {tail} (thirds by training count)" if tail else "")
+        + (f"   (long-tailed training data: {res['imbalance']})" if res.get("imbalance") else "")
+    )
     diag = res["diagnostics"]
     comp = diag.get("compactness", {}).get("per_class", {})
-    t = Table("class", "n", "accuracy", "precision", "recall", "F1", *(["mean dist. to own anchor"] if comp else []))
+    t = Table(
+        "class", "n", "accuracy", "precision", "recall", "F1", *(["mean dist. to own anchor"] if comp else [])
+    )
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     for name, acc in res["per_class_accuracy"].items():
         sc = res["per_class"][name]
-        t.add_row(show(name), str(sc["n"]), "n/a (no images)" if acc is None else f"{acc:.4f}",
-                  fmt(sc["precision"]), fmt(sc["recall"]), fmt(sc["f1"]),
-                  *([f"{comp[name]['mean']:.4f}"] if name in comp else []))
+        t.add_row(
+            show(name),
+            str(sc["n"]),
+            "n/a (no images)" if acc is None else f"{acc:.4f}",
+            fmt(sc["precision"]),
+            fmt(sc["recall"]),
+            fmt(sc["f1"]),
+            *([f"{comp[name]['mean']:.4f}"] if name in comp else []),
+        )
     con.print(t)
     con.print(f"calibration: ECE (15 bins) {diag['ece_15_bins']:.4f}")
     if "compactness" in diag:
         c, sep = diag["compactness"], diag["separation"]
         con.print(f"compactness: distance to own anchor mean {c['mean']:.4f}, median {c['median']:.4f}")
-        con.print(f"separation: mean distance to the nearest other anchor {sep['mean_nearest_other_anchor']:.4f}; "
-                  f"{sep['own_voronoi_cell_share']:.4f} of features in their own anchor's cell")
-        con.print(f"suggested --reject-below-margin {diag['reject_below_margin_at_95_tpr']:.4f} or --reject-above "
-                  f"{diag['reject_above_at_95_tpr']:.4f} (each keeps 95% of test images; check them with --ood)")
+        con.print(
+            f"separation: mean distance to the nearest other anchor {sep['mean_nearest_other_anchor']:.4f}; "
+            f"{sep['own_voronoi_cell_share']:.4f} of features in their own anchor's cell"
+        )
+        con.print(
+            f"suggested --reject-below-margin {diag['reject_below_margin_at_95_tpr']:.4f} or --reject-above "
+            f"{diag['reject_above_at_95_tpr']:.4f} (each keeps 95% of test images; check them with --ood)"
+        )
     if "ood" in res:
         o = res["ood"]
-        con.print(f"open-set vs {show(o['source'])} ({o['n_out']} images, score: {o['score']}, {o['score_description']}): "
-                  f"AUROC {o['auroc']:.4f}, FPR at 95% TPR {o['fpr_at_95_tpr']:.4f}")
+        con.print(
+            f"open-set vs {show(o['source'])} ({o['n_out']} images, score: {o['score']}, {o['score_description']}): "
+            f"AUROC {o['auroc']:.4f}, FPR at 95% TPR {o['fpr_at_95_tpr']:.4f}"
+        )
         con.print("  AUROC by score: " + ", ".join(f"{n} {v['auroc']:.4f}" for n, v in o["by_score"].items()))

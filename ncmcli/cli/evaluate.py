@@ -15,23 +15,56 @@ from ncmcli.cli.console import err, out_json, render_eval, safe_text, show
 
 def eval_(
     target: Path = typer.Argument(..., help="A checkpoint, or a run folder (its best.safetensors)."),
-    data_root: Optional[str] = typer.Option(None, "--data-root", help="Where the dataset lives, if not where it was trained."),
+    data_root: Optional[str] = typer.Option(
+        None, "--data-root", help="Where the dataset lives, if not where it was trained."
+    ),
     device: str = typer.Option("auto", "--device"),
     limit: int = typer.Option(0, "--limit", help="Evaluate on a stratified sample of N test images."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass (default: the checkpoint's train.eval_batch_size)."),
-    ood: Optional[str] = typer.Option(None, "--ood", help="Open-set check against a dataset name or an image folder."),
-    ood_limit: Optional[int] = typer.Option(None, "--ood-limit", help="A seeded sample of N open-set images (default: --limit; 0 = all)."),
-    ood_score: Optional[str] = typer.Option(None, "--ood-score", help="The open-set score to headline: dist, margin, cac, msp or maxlogit (default: msp, measured best on real pairs); every score's AUROC is reported."),
-    logit_adjust: float = typer.Option(0.0, "--logit-adjust", help="Post-hoc logit adjustment tau: predict with logits - tau * log(training prior)."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON document, with the confusion matrix.", metavar=""),
-    which: str = typer.Option("best", "--which", help="With a run folder: best (best.safetensors) or last (the final epoch, last.safetensors)."),
+    batch_size: Optional[int] = typer.Option(
+        None,
+        "--batch-size",
+        help="Images per forward pass (default: the checkpoint's train.eval_batch_size).",
+    ),
+    ood: Optional[str] = typer.Option(
+        None, "--ood", help="Open-set check against a dataset name or an image folder."
+    ),
+    ood_limit: Optional[int] = typer.Option(
+        None, "--ood-limit", help="A seeded sample of N open-set images (default: --limit; 0 = all)."
+    ),
+    ood_score: Optional[str] = typer.Option(
+        None,
+        "--ood-score",
+        help="The open-set score to headline: dist, margin, cac, msp or maxlogit (default: msp, measured best on real pairs); every score's AUROC is reported.",
+    ),
+    logit_adjust: float = typer.Option(
+        0.0,
+        "--logit-adjust",
+        help="Post-hoc logit adjustment tau: predict with logits - tau * log(training prior).",
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="One JSON document, with the confusion matrix.", metavar=""
+    ),
+    which: str = typer.Option(
+        "best",
+        "--which",
+        help="With a run folder: best (best.safetensors) or last (the final epoch, last.safetensors).",
+    ),
 ) -> None:
     """Accuracy, error, loss, per-class accuracy, long-tail metrics and feature diagnostics on the test split."""
     from ncmcli import evaluation
 
-    res = evaluation.eval_command(target, data_root=data_root, device=device, limit=limit, ood=ood,
-                                  batch_size=batch_size, logit_adjust=logit_adjust, ood_score=ood_score,
-                                  which=which, ood_limit=ood_limit)
+    res = evaluation.eval_command(
+        target,
+        data_root=data_root,
+        device=device,
+        limit=limit,
+        ood=ood,
+        batch_size=batch_size,
+        logit_adjust=logit_adjust,
+        ood_score=ood_score,
+        which=which,
+        ood_limit=ood_limit,
+    )
     for warning in res.get("ood", {}).get("warnings", []):
         err.print(f"warning: {safe_text(warning)}", markup=False)
     if as_json:
@@ -42,15 +75,35 @@ def eval_(
 
 def predict(
     inputs: List[Path] = typer.Argument(..., help="Image files or folders."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Default: $NCM_CHECKPOINT, else the newest runs/**/best.safetensors."),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", "-c", help="Default: $NCM_CHECKPOINT, else the newest runs/**/best.safetensors."
+    ),
     top_k: int = typer.Option(3, "--top-k", "-k", help="How many classes to show per image."),
-    reject_above: Optional[float] = typer.Option(None, "--reject-above", help="Label an image 'unknown' when it is farther than this from every anchor."),
-    reject_below_margin: Optional[float] = typer.Option(None, "--reject-below-margin", help="Label an image 'unknown' when the second-nearest anchor is less than this farther than the nearest (the margin score; see ncm eval --ood)."),
+    reject_above: Optional[float] = typer.Option(
+        None,
+        "--reject-above",
+        help="Label an image 'unknown' when it is farther than this from every anchor.",
+    ),
+    reject_below_margin: Optional[float] = typer.Option(
+        None,
+        "--reject-below-margin",
+        help="Label an image 'unknown' when the second-nearest anchor is less than this farther than the nearest (the margin score; see ncm eval --ood).",
+    ),
     device: str = typer.Option("auto", "--device"),
-    batch_size: int = typer.Option(256, "--batch-size", help="Images decoded and classified at a time (bounds memory)."),
-    resize: Optional[str] = typer.Option(None, "--resize", help="crop (keep the aspect ratio: shorter side, centre crop) or squash; default: the checkpoint's data.resize."),
+    batch_size: int = typer.Option(
+        256, "--batch-size", help="Images decoded and classified at a time (bounds memory)."
+    ),
+    resize: Optional[str] = typer.Option(
+        None,
+        "--resize",
+        help="crop (keep the aspect ratio: shorter side, centre crop) or squash; default: the checkpoint's data.resize.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="One JSON document.", metavar=""),
-    which: str = typer.Option("best", "--which", help="With a run folder: best (best.safetensors) or last (the final epoch, last.safetensors)."),
+    which: str = typer.Option(
+        "best",
+        "--which",
+        help="With a run folder: best (best.safetensors) or last (the final epoch, last.safetensors).",
+    ),
 ) -> None:
     """Classify images with a checkpoint (preprocessing comes from the checkpoint)."""
     from ncmcli.predict import predict_command
@@ -59,16 +112,25 @@ def predict(
     path, why = find_checkpoint(checkpoint, dict(os.environ), Path.cwd(), which)
     if why != "--checkpoint":
         err.print(f"using {show(str(path))} ({show(why)})")
-    res = predict_command(inputs, checkpoint_path=path, device=device, top_k=top_k, reject_above=reject_above,
-                                 reject_below_margin=reject_below_margin,
-                                 batch_size=batch_size, resize=resize)
+    res = predict_command(
+        inputs,
+        checkpoint_path=path,
+        device=device,
+        top_k=top_k,
+        reject_above=reject_above,
+        reject_below_margin=reject_below_margin,
+        batch_size=batch_size,
+        resize=resize,
+    )
     err.print(f"model: {show(res['checkpoint'])}, epoch {res['epoch']}")
     resized = sum(bool(r.get("resized")) for r in res["predictions"])
     if resized:
         c, h, w = res["input_size"]
         how = "shorter side, centre crop" if res["resize"] == "crop" else "squashed"
-        err.print(f"note: {resized} image(s) resized to {h}x{w} ({how}; {'grayscale' if c == 1 else 'RGB'}), "
-                  "as the model expects")
+        err.print(
+            f"note: {resized} image(s) resized to {h}x{w} ({how}; {'grayscale' if c == 1 else 'RGB'}), "
+            "as the model expects"
+        )
     for r in res["predictions"]:
         if "error" in r:
             err.print(f"[red]error:[/red] {show(r['error'])}")
@@ -82,7 +144,10 @@ def predict(
             if r["label"] == "unknown":
                 tops = "unknown  (" + tops + ")"
             dist, margin = r["nearest_anchor_distance"], r.get("second_anchor_margin")
-            sys.stdout.write(f"{safe_text(r['path'])}\t{safe_text(tops)}"
-                             + (f"\tdist {dist:.4f}\tmargin {margin:.4f}" if dist is not None else "") + "\n")
+            sys.stdout.write(
+                f"{safe_text(r['path'])}\t{safe_text(tops)}"
+                + (f"\tdist {dist:.4f}\tmargin {margin:.4f}" if dist is not None else "")
+                + "\n"
+            )
     if res["failed"]:
         raise typer.Exit(1)

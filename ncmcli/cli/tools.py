@@ -16,19 +16,37 @@ from ncmcli.cli.console import err, out_json, render_certificate, safe_text, sho
 def anchors(
     classes: int = typer.Option(..., "--classes", "-C", help="Number of classes C (>= 2)."),
     dim: int = typer.Option(..., "--dim", "-d", help="Feature dimension d (>= 1)."),
-    method: str = typer.Option("auto", "--method", "-m", help="auto, orthogonal, polar, simplex, orthoplex, optimized, random, or a .safetensors/.csv file."),
+    method: str = typer.Option(
+        "auto",
+        "--method",
+        "-m",
+        help="auto, orthogonal, polar, simplex, orthoplex, optimized, random, or a .safetensors/.csv file.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for random and optimized."),
-    metric: str = typer.Option("euclidean", "--metric", help="Distance for the loss floor: euclidean, cosine, sqeuclidean."),
-    scale: str = typer.Option("1", "--scale", help="Loss scale s for the loss floor: a number, or auto (the s whose floor is --floor-target)."),
-    floor_target: float = typer.Option(0.1, "--floor-target", help="With --scale auto: the loss floor, in nats, to solve for."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the anchors to this .safetensors file (key 'anchors')."),
-    as_json: bool = typer.Option(False, "--json", help="Print the certificate as one JSON document.", metavar=""),
+    metric: str = typer.Option(
+        "euclidean", "--metric", help="Distance for the loss floor: euclidean, cosine, sqeuclidean."
+    ),
+    scale: str = typer.Option(
+        "1",
+        "--scale",
+        help="Loss scale s for the loss floor: a number, or auto (the s whose floor is --floor-target).",
+    ),
+    floor_target: float = typer.Option(
+        0.1, "--floor-target", help="With --scale auto: the loss floor, in nats, to solve for."
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Write the anchors to this .safetensors file (key 'anchors')."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the certificate as one JSON document.", metavar=""
+    ),
 ) -> None:
     """Build fixed class anchors and print their certificate (angles, loss floor)."""
     from ncmcli import engine
 
-    cert = engine.anchors_command(classes, dim, method, seed=seed, metric=metric, scale=scale,
-                                  floor_target=floor_target, out=out)
+    cert = engine.anchors_command(
+        classes, dim, method, seed=seed, metric=metric, scale=scale, floor_target=floor_target, out=out
+    )
     if out is not None:
         err.print(f"wrote {show(str(out))}")
     if as_json:
@@ -50,24 +68,41 @@ def presets() -> None:
 def export(
     target: Path = typer.Argument(..., help="A checkpoint, or a run folder (its best.safetensors)."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: beside the checkpoint)."),
-    which: str = typer.Option("best", "--which", help="With a run folder: best (best.safetensors) or last (the final epoch, last.safetensors)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Output file (default: beside the checkpoint)."
+    ),
+    which: str = typer.Option(
+        "best",
+        "--which",
+        help="With a run folder: best (best.safetensors) or last (the final epoch, last.safetensors).",
+    ),
 ) -> None:
     """A self-contained model: raw uint8 images in; logits, prediction (and anchor distances) out."""
     from ncmcli import engine
 
     path, shape = engine.export_command(target, fmt=fmt, out=out, which=which)
-    err.print(f"wrote {show(str(path))} (input: {shape}; normalisation built in"
-              + ("; class names and preprocessing in its metadata_props" if fmt == "onnx" else "") + ")")
+    err.print(
+        f"wrote {show(str(path))} (input: {shape}; normalisation built in"
+        + ("; class names and preprocessing in its metadata_props" if fmt == "onnx" else "")
+        + ")"
+    )
     sys.stdout.write(f"{safe_text(str(path))}\n")
 
 
 def report(
     paths: List[Path] = typer.Argument(..., help="Run folders, or folders that contain them."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, md, csv or json."),
-    by: List[str] = typer.Option([], "--by", help="Group runs by this config key (repeatable) instead of by everything but the seed."),
-    per_run: bool = typer.Option(False, "--per-run", help="With --format csv: one row per run, with every key that varies.", metavar=""),
-    metric: str = typer.Option("test_error_pct", "--metric", help="What to aggregate: test_error_pct, test_acc, train_acc, test_balanced_acc, test_head_acc, test_medium_acc, test_tail_acc or scale (final epoch)."),
+    by: List[str] = typer.Option(
+        [], "--by", help="Group runs by this config key (repeatable) instead of by everything but the seed."
+    ),
+    per_run: bool = typer.Option(
+        False, "--per-run", help="With --format csv: one row per run, with every key that varies.", metavar=""
+    ),
+    metric: str = typer.Option(
+        "test_error_pct",
+        "--metric",
+        help="What to aggregate: test_error_pct, test_acc, train_acc, test_balanced_acc, test_head_acc, test_medium_acc, test_tail_acc or scale (final epoch).",
+    ),
 ) -> None:
     """Final test error per group of runs (mean ± std over seeds), beside the paper's numbers.
     Runs that differ in anything but the seed (and paths) are never averaged together."""

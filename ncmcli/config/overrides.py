@@ -23,7 +23,9 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             if v and key not in SCHEMA:
                 out.update(_flatten(v, key + "."))
             elif key in SCHEMA:
-                raise ConfigError(f"{key}: expected {getattr(SCHEMA[key], '__name__', 'a list')}, got a mapping")
+                raise ConfigError(
+                    f"{key}: expected {getattr(SCHEMA[key], '__name__', 'a list')}, got a mapping"
+                )
             # an empty mapping (e.g. 'loss:' with nothing under it) sets nothing
         else:
             out[key] = v

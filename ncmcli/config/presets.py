@@ -52,14 +52,18 @@ def _preset_path(name: str, near: Path | None = None) -> Path:
             p = near / p
         if not p.is_file():
             kind = special_file(p)
-            raise ConfigError(f"preset file {quote(str(p))} is {kind}, not a regular file" if kind
-                              else f"preset file not found: {quote(str(p))}")
+            raise ConfigError(
+                f"preset file {quote(str(p))} is {kind}, not a regular file"
+                if kind
+                else f"preset file not found: {quote(str(p))}"
+            )
         return p
     path = presets_dir() / f"{name}.yaml"
     if not path.is_file():
         names = sorted(q.stem for q in presets_dir().glob("*.yaml") if not q.stem.startswith("_"))
-        raise ConfigError(f"unknown preset {quote(name)}{registry.suggest(name, names)}; valid presets: "
-                          f"{', '.join(names)}")
+        raise ConfigError(
+            f"unknown preset {quote(name)}{registry.suggest(name, names)}; valid presets: {', '.join(names)}"
+        )
     return path
 
 
@@ -85,13 +89,17 @@ class _PresetLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark
-            raise ConfigError(f"{self.name}: line {mark.line + 1}: YAML aliases (*name) are not allowed in presets; "
-                              "write the value out")
+            raise ConfigError(
+                f"{self.name}: line {mark.line + 1}: YAML aliases (*name) are not allowed in presets; "
+                "write the value out"
+            )
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:
                 mark = self.peek_event().start_mark
-                raise ConfigError(f"{self.name}: line {mark.line + 1}: nested deeper than {MAX_YAML_DEPTH} levels")
+                raise ConfigError(
+                    f"{self.name}: line {mark.line + 1}: nested deeper than {MAX_YAML_DEPTH} levels"
+                )
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -113,8 +121,10 @@ def _read_yaml_cached(path_text: str, _stamp: int) -> dict:
     try:
         size = path.stat().st_size
         if size > MAX_PRESET_BYTES or not path.is_file():
-            raise ConfigError(f"{path}: {'not a regular file' if not path.is_file() else f'{size:,} bytes'}; "
-                              f"a preset is a YAML file of at most {MAX_PRESET_BYTES // 1024} KiB")
+            raise ConfigError(
+                f"{path}: {'not a regular file' if not path.is_file() else f'{size:,} bytes'}; "
+                f"a preset is a YAML file of at most {MAX_PRESET_BYTES // 1024} KiB"
+            )
         tree = load_yaml_text(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)

@@ -39,7 +39,9 @@ def coerce(key: str, value: Any) -> Any:
         try:
             return _coerce_as(key, value, bool)
         except ConfigError:
-            raise ConfigError(f"{key}: expected bool (true or false) or randomresizedcrop, got {quote(value)}") from None
+            raise ConfigError(
+                f"{key}: expected bool (true or false) or randomresizedcrop, got {quote(value)}"
+            ) from None
     return _coerce_as(key, value, typ)
 
 

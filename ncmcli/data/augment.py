@@ -14,8 +14,9 @@ def draw_augment(batch: int, generator: torch.Generator, pad: int = 4):
     return oy, ox, flip
 
 
-def augment(images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor,
-            pad: int = 4) -> torch.Tensor:
+def augment(
+    images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor, pad: int = 4
+) -> torch.Tensor:
     """The CIFAR-10+ augmentation on a uint8 batch: zero-pad ``pad`` pixels in pixel space
     (as torchvision's RandomCrop(padding=4) does; padding after normalisation would pad with
     the mean instead), crop the original size at (oy, ox), then flip where ``flip``."""
@@ -39,7 +40,11 @@ def draw_resized_crop(batch: int, h: int, w: int, generator: torch.Generator):
     [0.08, 1] and an aspect ratio in [3/4, 4/3] (log-uniform), the first of 10 tries that
     fits, else the whole image (torchvision falls back to a centre crop; for square images
     that is the whole image)."""
-    area = h * w * (RRC_SCALE[0] + (RRC_SCALE[1] - RRC_SCALE[0]) * torch.rand(batch, RRC_TRIES, generator=generator))
+    area = (
+        h
+        * w
+        * (RRC_SCALE[0] + (RRC_SCALE[1] - RRC_SCALE[0]) * torch.rand(batch, RRC_TRIES, generator=generator))
+    )
     lo, hi = torch.log(torch.tensor(RRC_RATIO))
     ratio = torch.exp(lo + (hi - lo) * torch.rand(batch, RRC_TRIES, generator=generator))
     cw, ch = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
@@ -65,7 +70,11 @@ def resized_crop(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) 
 
     b, c, h, w = images.shape
     dev = images.device
-    rois = torch.cat([torch.arange(b, dtype=torch.float32, device=dev)[:, None], boxes.to(dev, torch.float32)], 1)
-    out = roi_align(images.float(), rois, output_size=(h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    rois = torch.cat(
+        [torch.arange(b, dtype=torch.float32, device=dev)[:, None], boxes.to(dev, torch.float32)], 1
+    )
+    out = roi_align(
+        images.float(), rois, output_size=(h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True
+    )
     out = torch.where(flip.to(dev)[:, None, None, None], out.flip(3), out)
     return out.round_().clamp_(0, 255).to(torch.uint8)

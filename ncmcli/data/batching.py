@@ -61,8 +61,14 @@ class FileSplit:
         return self if n <= 0 else self.subset(torch.arange(min(n, len(self))))
 
     def subset(self, idx: torch.Tensor) -> "FileSplit":
-        return FileSplit([self.files[i] for i in idx.tolist()], self.labels[idx], self.channels, self.size,
-                         self.workers, self.resize)
+        return FileSplit(
+            [self.files[i] for i in idx.tolist()],
+            self.labels[idx],
+            self.channels,
+            self.size,
+            self.workers,
+            self.resize,
+        )
 
     def shard(self, rank: int, world: int) -> "FileSplit":
         """This rank's rows, as one FileSplit kept for the split's life: every evaluation under
@@ -94,7 +100,12 @@ class FileSplit:
 
 class _Files(torch.utils.data.Dataset):
     def __init__(self, split: FileSplit):
-        self.files, self.channels, self.size, self.resize = split.files, split.channels, split.size, split.resize
+        self.files, self.channels, self.size, self.resize = (
+            split.files,
+            split.channels,
+            split.size,
+            split.resize,
+        )
 
     def __len__(self) -> int:
         return len(self.files)
@@ -111,11 +122,15 @@ class _PlannedLoader:
         self.plan: list[list[int]] = []
         workers = split.workers
         self.loader = torch.utils.data.DataLoader(
-            _Files(split), batch_sampler=self, num_workers=workers,
-            pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0,
+            _Files(split),
+            batch_sampler=self,
+            num_workers=workers,
+            pin_memory=torch.device(device).type == "cuda",
+            persistent_workers=workers > 0,
             # Its own generator: a DataLoader otherwise draws its worker seed from the global
             # RNG, which would shift model initialisation and dropout against the tensor path.
-            generator=torch.Generator().manual_seed(0))
+            generator=torch.Generator().manual_seed(0),
+        )
 
     def __iter__(self):
         return iter(self.plan)
@@ -134,7 +149,9 @@ class _PlannedLoader:
         del loader
 
 
-def split_stats(split, sample: int = 10_000, *, normalization: str = "channel") -> tuple[list[float], list[float]]:
+def split_stats(
+    split, sample: int = 10_000, *, normalization: str = "channel"
+) -> tuple[list[float], list[float]]:
     """``channel_stats`` of a split; a FileSplit is estimated from ``sample`` evenly spaced images.
     ``normalization="global"`` is the paper's: one mean and std over all pixels and channels,
     repeated per channel so that checkpoints and ``normalize`` keep one shape."""
@@ -148,8 +165,9 @@ def split_stats(split, sample: int = 10_000, *, normalization: str = "channel") 
     return channel_stats(torch.cat(chunks), per_channel=per_channel)
 
 
-def channel_stats(images: torch.Tensor, *, per_channel: bool = True,
-                  chunk_values: int = 1 << 24) -> tuple[list[float], list[float]]:
+def channel_stats(
+    images: torch.Tensor, *, per_channel: bool = True, chunk_values: int = 1 << 24
+) -> tuple[list[float], list[float]]:
     """Per-channel (or, ``per_channel=False``, global) mean and std (unbiased, as torch.std) of a
     uint8 (N, C, H, W) split, in [0, 1] units; one value per channel either way.
 
@@ -161,7 +179,7 @@ def channel_stats(images: torch.Tensor, *, per_channel: bool = True,
     s1 = torch.zeros(c, dtype=torch.int64)
     s2 = torch.zeros(c, dtype=torch.int64)
     for start in range(0, n_img, step):
-        chunk = images[start:start + step].to(torch.int32)
+        chunk = images[start : start + step].to(torch.int32)
         s1 += chunk.sum((0, 2, 3), dtype=torch.int64).cpu()
         s2 += chunk.pow(2).sum((0, 2, 3), dtype=torch.int64).cpu()
     count = n_img * images.shape[2] * images.shape[3]
@@ -199,8 +217,18 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
 
 
 def batches(
-    split, batch_size: int, *, mean, std, device, generator: torch.Generator | None = None,
-    augment_batches: bool | str = False, flip_batches: bool = False, skip: int = 0, rank: int = 0, world: int = 1,
+    split,
+    batch_size: int,
+    *,
+    mean,
+    std,
+    device,
+    generator: torch.Generator | None = None,
+    augment_batches: bool | str = False,
+    flip_batches: bool = False,
+    skip: int = 0,
+    rank: int = 0,
+    world: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised (x, y) batches; shuffled when a generator is given (a fresh order each call).
     ``augment_batches`` is CIFAR-10+'s pad-crop-flip; ``flip_batches`` alone mirrors only
@@ -224,7 +252,7 @@ def batches(
             draws = draw_augment(size, generator, pad) if augment_batches or flip_batches else None
         if i < skip or size < world:
             continue
-        idx = order[start:start + size] if order is not None else torch.arange(start, start + size)
+        idx = order[start : start + size] if order is not None else torch.arange(start, start + size)
         if world > 1:
             idx = idx[rank::world]
             draws = tuple(d[rank::world] for d in draws) if draws is not None else None
@@ -236,15 +264,20 @@ def batches(
     ends = torch.tensor([len(idx) for idx, _ in plan]).cumsum(0).tolist()
     starts = [0] + ends[:-1]
     all_idx = to_device(torch.cat([idx for idx, _ in plan]), device)
-    all_draws = None if plan[0][1] is None else [to_device(torch.cat([d[k] for _, d in plan]), device)
-                                                  for k in range(len(plan[0][1]))]
+    all_draws = (
+        None
+        if plan[0][1] is None
+        else [to_device(torch.cat([d[k] for _, d in plan]), device) for k in range(len(plan[0][1]))]
+    )
     mean_t, std_t = pixel_stats(mean, std, device)
     if isinstance(split, FileSplit):
         raw = split.loader(device).run([idx.tolist() for idx, _ in plan])
         labels = to_device(split.labels, device)
     else:
         raw = (split.images[all_idx[a:b].to(split.images.device)] for a, b in zip(starts, ends))
-        labels = split.labels if split.labels.device == torch.device(device) else to_device(split.labels, device)
+        labels = (
+            split.labels if split.labels.device == torch.device(device) else to_device(split.labels, device)
+        )
     for a, b, x in zip(starts, ends, raw):
         x = to_device(x, device)  # a no-op for a split already on the device
         if all_draws is not None:

@@ -20,11 +20,23 @@ from ncmcli.errors import DataError
 from ncmcli.data.subsets import choose_classes  # noqa: F401 (keep_classes re-exported)
 from ncmcli.data.subsets import imbalanced_indices, parse_imbalance, stratified_indices  # noqa: F401 (re-exported)
 
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 # Where Debian's dataset-fashion-mnist package installs the real IDX files.
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-QUICKSTART_FILE = Path(__file__).resolve().parents[1] / "quickstart" / "fashion-mnist-quickstart.safetensors.gz"
+QUICKSTART_FILE = (
+    Path(__file__).resolve().parents[1] / "quickstart" / "fashion-mnist-quickstart.safetensors.gz"
+)
 DATA_LICENSE_NOTE = "A class-balanced subset of Fashion-MNIST, (c) Zalando SE, MIT licence."
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -75,8 +87,14 @@ def default_root() -> Path:
     return Path(cache) / "ncm" / "data"
 
 
-def load_dataset(data_cfg, *, train: bool = True, say=None, known_classes: list[str] | None = None,
-                 class_order: list[str] | None = None) -> Dataset:
+def load_dataset(
+    data_cfg,
+    *,
+    train: bool = True,
+    say=None,
+    known_classes: list[str] | None = None,
+    class_order: list[str] | None = None,
+) -> Dataset:
     """Both splits of ``data_cfg.name`` (``train=False`` skips the training split). ``say``
     (a message callback) hears of long waits, such as a folder's first decode, before them.
 
@@ -93,23 +111,38 @@ def load_dataset(data_cfg, *, train: bool = True, say=None, known_classes: list[
     notes = list(ds.notes)
     if data_cfg.classes or known_classes is not None or class_order is not None:
         ds = choose_classes(ds, data_cfg, known_classes, class_order)
-        shown = ds.classes[len(known_classes or []):]
-        how = f"{len(known_classes)} from the checkpoint + {len(shown)} new" if known_classes else f"{len(shown)} kept"
-        notes.append(f"classes: {how} (data.classes): {', '.join(shown[:10])}" + (", ..." if len(shown) > 10 else ""))
+        shown = ds.classes[len(known_classes or []) :]
+        how = (
+            f"{len(known_classes)} from the checkpoint + {len(shown)} new"
+            if known_classes
+            else f"{len(shown)} kept"
+        )
+        notes.append(
+            f"classes: {how} (data.classes): {', '.join(shown[:10])}" + (", ..." if len(shown) > 10 else "")
+        )
     splits = {}
-    for split_name, split, limit in (("train", ds.train, data_cfg.limit_train), ("test", ds.test, data_cfg.limit_test)):
+    for split_name, split, limit in (
+        ("train", ds.train, data_cfg.limit_train),
+        ("test", ds.test, data_cfg.limit_test),
+    ):
         if split is None:
             splits[split_name] = None
             continue
         if limit and limit < len(split):
             split = split.subset(stratified_indices(split.labels, limit, seed=data_cfg.subset_seed))
-            notes.append(f"{split_name}: a stratified sample of {len(split)} images (data.subset_seed={data_cfg.subset_seed})")
-        first = len(known_classes) if known_classes is not None and split_name == "train" else 0  # new ones only
+            notes.append(
+                f"{split_name}: a stratified sample of {len(split)} images (data.subset_seed={data_cfg.subset_seed})"
+            )
+        first = (
+            len(known_classes) if known_classes is not None and split_name == "train" else 0
+        )  # new ones only
         missing = sorted(set(range(first, len(ds.classes))) - set(split.labels.unique().tolist()))
         if missing:
             names = ", ".join(ds.classes[i] for i in missing[:10]) + (", ..." if len(missing) > 10 else "")
-            notes.append(f"warning: the {split_name} split has no images of {len(missing)} "
-                         f"class{'es' if len(missing) > 1 else ''}: {names}")
+            notes.append(
+                f"warning: the {split_name} split has no images of {len(missing)} "
+                f"class{'es' if len(missing) > 1 else ''}: {names}"
+            )
         splits[split_name] = split
     val = None
     if splits["train"] is not None and data_cfg.imbalance:
@@ -119,15 +152,16 @@ def load_dataset(data_cfg, *, train: bool = True, say=None, known_classes: list[
     return Dataset(ds.name, splits["train"], splits["test"], ds.classes, notes, val, data_cfg.imbalance)
 
 
-
 def _long_tail(train, num_classes: int, data_cfg, notes: list[str]):
     """The ``data.imbalance`` profile applied to the training split."""
     kind, factor = parse_imbalance(data_cfg.imbalance)
     keep = imbalanced_indices(train.labels, num_classes, kind, factor, seed=data_cfg.subset_seed)
     train = train.subset(keep)
     counts = torch.bincount(train.labels, minlength=num_classes).tolist()
-    notes.append(f"train: long-tailed ({data_cfg.imbalance}, data.subset_seed={data_cfg.subset_seed}), "
-                 f"{len(keep)} images; per class: {', '.join(map(str, counts))}")
+    notes.append(
+        f"train: long-tailed ({data_cfg.imbalance}, data.subset_seed={data_cfg.subset_seed}), "
+        f"{len(keep)} images; per class: {', '.join(map(str, counts))}"
+    )
     return train
 
 
@@ -135,14 +169,18 @@ def _hold_out(train, data_cfg, notes: list[str]):
     """(train, validation): ``data.val_split`` images held out of train, stratified, seeded."""
     n_val = int(data_cfg.val_split) if data_cfg.val_split >= 1 else round(data_cfg.val_split * len(train))
     if not 1 <= n_val < len(train):
-        raise DataError(f"data.val_split={data_cfg.val_split:g} leaves {n_val} of {len(train)} "
-                        "training images for validation; it needs at least 1 and must leave some to train on")
+        raise DataError(
+            f"data.val_split={data_cfg.val_split:g} leaves {n_val} of {len(train)} "
+            "training images for validation; it needs at least 1 and must leave some to train on"
+        )
     val_idx = stratified_indices(train.labels, n_val, seed=data_cfg.subset_seed + 1)
     keep = torch.ones(len(train), dtype=torch.bool)
     keep[val_idx] = False
     val = train.subset(val_idx)
-    notes.append(f"validation: {len(val)} images held out of train (stratified); best.safetensors is "
-                 "selected on them" + (" (when there are at least 50)" if len(val) < 50 else ""))
+    notes.append(
+        f"validation: {len(val)} images held out of train (stratified); best.safetensors is "
+        "selected on them" + (" (when there are at least 50)" if len(val) < 50 else "")
+    )
     return train.subset(keep.nonzero().flatten()), val
 
 
@@ -150,6 +188,7 @@ def _hold_out(train, data_cfg, notes: list[str]):
 # Formats
 
 # The registered data sets (registry.DATASETS): (data config, root, train, say) -> Dataset.
+
 
 def quickstart(data_cfg, root: Path, train: bool, say=None) -> Dataset:
     return _quickstart()
@@ -167,22 +206,41 @@ def folder(data_cfg, root: Path, train: bool, say=None) -> Dataset:
     if not data_cfg.root:
         from ncmcli.errors import ConfigError
 
-        raise ConfigError("data.name=folder needs data.root=PATH, a folder with train/<class>/ and "
-                          "test/<class>/ subfolders (e.g. --preset folder --set data.root=PATH)")
+        raise ConfigError(
+            "data.name=folder needs data.root=PATH, a folder with train/<class>/ and "
+            "test/<class>/ subfolders (e.g. --preset folder --set data.root=PATH)"
+        )
     from ncmcli.data.folders import load_folder
 
-    return Dataset("folder", *load_folder(root, data_cfg.channels, data_cfg.image_size, train,
-                   loader=data_cfg.loader, budget_gb=data_cfg.memory_budget_gb, workers=worker_count(data_cfg.workers),
-                   cache=data_cfg.cache, resize=data_cfg.resize, test_dir=data_cfg.test_dir,
-                   extensions=data_cfg.extensions, say=say))
+    return Dataset(
+        "folder",
+        *load_folder(
+            root,
+            data_cfg.channels,
+            data_cfg.image_size,
+            train,
+            loader=data_cfg.loader,
+            budget_gb=data_cfg.memory_budget_gb,
+            workers=worker_count(data_cfg.workers),
+            cache=data_cfg.cache,
+            resize=data_cfg.resize,
+            test_dir=data_cfg.test_dir,
+            extensions=data_cfg.extensions,
+            say=say,
+        ),
+    )
 
 
 def _quickstart() -> Dataset:
     from safetensors.torch import load
 
     t = load(gzip.decompress(QUICKSTART_FILE.read_bytes()))
-    return Dataset("quickstart", Split(t["train_images"], t["train_labels"].long()),
-                   Split(t["test_images"], t["test_labels"].long()), list(FASHION_CLASSES))
+    return Dataset(
+        "quickstart",
+        Split(t["train_images"], t["train_labels"].long()),
+        Split(t["test_images"], t["test_labels"].long()),
+        list(FASHION_CLASSES),
+    )
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -228,19 +286,24 @@ def _mnist_like(name: str, root: Path, download: bool, want_train: bool) -> Data
         images, labels = read_idx(img_path), read_idx(lbl_path)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{img_path}: images {images.shape} do not match labels {labels.shape}")
-        splits[split] = Split(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+        splits[split] = Split(
+            torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+        )
     classes = [str(i) for i in range(10)] if name == "mnist" else list(FASHION_CLASSES)
     return Dataset(name, splits.get("train"), splits["test"], classes)
 
 
 def _download(name: str, root: Path, download: bool, folder: Path, expected: list[str]) -> None:
     """Fetch with torchvision (progress bar on stderr), or explain exactly what is missing."""
-    hint = (
-        f"{name} not found in {folder} (expected {', '.join(expected)}, plain or .gz)"
-        + ("" if name != "fashion-mnist" else f" nor in {DEBIAN_FASHION_DIR} (apt-get install dataset-fashion-mnist)")
+    hint = f"{name} not found in {folder} (expected {', '.join(expected)}, plain or .gz)" + (
+        ""
+        if name != "fashion-mnist"
+        else f" nor in {DEBIAN_FASHION_DIR} (apt-get install dataset-fashion-mnist)"
     )
     if not download:
-        raise DataError(f"{hint}; downloading is off (data.download=false): put the files there, or set data.root")
+        raise DataError(
+            f"{hint}; downloading is off (data.download=false): put the files there, or set data.root"
+        )
     from torchvision import datasets
 
     cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}.get(name) or _cifar_class(name)
@@ -276,9 +339,12 @@ def _cifar_class(name: str):
 def _cifar(name: str, root: Path, download: bool, want_train: bool) -> Dataset:
     klass = _cifar_class(name)
     folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
-    expected = (["data_batch_1..5", "test_batch", "batches.meta"] if name == "cifar10"
-                else ["train", "test", "meta"])
-    if not all((folder / f).is_file() for f, _ in klass.train_list + klass.test_list + [(klass.meta["filename"], "")]):
+    expected = (
+        ["data_batch_1..5", "test_batch", "batches.meta"] if name == "cifar10" else ["train", "test", "meta"]
+    )
+    if not all(
+        (folder / f).is_file() for f, _ in klass.train_list + klass.test_list + [(klass.meta["filename"], "")]
+    ):
         _download(name, root, download, folder, expected)
     splits = {}
     try:
@@ -289,5 +355,7 @@ def _cifar(name: str, root: Path, download: bool, want_train: bool) -> Dataset:
             splits[split] = Split(images, torch.as_tensor(ds.targets, dtype=torch.int64))
             classes = list(ds.classes)
     except Exception as exc:
-        raise DataError(f"{name} in {folder} is unreadable ({str(exc).splitlines()[0]}); delete it to re-download") from None
+        raise DataError(
+            f"{name} in {folder} is unreadable ({str(exc).splitlines()[0]}); delete it to re-download"
+        ) from None
     return Dataset(name, splits.get("train"), splits["test"], classes)

@@ -20,7 +20,9 @@ def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:
         path.write_bytes(blob)
 
 
-def make_mnist(root: Path, folder: str = "MNIST", n_train: int = 30, n_test: int = 20, compress=False, seed=0):
+def make_mnist(
+    root: Path, folder: str = "MNIST", n_train: int = 30, n_test: int = 20, compress=False, seed=0
+):
     rng = np.random.default_rng(seed)
     out = {}
     for split, n, prefix in (("train", n_train, "train"), ("test", n_test, "t10k")):

@@ -41,8 +41,9 @@ def cache_path(root: Path, split: str, channels: int, size: int, resize: str = "
     return cache_dir() / "folders" / f"{where}-{split}-{channels}x{size}-{resize}.safetensors"
 
 
-def decode_all(files: list[Path], channels: int, size: int, threads: int | None = None,
-               resize: str = "crop") -> torch.Tensor:
+def decode_all(
+    files: list[Path], channels: int, size: int, threads: int | None = None, resize: str = "crop"
+) -> torch.Tensor:
     """(N, C, size, size) uint8. PIL releases the GIL while decoding, so threads help."""
     threads = threads or min(8, 2 * (os.cpu_count() or 1))
     with ThreadPoolExecutor(threads) as pool:
@@ -50,8 +51,17 @@ def decode_all(files: list[Path], channels: int, size: int, threads: int | None 
     return torch.stack(images) if images else torch.zeros(0, channels, size, size, dtype=torch.uint8)
 
 
-def load_cached(root: Path, split: str, files: list[Path], labels: torch.Tensor, channels: int, size: int,
-                notes: list[str], resize: str = "crop", say=None) -> torch.Tensor:
+def load_cached(
+    root: Path,
+    split: str,
+    files: list[Path],
+    labels: torch.Tensor,
+    channels: int,
+    size: int,
+    notes: list[str],
+    resize: str = "crop",
+    say=None,
+) -> torch.Tensor:
     """The decoded images of ``files``, from the cache when it matches the folder, else
     decoded now and cached. Cache problems never fail a run: they become ``notes``."""
     from safetensors import SafetensorError, safe_open
@@ -67,8 +77,11 @@ def load_cached(root: Path, split: str, files: list[Path], labels: torch.Tensor,
                 meta = fh.metadata() or {}
                 if meta.get("format") == FORMAT and meta.get("key") == key:
                     images, cached_labels = fh.get_tensor("images"), fh.get_tensor("labels")
-                    if (images.dtype == torch.uint8 and tuple(images.shape) == (len(files), channels, size, size)
-                            and torch.equal(cached_labels, labels)):
+                    if (
+                        images.dtype == torch.uint8
+                        and tuple(images.shape) == (len(files), channels, size, size)
+                        and torch.equal(cached_labels, labels)
+                    ):
                         return images
                     notes.append(f"folder cache {path} does not match its key; rebuilding it")
                 else:
@@ -77,17 +90,30 @@ def load_cached(root: Path, split: str, files: list[Path], labels: torch.Tensor,
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             notes.append(f"folder cache {path} is unreadable ({reason[:80]}); rebuilding it")
     if say is not None:  # before the wait, not after it
-        say(f"decoding {len(files):,} images of {root / split} into the cache (once; later runs load it in seconds)")
+        say(
+            f"decoding {len(files):,} images of {root / split} into the cache (once; later runs load it in seconds)"
+        )
     t0 = time.time()
     images = decode_all(files, channels, size, resize=resize)
     if say is not None:
         say(f"decoded {len(files):,} images in {time.time() - t0:.1f} s")
-    meta = {"format": FORMAT, "key": key, "root": str(root.resolve()), "split": split,
-            "files": str(len(files)), "labels_sha256": hashlib.sha256(labels.numpy().tobytes()).hexdigest()}
+    meta = {
+        "format": FORMAT,
+        "key": key,
+        "root": str(root.resolve()),
+        "split": split,
+        "files": str(len(files)),
+        "labels_sha256": hashlib.sha256(labels.numpy().tobytes()).hexdigest(),
+    }
     try:
-        atomic_write(path, lambda tmp: save_file({"images": images.contiguous(), "labels": labels.contiguous()},
-                                                 str(tmp), metadata={k: json.dumps(v) if not isinstance(v, str) else v
-                                                                     for k, v in meta.items()}))
+        atomic_write(
+            path,
+            lambda tmp: save_file(
+                {"images": images.contiguous(), "labels": labels.contiguous()},
+                str(tmp),
+                metadata={k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()},
+            ),
+        )
     except OSError as exc:
         notes.append(f"cannot write the folder cache {path} ({exc.strerror}); the next run decodes again")
     return images

@@ -38,9 +38,21 @@ def _list_split(folder: Path, index: dict, suffixes: tuple, skipped: dict, notes
     return files, torch.tensor(labels, dtype=torch.int64)
 
 
-def load_folder(root: Path, channels: int, size: int, want_train: bool, *, loader: str = "auto",
-            budget_gb: float = 4.0, workers: int = 2, cache: bool = True, resize: str = "crop",
-            test_dir: str = "", extensions: str = "", say=None) -> tuple:
+def load_folder(
+    root: Path,
+    channels: int,
+    size: int,
+    want_train: bool,
+    *,
+    loader: str = "auto",
+    budget_gb: float = 4.0,
+    workers: int = 2,
+    cache: bool = True,
+    resize: str = "crop",
+    test_dir: str = "",
+    extensions: str = "",
+    say=None,
+) -> tuple:
     """root/train/<class>/* and root/test/<class>/* (or root/val/ when there is no test/, or
     ``test_dir``); class names are the folder names. Held in memory as uint8 (``loader:
     tensor``, or ``auto`` when the decoded images fit in ``budget_gb``), decoded once and
@@ -55,8 +67,12 @@ def load_folder(root: Path, channels: int, size: int, want_train: bool, *, loade
     held_out = _held_out_dir(root, test_dir, notes)
     if want_train and not (root / "train").is_dir():
         raise DataError(f"image folder {root} has no train/ subfolder ({_subfolders(root)})")
-    suffixes = tuple(e if e.startswith(".") else f".{e}" for e in extensions.lower().replace(" ", "").split(",") if e) \
+    suffixes = (
+        tuple(
+            e if e.startswith(".") else f".{e}" for e in extensions.lower().replace(" ", "").split(",") if e
+        )
         or FOLDER_EXTENSIONS
+    )
     train_dir = root / "train" if want_train else root / held_out
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if len(classes) < 2:
@@ -66,8 +82,11 @@ def load_folder(root: Path, channels: int, size: int, want_train: bool, *, loade
     for split, folder in (("train", "train"), ("test", held_out)) if want_train else (("test", held_out),):
         listed[split] = _list_split(root / folder, index, suffixes, skipped, notes)
     if skipped:
-        notes.append(f"skipped {sum(skipped.values())} files that are not images ("
-                     + ", ".join(f"{n} {ext}" for ext, n in sorted(skipped.items())) + "); data.extensions chooses others")
+        notes.append(
+            f"skipped {sum(skipped.values())} files that are not images ("
+            + ", ".join(f"{n} {ext}" for ext, n in sorted(skipped.items()))
+            + "); data.extensions chooses others"
+        )
     sample = listed["train" if want_train else "test"][0]
     if channels == 0:
         channels = 1 if all_grayscale(sample) else 3
@@ -75,16 +94,24 @@ def load_folder(root: Path, channels: int, size: int, want_train: bool, *, loade
             notes.append("grayscale images: 1 channel (data.channels=3 reads them as RGB)")
     if size == 0:
         size, median = probe_size(sample, detail=True)
-        notes.append(f"image size {size}x{size}: the median shorter side is {median} px"
-                     + (", kept within 8..64 for a CPU-sized net" if size != median else "")
-                     + "; set data.image_size=... to choose")
+        notes.append(
+            f"image size {size}x{size}: the median shorter side is {median} px"
+            + (", kept within 8..64 for a CPU-sized net" if size != median else "")
+            + "; set data.image_size=... to choose"
+        )
     splits = {}
     for split, (files, targets) in listed.items():
-        in_memory = loader == "tensor" or (loader == "auto" and len(files) * channels * size * size <= budget_gb * 2**30)
+        in_memory = loader == "tensor" or (
+            loader == "auto" and len(files) * channels * size * size <= budget_gb * 2**30
+        )
         if in_memory and cache:
-            splits[split] = Split(load_cached(root, split, files, targets, channels, size, notes, resize, say=say), targets)
+            splits[split] = Split(
+                load_cached(root, split, files, targets, channels, size, notes, resize, say=say), targets
+            )
         elif in_memory:
-            splits[split] = Split(torch.stack([load_image(f, channels, size, resize)[0] for f in files]), targets)
+            splits[split] = Split(
+                torch.stack([load_image(f, channels, size, resize)[0] for f in files]), targets
+            )
         else:
             splits[split] = FileSplit(files, targets, channels, size, workers, resize)
     return splits.get("train"), splits["test"], classes, notes  # data.py makes the Dataset
@@ -98,18 +125,24 @@ def _subfolders(root: Path) -> str:
 def _held_out_dir(root: Path, test_dir: str, notes: list[str]) -> str:
     """The held-out split's subfolder: ``test_dir`` if set, else test/, else val/ (with a note)."""
     if not root.is_dir():
-        raise DataError(f"data.root {root} does not exist" if not root.exists() else f"data.root {root} is not a folder")
+        raise DataError(
+            f"data.root {root} does not exist" if not root.exists() else f"data.root {root} is not a folder"
+        )
     if test_dir:
         if not (root / test_dir).is_dir():
-            raise DataError(f"data.test_dir={test_dir}: {root / test_dir} is not a folder ({_subfolders(root)})")
+            raise DataError(
+                f"data.test_dir={test_dir}: {root / test_dir} is not a folder ({_subfolders(root)})"
+            )
         return test_dir
     if (root / "test").is_dir():
         return "test"
     if (root / "val").is_dir():
         notes.append(f"no test/ in {root}: val/ is the held-out split (data.test_dir names another)")
         return "val"
-    raise DataError(f"image folder {root} needs train/<class>/ and test/<class>/ (or val/) subfolders; "
-                    f"{_subfolders(root)} (data.test_dir names the held-out one)")
+    raise DataError(
+        f"image folder {root} needs train/<class>/ and test/<class>/ (or val/) subfolders; "
+        f"{_subfolders(root)} (data.test_dir names the held-out one)"
+    )
 
 
 def all_grayscale(files: list[Path], sample: int = 32) -> bool:

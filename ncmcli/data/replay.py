@@ -32,8 +32,15 @@ class Memory:
         return Split(self.images, self.labels)
 
 
-def select(pool: Split, classes: list[str], budget: int, *, seed: int, from_parent=None,
-           among: list[int] | None = None) -> Memory:
+def select(
+    pool: Split,
+    classes: list[str],
+    budget: int,
+    *,
+    seed: int,
+    from_parent=None,
+    among: list[int] | None = None,
+) -> Memory:
     """At most ``budget`` images of ``pool``: ``budget // len(among)`` of each class in
     ``among`` (default: every class), a seeded random choice within each class. ``from_parent``
     (N,) bool marks the pool images that came from the parent's memory (recorded only)."""
@@ -49,16 +56,26 @@ def select(pool: Split, classes: list[str], budget: int, *, seed: int, from_pare
     images, chosen = pool.images.cpu()[idx], labels[idx]
     counts = torch.bincount(chosen, minlength=len(classes)).tolist()
     parent_n = 0 if from_parent is None else int(torch.as_tensor(from_parent).cpu()[idx].sum())
-    selection = {"budget": int(budget), "per_class_quota": quota, "size": len(idx), "seed": int(seed),
-                 "per_class": {classes[c]: counts[c] for c in among}, "from_parent_memory": parent_n}
+    selection = {
+        "budget": int(budget),
+        "per_class_quota": quota,
+        "size": len(idx),
+        "seed": int(seed),
+        "per_class": {classes[c]: counts[c] for c in among},
+        "from_parent_memory": parent_n,
+    }
     return Memory(images.contiguous(), chosen.contiguous(), list(classes), selection)
 
 
 def save(path: Path, memory: Memory) -> None:
     from safetensors.torch import save_file
 
-    meta = {"format": FORMAT, "format_version": "1", "classes": json.dumps(memory.classes),
-            "selection": json.dumps(memory.selection)}
+    meta = {
+        "format": FORMAT,
+        "format_version": "1",
+        "classes": json.dumps(memory.classes),
+        "selection": json.dumps(memory.selection),
+    }
     tensors = {"images": memory.images.contiguous(), "labels": memory.labels.contiguous()}
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
@@ -75,20 +92,32 @@ def load(path: Path, input_shape: tuple[int, int, int]) -> Memory:
             if meta.get("format") != FORMAT:
                 raise DataError(f"{path}: not an ncm replay memory (no format={FORMAT})")
             shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-            if set(shapes) != {"images", "labels"} or len(shapes["images"]) != 4 \
-                    or shapes["images"][1:] != tuple(input_shape) or shapes["labels"] != shapes["images"][:1] \
-                    or shapes["images"][0] > MAX_IMAGES:
-                raise DataError(f"{path}: a replay memory of {shapes.get('images')} images, the model takes "
-                                f"{tuple(input_shape)}")
+            if (
+                set(shapes) != {"images", "labels"}
+                or len(shapes["images"]) != 4
+                or shapes["images"][1:] != tuple(input_shape)
+                or shapes["labels"] != shapes["images"][:1]
+                or shapes["images"][0] > MAX_IMAGES
+            ):
+                raise DataError(
+                    f"{path}: a replay memory of {shapes.get('images')} images, the model takes "
+                    f"{tuple(input_shape)}"
+                )
             images, labels = fh.get_tensor("images"), fh.get_tensor("labels")
         classes = bounded_json(meta.get("classes", "null"))
         selection = bounded_json(meta.get("selection", "{}"))
     except DataError:
         raise
     except Exception as exc:  # SafetensorError, JSON errors, a truncated file
-        raise DataError(f"{path}: unreadable replay memory ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__})") from None
-    if images.dtype != torch.uint8 or labels.dtype != torch.int64 or not isinstance(classes, list) \
-            or not all(isinstance(c, str) for c in classes):
+        raise DataError(
+            f"{path}: unreadable replay memory ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__})"
+        ) from None
+    if (
+        images.dtype != torch.uint8
+        or labels.dtype != torch.int64
+        or not isinstance(classes, list)
+        or not all(isinstance(c, str) for c in classes)
+    ):
         raise DataError(f"{path}: a replay memory needs uint8 images, int64 labels and a list of class names")
     if len(labels) and not bool(((labels >= 0) & (labels < len(classes))).all()):
         raise DataError(f"{path}: replay labels fall outside its {len(classes)} classes")
@@ -101,5 +130,9 @@ def relabel(memory: Memory, classes: list[str]) -> Memory:
     if missing:
         raise DataError(f"the replay memory holds class {missing[0][:40]!r}, which the model does not know")
     remap = torch.tensor([classes.index(c) for c in memory.classes], dtype=torch.int64)
-    return Memory(memory.images, remap[memory.labels] if len(memory.labels) else memory.labels,
-                  list(classes), dict(memory.selection))
+    return Memory(
+        memory.images,
+        remap[memory.labels] if len(memory.labels) else memory.labels,
+        list(classes),
+        dict(memory.selection),
+    )

@@ -44,8 +44,9 @@ def imbalance_counts(n_max: int, num_classes: int, kind: str, factor: float) -> 
     return [n_max if c < num_classes // 2 else int(n_max / factor) for c in range(num_classes)]
 
 
-def imbalanced_indices(labels: torch.Tensor, num_classes: int, kind: str, factor: float, *,
-                       seed: int = 0) -> torch.Tensor:
+def imbalanced_indices(
+    labels: torch.Tensor, num_classes: int, kind: str, factor: float, *, seed: int = 0
+) -> torch.Tensor:
     """The indices of a long-tailed subset of ``labels``: class c keeps a seeded random
     min(n_c, its images), n_c from ``imbalance_counts`` with n_max the largest class."""
     have = torch.bincount(labels, minlength=num_classes)
@@ -54,7 +55,7 @@ def imbalanced_indices(labels: torch.Tensor, num_classes: int, kind: str, factor
     picked = []
     for c in range(num_classes):
         members = (labels == c).nonzero().flatten()
-        picked.append(members[torch.randperm(len(members), generator=g)[:max(1, want[c])]])
+        picked.append(members[torch.randperm(len(members), generator=g)[: max(1, want[c])]])
     return torch.cat(picked).sort().values
 
 
@@ -74,8 +75,10 @@ def class_indices(ds, spec: str) -> list[int]:
             index = int(part)
         else:
             shown = ", ".join(ds.classes[:20]) + (", ..." if len(ds.classes) > 20 else "")
-            raise ConfigError(f"data.classes: {part[:40]!r} is not a class of {ds.name} (indices 0..{len(ds.classes) - 1}"
-                              f" or one of: {shown})" + suggest(part, ds.classes))
+            raise ConfigError(
+                f"data.classes: {part[:40]!r} is not a class of {ds.name} (indices 0..{len(ds.classes) - 1}"
+                f" or one of: {shown})" + suggest(part, ds.classes)
+            )
         if index not in wanted:
             wanted.append(index)
     return wanted
@@ -107,8 +110,13 @@ def reorder_classes(ds, order: list[int], *, train_from: int = 0):
         part.labels = remap[part.labels]
         return part
 
-    return dataclasses.replace(ds, train=filt(ds.train, train_from), test=filt(ds.test),
-                               classes=[ds.classes[i] for i in order], notes=list(ds.notes))
+    return dataclasses.replace(
+        ds,
+        train=filt(ds.train, train_from),
+        test=filt(ds.test),
+        classes=[ds.classes[i] for i in order],
+        notes=list(ds.notes),
+    )
 
 
 def choose_classes(ds, data_cfg, known: list[str] | None, order: list[str] | None):
@@ -122,8 +130,10 @@ def choose_classes(ds, data_cfg, known: list[str] | None, order: list[str] | Non
     names = list(order if order is not None else known)
     missing = [n for n in names if n not in ds.classes]
     if missing:
-        raise ConfigError(f"the checkpoint's class {missing[0][:40]!r} is not a class of {ds.name} "
-                          f"(it has {', '.join(ds.classes[:10])}{', ...' if len(ds.classes) > 10 else ''})")
+        raise ConfigError(
+            f"the checkpoint's class {missing[0][:40]!r} is not a class of {ds.name} "
+            f"(it has {', '.join(ds.classes[:10])}{', ...' if len(ds.classes) > 10 else ''})"
+        )
     indices = [ds.classes.index(n) for n in names]
     if order is not None:
         return reorder_classes(ds, indices)
@@ -132,6 +142,8 @@ def choose_classes(ds, data_cfg, known: list[str] | None, order: list[str] | Non
     new = class_indices(ds, data_cfg.classes)
     again = [ds.classes[i] for i in new if i in indices]
     if again:
-        raise ConfigError(f"data.classes: {again[0][:40]!r} is already a class of the checkpoint; "
-                          "--extend adds new classes only")
+        raise ConfigError(
+            f"data.classes: {again[0][:40]!r} is already a class of the checkpoint; "
+            "--extend adds new classes only"
+        )
     return reorder_classes(ds, indices + new, train_from=len(indices))

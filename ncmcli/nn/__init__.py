@@ -17,6 +17,20 @@ from ncmcli.nn.floors import loss_floor, scale_for_floor
 from ncmcli.nn.losses import Criterion, NCMLoss, SoftmaxLoss
 from ncmcli.nn.models import build_net
 
-__all__ = ["Classifier", "Criterion", "NCMLoss", "SoftmaxLoss", "HingeLoss", "LSoftmaxLoss", "CenterLoss",
-           "make_anchors", "anchor_certificate", "euclidean", "cosine", "squared_euclidean", "loss_floor",
-           "scale_for_floor", "build_net"]
+__all__ = [
+    "Classifier",
+    "Criterion",
+    "NCMLoss",
+    "SoftmaxLoss",
+    "HingeLoss",
+    "LSoftmaxLoss",
+    "CenterLoss",
+    "make_anchors",
+    "anchor_certificate",
+    "euclidean",
+    "cosine",
+    "squared_euclidean",
+    "loss_floor",
+    "scale_for_floor",
+    "build_net",
+]

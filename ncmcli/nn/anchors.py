@@ -41,10 +41,13 @@ def make_anchors(method: str, num_classes: int, dim: int, *, seed: int = 0) -> t
 
 # The registered methods (registry.ANCHOR_METHODS): (C, d, seed) -> (C, d) float64 rows.
 
+
 def orthogonal(c: int, d: int, seed: int = 0) -> torch.Tensor:
     if d < c:
-        raise ValueError(f"orthogonal anchors need dim >= classes (got classes={c}, dim={d}); "
-                          f"use simplex (classes <= dim+1), orthoplex (classes <= 2*dim), optimized or auto")
+        raise ValueError(
+            f"orthogonal anchors need dim >= classes (got classes={c}, dim={d}); "
+            f"use simplex (classes <= dim+1), orthoplex (classes <= 2*dim), optimized or auto"
+        )
     return torch.eye(c, d, dtype=torch.float64)
 
 
@@ -54,14 +57,18 @@ def polar(c: int, d: int, seed: int = 0) -> torch.Tensor:
 
 def simplex(c: int, d: int, seed: int = 0) -> torch.Tensor:
     if c > d + 1:
-        raise ValueError(f"simplex anchors need classes <= dim+1 (got classes={c}, dim={d}); "
-                          f"use orthoplex (classes <= 2*dim), optimized or auto")
+        raise ValueError(
+            f"simplex anchors need classes <= dim+1 (got classes={c}, dim={d}); "
+            f"use orthoplex (classes <= 2*dim), optimized or auto"
+        )
     return _simplex(c, d)
 
 
 def orthoplex(c: int, d: int, seed: int = 0) -> torch.Tensor:
     if c > 2 * d:
-        raise ValueError(f"orthoplex anchors need classes <= 2*dim (got classes={c}, dim={d}); use optimized or auto")
+        raise ValueError(
+            f"orthoplex anchors need classes <= 2*dim (got classes={c}, dim={d}); use optimized or auto"
+        )
     return _orthoplex(c, d)
 
 
@@ -204,7 +211,11 @@ def _cached_optimized(c: int, d: int, seed: int) -> torch.Tensor:
     if path.is_file():
         try:
             a = load_file(str(path))["anchors"]
-            if tuple(a.shape) == (c, d) and a.dtype == torch.float64 and bool(((a.norm(dim=1) - 1).abs() < 1e-6).all()):
+            if (
+                tuple(a.shape) == (c, d)
+                and a.dtype == torch.float64
+                and bool(((a.norm(dim=1) - 1).abs() < 1e-6).all())
+            ):
                 return a
         except Exception:  # a torn or foreign file: recompute below
             pass
@@ -220,13 +231,13 @@ def _cached_optimized(c: int, d: int, seed: int) -> torch.Tensor:
 def _from_file(path: Path, c: int, d: int) -> torch.Tensor:
     if not path.is_file():
         kind = special_file(path)
-        raise ValueError(f"anchor file {path} is {kind}, not a regular file" if kind else f"anchor file not found: {path}")
+        raise ValueError(
+            f"anchor file {path} is {kind}, not a regular file" if kind else f"anchor file not found: {path}"
+        )
     try:
         if path.suffix == ".csv":
             rows = [
-                [float(v) for v in line.split(",")]
-                for line in path.read_text().splitlines()
-                if line.strip()
+                [float(v) for v in line.split(",")] for line in path.read_text().splitlines() if line.strip()
             ]
             a = torch.tensor(rows, dtype=torch.float64)
         else:
@@ -251,5 +262,3 @@ def _from_file(path: Path, c: int, d: int) -> torch.Tensor:
 
 def _zero_rows(a: torch.Tensor) -> list[int]:
     return (a.norm(dim=1) == 0).nonzero().flatten().tolist()
-
-

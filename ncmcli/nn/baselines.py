@@ -53,8 +53,17 @@ class LSoftmaxLoss(Criterion):
     released CIFAR-10 m=2 model's (base 1000, gamma 2e-5, power 45, lambda_min 0). Prediction uses the
     ordinary logits W x (no bias), as the original does at test time."""
 
-    def __init__(self, dim: int, num_classes: int, margin: int = 2, *, base: float = 1000.0,
-                 gamma: float = 2e-5, power: float = 45.0, lambda_min: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        margin: int = 2,
+        *,
+        base: float = 1000.0,
+        gamma: float = 2e-5,
+        power: float = 45.0,
+        lambda_min: float = 0.0,
+    ):
         super().__init__()
         if margin not in registry.LSOFTMAX_MARGINS:
             raise ValueError(f"L-Softmax margin must be one of {registry.LSOFTMAX_MARGINS}, got {margin}")
@@ -66,10 +75,15 @@ class LSoftmaxLoss(Criterion):
         # Training state that must survive a checkpoint: the annealing step.
         self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
         # cos(m t) = sum_n (-1)^n C(m, 2n) cos^(m-2n) t sin^(2n) t (the Chebyshev expansion)
-        self._terms = [((-1) ** n * math.comb(margin, 2 * n), margin - 2 * n, n) for n in range(margin // 2 + 1)]
+        self._terms = [
+            ((-1) ** n * math.comb(margin, 2 * n), margin - 2 * n, n) for n in range(margin // 2 + 1)
+        ]
         # Interval edges cos(j pi / m), j = 1..m-1: k counts the edges that cos(theta) is below.
-        self.register_buffer("_edges", torch.tensor([math.cos(j * math.pi / margin) for j in range(1, margin)],
-                                                    dtype=torch.float64), persistent=False)
+        self.register_buffer(
+            "_edges",
+            torch.tensor([math.cos(j * math.pi / margin) for j in range(1, margin)], dtype=torch.float64),
+            persistent=False,
+        )
 
     def current_lambda(self) -> float:
         """lambda as a number (a host read: for logs, tests and repr, never in the step)."""
@@ -107,7 +121,9 @@ class LSoftmaxLoss(Criterion):
         lam = self.lambda_tensor()
         if self.training:
             self.iteration += 1
-        return F.cross_entropy(self.margin_logits(features, targets, lam), targets, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(
+            self.margin_logits(features, targets, lam), targets, label_smoothing=self.label_smoothing
+        )
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, lambda={self.current_lambda():.4g}"
@@ -136,27 +152,38 @@ class CenterLoss(Criterion):
         f = fp32(features)  # (B, D)
         centers = self.centers.to(f.dtype)  # (C, D)
         diff = f - centers[targets]  # (B, D)
-        loss = (F.cross_entropy(self.logits(f), targets, label_smoothing=self.label_smoothing)
-                + self.lam * 0.5 * diff.pow(2).sum(1).mean())
+        loss = (
+            F.cross_entropy(self.logits(f), targets, label_smoothing=self.label_smoothing)
+            + self.lam * 0.5 * diff.pow(2).sum(1).mean()
+        )
         if self.training and self.alpha > 0:
             with torch.no_grad():
                 pull = torch.zeros_like(centers).index_add_(0, targets, -diff.detach())  # sum (c_j - x_i)
                 # index_add_, not bincount: bincount sizes its output from the data (a host sync on CUDA)
                 counts = torch.zeros(len(centers), dtype=f.dtype, device=f.device).index_add_(
-                    0, targets, torch.ones_like(targets, dtype=f.dtype))
+                    0, targets, torch.ones_like(targets, dtype=f.dtype)
+                )
                 self.centers -= (self.alpha * pull / (1.0 + counts)[:, None]).to(self.centers.dtype)
         return loss
 
 
 # -- Builders, registered by name in ncmcli.registry.LOSSES
 
+
 def build_hinge(loss_cfg, *, anchors=None, dim: int, num_classes: int) -> HingeLoss:
     return HingeLoss(dim, num_classes, form=loss_cfg.hinge_form)
 
 
 def build_lsoftmax(loss_cfg, *, anchors=None, dim: int, num_classes: int) -> LSoftmaxLoss:
-    crit = LSoftmaxLoss(dim, num_classes, loss_cfg.margin, base=loss_cfg.lambda_base, gamma=loss_cfg.lambda_gamma,
-                        power=loss_cfg.lambda_power, lambda_min=loss_cfg.lambda_min)
+    crit = LSoftmaxLoss(
+        dim,
+        num_classes,
+        loss_cfg.margin,
+        base=loss_cfg.lambda_base,
+        gamma=loss_cfg.lambda_gamma,
+        power=loss_cfg.lambda_power,
+        lambda_min=loss_cfg.lambda_min,
+    )
     crit.label_smoothing = loss_cfg.label_smoothing
     return crit
 

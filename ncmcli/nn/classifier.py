@@ -25,10 +25,12 @@ class Classifier(nn.Module):
         self.classes, self.input_shape = classes, tuple(int(s) for s in input_shape)
         self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
         # Pixel units, so that a uint8 batch needs one subtraction and one division.
-        self.register_buffer("pixel_mean", torch.tensor([255.0 * v for v in self.mean]).view(1, -1, 1, 1),
-                             persistent=False)
-        self.register_buffer("pixel_std", torch.tensor([255.0 * v for v in self.std]).view(1, -1, 1, 1),
-                             persistent=False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor([255.0 * v for v in self.mean]).view(1, -1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor([255.0 * v for v in self.std]).view(1, -1, 1, 1), persistent=False
+        )
 
     @property
     def feature_dim(self) -> int:
@@ -69,9 +71,20 @@ class Classifier(nn.Module):
         return self.net, self.criterion
 
     @classmethod
-    def from_config(cls, cfg, classes, input_shape, *, mean=None, std=None, class_counts=None,
-                    anchors: torch.Tensor | int | None = None, class_slots: torch.Tensor | None = None,
-                    scale: float | None = None, pretrained: bool | None = None) -> "Classifier":
+    def from_config(
+        cls,
+        cfg,
+        classes,
+        input_shape,
+        *,
+        mean=None,
+        std=None,
+        class_counts=None,
+        anchors: torch.Tensor | int | None = None,
+        class_slots: torch.Tensor | None = None,
+        scale: float | None = None,
+        pretrained: bool | None = None,
+    ) -> "Classifier":
         """The one builder: the net of ``cfg.model``, anchors of ``cfg.anchors`` (made here unless
         given: a checkpoint passes its own; an int S gives S placeholder rows, a template whose sizes a
         checkpoint checks before reading its tensors), the criterion of ``cfg.loss``. ``classes`` is a list of
@@ -86,27 +99,51 @@ class Classifier(nn.Module):
 
         names = [str(c) for c in range(classes)] if isinstance(classes, int) else list(classes)
         c = len(names)
-        net = build_net(cfg.model.arch, in_channels=input_shape[0], image_size=input_shape[1], dropout=cfg.model.dropout,
-                        feature_dim=cfg.model.feature_dim or None, head=cfg.model.head,
-                        pretrained=cfg.model.pretrained if pretrained is None else pretrained)
+        net = build_net(
+            cfg.model.arch,
+            in_channels=input_shape[0],
+            image_size=input_shape[1],
+            dropout=cfg.model.dropout,
+            feature_dim=cfg.model.feature_dim or None,
+            head=cfg.model.head,
+            pretrained=cfg.model.pretrained if pretrained is None else pretrained,
+        )
         if cfg.loss.name in NCM_LOSSES and isinstance(anchors, int):  # a shape template: every row e_0
             anchors = torch.zeros(anchors, net.feature_dim)
             anchors[:, 0] = 1.0
         if cfg.loss.name in NCM_LOSSES and anchors is None:
             slots = cfg.anchors.slots or c
             if slots < c:
-                raise ValueError(f"anchors.slots={slots} is fewer than the {c} classes; give at least {c}, more to "
-                                 "leave room for classes added later (--extend)")
+                raise ValueError(
+                    f"anchors.slots={slots} is fewer than the {c} classes; give at least {c}, more to "
+                    "leave room for classes added later (--extend)"
+                )
             anchors = make_anchors(cfg.anchors.method, slots, net.feature_dim, seed=cfg.anchors.seed)
             if cfg.anchors.slots:
                 class_slots = torch.tensor(assign_slots(anchors, [], c), dtype=torch.int64)
         # On the CPU even under a meta-device context: the prior is read, not just shaped.
-        prior = None if class_counts is None else torch.tensor(list(class_counts), dtype=torch.float64, device="cpu")
-        criterion = build_criterion(cfg.loss, anchors=anchors if cfg.loss.name in NCM_LOSSES else None,
-                                    dim=net.feature_dim, num_classes=c, prior=prior, scale=scale,
-                                    class_slots=class_slots)
-        return cls(net, criterion, classes=names, mean=mean or [0.0] * input_shape[0],
-                   std=std or [1.0] * input_shape[0], input_shape=input_shape)
+        prior = (
+            None
+            if class_counts is None
+            else torch.tensor(list(class_counts), dtype=torch.float64, device="cpu")
+        )
+        criterion = build_criterion(
+            cfg.loss,
+            anchors=anchors if cfg.loss.name in NCM_LOSSES else None,
+            dim=net.feature_dim,
+            num_classes=c,
+            prior=prior,
+            scale=scale,
+            class_slots=class_slots,
+        )
+        return cls(
+            net,
+            criterion,
+            classes=names,
+            mean=mean or [0.0] * input_shape[0],
+            std=std or [1.0] * input_shape[0],
+            input_shape=input_shape,
+        )
 
     def extended(self, cfg, classes, *, keep_scale: bool, class_counts=None) -> "Classifier":
         """This classifier with room for the classes of ``classes`` beyond its own (which come
@@ -123,9 +160,15 @@ class Classifier(nn.Module):
             slots = self._slot_anchors()
             used = old.class_slots.tolist() if old.has_slots else list(range(n_old))
             new = assign_slots(slots, used, len(names) - n_old)
-            child = Classifier.from_config(cfg, names, self.input_shape, anchors=slots,
-                                           class_slots=torch.tensor(used + new, dtype=torch.int64),
-                                           scale=old.scale_value() if keep_scale else None, **kw)
+            child = Classifier.from_config(
+                cfg,
+                names,
+                self.input_shape,
+                anchors=slots,
+                class_slots=torch.tensor(used + new, dtype=torch.int64),
+                scale=old.scale_value() if keep_scale else None,
+                **kw,
+            )
         else:
             child = Classifier.from_config(cfg, names, self.input_shape, **kw)
             grow_head(old, child.criterion, n_old)

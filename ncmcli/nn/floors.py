@@ -36,7 +36,12 @@ def loss_floor(anchors: torch.Tensor, metric: str, scale: float = 1.0) -> float:
 
     get_distance(metric)  # validates the name first
     a = anchors.detach().double().cpu().contiguous()
-    key = (hashlib.blake2b(a.numpy().tobytes(), digest_size=16).hexdigest(), tuple(a.shape), metric, float(scale))
+    key = (
+        hashlib.blake2b(a.numpy().tobytes(), digest_size=16).hexdigest(),
+        tuple(a.shape),
+        metric,
+        float(scale),
+    )
     if key in _CACHE:
         return _CACHE[key]
     if metric == "sqeuclidean":
@@ -62,7 +67,7 @@ def _common_cosine(anchors: torch.Tensor, tol: float = 1e-6) -> float | None:
         return None
     rho = None
     for start in range(0, c, 1024):  # the Gram matrix a row block at a time: C can be 10,000
-        g = a[start:start + 1024] @ a.T
+        g = a[start : start + 1024] @ a.T
         off_diagonal = torch.ones_like(g, dtype=torch.bool)
         off_diagonal[torch.arange(len(g)), torch.arange(start, start + len(g))] = False
         off = g[off_diagonal]
@@ -177,8 +182,10 @@ def scale_for_floor(anchors: torch.Tensor, metric: str, target: float) -> float:
     while floor(hi) > target:
         lo, hi = hi, hi * 2.0
         if hi > MAX_AUTO_SCALE:
-            raise ValueError(f"no scale up to {MAX_AUTO_SCALE:g} brings the floor down to {target:g} nats "
-                             "(anchors too close together?)")
+            raise ValueError(
+                f"no scale up to {MAX_AUTO_SCALE:g} brings the floor down to {target:g} nats "
+                "(anchors too close together?)"
+            )
     while hi - lo > 1e-12 * hi:
         mid = 0.5 * (lo + hi)
         if floor(mid) > target:

@@ -101,9 +101,18 @@ class NCMLoss(Criterion):
     uses_anchors = True
     FREE_SLOTS = ("softmax", "masked")
 
-    def __init__(self, anchors: torch.Tensor, metric: str = "euclidean", scale: float = 1.0, *,
-                 learn_scale: bool = False, logit_bias: torch.Tensor | None = None,
-                 class_slots: torch.Tensor | None = None, free_slots: str = "softmax", distance=None):
+    def __init__(
+        self,
+        anchors: torch.Tensor,
+        metric: str = "euclidean",
+        scale: float = 1.0,
+        *,
+        learn_scale: bool = False,
+        logit_bias: torch.Tensor | None = None,
+        class_slots: torch.Tensor | None = None,
+        free_slots: str = "softmax",
+        distance=None,
+    ):
         super().__init__()
         if anchors.ndim != 2 or anchors.shape[0] < 2:
             raise ValueError(f"anchors must be (C >= 2, D), got {tuple(anchors.shape)}")
@@ -112,8 +121,10 @@ class NCMLoss(Criterion):
         if free_slots not in self.FREE_SLOTS:
             raise ValueError(f"free_slots must be one of {', '.join(self.FREE_SLOTS)}, got {free_slots!r}")
         if distance is not None and not isinstance(distance, str) and not callable(distance):
-            raise TypeError(f"distance must be a registered name or a callable (features, anchors) -> (B, C), "
-                            f"got {type(distance).__name__}")
+            raise TypeError(
+                f"distance must be a registered name or a callable (features, anchors) -> (B, C), "
+                f"got {type(distance).__name__}"
+            )
         if callable(distance):  # an injected distance: (B, D), (C, D) -> (B, C)
             self.metric, self.distance = getattr(distance, "__name__", "custom"), distance
         else:
@@ -130,9 +141,14 @@ class NCMLoss(Criterion):
         used = anchors
         if self.has_slots:
             # on the CPU even while a checkpoint is sized on the meta device: its values are read
-            class_slots = torch.as_tensor(class_slots, dtype=torch.int64, device="cpu").detach().clone().flatten()
-            if len(class_slots) < 2 or len(set(class_slots.tolist())) != len(class_slots) \
-                    or not bool(((class_slots >= 0) & (class_slots < len(anchors))).all()):
+            class_slots = (
+                torch.as_tensor(class_slots, dtype=torch.int64, device="cpu").detach().clone().flatten()
+            )
+            if (
+                len(class_slots) < 2
+                or len(set(class_slots.tolist())) != len(class_slots)
+                or not bool(((class_slots >= 0) & (class_slots < len(anchors))).all())
+            ):
                 raise ValueError(f"class_slots must be >= 2 distinct slots of the {len(anchors)} anchors")
             self.register_buffer("slot_anchors", anchors.detach().clone().float())
             self.register_buffer("class_slots", class_slots)
@@ -162,7 +178,11 @@ class NCMLoss(Criterion):
         return -self.scale * self.distances(features)  # (B, C)
 
     def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if not self.has_slots or self.free_slots == "masked" or len(self.class_slots) == len(self.slot_anchors):
+        if (
+            not self.has_slots
+            or self.free_slots == "masked"
+            or len(self.class_slots) == len(self.slot_anchors)
+        ):
             return super().forward(features, targets)
         # Free slots in the denominator: the softmax runs over every slot, and a class's
         # target is its slot (Pernici et al.: unused outputs see negatives from the start).
@@ -191,16 +211,24 @@ class NCMLoss(Criterion):
     def extra_repr(self) -> str:
         c, d = self.anchors.shape
         slots = f", slots={len(self.slot_anchors)} (free: {self.free_slots})" if self.has_slots else ""
-        return (f"metric={self.metric}, scale={self.scale_value():.4g}{' (learned)' if self.learn_scale else ''}, "
-                f"classes={c}, dim={d}{slots}")
+        return (
+            f"metric={self.metric}, scale={self.scale_value():.4g}{' (learned)' if self.learn_scale else ''}, "
+            f"classes={c}, dim={d}{slots}"
+        )
 
 
 class SoftmaxLoss(Criterion):
     """The SoftMax baseline: Linear(d, C) + cross-entropy. For d = 2 this is the paper's
     extra FC layer with C outputs on top of the 2-D feature."""
 
-    def __init__(self, dim: int, num_classes: int, label_smoothing: float = 0.0, *,
-                 logit_bias: torch.Tensor | None = None):
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        label_smoothing: float = 0.0,
+        *,
+        logit_bias: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.fc = nn.Linear(dim, num_classes)
         self.label_smoothing = float(label_smoothing)  # an extension: 0 is the paper's SoftMax
@@ -210,7 +238,9 @@ class SoftmaxLoss(Criterion):
         return self.fc(fp32(features))  # (B, C)
 
     def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.adjusted(self.logits(features)), targets, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(
+            self.adjusted(self.logits(features)), targets, label_smoothing=self.label_smoothing
+        )
 
 
 NCM_METRICS = registry.NCM_LOSSES  # loss name -> distance, for the losses with anchors
@@ -245,16 +275,25 @@ def resolve_scale(scale: float | str, floor_target: float, anchors: torch.Tensor
         raise ValueError(f"loss.scale={scale}: {exc}") from None
 
 
-def build_ncm(loss_cfg, *, anchors: torch.Tensor | None, dim: int, num_classes: int,
-              prior: torch.Tensor | None = None, scale: float | None = None,
-              class_slots: torch.Tensor | None = None) -> NCMLoss:
+def build_ncm(
+    loss_cfg,
+    *,
+    anchors: torch.Tensor | None,
+    dim: int,
+    num_classes: int,
+    prior: torch.Tensor | None = None,
+    scale: float | None = None,
+    class_slots: torch.Tensor | None = None,
+) -> NCMLoss:
     """``scale``: the resolved number when known (a checkpoint stores it), else resolved here.
     ``class_slots``: with pre-allocated anchors, ``anchors`` holds every slot (S, dim) and this
     (num_classes,) the slot of each class; auto then reads the geometry of every slot."""
     rows = num_classes if class_slots is None else len(anchors) if anchors is not None else -1
     if anchors is None or anchors.ndim != 2 or anchors.shape[1] != dim or len(anchors) != rows:
-        raise ValueError(f"{loss_cfg.name} needs anchors of shape ({num_classes}, {dim})"
-                          + (" or (slots, dim) with class_slots" if class_slots is not None else ""))
+        raise ValueError(
+            f"{loss_cfg.name} needs anchors of shape ({num_classes}, {dim})"
+            + (" or (slots, dim) with class_slots" if class_slots is not None else "")
+        )
     if class_slots is not None and len(class_slots) != num_classes:
         raise ValueError(f"class_slots must give a slot for each of the {num_classes} classes")
     metric = NCM_METRICS[loss_cfg.name]
@@ -262,27 +301,46 @@ def build_ncm(loss_cfg, *, anchors: torch.Tensor | None, dim: int, num_classes: 
         masked = class_slots is not None and loss_cfg.free_slots == "masked"
         geometry = anchors[class_slots] if masked else anchors
         scale = resolve_scale(loss_cfg.scale, loss_cfg.floor_target, geometry, metric)
-    return NCMLoss(anchors, metric=metric, scale=scale, learn_scale=loss_cfg.scale == "learn",
-                   logit_bias=logit_bias(loss_cfg.logit_adjust, prior, num_classes),
-                   class_slots=class_slots, free_slots=loss_cfg.free_slots)
+    return NCMLoss(
+        anchors,
+        metric=metric,
+        scale=scale,
+        learn_scale=loss_cfg.scale == "learn",
+        logit_bias=logit_bias(loss_cfg.logit_adjust, prior, num_classes),
+        class_slots=class_slots,
+        free_slots=loss_cfg.free_slots,
+    )
 
 
 def build_softmax(loss_cfg, *, anchors=None, dim: int, num_classes: int, prior=None) -> SoftmaxLoss:
-    return SoftmaxLoss(dim, num_classes, label_smoothing=loss_cfg.label_smoothing,
-                       logit_bias=logit_bias(loss_cfg.logit_adjust, prior, num_classes))
+    return SoftmaxLoss(
+        dim,
+        num_classes,
+        label_smoothing=loss_cfg.label_smoothing,
+        logit_bias=logit_bias(loss_cfg.logit_adjust, prior, num_classes),
+    )
 
 
-def build_criterion(loss_cfg, *, anchors: torch.Tensor | None, dim: int, num_classes: int,
-                    prior: torch.Tensor | None = None, scale: float | None = None,
-                    class_slots: torch.Tensor | None = None) -> Criterion:
+def build_criterion(
+    loss_cfg,
+    *,
+    anchors: torch.Tensor | None,
+    dim: int,
+    num_classes: int,
+    prior: torch.Tensor | None = None,
+    scale: float | None = None,
+    class_slots: torch.Tensor | None = None,
+) -> Criterion:
     """The criterion for a ``loss`` config section, through the registry (``ncmcli.registry``);
     NCM losses need ``anchors`` of shape (C, dim). ``prior``: the training class counts, for
     ``loss.logit_adjust``; ``scale``: an NCM loss's resolved scale, when already known;
     ``class_slots``: an NCM loss's slot per class, when ``anchors`` are pre-allocated slots."""
     entry = registry.LOSSES.get(loss_cfg.name)
     if entry is None:
-        raise ValueError(f"unknown loss {loss_cfg.name!r}; choose one of: {', '.join(registry.LOSSES)}"
-                          + registry.suggest(loss_cfg.name, registry.LOSSES))
+        raise ValueError(
+            f"unknown loss {loss_cfg.name!r}; choose one of: {', '.join(registry.LOSSES)}"
+            + registry.suggest(loss_cfg.name, registry.LOSSES)
+        )
     kw = {}
     if "logit_adjust" in entry.keys:
         kw["prior"] = prior

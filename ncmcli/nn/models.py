@@ -60,7 +60,9 @@ class FeatureNet(nn.Module):
         self.body = nn.Sequential(*layers)
         self.fc = nn.Linear(ch * size * size, d)
         # Liu et al.'s head; a ReLU head cannot reach anchors with negative coordinates.
-        self.head = nn.Sequential(nn.BatchNorm1d(d), nn.ReLU(inplace=True)) if head == "linear-bn-relu" else None
+        self.head = (
+            nn.Sequential(nn.BatchNorm1d(d), nn.ReLU(inplace=True)) if head == "linear-bn-relu" else None
+        )
         self.feature_dim = d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,8 +75,16 @@ class MLPFeatures(nn.Module):
     """Flattened image -> Linear-ReLU hidden layers (dropout p after each) -> the feature FC
     to d, with the same optional head as the conv nets."""
 
-    def __init__(self, spec: MLPSpec, *, in_channels: int, image_size: int, dropout: float = 0.0,
-                 feature_dim: int | None = None, head: str = "linear"):
+    def __init__(
+        self,
+        spec: MLPSpec,
+        *,
+        in_channels: int,
+        image_size: int,
+        dropout: float = 0.0,
+        feature_dim: int | None = None,
+        head: str = "linear",
+    ):
         super().__init__()
         if head not in HEADS or not DROPOUT_RANGE[0] <= dropout < DROPOUT_RANGE[1]:
             raise ValueError(f"model.dropout must be in [0, 1) and model.head one of {', '.join(HEADS)}")
@@ -86,7 +96,9 @@ class MLPFeatures(nn.Module):
         d = feature_dim or spec.feature_dim
         self.body = nn.Sequential(*layers)
         self.fc = nn.Linear(width, d)
-        self.head = nn.Sequential(nn.BatchNorm1d(d), nn.ReLU(inplace=True)) if head == "linear-bn-relu" else None
+        self.head = (
+            nn.Sequential(nn.BatchNorm1d(d), nn.ReLU(inplace=True)) if head == "linear-bn-relu" else None
+        )
         self.feature_dim = d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,8 +111,16 @@ class ResNetFeatures(nn.Module):
     Liu et al.'s BN-ReLU head if asked), so that every criterion sits on top. The 32x32 variant
     swaps the 7x7 stride-2 stem and the max-pool for a 3x3 stride-1 stem."""
 
-    def __init__(self, spec: ResNetSpec, *, in_channels: int, dropout: float = 0.0, feature_dim: int | None = None,
-                 head: str = "linear", pretrained: bool = False):
+    def __init__(
+        self,
+        spec: ResNetSpec,
+        *,
+        in_channels: int,
+        dropout: float = 0.0,
+        feature_dim: int | None = None,
+        head: str = "linear",
+        pretrained: bool = False,
+    ):
         super().__init__()
         import torchvision
 
@@ -117,7 +137,9 @@ class ResNetFeatures(nn.Module):
         self.body = net
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(width, d)
-        self.head = nn.Sequential(nn.BatchNorm1d(d), nn.ReLU(inplace=True)) if head == "linear-bn-relu" else None
+        self.head = (
+            nn.Sequential(nn.BatchNorm1d(d), nn.ReLU(inplace=True)) if head == "linear-bn-relu" else None
+        )
         self.feature_dim = d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,8 +156,10 @@ def _pretrained_weights(spec: ResNetSpec):
 
     import torchvision
 
-    enum = getattr(torchvision.models, {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights"}[
-        spec.torchvision_name])
+    enum = getattr(
+        torchvision.models,
+        {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights"}[spec.torchvision_name],
+    )
     weights = enum.IMAGENET1K_V1
     hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
     name = weights.url.rsplit("/", 1)[-1]
@@ -146,16 +170,22 @@ def _pretrained_weights(spec: ResNetSpec):
             torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True)
         except Exception as exc:
             reason = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
-            raise ValueError(f"model.pretrained: cannot download {weights.url} ({reason}); offline, copy {name} "
-                              f"into {hub} from a machine with internet, or set model.pretrained=false") from None
+            raise ValueError(
+                f"model.pretrained: cannot download {weights.url} ({reason}); offline, copy {name} "
+                f"into {hub} from a machine with internet, or set model.pretrained=false"
+            ) from None
     return weights
 
 
 def backbone_parameters(net: nn.Module) -> list[nn.Parameter]:
     """Every parameter of a feature net but its feature FC (``fc``) and head: what
     ``optim.backbone_lr_factor`` slows and ``model.freeze_backbone_epochs`` freezes."""
-    head = {id(p) for name in ("fc", "head") if getattr(net, name, None) is not None
-            for p in getattr(net, name).parameters()}
+    head = {
+        id(p)
+        for name in ("fc", "head")
+        if getattr(net, name, None) is not None
+        for p in getattr(net, name).parameters()
+    }
     return [p for p in net.parameters() if id(p) not in head]
 
 
@@ -172,13 +202,25 @@ def build_net(
     if arch in RESNETS:
         if not DROPOUT_RANGE[0] <= dropout < DROPOUT_RANGE[1] or head not in HEADS:
             raise ValueError(f"model.dropout must be in [0, 1) and model.head one of {', '.join(HEADS)}")
-        return ResNetFeatures(RESNETS[arch], in_channels=in_channels, dropout=dropout, feature_dim=feature_dim,
-                              head=head, pretrained=pretrained)
+        return ResNetFeatures(
+            RESNETS[arch],
+            in_channels=in_channels,
+            dropout=dropout,
+            feature_dim=feature_dim,
+            head=head,
+            pretrained=pretrained,
+        )
     if pretrained:
         raise ValueError(f"model.pretrained applies to the ResNets ({', '.join(RESNETS)}), not {arch}")
     if arch in MLPS:
-        return MLPFeatures(MLPS[arch], in_channels=in_channels, image_size=image_size, dropout=dropout,
-                           feature_dim=feature_dim, head=head)
+        return MLPFeatures(
+            MLPS[arch],
+            in_channels=in_channels,
+            image_size=image_size,
+            dropout=dropout,
+            feature_dim=feature_dim,
+            head=head,
+        )
     if arch not in ARCHS:
         raise ValueError(f"unknown model.arch {arch!r}; choose one of: {', '.join(ARCH_NAMES)}")
     return FeatureNet(

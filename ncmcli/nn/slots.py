@@ -16,8 +16,9 @@ def assign_slots(slot_anchors: torch.Tensor, used: list[int], count: int) -> lis
     taken = list(used)
     free = [i for i in range(len(a)) if i not in set(taken)]
     if count > len(free):
-        raise ValueError(f"{count} new classes need {count} free anchor slots, and {len(free)} of the "
-                         f"{len(a)} are free")
+        raise ValueError(
+            f"{count} new classes need {count} free anchor slots, and {len(free)} of the {len(a)} are free"
+        )
     picked = []
     for _ in range(count):
         if not taken:
@@ -53,17 +54,24 @@ def grow_head(parent: nn.Module, child: nn.Module, old_classes: int) -> list[str
                 mine[:old_classes].copy_(old)
                 grown.append(name)
             else:
-                raise ValueError(f"the head's {name} has shape {tuple(old.shape)} in the checkpoint and "
-                                 f"{tuple(mine.shape)} here")
+                raise ValueError(
+                    f"the head's {name} has shape {tuple(old.shape)} in the checkpoint and "
+                    f"{tuple(mine.shape)} here"
+                )
     return grown
 
 
 def slot_table_problem(slot_anchors: torch.Tensor, class_slots, anchors) -> str:
     """What is wrong with a checkpoint's slot table ("" if nothing): one distinct slot per
     class, and the class anchors exactly those slots' rows."""
-    if class_slots is None or class_slots.dtype != torch.int64 or anchors is None \
-            or len(class_slots) != len(anchors) or len(set(class_slots.tolist())) != len(class_slots) \
-            or not bool(((class_slots >= 0) & (class_slots < len(slot_anchors))).all()):
+    if (
+        class_slots is None
+        or class_slots.dtype != torch.int64
+        or anchors is None
+        or len(class_slots) != len(anchors)
+        or len(set(class_slots.tolist())) != len(class_slots)
+        or not bool(((class_slots >= 0) & (class_slots < len(slot_anchors))).all())
+    ):
         return f"criterion.class_slots must give each class its own slot of the {len(slot_anchors)} anchors"
     if not torch.equal(slot_anchors[class_slots], anchors):
         return "the class anchors are not the rows of their slots"
@@ -73,7 +81,10 @@ def slot_table_problem(slot_anchors: torch.Tensor, class_slots, anchors) -> str:
 def tasks_problem(tasks, classes: list[str]) -> str:
     """What is wrong with a task history ("" if nothing): lists of class names that, in order,
     are the model's classes."""
-    if not (isinstance(tasks, list) and all(isinstance(t, list) and all(isinstance(c, str) for c in t) for t in tasks)
-            and [c for t in tasks for c in t] == list(classes)):
+    if not (
+        isinstance(tasks, list)
+        and all(isinstance(t, list) and all(isinstance(c, str) for c in t) for t in tasks)
+        and [c for t in tasks for c in t] == list(classes)
+    ):
         return "must split the checkpoint's classes into lists, in order"
     return ""

@@ -21,6 +21,7 @@ from ncmcli.storage import atomic_write
 
 from ncmcli.runs import validate
 from ncmcli.runs.ckfile import FORMAT, FORMAT_VERSION, CheckpointFile
+
 _ANCHOR_KEY = "anchors"
 
 
@@ -49,8 +50,17 @@ class Checkpoint:
 
 
 def save(
-    path: Path, classifier, *, config, epoch, metrics, extra: tuple[dict, str] | None = None,
-    run_id: str | None = None, class_counts: list[int] | None = None, imbalance: str = "", lineage=None,
+    path: Path,
+    classifier,
+    *,
+    config,
+    epoch,
+    metrics,
+    extra: tuple[dict, str] | None = None,
+    run_id: str | None = None,
+    class_counts: list[int] | None = None,
+    imbalance: str = "",
+    lineage=None,
 ) -> None:
     """Write ``classifier`` (a ``Classifier``) and the ``config`` that built it to ``path``,
     atomically. ``extra``: (tensors, train_state JSON) from ``trainstate.pack``, for resumable files.
@@ -61,7 +71,12 @@ def save(
     from ncmcli import __version__
 
     model, criterion = classifier.net, classifier.criterion
-    classes, mean, std, input_shape = classifier.classes, classifier.mean, classifier.std, classifier.input_shape
+    classes, mean, std, input_shape = (
+        classifier.classes,
+        classifier.mean,
+        classifier.std,
+        classifier.input_shape,
+    )
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     for k, v in criterion.state_dict().items():
         tensors[_ANCHOR_KEY if k == _ANCHOR_KEY else f"criterion.{k}"] = v
@@ -105,17 +120,28 @@ def load(path, device: str | torch.device = "cpu") -> Checkpoint:
     tensors = file.tensors()
     anchors, slot_anchors, class_slots = _checked_anchors(d, tensors, feature_dim)
     try:
-        classifier = _build(d, "cpu", anchors=anchors if slot_anchors is None else slot_anchors,
-                            class_slots=class_slots, scale=validate.stored_scale(meta, path), counts=d.counts)
+        classifier = _build(
+            d,
+            "cpu",
+            anchors=anchors if slot_anchors is None else slot_anchors,
+            class_slots=class_slots,
+            scale=validate.stored_scale(meta, path),
+            counts=d.counts,
+        )
     except (ValueError, NcmError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild the criterion ({exc})") from None
     _fill(path, classifier, tensors, anchors)
     classifier.to(device).eval()
     epoch_text = meta.get("epoch", "0")
     return Checkpoint(
-        classifier=classifier, config=d.cfg, epoch=int(epoch_text) if epoch_text.isdigit() else 0,
-        metrics=validate.meta_json(meta, "metrics", path) if "metrics" in meta else {}, path=path,
-        class_counts=d.counts, imbalance=str(meta.get("imbalance", ""))[:40], tasks=validate.tasks(meta, path, d.classes),
+        classifier=classifier,
+        config=d.cfg,
+        epoch=int(epoch_text) if epoch_text.isdigit() else 0,
+        metrics=validate.meta_json(meta, "metrics", path) if "metrics" in meta else {},
+        path=path,
+        class_counts=d.counts,
+        imbalance=str(meta.get("imbalance", ""))[:40],
+        tasks=validate.tasks(meta, path, d.classes),
         parent=validate.meta_json(meta, "parent", path) if "parent" in meta else None,
     )
 
@@ -145,7 +171,9 @@ def _describe(file: CheckpointFile) -> _Described:
     classes, shape, mean, std, counts = validate.described_input(meta, path, cfg)
     slot_shape = file.shapes.get("criterion.slot_anchors")
     if slot_shape is not None and not (len(slot_shape) == 2 and len(classes) <= slot_shape[0] <= MAX_CLASSES):
-        raise CheckpointError(f"{path}: criterion.slot_anchors has shape {list(slot_shape)}, not (slots >= classes, d)")
+        raise CheckpointError(
+            f"{path}: criterion.slot_anchors has shape {list(slot_shape)}, not (slots >= classes, d)"
+        )
     return _Described(path, cfg, classes, shape, mean, std, counts, slot_shape)
 
 
@@ -158,8 +186,18 @@ def _build(d: _Described, device, anchors=None, class_slots=None, scale=1.0, cou
         anchors = d.slot_shape[0] if d.slot_shape is not None else len(d.classes)
         class_slots = torch.arange(len(d.classes)) if d.slot_shape is not None else None
     with torch.device(device):
-        return Classifier.from_config(d.cfg, d.classes, d.shape, mean=d.mean, std=d.std, anchors=anchors,
-                                      class_slots=class_slots, scale=scale, class_counts=counts, pretrained=False)
+        return Classifier.from_config(
+            d.cfg,
+            d.classes,
+            d.shape,
+            mean=d.mean,
+            std=d.std,
+            anchors=anchors,
+            class_slots=class_slots,
+            scale=scale,
+            class_counts=counts,
+            pretrained=False,
+        )
 
 
 def _check_sizes(d: _Described, header: dict) -> int:
@@ -175,17 +213,23 @@ def _check_sizes(d: _Described, header: dict) -> int:
         expected[_ANCHOR_KEY if k == _ANCHOR_KEY else f"criterion.{k}"] = tuple(v.shape)
     n_params = sum(math.prod(s) for s in expected.values())
     if n_params > MAX_PARAMS:
-        raise CheckpointError(f"{path}: the config implies {n_params:,} parameters, above the {MAX_PARAMS:,} "
-                              "ncm loads; refusing before allocating")
+        raise CheckpointError(
+            f"{path}: the config implies {n_params:,} parameters, above the {MAX_PARAMS:,} "
+            "ncm loads; refusing before allocating"
+        )
     stray = [k for k in header if k not in expected and not k.startswith("state.")]
     if stray:
         raise CheckpointError(f"{path}: unexpected tensors {stray[:3]}")
     for key, want in expected.items():
         if key in header and header[key] != want:
-            raise CheckpointError(f"{path}: tensor {key} has shape {list(header[key])}, the config implies {list(want)}")
+            raise CheckpointError(
+                f"{path}: tensor {key} has shape {list(header[key])}, the config implies {list(want)}"
+            )
     state_numel = sum(math.prod(s) for k, s in header.items() if k.startswith("state."))
     if state_numel > 4 * n_params + 2**20:  # momentum buffers plus RNG states
-        raise CheckpointError(f"{path}: its train state holds {state_numel:,} numbers, far more than the model needs")
+        raise CheckpointError(
+            f"{path}: its train state holds {state_numel:,} numbers, far more than the model needs"
+        )
     return meta_model.feature_dim
 
 
@@ -195,7 +239,9 @@ def _checked_anchors(d: _Described, tensors: dict, feature_dim: int):
     path = d.path
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
-        raise CheckpointError(f"{path}: tensor {bad[0]} holds NaN or infinite values; the checkpoint is unusable")
+        raise CheckpointError(
+            f"{path}: tensor {bad[0]} holds NaN or infinite values; the checkpoint is unusable"
+        )
     anchors = tensors.get(_ANCHOR_KEY)
     if anchors is not None:
         validate.check_anchors(path, anchors)
@@ -204,15 +250,16 @@ def _checked_anchors(d: _Described, tensors: dict, feature_dim: int):
         validate.check_slots(path, slot_anchors, class_slots, anchors)
     if anchors is not None and tuple(anchors.shape) != (len(d.classes), feature_dim):
         raise CheckpointError(
-            f"{path}: anchors have shape {tuple(anchors.shape)}, expected ({len(d.classes)}, {feature_dim})")
+            f"{path}: anchors have shape {tuple(anchors.shape)}, expected ({len(d.classes)}, {feature_dim})"
+        )
     return anchors, slot_anchors, class_slots
 
 
 def _fill(path: Path, classifier, tensors: dict, anchors) -> None:
     """The file's weights into ``classifier``, strictly."""
     model, criterion = classifier.parts()
-    model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    crit_sd = {k[len("criterion."):]: v for k, v in tensors.items() if k.startswith("criterion.")}
+    model_sd = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    crit_sd = {k[len("criterion.") :]: v for k, v in tensors.items() if k.startswith("criterion.")}
     if anchors is not None:
         crit_sd[_ANCHOR_KEY] = anchors
     try:
@@ -222,5 +269,3 @@ def _fill(path: Path, classifier, tensors: dict, anchors) -> None:
         first = str(exc).strip().splitlines()
         detail = " ".join(line.strip() for line in first[:3])
         raise CheckpointError(f"{path}: tensors do not match the model ({detail[:300]})") from None
-
-

@@ -62,7 +62,9 @@ class CheckpointFile:
             try:
                 self._tensors = load_bytes(self._data)
             except Exception as exc:
-                raise CheckpointError(f"{self.path}: cannot read tensors ({str(exc).splitlines()[0]})") from None
+                raise CheckpointError(
+                    f"{self.path}: cannot read tensors ({str(exc).splitlines()[0]})"
+                ) from None
             self._data = None
         return self._tensors
 
@@ -76,14 +78,18 @@ def _existing_file(path: Path) -> Path:
         raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         kind = special_file(path)
-        raise CheckpointError(f"{path} is {kind}, not a checkpoint file; refusing to open it" if kind
-                              else f"checkpoint not found: {path}")
+        raise CheckpointError(
+            f"{path} is {kind}, not a checkpoint file; refusing to open it"
+            if kind
+            else f"checkpoint not found: {path}"
+        )
     return path
 
 
 def _parse_header(path: Path, data: bytes) -> tuple[dict, dict]:
     """(metadata, tensor shapes) from a safetensors file's bytes: an 8-byte little-endian length,
     then that many bytes of JSON."""
+
     def bad(why: str):
         return CheckpointError(f"{path}: not a readable safetensors file ({why})")
 
@@ -93,7 +99,7 @@ def _parse_header(path: Path, data: bytes) -> tuple[dict, dict]:
     if n > min(len(data) - 8, MAX_HEADER_BYTES):
         raise bad(f"its header claims {n} bytes, more than the file holds")
     try:
-        header = bounded_json(data[8:8 + n].decode("utf-8"))
+        header = bounded_json(data[8 : 8 + n].decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise bad("the header is not JSON") from None
     if not isinstance(header, dict):
@@ -105,7 +111,9 @@ def _parse_header(path: Path, data: bytes) -> tuple[dict, dict]:
     for key, entry in header.items():
         shape = entry.get("shape") if isinstance(entry, dict) else None
         if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-            raise CheckpointError(f"{path}: unreadable tensor header (tensor {key[:40]!r} has no valid shape)")
+            raise CheckpointError(
+                f"{path}: unreadable tensor header (tensor {key[:40]!r} has no valid shape)"
+            )
         shapes[key] = tuple(shape)
     return meta, shapes
 

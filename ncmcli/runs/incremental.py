@@ -20,8 +20,17 @@ from ncmcli.storage import atomic_write_text, bounded_json
 
 # What must match the parent: the net, the anchors and the input format. The rest of the
 # config (optimiser, schedule, epochs, data sampling, replay) is the new run's own.
-MATCHED_KEYS = ("model.arch", "model.feature_dim", "model.head", "loss.name", "anchors.method", "anchors.seed",
-                "anchors.slots", "data.normalization", "data.resize")
+MATCHED_KEYS = (
+    "model.arch",
+    "model.feature_dim",
+    "model.head",
+    "loss.name",
+    "anchors.method",
+    "anchors.seed",
+    "anchors.slots",
+    "data.normalization",
+    "data.resize",
+)
 
 
 @dataclass
@@ -63,8 +72,10 @@ def open_parent(target: Path, *, expect_sha256: str | None = None) -> Parent:
     path = runfiles.resolve_checkpoint(Path(target), "best")
     digest = sha256_of(path)
     if expect_sha256 is not None and digest != expect_sha256:
-        raise UsageError(f"the parent checkpoint {path} changed since this run started (sha256 {digest[:12]}..., "
-                         f"recorded {expect_sha256[:12]}...); an --extend run resumes only from its own parent")
+        raise UsageError(
+            f"the parent checkpoint {path} changed since this run started (sha256 {digest[:12]}..., "
+            f"recorded {expect_sha256[:12]}...); an --extend run resumes only from its own parent"
+        )
     ck = checkpoint.load(path, "cpu")
     memory_path = path.parent / runfiles.REPLAY
     memory = replay.load(memory_path, ck.input_shape) if memory_path.is_file() else None
@@ -84,8 +95,10 @@ def parent_of_run(run_dir: Path) -> Parent | None:
 
 
 def write_parent_record(run_dir: Path, parent: Parent) -> None:
-    atomic_write_text(run_dir / runfiles.PARENT,
-                               json.dumps({"path": str(parent.path), "sha256": parent.sha256}, indent=2) + "\n")
+    atomic_write_text(
+        run_dir / runfiles.PARENT,
+        json.dumps({"path": str(parent.path), "sha256": parent.sha256}, indent=2) + "\n",
+    )
 
 
 def check_compatible(cfg, parent: Parent) -> None:
@@ -95,15 +108,19 @@ def check_compatible(cfg, parent: Parent) -> None:
     mine, theirs = dotted(cfg.to_dict()), dotted(parent.checkpoint.config.to_dict())
     for key in MATCHED_KEYS:
         if mine[key] != theirs[key]:
-            raise ConfigError(f"--extend: {key} is {str(theirs[key])[:40]} in {parent.path.name} and "
-                              f"{str(mine[key])[:40]} in this run; the net, the anchors and the input format "
-                              "must match the checkpoint")
+            raise ConfigError(
+                f"--extend: {key} is {str(theirs[key])[:40]} in {parent.path.name} and "
+                f"{str(mine[key])[:40]} in this run; the net, the anchors and the input format "
+                "must match the checkpoint"
+            )
 
 
 def check_input(parent: Parent, input_shape) -> None:
     if tuple(input_shape) != tuple(parent.checkpoint.input_shape):
-        raise ConfigError(f"--extend: the data's input shape is {tuple(input_shape)}, the checkpoint's "
-                          f"{tuple(parent.checkpoint.input_shape)}; the input format must match")
+        raise ConfigError(
+            f"--extend: the data's input shape is {tuple(input_shape)}, the checkpoint's "
+            f"{tuple(parent.checkpoint.input_shape)}; the input format must match"
+        )
 
 
 def extended_classifier(cfg, parent: Parent, classes: list[str], class_counts=None):
@@ -118,8 +135,10 @@ def extended_classifier(cfg, parent: Parent, classes: list[str], class_counts=No
         if "free anchor slot" not in str(exc):
             raise ConfigError(f"--extend: {exc}") from None
         slots = len(old.criterion.slot_anchors if old.criterion.has_slots else old.criterion.anchors)
-        raise ConfigError(f"--extend: no free anchor slot left ({exc}); train the first task with a larger "
-                          f"anchors.slots, e.g. --set anchors.slots={max(2 * slots, len(classes))}") from None
+        raise ConfigError(
+            f"--extend: no free anchor slot left ({exc}); train the first task with a larger "
+            f"anchors.slots, e.g. --set anchors.slots={max(2 * slots, len(classes))}"
+        ) from None
 
 
 def mixed_memory(cfg, parent: Parent, classes: list[str]) -> replay.Memory | None:
@@ -128,13 +147,21 @@ def mixed_memory(cfg, parent: Parent, classes: list[str]) -> replay.Memory | Non
     if not cfg.train.replay:
         return None
     if parent.memory is None:
-        raise ConfigError(f"train.replay={cfg.train.replay} rehearses the parent's replay memory, but "
-                          f"{parent.path.parent} has no {runfiles.REPLAY}: train the parent with "
-                          f"--set train.replay={cfg.train.replay} too, or set train.replay=0")
+        raise ConfigError(
+            f"train.replay={cfg.train.replay} rehearses the parent's replay memory, but "
+            f"{parent.path.parent} has no {runfiles.REPLAY}: train the parent with "
+            f"--set train.replay={cfg.train.replay} too, or set train.replay=0"
+        )
     memory = replay.relabel(parent.memory, classes)
     old = [classes.index(c) for c in parent.classes]
-    return replay.select(memory.split(), classes, cfg.train.replay, seed=cfg.seed, among=old,
-                         from_parent=torch.ones(len(memory.labels), dtype=torch.bool))
+    return replay.select(
+        memory.split(),
+        classes,
+        cfg.train.replay,
+        seed=cfg.seed,
+        among=old,
+        from_parent=torch.ones(len(memory.labels), dtype=torch.bool),
+    )
 
 
 def task_accuracies(confusion, classes: list[str], tasks: list[list[str]]) -> list[dict]:
@@ -146,6 +173,13 @@ def task_accuracies(confusion, classes: list[str], tasks: list[list[str]]) -> li
         rows = [classes.index(n) for n in names if n in classes]
         total = conf[rows].sum().item()
         hits = conf[rows, rows].sum().item()
-        out.append({"task": i, "classes": list(names), "n": int(total),
-                    "accuracy": hits / total if total else None, "new": i == len(tasks)})
+        out.append(
+            {
+                "task": i,
+                "classes": list(names),
+                "n": int(total),
+                "accuracy": hits / total if total else None,
+                "new": i == len(tasks),
+            }
+        )
     return out

@@ -7,8 +7,20 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from ncmcli.runs.runfiles import (BEST, CONFIG, LAST, METRICS, PARENT, REPLAY, RESULT, FolderLock, append_metrics,
-                                 holds_run, read_metrics, resolve_checkpoint)
+from ncmcli.runs.runfiles import (
+    BEST,
+    CONFIG,
+    LAST,
+    METRICS,
+    PARENT,
+    REPLAY,
+    RESULT,
+    FolderLock,
+    append_metrics,
+    holds_run,
+    read_metrics,
+    resolve_checkpoint,
+)
 from ncmcli.storage import atomic_write_text
 
 
@@ -18,7 +30,7 @@ RUN_ID_PREFIX = "# ncm run id: "  # config.yaml's first line ties a run's checkp
 def run_id_of_config(text: str) -> str | None:
     """The run id on config.yaml's first line (written by ``ncm train``), if there is one."""
     first = text.split("\n", 1)[0]
-    return first[len(RUN_ID_PREFIX):].strip()[:64] or None if first.startswith(RUN_ID_PREFIX) else None
+    return first[len(RUN_ID_PREFIX) :].strip()[:64] or None if first.startswith(RUN_ID_PREFIX) else None
 
 
 class RunDir:

@@ -32,9 +32,14 @@ def holds_run(folder: Path) -> bool:
 
 def foreign_entries(folder: Path) -> list[Path]:
     """Entries that are neither run files nor ncm's own pictures, temp files or lock."""
-    return [p for p in folder.iterdir()
-            if p.name not in RUN_FILES and p.name not in (LOCK, TENSORBOARD) and not p.name.endswith(_OWNED_SUFFIXES)
-            and not p.name.startswith(".write-test-")]
+    return [
+        p
+        for p in folder.iterdir()
+        if p.name not in RUN_FILES
+        and p.name not in (LOCK, TENSORBOARD)
+        and not p.name.endswith(_OWNED_SUFFIXES)
+        and not p.name.startswith(".write-test-")
+    ]
 
 
 def clear_run(folder: Path) -> None:
@@ -74,8 +79,10 @@ class FolderLock:
             fh.seek(0)
             holder = fh.read().strip() or "unknown"
             fh.close()
-            raise NcmError(f"{self.path.parent} is in use by another ncm process (PID {holder}); "
-                           "wait for it to finish or stop it first") from None
+            raise NcmError(
+                f"{self.path.parent} is in use by another ncm process (PID {holder}); "
+                "wait for it to finish or stop it first"
+            ) from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"{os.getpid()}\n")
@@ -124,10 +131,14 @@ def prepare_run_dir(out: Path | None, runs_root: Path, name: str, force: bool) -
         if run_dir.is_dir():
             has_run = holds_run(run_dir)
             if has_run and not force:
-                raise UsageError(f"{run_dir} already holds a run; use another --out, or --force to overwrite it")
+                raise UsageError(
+                    f"{run_dir} already holds a run; use another --out, or --force to overwrite it"
+                )
             if not has_run and any(foreign_entries(run_dir)):
-                raise UsageError(f"--out {run_dir} is a non-empty folder that is not a run folder; "
-                                 "give a new or empty folder")
+                raise UsageError(
+                    f"--out {run_dir} is a non-empty folder that is not a run folder; "
+                    "give a new or empty folder"
+                )
             if has_run:
                 clear_run(run_dir)  # --force: no old metrics lines or checkpoints mix in
         try:
@@ -187,7 +198,9 @@ def find_checkpoint(explicit: Path | None, env: dict, cwd: Path, which: str = "b
         return resolve_checkpoint(explicit, which), "--checkpoint"
     if env.get("NCM_CHECKPOINT"):
         return resolve_checkpoint(Path(env["NCM_CHECKPOINT"]), which), "$NCM_CHECKPOINT"
-    found = sorted((cwd / "runs").glob(f"**/{BEST if which == 'best' else LAST}"), key=lambda p: p.stat().st_mtime)
+    found = sorted(
+        (cwd / "runs").glob(f"**/{BEST if which == 'best' else LAST}"), key=lambda p: p.stat().st_mtime
+    )
     if not found:
         raise UsageError("no checkpoint: pass --checkpoint, set $NCM_CHECKPOINT, or train one into ./runs")
     return found[-1], "the newest under ./runs"

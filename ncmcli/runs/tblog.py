@@ -20,7 +20,9 @@ class TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("train.tensorboard needs TensorBoard: pip install 'ncmcli[tensorboard]'") from None
+            raise ConfigError(
+                "train.tensorboard needs TensorBoard: pip install 'ncmcli[tensorboard]'"
+            ) from None
         # purge_step drops events a crashed run wrote past its last checkpoint.
         self.writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD), purge_step=first_epoch)
 
@@ -28,10 +30,24 @@ class TensorBoard:
         """One epoch's metrics (a metrics.jsonl line) and, from ``ev``, the feature diagnostics."""
         diagnostics = (ev or {}).get("feature_diagnostics", {})
         e = metrics["epoch"]
-        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr", "images_per_s"):
+        for key in (
+            "train_loss",
+            "train_acc",
+            "test_loss",
+            "test_acc",
+            "val_loss",
+            "val_acc",
+            "lr",
+            "images_per_s",
+        ):
             if key in metrics:
-                group = "train" if key.startswith("train") else "test" if key.startswith("test") else (
-                    "val" if key.startswith("val") else "optim")
+                group = (
+                    "train"
+                    if key.startswith("train")
+                    else "test"
+                    if key.startswith("test")
+                    else ("val" if key.startswith("val") else "optim")
+                )
                 self.writer.add_scalar(f"{group}/{key}", metrics[key], e)
         for key, value in (diagnostics or {}).items():
             self.writer.add_scalar(f"features/{key}", value, e)
@@ -49,5 +65,7 @@ def feature_diagnostics(criterion, features: torch.Tensor, labels: torch.Tensor)
         dist = criterion.distances(features.to(criterion.anchors.device)).cpu().double()  # (N, C)
     own = dist[torch.arange(len(labels)), labels]
     dist[torch.arange(len(labels)), labels] = float("inf")
-    return {"compactness_mean_own_distance": own.mean().item(),
-            "separation_mean_nearest_other": dist.min(1).values.mean().item()}
+    return {
+        "compactness_mean_own_distance": own.mean().item(),
+        "separation_mean_nearest_other": dist.min(1).values.mean().item(),
+    }

@@ -97,16 +97,23 @@ def unpack(path) -> TrainState:
         tensors = {k: v for k, v in file.tensors().items() if k.startswith(PREFIX)}
         optim_state: dict = {}
         for key, t in tensors.items():
-            parts = key[len(PREFIX):].split(".")
+            parts = key[len(PREFIX) :].split(".")
             if parts[0] == "optim":
                 optim_state.setdefault(int(parts[1]), {})[parts[2]] = t
-        raw = {k[len(PREFIX) + 4:]: t for k, t in tensors.items() if k.startswith(f"{PREFIX}raw.")}
+        raw = {k[len(PREFIX) + 4 :]: t for k, t in tensors.items() if k.startswith(f"{PREFIX}raw.")}
         cuda_keys = [k for k in tensors if k.startswith(f"{PREFIX}rng.cuda.")]
         # Numerically: with 11 or more GPUs a string sort would restore ".10" before ".2".
         cuda = [tensors[k] for k in sorted(cuda_keys, key=lambda k: int(k.rsplit(".", 1)[1]))]
-        return TrainState(progress, {"state": optim_state, "param_groups": doc["param_groups"]},
-                          doc["scheduler"], tensors[f"{PREFIX}rng.data"], tensors[f"{PREFIX}rng.torch"], cuda, raw,
-                          doc.get("scaler"))
+        return TrainState(
+            progress,
+            {"state": optim_state, "param_groups": doc["param_groups"]},
+            doc["scheduler"],
+            tensors[f"{PREFIX}rng.data"],
+            tensors[f"{PREFIX}rng.torch"],
+            cuda,
+            raw,
+            doc.get("scaler"),
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: damaged train state ({exc})") from None
 

@@ -30,10 +30,14 @@ def check_anchors(path: Path, anchors: torch.Tensor) -> None:
     norms = anchors.double().norm(dim=1)
     if not bool(((norms - 1).abs() < 1e-3).all()):
         i = int((norms - 1).abs().argmax())
-        raise CheckpointError(f"{path}: anchor {i} has norm {norms[i].item():.4g}; anchors must have unit norm")
+        raise CheckpointError(
+            f"{path}: anchor {i} has norm {norms[i].item():.4g}; anchors must have unit norm"
+        )
     dups = duplicate_pairs(anchors) if len(anchors) <= 20_000 else []
     if dups:
-        raise CheckpointError(f"{path}: anchors {dups[0][0]} and {dups[0][1]} coincide; each class needs its own")
+        raise CheckpointError(
+            f"{path}: anchors {dups[0][0]} and {dups[0][1]} coincide; each class needs its own"
+        )
 
 
 def described_input(meta: dict, path: Path, cfg) -> tuple[list, list, list, list, list | None]:
@@ -41,10 +45,18 @@ def described_input(meta: dict, path: Path, cfg) -> tuple[list, list, list, list
     classes = meta_json(meta, "classes", path)
     norm = meta_json(meta, "normalization", path)
     shape = meta_json(meta, "input_shape", path)
-    if not (isinstance(classes, list) and 2 <= len(classes) <= MAX_CLASSES and all(isinstance(c, str) for c in classes)):
+    if not (
+        isinstance(classes, list)
+        and 2 <= len(classes) <= MAX_CLASSES
+        and all(isinstance(c, str) for c in classes)
+    ):
         raise CheckpointError(f"{path}: 'classes' must be a list of 2..{MAX_CLASSES} names")
-    if not (isinstance(shape, list) and len(shape) == 3 and shape[0] in (1, 3)
-            and all(isinstance(s, int) and 8 <= s <= 4096 for s in shape[1:])):
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 3
+        and shape[0] in (1, 3)
+        and all(isinstance(s, int) and 8 <= s <= 4096 for s in shape[1:])
+    ):
         raise CheckpointError(f"{path}: 'input_shape' must be [1 or 3, H, W] with 8 <= H, W <= 4096")
     try:
         mean = [float(v) for v in norm["mean"]]
@@ -54,14 +66,19 @@ def described_input(meta: dict, path: Path, cfg) -> tuple[list, list, list, list
     if len(mean) != shape[0] or len(std) != shape[0] or not all(s > 0 for s in std):
         raise CheckpointError(f"{path}: normalisation does not match {shape[0]} channels")
     if shape[1] != shape[2] or shape[1] > MAX_SIDE:
-        raise CheckpointError(f"{path}: 'input_shape' must be square with a side of at most {MAX_SIDE}, got {shape}")
+        raise CheckpointError(
+            f"{path}: 'input_shape' must be square with a side of at most {MAX_SIDE}, got {shape}"
+        )
     if not all(map(finite, mean)):
         raise CheckpointError(f"{path}: the normalisation mean is not finite")
     if cfg.model.feature_dim > MAX_FEATURE_DIM:
         raise CheckpointError(f"{path}: feature_dim {cfg.model.feature_dim} is above {MAX_FEATURE_DIM}")
     counts = meta_json(meta, "class_counts", path) if "class_counts" in meta else None
-    if counts is not None and not (isinstance(counts, list) and len(counts) == len(classes)
-                                   and all(isinstance(n, int) and 0 <= n < 2**40 for n in counts)):
+    if counts is not None and not (
+        isinstance(counts, list)
+        and len(counts) == len(classes)
+        and all(isinstance(n, int) and 0 <= n < 2**40 for n in counts)
+    ):
         raise CheckpointError(f"{path}: 'class_counts' must be a count per class")
     return classes, shape, mean, std, counts
 
@@ -104,5 +121,6 @@ def meta_json(meta: dict, key: str, path: Path):
     except KeyError:
         raise CheckpointError(f"{path}: checkpoint metadata lacks '{key}'") from None
     except (TypeError, ValueError):
-        raise CheckpointError(f"{path}: not a valid ncm checkpoint (metadata '{key}' is not valid JSON, "
-                              "or nested too deeply)") from None
+        raise CheckpointError(
+            f"{path}: not a valid ncm checkpoint (metadata '{key}' is not valid JSON, or nested too deeply)"
+        ) from None

@@ -44,15 +44,24 @@ class StopRequest(Protocol):
 class Interrupted(NcmError):
     """Training stopped on a signal after saving a resumable checkpoint."""
 
-    def __init__(self, message: str, exit_code: int, *, run_dir: Path | None = None, epoch: int = 0, step: int = 0):
+    def __init__(
+        self, message: str, exit_code: int, *, run_dir: Path | None = None, epoch: int = 0, step: int = 0
+    ):
         super().__init__(message)
         self.exit_code = exit_code
         self.run_dir, self.epoch, self.step = run_dir, epoch, step
 
     def to_dict(self) -> dict:
         """What a ``--json`` pipeline gets instead of a result: never empty input."""
-        return {"status": "interrupted", "run_dir": str(self.run_dir), "epoch": self.epoch, "step": self.step,
-                "resume": f"ncm train --resume {self.run_dir}", "exit_code": self.exit_code, "message": str(self)}
+        return {
+            "status": "interrupted",
+            "run_dir": str(self.run_dir),
+            "epoch": self.epoch,
+            "step": self.step,
+            "resume": f"ncm train --resume {self.run_dir}",
+            "exit_code": self.exit_code,
+            "message": str(self),
+        }
 
 
 class DeviceTotals:
@@ -87,7 +96,9 @@ class DeviceTotals:
         """(loss sum, correct, the epoch's first step whose loss was NaN or infinite or None),
         in one host read."""
         self._debug(False)
-        loss_sum, correct, bad = torch.stack([self.loss_sum, self.correct.double(), self.first_bad.double()]).tolist()
+        loss_sum, correct, bad = torch.stack(
+            [self.loss_sum, self.correct.double(), self.first_bad.double()]
+        ).tolist()
         self._debug(True)
         return loss_sum, int(correct), int(bad) if bad >= 0 else None
 
@@ -130,8 +141,9 @@ class EpochCursor:
         loss_sum, correct = self.totals.close()
         epoch_time, seen = time.time() - self.t0, self.seen
         if world > 1:  # epoch totals over all ranks
-            totals = torch.tensor([loss_sum.item(), float(correct.item()), float(seen)], device=self.device,
-                                  dtype=torch.float64)
+            totals = torch.tensor(
+                [loss_sum.item(), float(correct.item()), float(seen)], device=self.device, dtype=torch.float64
+            )
             torch.distributed.all_reduce(totals)
             loss_sum, correct, seen = totals[0], totals[1].long(), int(totals[2].item())
         self.progress.train_time += epoch_time
@@ -168,13 +180,27 @@ def _evaluate_epoch(cfg: Config, run: Setup, device, *, keep_outputs: bool) -> t
 def _interrupt(stop: StopRequest, run_dir: Path, epoch: int, step: int) -> Interrupted:
     """The one exception both stop paths raise (mid-epoch, and after an epoch)."""
     where = f"at epoch {epoch}, step {step}" if step else f"after epoch {epoch}"
-    return Interrupted(f"stopped by {stop.signal_name} {where}; resume with: ncm train --resume {run_dir}",
-                       _signal_exit_code(stop.signal_name), run_dir=run_dir, epoch=epoch, step=step)
+    return Interrupted(
+        f"stopped by {stop.signal_name} {where}; resume with: ncm train --resume {run_dir}",
+        _signal_exit_code(stop.signal_name),
+        run_dir=run_dir,
+        epoch=epoch,
+        step=step,
+    )
 
 
-def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: ProgressReporter,
-          preset: str | None = None, overrides: list[str] = (), resume=False,
-          stop: StopRequest | None = None, extend: Path | None = None) -> dict:
+def train(
+    cfg: Config,
+    *,
+    run_dir: Path,
+    device: torch.device,
+    reporter: ProgressReporter,
+    preset: str | None = None,
+    overrides: list[str] = (),
+    resume=False,
+    stop: StopRequest | None = None,
+    extend: Path | None = None,
+) -> dict:
     """Train ``cfg`` into ``run_dir`` and return the result record (also in result.json).
 
     ``resume`` (True, or that file's ``CheckpointFile`` already read) continues from
@@ -192,7 +218,12 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
     try:
         open_run(cfg, run, run_dir, device, resume=resume, parent=parent, reporter=reporter)
         announce(cfg, run, run_dir, device, reporter)
-        optimizer, scheduler, progress, saved = run.optimizer, run.scheduler, run.progress, Checkpoints(cfg, run, run_dir, device)
+        optimizer, scheduler, progress, saved = (
+            run.optimizer,
+            run.scheduler,
+            run.progress,
+            Checkpoints(cfg, run, run_dir, device),
+        )
         history = RunDir(run_dir).metrics(reporter.message) if resume else []
         tb = _tensorboard(cfg, run_dir, rank, progress.epoch + 1)
         every = cfg.train.log_every_steps  # host reads of the device totals: every this many steps
@@ -202,15 +233,31 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
             epoch_rng = run.gen.get_state()  # a mid-epoch resume replays this epoch's order from here
             reporter.epoch_start(epoch, cfg.train.epochs, run.steps_per_epoch)
             at = EpochCursor(progress, device)
-            for i, (x, y) in enumerate(batches(run.train_split, cfg.train.batch_size, mean=run.mean, std=run.std,
-                                                device=device, generator=run.gen, augment_batches=cfg.data.augment,
-                                                flip_batches=cfg.data.hflip, skip=at.skip, rank=rank, world=world),
-                                       at.skip + 1):
+            for i, (x, y) in enumerate(
+                batches(
+                    run.train_split,
+                    cfg.train.batch_size,
+                    mean=run.mean,
+                    std=run.std,
+                    device=device,
+                    generator=run.gen,
+                    augment_batches=cfg.data.augment,
+                    flip_batches=cfg.data.hflip,
+                    skip=at.skip,
+                    rank=rank,
+                    world=world,
+                ),
+                at.skip + 1,
+            ):
                 loss, feats = run.step(x, y)
                 optimizer.zero_grad(set_to_none=True)
                 run.scaler.scale(loss).backward()
-                read = at.add(loss, run.criterion.predict(feats.detach()), y,
-                              read=i % every == 0 or i == run.steps_per_epoch)
+                read = at.add(
+                    loss,
+                    run.criterion.predict(feats.detach()),
+                    y,
+                    read=i % every == 0 or i == run.steps_per_epoch,
+                )
                 # -- NaN guard: read before the step, so bad weights never reach a checkpoint
                 if read is not None and read[2] is not None:
                     raise _diverged(cfg, run_dir, epoch, read[2], progress.global_step + 1 - (i - read[2]))
@@ -231,12 +278,27 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
             ev, val = _evaluate_epoch(cfg, run, device, keep_outputs=tb is not None)
             lr = optimizer.param_groups[0]["lr"]
             _epoch_schedule(run, train_loss)
-            metrics = epoch_metrics(run, epoch, train_loss, train_acc, ev, val, lr=lr,
-                                    images_per_s=round(seen / max(epoch_time, 1e-9), 1), epoch_time=epoch_time)
+            metrics = epoch_metrics(
+                run,
+                epoch,
+                train_loss,
+                train_acc,
+                ev,
+                val,
+                lr=lr,
+                images_per_s=round(seen / max(epoch_time, 1e-9), 1),
+                epoch_time=epoch_time,
+            )
             history.append(metrics)
             # -- Checkpoint: best (on validation accuracy, else test; result.json says which), last
             # (resumable), one metrics line
-            progress.epoch, progress.step, progress.loss_sum, progress.correct, progress.seen = epoch, 0, 0.0, 0, 0
+            progress.epoch, progress.step, progress.loss_sum, progress.correct, progress.seen = (
+                epoch,
+                0,
+                0.0,
+                0,
+                0,
+            )
             saved.end_epoch(epoch, metrics)
             reporter.epoch_end(metrics)
             if tb is not None:
@@ -245,8 +307,9 @@ def train(cfg: Config, *, run_dir: Path, device: torch.device, reporter: Progres
                 raise _interrupt(stop, run_dir, epoch, 0)
         if tb is not None:
             tb.close()
-        result = result_record(cfg, run, run_dir, history, device=device, preset=preset, overrides=overrides,
-                               t_start=t_start)
+        result = result_record(
+            cfg, run, run_dir, history, device=device, preset=preset, overrides=overrides, t_start=t_start
+        )
         if rank == 0:
             RunDir(run_dir).write_result(result)
         return result
@@ -268,7 +331,8 @@ def _epoch_schedule(run: Setup, train_loss: float) -> None:
 def _diverged(cfg: Config, run_dir: Path, epoch: int, step: int, global_step: int) -> TrainingDiverged:
     return TrainingDiverged(
         f"the loss became NaN or infinite at epoch {epoch}, step {step} (global step {global_step}); try a lower "
-        f"learning rate than optim.lr={cfg.optim.lr:g}. Checkpoints from earlier epochs in {run_dir} are untouched")
+        f"learning rate than optim.lr={cfg.optim.lr:g}. Checkpoints from earlier epochs in {run_dir} are untouched"
+    )
 
 
 def _signal_exit_code(name: str) -> int:

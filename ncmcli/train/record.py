@@ -15,15 +15,33 @@ from ncmcli.runtime import dist_info
 from ncmcli.train.setup import Setup, evaluated
 
 
-def epoch_metrics(run: Setup, epoch: int, train_loss: float, train_acc: float, ev: dict, val: dict | None, *,
-                   lr: float, images_per_s: float, epoch_time: float) -> dict:
+def epoch_metrics(
+    run: Setup,
+    epoch: int,
+    train_loss: float,
+    train_acc: float,
+    ev: dict,
+    val: dict | None,
+    *,
+    lr: float,
+    images_per_s: float,
+    epoch_time: float,
+) -> dict:
     """One metrics.jsonl line: losses and accuracies, balanced test accuracy (and, on
     long-tailed data, head/medium/tail), and an NCM loss's scale (moved only by learn)."""
     from ncmcli.scoring import imbalance_metrics
 
-    metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-               "test_loss": ev["loss"], "test_acc": ev["accuracy"], "test_error_pct": ev["error_pct"],
-               "lr": lr, "epoch_time_s": round(epoch_time, 3), "images_per_s": images_per_s}
+    metrics = {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "test_loss": ev["loss"],
+        "test_acc": ev["accuracy"],
+        "test_error_pct": ev["error_pct"],
+        "lr": lr,
+        "epoch_time_s": round(epoch_time, 3),
+        "images_per_s": images_per_s,
+    }
     tail = imbalance_metrics(ev["confusion"], run.data.train_counts if run.data.imbalance else None)
     metrics["test_balanced_acc"] = tail["balanced_accuracy"]
     if run.data.imbalance:
@@ -40,29 +58,63 @@ def epoch_metrics(run: Setup, epoch: int, train_loss: float, train_acc: float, e
     return metrics
 
 
-def result_record(cfg: Config, run: Setup, run_dir: Path, history: list[dict], *, device, preset, overrides,
-                  t_start: float) -> dict:
+def result_record(
+    cfg: Config, run: Setup, run_dir: Path, history: list[dict], *, device, preset, overrides, t_start: float
+) -> dict:
     """What result.json (and ``--json``) holds."""
     final, best, world = history[-1], run.progress.best, dist_info()[1]
     result = {
-        "status": "completed", "run_dir": str(run_dir), "preset": preset, "overrides": list(overrides),
-        "dataset": run.data.name, "arch": cfg.model.arch, "loss": cfg.loss.name, "seed": cfg.seed,
-        "epochs": cfg.train.epochs, "device": str(device),
-        "final": {k: final[k] for k in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_error_pct",
-                                        "test_balanced_acc", "test_head_acc", "test_medium_acc", "test_tail_acc", "scale")
-                  if k in final},
-        "best": {k: best[k] for k in ("epoch", "test_acc", "test_error_pct", "val_acc", "val_error_pct") if k in best},
-        "best_selected_on": {"val_acc": "validation", "test_acc": "test", "epoch": "last epoch"}[selection(run)[0]],
-        "test_acc": final["test_acc"], "test_error_pct": final["test_error_pct"],
-        "checkpoint": str(run_dir / runfiles.BEST), "last_checkpoint": str(run_dir / runfiles.LAST),
+        "status": "completed",
+        "run_dir": str(run_dir),
+        "preset": preset,
+        "overrides": list(overrides),
+        "dataset": run.data.name,
+        "arch": cfg.model.arch,
+        "loss": cfg.loss.name,
+        "seed": cfg.seed,
+        "epochs": cfg.train.epochs,
+        "device": str(device),
+        "final": {
+            k: final[k]
+            for k in (
+                "epoch",
+                "train_loss",
+                "train_acc",
+                "test_loss",
+                "test_acc",
+                "test_error_pct",
+                "test_balanced_acc",
+                "test_head_acc",
+                "test_medium_acc",
+                "test_tail_acc",
+                "scale",
+            )
+            if k in final
+        },
+        "best": {
+            k: best[k]
+            for k in ("epoch", "test_acc", "test_error_pct", "val_acc", "val_error_pct")
+            if k in best
+        },
+        "best_selected_on": {"val_acc": "validation", "test_acc": "test", "epoch": "last epoch"}[
+            selection(run)[0]
+        ],
+        "test_acc": final["test_acc"],
+        "test_error_pct": final["test_error_pct"],
+        "checkpoint": str(run_dir / runfiles.BEST),
+        "last_checkpoint": str(run_dir / runfiles.LAST),
         "train_images_per_s": round(run.progress.train_images / max(run.progress.train_time, 1e-9), 1),
         "wall_time_s": round(time.time() - t_start, 2),
     }
     result["class_counts"] = dict(zip(run.data.classes, run.data.train_counts))
     if len(run.lineage.tasks) > 1 or run.lineage.parent or run.lineage.replay:
-        result["tasks"] = final.get("test_tasks") or [{"task": i, "classes": t} for i, t in enumerate(run.lineage.tasks, 1)]
+        result["tasks"] = final.get("test_tasks") or [
+            {"task": i, "classes": t} for i, t in enumerate(run.lineage.tasks, 1)
+        ]
         result["parent"] = run.lineage.parent
-        result["replay"] = dict(run.lineage.replay, file=str(run_dir / runfiles.REPLAY)) if run.memory is not None else None
+        result["replay"] = (
+            dict(run.lineage.replay, file=str(run_dir / runfiles.REPLAY)) if run.memory is not None else None
+        )
     result["resolved"] = resolved_settings(cfg, run)
     if run.data.imbalance:
         result["imbalance"] = run.data.imbalance
@@ -71,8 +123,10 @@ def result_record(cfg: Config, run: Setup, run_dir: Path, history: list[dict], *
         result["loss_floor"] = crit.loss_floor()  # at the final scale
         result["scale"] = scale_record(cfg, crit)
     if world > 1:
-        result["ddp"] = {"world_size": world,
-                         "params_identical_across_ranks": _same_on_all_ranks(run.model, run.criterion)}
+        result["ddp"] = {
+            "world_size": world,
+            "params_identical_across_ranks": _same_on_all_ranks(run.model, run.criterion),
+        }
     return result
 
 
@@ -96,8 +150,13 @@ def scale_record(cfg: Config, crit) -> dict:
 
     value = crit.scale_value()
     floor = crit.loss_floor()  # at the current scale; with free slots, every slot in the denominator
-    rec = {"setting": cfg.loss.scale, "initial": crit.initial_scale, "value": value, "floor": floor,
-           "top_probability": top_probability(floor)}
+    rec = {
+        "setting": cfg.loss.scale,
+        "initial": crit.initial_scale,
+        "value": value,
+        "floor": floor,
+        "top_probability": top_probability(floor),
+    }
     if isinstance(cfg.loss.scale, str):
         rec["floor_target"] = cfg.loss.floor_target
     return rec
@@ -108,8 +167,10 @@ def scale_comment(cfg: Config, crit) -> str:
     user's setting, and a checkpoint rebuilds from the anchors or its stored scale)."""
     if not crit.uses_anchors or not isinstance(cfg.loss.scale, str):
         return ""
-    return (f"# loss.scale={cfg.loss.scale} resolved to {crit.scale_value():.6g} at the start "
-            f"(loss floor {cfg.loss.floor_target:g} nats)\n")
+    return (
+        f"# loss.scale={cfg.loss.scale} resolved to {crit.scale_value():.6g} at the start "
+        f"(loss floor {cfg.loss.floor_target:g} nats)\n"
+    )
 
 
 MIN_SELECT_VAL, WARN_VAL = 50, 200  # validation images: below these best is not chosen / may be noise
@@ -124,11 +185,15 @@ def selection(run: Setup) -> tuple[str, str]:
     n = len(run.val_split)
     point = 100.0 / n
     if n < MIN_SELECT_VAL:
-        return "epoch", (f"warning: the validation split has only {n} images (one is {point:.1f} points of accuracy): "
-                         f"too few to choose on, so best.safetensors follows the last epoch (raise data.val_split)")
+        return "epoch", (
+            f"warning: the validation split has only {n} images (one is {point:.1f} points of accuracy): "
+            f"too few to choose on, so best.safetensors follows the last epoch (raise data.val_split)"
+        )
     if n < WARN_VAL:
-        return "val_acc", (f"warning: the validation split has only {n} images (one is {point:.1f} points of accuracy): "
-                           "best.safetensors may be chosen by noise; compare with --which last")
+        return "val_acc", (
+            f"warning: the validation split has only {n} images (one is {point:.1f} points of accuracy): "
+            "best.safetensors may be chosen by noise; compare with --which last"
+        )
     return "val_acc", ""
 
 
@@ -137,19 +202,29 @@ def announce(cfg: Config, run: Setup, run_dir: Path, device, reporter) -> None:
 
     crit, data, world = run.criterion, run.data, dist_info()[1]
     if crit.uses_anchors:
-        reporter.certificate(anchor_certificate(crit.anchors, cfg.anchors.method, crit.metric, crit.scale_value()).to_dict())
+        reporter.certificate(
+            anchor_certificate(crit.anchors, cfg.anchors.method, crit.metric, crit.scale_value()).to_dict()
+        )
         if isinstance(cfg.loss.scale, str):
-            reporter.message(f"loss.scale={cfg.loss.scale}: s = {crit.scale_value():.4f}, the scale whose loss floor is "
-                             f"{cfg.loss.floor_target:g} nats" + ("; learned from there" if cfg.loss.scale == "learn" else ""))
+            reporter.message(
+                f"loss.scale={cfg.loss.scale}: s = {crit.scale_value():.4f}, the scale whose loss floor is "
+                f"{cfg.loss.floor_target:g} nats"
+                + ("; learned from there" if cfg.loss.scale == "learn" else "")
+            )
     reporter.message(f"run folder: {run_dir}")
     for note in data.notes:
         reporter.message(note)
-    reporter.message(f"data: {data.name}, {len(run.train_split)} train"
-                     + (f" / {len(run.val_split)} validation" if run.val_split is not None else "")
-                     + f" / {len(run.test_split)} test, {len(data.classes)} classes, input {data.input_shape}; "
-                     f"device: {device}"
-                     + (f"; DDP over {world} processes, {cfg.train.batch_size // world} images each per step"
-                        if world > 1 else ""))
+    reporter.message(
+        f"data: {data.name}, {len(run.train_split)} train"
+        + (f" / {len(run.val_split)} validation" if run.val_split is not None else "")
+        + f" / {len(run.test_split)} test, {len(data.classes)} classes, input {data.input_shape}; "
+        f"device: {device}"
+        + (
+            f"; DDP over {world} processes, {cfg.train.batch_size // world} images each per step"
+            if world > 1
+            else ""
+        )
+    )
     warning = selection(run)[1]
     if warning:
         reporter.message(warning)

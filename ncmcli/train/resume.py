@@ -75,7 +75,9 @@ def open_run(cfg: Config, run: Setup, run_dir: Path, device, *, resume: bool, pa
         restore(run, run_dir, device, resume)
         reporter.message(f"resuming {run_dir} after epoch {run.progress.epoch}, step {run.progress.step}")
     else:
-        run.run_id = secrets.token_hex(8)  # ties the run's checkpoints to its folder (config.yaml's first line)
+        run.run_id = secrets.token_hex(
+            8
+        )  # ties the run's checkpoints to its folder (config.yaml's first line)
         if rank == 0:
             RunDir(run_dir).write_config(to_yaml(cfg), run.run_id, scale_comment(cfg, run.criterion))
             if parent is not None:
@@ -84,9 +86,11 @@ def open_run(cfg: Config, run: Setup, run_dir: Path, device, *, resume: bool, pa
         replay.save(run_dir / runfiles.REPLAY, run.memory)  # seeded: a resume would choose the same images
     if parent is not None:
         new = run.lineage.tasks[-1]
-        reporter.message(f"extending {parent.path} ({len(parent.classes)} classes, {len(parent.tasks)} task"
-                         f"{'s' if len(parent.tasks) > 1 else ''}) with {len(new)} new: {', '.join(new[:10])}"
-                         + (", ..." if len(new) > 10 else ""))
+        reporter.message(
+            f"extending {parent.path} ({len(parent.classes)} classes, {len(parent.tasks)} task"
+            f"{'s' if len(parent.tasks) > 1 else ''}) with {len(new)} new: {', '.join(new[:10])}"
+            + (", ..." if len(new) > 10 else "")
+        )
 
 
 def clear_stale_temps(run_dir: Path) -> None:
@@ -120,19 +124,40 @@ class Checkpoints:
         if run.ema is not None:
             check_finite(clf.net, clf.criterion, where)
         extra = None if epoch_rng is None else trainstate.pack(self.snapshot(epoch_rng))
-        checkpoint.save(self.run_dir / name, clf, config=self.cfg, epoch=epoch, metrics=metrics, extra=extra,
-                        run_id=run.run_id, class_counts=run.data.train_counts, imbalance=run.data.imbalance,
-                        lineage=run.lineage)
+        checkpoint.save(
+            self.run_dir / name,
+            clf,
+            config=self.cfg,
+            epoch=epoch,
+            metrics=metrics,
+            extra=extra,
+            run_id=run.run_id,
+            class_counts=run.data.train_counts,
+            imbalance=run.data.imbalance,
+            lineage=run.lineage,
+        )
 
     def snapshot(self, epoch_rng: torch.Tensor) -> trainstate.TrainState:
         run, device = self.run, self.device
-        raw = {} if run.ema is None else {  # with EMA the file's weights are the average: the live ones go here
-            **{f"model.{k}": v for k, v in run.model.state_dict().items()},
-            **{f"criterion.{k}": v for k, v in run.criterion.state_dict().items()}}
+        raw = (
+            {}
+            if run.ema is None
+            else {  # with EMA the file's weights are the average: the live ones go here
+                **{f"model.{k}": v for k, v in run.model.state_dict().items()},
+                **{f"criterion.{k}": v for k, v in run.criterion.state_dict().items()},
+            }
+        )
         cuda = gather_rng(torch.cuda.get_rng_state(device), device) if device.type == "cuda" else []
         return trainstate.TrainState(
-            run.progress, run.optimizer.state_dict(), run.scheduler.state_dict() if run.scheduler is not None else None,
-            epoch_rng, torch.get_rng_state(), cuda, raw, run.scaler.state_dict() if run.scaler.is_enabled() else None)
+            run.progress,
+            run.optimizer.state_dict(),
+            run.scheduler.state_dict() if run.scheduler is not None else None,
+            epoch_rng,
+            torch.get_rng_state(),
+            cuda,
+            raw,
+            run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        )
 
     def end_epoch(self, epoch: int, metrics: dict) -> None:
         """After an epoch (``run.progress`` already at its end): best if it improved, last, and

@@ -24,15 +24,23 @@ def make_optimizer(cfg: Config, model, criterion) -> torch.optim.Optimizer:
     o = cfg.optim
     # A separate backbone group only when it differs, so that runs without it keep one group.
     slow = {id(p) for p in backbone_parameters(model)} if o.backbone_lr_factor != 1 else set()
-    params = [p for p in list(model.parameters()) + list(criterion.parameters()) if id(p) not in no_decay | slow]
+    params = [
+        p for p in list(model.parameters()) + list(criterion.parameters()) if id(p) not in no_decay | slow
+    ]
     groups = [{"params": params}]
     if slow:
-        groups.append({"params": [p for p in model.parameters() if id(p) in slow], "lr": o.lr * o.backbone_lr_factor})
+        groups.append(
+            {"params": [p for p in model.parameters() if id(p) in slow], "lr": o.lr * o.backbone_lr_factor}
+        )
     if no_decay:
-        groups.append({"params": [p for p in criterion.parameters() if id(p) in no_decay], "weight_decay": 0.0})
+        groups.append(
+            {"params": [p for p in criterion.parameters() if id(p) in no_decay], "weight_decay": 0.0}
+        )
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, betas=parse_betas(o.betas), weight_decay=o.weight_decay)
-    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+    return torch.optim.SGD(
+        groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
+    )
 
 
 class Warmup:
@@ -75,8 +83,17 @@ class PlateauOnExcess:
     epochs without improvement the lr is multiplied by ``factor``, at most ``max_drops``
     times and never below ``min_lr``. Its state is plain numbers (resumable, pickle-free)."""
 
-    def __init__(self, optimizer, *, floor: float = 0.0, factor: float = 0.1, patience: int = 5,
-                 threshold: float = 0.01, max_drops: int = 3, min_lr: float = 0.0):
+    def __init__(
+        self,
+        optimizer,
+        *,
+        floor: float = 0.0,
+        factor: float = 0.1,
+        patience: int = 5,
+        threshold: float = 0.01,
+        max_drops: int = 3,
+        min_lr: float = 0.0,
+    ):
         self.optimizer = optimizer
         self.floor, self.factor, self.patience = float(floor), factor, patience
         self.threshold, self.max_drops, self.min_lr = threshold, max_drops, min_lr
@@ -103,8 +120,12 @@ class PlateauOnExcess:
         return cut
 
     def state_dict(self) -> dict:
-        return {"best": None if math.isinf(self.best) else self.best, "bad_epochs": self.bad_epochs,
-                "drops": self.drops, "floor": self.floor}
+        return {
+            "best": None if math.isinf(self.best) else self.best,
+            "bad_epochs": self.bad_epochs,
+            "drops": self.drops,
+            "floor": self.floor,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.best = math.inf if state.get("best") is None else float(state["best"])
@@ -122,16 +143,25 @@ def make_scheduler(cfg: Config, optimizer, steps_per_epoch: int, *, floor: float
     ``floor``; multistep cuts at its milestones, counted in epochs or in steps (iterations)."""
     o = cfg.optim
     if o.schedule == "plateau":
-        return PlateauOnExcess(optimizer, floor=floor, factor=o.lr_factor, patience=o.patience,
-                               threshold=o.threshold, max_drops=o.max_drops, min_lr=o.min_lr), False
+        return PlateauOnExcess(
+            optimizer,
+            floor=floor,
+            factor=o.lr_factor,
+            patience=o.patience,
+            threshold=o.threshold,
+            max_drops=o.max_drops,
+            min_lr=o.min_lr,
+        ), False
     if o.schedule == "multistep":
         per_step = o.milestone_unit == "step"
         milestones, factor = tuple(o.milestones), o.lr_factor
         # A per-step LambdaLR sees its own step count; a per-epoch one is stepped after each epoch.
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: multistep_factor(s, milestones, factor)), per_step
+            optimizer, lambda s: multistep_factor(s, milestones, factor)
+        ), per_step
     if o.schedule == "cosine":
         total = max(1, cfg.train.epochs * steps_per_epoch)
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))), True
+            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        ), True
     return None, False

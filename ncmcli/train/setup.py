@@ -33,7 +33,9 @@ class TrainStep(nn.Module):
         self.amp_dtype, self.memory_format = amp_dtype, memory_format
 
     def forward(self, x, y):
-        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+        with torch.autocast(
+            x.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
             feats = self.net(x.contiguous(memory_format=self.memory_format))
         return self.criterion(feats, y), feats  # outside autocast: distances and the loss stay fp32
 
@@ -49,8 +51,12 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 def check_finite(model: nn.Module, criterion: nn.Module, where: str) -> None:
     """Raise TrainingDiverged if any floating-point weight or buffer is NaN or infinite."""
-    flags = [torch.isfinite(t).all() for m in (model, criterion) for t in m.state_dict().values()
-             if t.is_floating_point()]
+    flags = [
+        torch.isfinite(t).all()
+        for m in (model, criterion)
+        for t in m.state_dict().values()
+        if t.is_floating_point()
+    ]
     if flags and not bool(torch.stack(flags).all()):
         raise TrainingDiverged(f"the weights became NaN or infinite at {where}; try a lower optim.lr")
 
@@ -117,8 +123,9 @@ def _classifier(cfg: Config, data, parent) -> Classifier:
     else:
         mean, std = split_stats(data.train, normalization=cfg.data.normalization)
     with config_boundary():  # the library's ValueError for a config value is a config error here
-        return Classifier.from_config(cfg, data.classes, data.input_shape, mean=mean, std=std,
-                                      class_counts=data.train_counts)
+        return Classifier.from_config(
+            cfg, data.classes, data.input_shape, mean=mean, std=std, class_counts=data.train_counts
+        )
 
 
 def _step(cfg: Config, model: nn.Module, criterion: nn.Module, device: torch.device):
@@ -126,17 +133,25 @@ def _step(cfg: Config, model: nn.Module, criterion: nn.Module, device: torch.dev
     the maths beyond the autocast rounding, then the compiled and DDP wrappers, which only run
     steps (checkpoints save the plain modules)."""
     amp_dtype = resolve_precision(cfg.train.precision, device)
-    channels_last = cfg.train.channels_last == "true" or (cfg.train.channels_last == "auto" and device.type == "cuda")
+    channels_last = cfg.train.channels_last == "true" or (
+        cfg.train.channels_last == "auto" and device.type == "cuda"
+    )
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     if device.type == "cuda" and not cfg.train.deterministic:
         torch.backends.cudnn.benchmark = True
-    step = TrainStep(torch.compile(model) if cfg.train.compile else model, criterion, amp_dtype, memory_format)
+    step = TrainStep(
+        torch.compile(model) if cfg.train.compile else model, criterion, amp_dtype, memory_format
+    )
     if dist_info()[1] > 1:
         if cfg.model.freeze_backbone_epochs:  # DDP expects a gradient for every parameter it wraps
-            raise NcmConfigError("model.freeze_backbone_epochs is not supported under torchrun (DDP); train the "
-                                 "frozen epochs in one process, then --resume under torchrun")
-        step = nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+            raise NcmConfigError(
+                "model.freeze_backbone_epochs is not supported under torchrun (DDP); train the "
+                "frozen epochs in one process, then --resume under torchrun"
+            )
+        step = nn.parallel.DistributedDataParallel(
+            step, device_ids=[device.index] if device.type == "cuda" else None
+        )
     return step, amp_dtype
 
 
@@ -154,7 +169,9 @@ def build_run(cfg: Config, device: torch.device, say=None, parent=None) -> Setup
         torch.use_deterministic_algorithms(True)
     if parent is not None:
         check_compatible(cfg, parent)
-    data = rank0_first(lambda: load_dataset(cfg.data, say=say, known_classes=parent.classes if parent else None))
+    data = rank0_first(
+        lambda: load_dataset(cfg.data, say=say, known_classes=parent.classes if parent else None)
+    )
     lineage, memory = _lineage(cfg, data, parent)  # one download above, not one per rank
     classifier = _classifier(cfg, data, parent)
     model, criterion = classifier.parts()
@@ -170,13 +187,23 @@ def build_run(cfg: Config, device: torch.device, say=None, parent=None) -> Setup
         # Both halves: a SoftMax model's classifier lives in its criterion.
         ema = EMA(classifier, cfg.train.ema_decay)
     return Setup(
-        ema=ema, lineage=lineage, memory=memory,
-        data=data, classifier=classifier, step=step, optimizer=optimizer, scheduler=scheduler,
-        per_step=per_step, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        ema=ema,
+        lineage=lineage,
+        memory=memory,
+        data=data,
+        classifier=classifier,
+        step=step,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        per_step=per_step,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         gen=torch.Generator().manual_seed(cfg.seed),  # data order and augmentation draws
-        train_split=train_split, test_split=data.test.to(device),
-        val_split=data.val.to(device) if data.val is not None else None, steps_per_epoch=steps_per_epoch,
-        warmup=Warmup(optimizer, round(cfg.optim.warmup_epochs * steps_per_epoch)))
+        train_split=train_split,
+        test_split=data.test.to(device),
+        val_split=data.val.to(device) if data.val is not None else None,
+        steps_per_epoch=steps_per_epoch,
+        warmup=Warmup(optimizer, round(cfg.optim.warmup_epochs * steps_per_epoch)),
+    )
 
 
 def _lineage(cfg: Config, data, parent):
@@ -193,17 +220,23 @@ def _lineage(cfg: Config, data, parent):
     mixed = None
     if parent is not None:
         check_input(parent, data.input_shape)
-        tasks = [*parent.tasks, data.classes[len(parent.classes):]]
+        tasks = [*parent.tasks, data.classes[len(parent.classes) :]]
         mixed = mixed_memory(cfg, parent, data.classes)
         if mixed is not None:  # rehearsal: the memory joins every epoch's shuffled batches
-            data.train = Split(torch.cat([data.train.images, mixed.images]), torch.cat([data.train.labels, mixed.labels]))
+            data.train = Split(
+                torch.cat([data.train.images, mixed.images]), torch.cat([data.train.labels, mixed.labels])
+            )
             from_parent = torch.cat([from_parent, torch.ones(len(mixed.labels), dtype=torch.bool)])
-            data.notes.append(f"replay: {len(mixed.labels)} images of {len(parent.classes)} earlier classes from "
-                              f"the parent's memory, mixed into every epoch")
+            data.notes.append(
+                f"replay: {len(mixed.labels)} images of {len(parent.classes)} earlier classes from "
+                f"the parent's memory, mixed into every epoch"
+            )
     lineage = Lineage(tasks, None if parent is None else {"path": str(parent.path), "sha256": parent.sha256})
     memory = None
     if cfg.train.replay:
-        memory = replay.select(data.train, data.classes, cfg.train.replay, seed=cfg.seed, from_parent=from_parent)
+        memory = replay.select(
+            data.train, data.classes, cfg.train.replay, seed=cfg.seed, from_parent=from_parent
+        )
         lineage.replay = {"mixed_in": None if mixed is None else mixed.selection, "kept": memory.selection}
     return lineage, memory
 
@@ -214,8 +247,10 @@ def _check_size(model: nn.Module, criterion: nn.Module, num_classes: int) -> Non
 
     n = sum(t.numel() for m in (model, criterion) for t in m.state_dict().values())
     if n > MAX_PARAMS:
-        raise NcmConfigError(f"the model has {n:,} parameters and buffers, above the {MAX_PARAMS:,} a checkpoint may "
-                             "hold; lower model.feature_dim or data.image_size")
+        raise NcmConfigError(
+            f"the model has {n:,} parameters and buffers, above the {MAX_PARAMS:,} a checkpoint may "
+            "hold; lower model.feature_dim or data.image_size"
+        )
     if num_classes > MAX_CLASSES:
         raise NcmConfigError(f"{num_classes:,} classes is above the {MAX_CLASSES:,} a checkpoint may hold")
 
@@ -227,8 +262,11 @@ def deterministic_setup(cfg: Config, device_type: str, env) -> None:
     if device_type != "cuda":
         return
     if cfg.model.arch.startswith("resnet"):
-        raise NcmConfigError("train.deterministic on CUDA cannot train model.arch=" + cfg.model.arch
-                             + ": adaptive_avg_pool2d's backward has no deterministic CUDA kernel")
+        raise NcmConfigError(
+            "train.deterministic on CUDA cannot train model.arch="
+            + cfg.model.arch
+            + ": adaptive_avg_pool2d's backward has no deterministic CUDA kernel"
+        )
     env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
