@@ -9,8 +9,8 @@ import time
 import torch
 
 from ncmcli.config.presets import resolve
-from ncmcli.train.schedules import make_optimizer
 from ncmcli.nn.classifier import Classifier
+from ncmcli.train.schedules import make_optimizer
 from ncmcli.train.setup import TrainStep
 
 

@@ -6,7 +6,6 @@ full CIFAR-10 epoch (50,000 images), for the losses of the study.
 """
 
 import torch
-
 from _common import Trainer, parse, timed
 
 

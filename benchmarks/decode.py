@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from _common import parse
+
 from ncmcli.data.batching import FileSplit
 
 

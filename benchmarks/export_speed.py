@@ -9,12 +9,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from _common import parse, timed
-from ncmcli.runs import checkpoint
+
 from ncmcli.config.presets import resolve
 from ncmcli.export import Exported, export
 from ncmcli.nn.classifier import Classifier
+from ncmcli.runs import checkpoint
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ import json
 import time
 
 import torch
-
 from _common import Trainer, forward_flops, sync
+
 from ncmcli.data.batching import Split, batches, channel_stats, normalize
 
 NETS = [

@@ -5,8 +5,8 @@
 """
 
 import torch
-
 from _common import Trainer, parse, timed
+
 from ncmcli import NCMLoss, make_anchors
 
 

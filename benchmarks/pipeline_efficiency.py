@@ -13,11 +13,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from _common import model_only_rate, parse
+
 from ncmcli.config.presets import resolve
-from ncmcli.engine import Reporter
 from ncmcli.data.fakedata import make_folder, make_mnist
+from ncmcli.engine import Reporter
 from ncmcli.train.loop import train
 
 CASES = [

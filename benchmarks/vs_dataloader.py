@@ -9,9 +9,9 @@ import time
 
 import torch
 import torchvision.transforms as T
+from _common import Trainer, parse
 from torch.utils.data import DataLoader, Dataset
 
-from _common import Trainer, parse
 from ncmcli.data.batching import Split, batches, channel_stats
 
 
@@ -58,7 +58,7 @@ def main() -> None:
     )
     ds = PilCifar(images, labels, tf)
     gen = torch.Generator().manual_seed(1)
-    ncm = lambda: batches(split, BATCH, mean=mean, std=std, device="cpu", generator=gen, augment_batches=True)  # noqa: E731
+    ncm = lambda: batches(split, BATCH, mean=mean, std=std, device="cpu", generator=gen, augment_batches=True)
     print(f"threads: {torch.get_num_threads()}, {N} CIFAR-shaped images per epoch, batch {BATCH}")
     print(f"{'net':10} {'ncm img/s':>10} {'DL w=0':>8} {'DL w=2':>8} {'ratio w=0':>10} {'ratio w=2':>10}")
     for arch in ("tiny",) if args.dry_run else ("tiny", "cifar10"):

@@ -7,7 +7,6 @@ from pathlib import Path
 from ncmcli.errors import NcmError, UsageError, config_boundary
 from ncmcli.runtime import distributed_run, setup_distributed
 
-
 MAX_ANCHOR_CLASSES = 10_000  # the certificate compares all pairs: (C, C) float64 is 800 MB at the bound
 MAX_ANCHOR_DIM = 65_536
 MAX_ANCHOR_NUMBERS = 2**26
@@ -290,8 +289,8 @@ def train_command(
 def export_command(target: Path, *, fmt: str, out: Path | None, which: str = "best") -> tuple[Path, str]:
     """Export a checkpoint (or a run folder's best) as ONNX or TorchScript; returns the file
     and its input, e.g. ``(B, 3, 64, 64) uint8, RGB``."""
-    from ncmcli.runs import checkpoint
     from ncmcli.export import FORMATS, export, input_description
+    from ncmcli.runs import checkpoint
     from ncmcli.runs.runfiles import resolve_checkpoint
 
     if fmt not in FORMATS:

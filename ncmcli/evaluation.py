@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ncmcli.errors import UsageError
 from ncmcli.runs.rundir import find_runs
 from ncmcli.runs.runfiles import METRICS, resolve_checkpoint
 from ncmcli.runtime import pick_device
-from ncmcli.errors import UsageError
 
 
 def _test_split(ck, data_root: str | None, limit: int = 0):
@@ -45,9 +45,9 @@ def _ood_images(source: str, ck, data_root: str | None, limit: int):
     import torch
 
     from ncmcli.config.schema import DataConfig
-    from ncmcli.registry import DATASETS
     from ncmcli.data.datasets import load_dataset
     from ncmcli.data.images import IMAGE_SUFFIXES, load_image
+    from ncmcli.registry import DATASETS
 
     c, h, _ = ck.input_shape
     if source in DATASETS and source != "folder" and not Path(source).exists():
@@ -284,10 +284,9 @@ def plot_command(
     import torch
 
     from ncmcli import diagnostics, plots
-
-    from ncmcli.runs import checkpoint
     from ncmcli.data.datasets import load_dataset
     from ncmcli.forward import evaluate
+    from ncmcli.runs import checkpoint
 
     plots._pyplot()  # fail early, with the install hint, before any work
     if kind == "curves":

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
 from ncmcli.data.batching import batches
-from ncmcli.scoring import confusion_of
 from ncmcli.runtime import dist_info
+from ncmcli.scoring import confusion_of
 
 
 def forward_split(

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from ncmcli import registry
 
-
 PAPER_FILE = Path(__file__).resolve().parent / "paper_results.json"
 
 

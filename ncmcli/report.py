@@ -11,12 +11,11 @@ from pathlib import Path
 
 import yaml
 
+from ncmcli import paper as papers
 from ncmcli import registry
 from ncmcli.config.overrides import dotted, from_dict
-from ncmcli.runs.rundir import RunDir
 from ncmcli.config.presets import load_yaml_text
 from ncmcli.errors import NcmError, UsageError
-from ncmcli import paper as papers
 from ncmcli.paper import (
     FIGURE2_ARCH,
     LIU_EPOCHS,
@@ -28,6 +27,7 @@ from ncmcli.paper import (
     method_label,
     paper_value,
 )
+from ncmcli.runs.rundir import RunDir
 
 # Never part of a group's identity: the seed is what a group averages over; the rest name
 # where things are, not what was trained.

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 MAX_JSON_DEPTH = 64  # ncm's own files nest 4 deep; deeper input is refused before parsing
 _JSON_STRING = None

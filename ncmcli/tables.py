@@ -14,7 +14,6 @@ from ncmcli.errors import UsageError
 from ncmcli.paper import PAPER_ARCH
 from ncmcli.report import METRICS, Cell, is_figure2, load_runs, varying_keys
 
-
 FORMATS = ("table", "md", "csv", "json")
 
 
@@ -205,8 +204,7 @@ def render(cells: list[Cell], fmt: str, metric: str = "test_error_pct") -> str:
             )
         else:
             widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-            line = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
-            parts.append("\n".join([title, line(header), *map(line, rows)]))
+            parts.append("\n".join([title, *(_padded(r, widths) for r in (header, *rows))]))
     marks = set().union(*(c.marks for c in cells))
     notes = {
         "epochs": "epochs = not the paper's budget (90 epochs; Liu et al.'s 30k iterations for Hinge/L-Softmax)",
@@ -226,3 +224,7 @@ def render(cells: list[Cell], fmt: str, metric: str = "test_error_pct") -> str:
     if any(c.paper is not None for c in cells):
         parts.append("Paper column: " + json.loads(papers.PAPER_FILE.read_text())["source"])
     return "\n\n".join(parts)
+
+
+def _padded(row, widths) -> str:
+    return "  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip()

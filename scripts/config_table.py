@@ -75,9 +75,9 @@ def _default(value) -> str:
 
 
 def choices() -> dict[str, tuple]:
+    from ncmcli import registry
     from ncmcli.config import schema as c
     from ncmcli.config import values as c_values
-    from ncmcli import registry
 
     return {
         "data.name": c.DATASETS,

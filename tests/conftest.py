@@ -113,9 +113,9 @@ def save_untrained(
     returns (path, model in eval mode, criterion)."""
     import torch
 
-    from ncmcli.runs import checkpoint
     from ncmcli.config.presets import resolve
     from ncmcli.nn.classifier import Classifier
+    from ncmcli.runs import checkpoint
 
     cfg = resolve(preset)
     torch.manual_seed(0)

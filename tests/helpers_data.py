@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ncmcli.data.fakedata import make_folder, make_mnist, write_idx  # noqa: F401
+from ncmcli.data.fakedata import make_folder, make_mnist, write_idx  # noqa: F401 (re-exported for the tests)
 
 
 def make_cifar(root: Path, kind: str = "cifar10", per_batch: int = 4, seed=0):
@@ -18,7 +18,7 @@ def make_cifar(root: Path, kind: str = "cifar10", per_batch: int = 4, seed=0):
     folder.mkdir(parents=True, exist_ok=True)
     label_key = "labels" if kind == "cifar10" else "fine_labels"
     names = (
-        (["data_batch_%d" % i for i in range(1, 6)], ["test_batch"])
+        ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"])
         if kind == "cifar10"
         else (["train"], ["test"])
     )

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from ncmcli import make_anchors
+from ncmcli.errors import NcmError
 from ncmcli.nn.certificate import anchor_certificate, best_known_min_angle, pairwise_angles
 from ncmcli.nn.floors import loss_floor
-from ncmcli.errors import NcmError
 
 
 def min_angle(a):

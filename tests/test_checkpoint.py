@@ -3,14 +3,14 @@ import os
 
 import pytest
 import torch
+from conftest import save_untrained
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ncmcli.runs import checkpoint
-from ncmcli.storage import atomic_write, atomic_write_text
-from conftest import save_untrained
 from ncmcli.config.presets import resolve
 from ncmcli.errors import CheckpointError
+from ncmcli.runs import checkpoint
+from ncmcli.storage import atomic_write, atomic_write_text
 
 
 def _save(tmp_path, preset="quickstart", name="ck.safetensors"):

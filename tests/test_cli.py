@@ -9,10 +9,9 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_clean_error, capped, untrained_file
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from conftest import assert_clean_error, capped, untrained_file
 
 
 def test_json_output_never_holds_nan_or_infinity():

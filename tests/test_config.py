@@ -1,19 +1,18 @@
 import dataclasses
+import os
 import re
 
 import pytest
 import yaml
+from conftest import assert_clean_error, capped
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ncmcli.config import schema as C
-
 from ncmcli.config import overrides as O
 from ncmcli.config import presets as P
-from ncmcli.errors import ConfigError
-import os
-from conftest import assert_clean_error, capped
+from ncmcli.config import schema as C
 from ncmcli.config.presets import resolve
+from ncmcli.errors import ConfigError
 
 
 def test_defaults_are_the_papers():

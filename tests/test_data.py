@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-
 from helpers_data import make_cifar, make_folder, make_mnist
+
 from ncmcli.config.presets import resolve
 from ncmcli.config.schema import DataConfig
 from ncmcli.data.augment import augment, draw_augment
@@ -364,6 +364,7 @@ def test_first_decode_is_announced_before_the_wait(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_data_classes_filters_every_split_and_names_the_valid_ones(tmp_path, ncm):
     from conftest import assert_clean_error
+
     from ncmcli.config.presets import resolve
     from ncmcli.data.datasets import load_dataset
 

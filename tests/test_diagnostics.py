@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ncmcli.diagnostics import anchor_report, auroc, expected_calibration_error, fpr_at_tpr, pca_2d
 from ncmcli import diagnostics
+from ncmcli.diagnostics import anchor_report, auroc, expected_calibration_error, fpr_at_tpr, pca_2d
 
 
 def test_auroc_known_answers():

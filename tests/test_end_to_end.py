@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import assert_clean_error
 
 SHORT = ["--set", "train.epochs=1", "--set", "data.limit_train=600", "--set", "data.limit_test=200"]

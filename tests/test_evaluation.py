@@ -5,9 +5,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import assert_clean_error, run_ncm, untrained_file
 from PIL import Image
 
-from conftest import assert_clean_error, run_ncm, untrained_file
 from ncmcli.config.presets import resolve
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from ncmcli.config.presets import resolve
 
 
@@ -30,9 +31,9 @@ def test_onnx_and_torchscript_exports_match_pytorch(trained_ckpts, tmp_path, pre
     import numpy as np
     import onnxruntime as ort
 
-    from ncmcli.runs import checkpoint
     from ncmcli.engine import export_command
     from ncmcli.export import Exported
+    from ncmcli.runs import checkpoint
 
     ck_path = trained_ckpts[preset]
     ck = checkpoint.load(ck_path)

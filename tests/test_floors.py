@@ -6,16 +6,16 @@ import math
 
 import pytest
 import torch
+from conftest import assert_clean_error
 from safetensors.torch import load_file
 
-from conftest import assert_clean_error
-from ncmcli.nn import floors
-from ncmcli.nn.anchors import make_anchors
+from ncmcli.config.presets import resolve
 from ncmcli.config.schema import LossConfig
 from ncmcli.errors import ConfigError
+from ncmcli.nn import floors
+from ncmcli.nn.anchors import make_anchors
 from ncmcli.nn.floors import loss_floor, scale_for_floor
 from ncmcli.nn.losses import NCMLoss, build_criterion
-from ncmcli.config.presets import resolve
 
 ANCHORS = {
     "orthonormal": lambda c: make_anchors("orthogonal", c, c),
@@ -167,8 +167,8 @@ def test_learned_scale_resumes_bit_identically_and_is_logged(tmp_path):
 
 
 def test_learned_scale_takes_no_weight_decay(tmp_path):
-    from ncmcli.train.schedules import make_optimizer
     from ncmcli.nn.classifier import Classifier
+    from ncmcli.train.schedules import make_optimizer
 
     cfg = resolve("quickstart", ["loss.scale=learn"])
     model, crit = Classifier.from_config(cfg, 10, (1, 28, 28)).parts()

@@ -6,10 +6,10 @@ import time
 
 import pytest
 import torch
-
 from helpers_data import make_folder
-from ncmcli.data import foldercache
+
 from ncmcli.config.presets import resolve
+from ncmcli.data import foldercache
 from ncmcli.data.datasets import load_dataset, stratified_indices
 
 

@@ -1,13 +1,14 @@
 """Untrusted images: every odd file gives a clear error or a sensible conversion."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from conftest import assert_clean_error, save_untrained
 from PIL import Image
 
 from ncmcli.data.images import MAX_IMAGE_PIXELS, load_image
 from ncmcli.errors import ImageError
-from pathlib import Path
-from conftest import assert_clean_error, save_untrained
 
 
 @pytest.mark.parametrize(
@@ -61,7 +62,8 @@ def test_decompression_bomb_is_refused_without_decoding(tmp_path):
     # A 1-bit PNG of 100k x 100k pixels is tiny on disk but 10 GB decoded.
     side = 100_000
     assert side * side > MAX_IMAGE_PIXELS
-    import zlib, struct  # noqa: E401 - build the PNG by hand so the test itself stays small
+    import struct
+    import zlib  # build the PNG by hand so the test itself stays small
 
     def chunk(kind, data):
         return (
@@ -124,8 +126,8 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_the_pixel_cap_is_the_documented_64_megapixels(tmp_path):
     from PIL import Image
 
-    from ncmcli.errors import ImageError
     from ncmcli.data.images import MAX_IMAGE_PIXELS, load_image
+    from ncmcli.errors import ImageError
 
     assert (
         MAX_IMAGE_PIXELS == 64_000_000

@@ -5,15 +5,15 @@ import math
 
 import pytest
 import torch
+from conftest import StopAfter, assert_clean_error
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import StopAfter, assert_clean_error
-from ncmcli.data import replay
-from ncmcli.nn.anchors import make_anchors
-from ncmcli.data.batching import Split
 from ncmcli.config.presets import resolve
+from ncmcli.data import replay
+from ncmcli.data.batching import Split
 from ncmcli.engine import Reporter
+from ncmcli.nn.anchors import make_anchors
 from ncmcli.nn.floors import slot_floor
 from ncmcli.nn.losses import NCMLoss
 from ncmcli.nn.slots import assign_slots, grow_head

@@ -2,12 +2,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ncmcli import NCMLoss, make_anchors
+from ncmcli.config.presets import resolve
 from ncmcli.errors import ConfigError
 from ncmcli.nn.losses import SoftmaxLoss, build_criterion
-import torch.nn.functional as F
-from ncmcli.config.presets import resolve
 
 
 def ref_distance(f, a, metric):

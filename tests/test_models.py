@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from ncmcli import build_net
-from ncmcli.nn.models import ARCHS
 from ncmcli.config.presets import resolve
+from ncmcli.nn.models import ARCHS
 from ncmcli.train.schedules import make_optimizer
 
 SHAPES = {"mnist2d": (1, 28), "mnist": (1, 28), "cifar10": (3, 32), "cifar100": (3, 32)}

@@ -6,9 +6,8 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import assert_clean_error, run_ncm
+from PIL import Image
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,10 @@
 """``ncm predict`` (ncmcli/predict.py): distances and margins, and files that must not block."""
 
 import os
-from conftest import capped, untrained_file
+
 import pytest
 import torch
+from conftest import capped, untrained_file
 
 
 def test_predict_on_a_fifo_does_not_block(tmp_path):
@@ -15,9 +16,9 @@ def test_predict_on_a_fifo_does_not_block(tmp_path):
 
 
 def test_predict_reports_distance_and_margin(tmp_path):
+    from conftest import save_untrained
     from PIL import Image
 
-    from conftest import save_untrained
     from ncmcli.predict import predict_command
 
     ck, model, crit = save_untrained(tmp_path / "ck.safetensors", epoch=1, metrics={})

@@ -1,23 +1,23 @@
 """Every registered preset: resolves, prints, builds its net, and takes training steps."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
-
-from ncmcli.config.overrides import to_yaml
-from ncmcli.config.presets import list_presets, resolve
-from ncmcli.train.schedules import make_optimizer
-from ncmcli.nn.classifier import Classifier
 from conftest import assert_clean_error, capped
-from pathlib import Path
-import shutil
+
 from ncmcli.config import overrides as O
 from ncmcli.config import presets as P
+from ncmcli.config.overrides import to_yaml
+from ncmcli.config.presets import list_presets, resolve
 from ncmcli.nn.baselines import LSoftmaxLoss
+from ncmcli.nn.classifier import Classifier
+from ncmcli.train.schedules import make_optimizer
 
 SHAPES = {
     "mnist": (1, 28),

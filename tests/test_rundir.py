@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import assert_clean_error, capped
+
 from ncmcli.config.presets import resolve
 from ncmcli.engine import Reporter
 from ncmcli.runs import runfiles

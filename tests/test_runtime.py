@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_ncm
+
 from ncmcli.config.presets import resolve
 from ncmcli.errors import ConfigError, UsageError
 from ncmcli.runs import trainstate

@@ -3,11 +3,11 @@
 
 import pytest
 import torch
-from ncmcli.errors import ConfigError
-from ncmcli.config.presets import resolve
-from ncmcli.train.schedules import Warmup, make_optimizer, make_scheduler
+
 from ncmcli.config import presets as P
-from ncmcli.train.schedules import PlateauOnExcess
+from ncmcli.config.presets import resolve
+from ncmcli.errors import ConfigError
+from ncmcli.train.schedules import PlateauOnExcess, Warmup, make_optimizer, make_scheduler
 
 
 def test_warmup_ramps_then_hands_over_to_the_schedule():

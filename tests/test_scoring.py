@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import assert_clean_error
+
 from ncmcli import diagnostics, scoring
 from ncmcli.config.presets import resolve
 from ncmcli.config.schema import LossConfig

@@ -30,6 +30,7 @@ def test_backbone_lr_factor_and_frozen_epochs(tmp_path):
     )  # factor 1: one group
 
     from conftest import StopAfter
+
     from ncmcli.train.loop import Interrupted
 
     c = resolve(

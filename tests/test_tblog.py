@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from ncmcli.config.presets import resolve
 
 

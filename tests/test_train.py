@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import StopAfter, assert_clean_error
 from safetensors.torch import load_file
 
-from conftest import StopAfter, assert_clean_error
-from ncmcli.runs import checkpoint
-from ncmcli.runs.ckfile import read_metadata
 from ncmcli.config.presets import resolve
 from ncmcli.engine import Reporter
+from ncmcli.runs import checkpoint
+from ncmcli.runs.ckfile import read_metadata
 from ncmcli.train.loop import Interrupted, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_resume_mid_epoch_and_at_epoch_end_is_bit_identical(tmp_path, extra):
     assert (tmp_path / "full" / "metrics.jsonl").read_text().count("\n") == 3
     m_full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     m_cut = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
-    strip = lambda m: {k: v for k, v in m.items() if k not in ("epoch_time_s", "images_per_s")}  # noqa: E731
+    strip = lambda m: {k: v for k, v in m.items() if k not in ("epoch_time_s", "images_per_s")}
     assert list(map(strip, m_full)) == list(map(strip, m_cut))
 
 
@@ -397,9 +397,8 @@ def test_ema_weights_follow_the_formula_and_are_what_is_checkpointed(tmp_path, m
 
 
 def test_ema_resumes_exactly(tmp_path):
-    from safetensors.torch import load_file
-
     from conftest import StopAfter
+    from safetensors.torch import load_file
 
     from ncmcli.train.loop import Interrupted
 

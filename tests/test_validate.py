@@ -9,10 +9,10 @@ import os
 
 import pytest
 import torch
+from conftest import assert_clean_error, capped, untrained_file
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_clean_error, capped, untrained_file
 from ncmcli.config import schema as config
 from ncmcli.nn import floors
 from ncmcli.runs import checkpoint

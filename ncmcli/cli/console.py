@@ -241,7 +241,7 @@ def render_eval(res: dict, con: Console) -> None:
     t = Table(
         "class", "n", "accuracy", "precision", "recall", "F1", *(["mean dist. to own anchor"] if comp else [])
     )
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
     for name, acc in res["per_class_accuracy"].items():
         sc = res["per_class"][name]
         t.add_row(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -15,23 +14,23 @@ from ncmcli.cli.console import err, out_json, render_eval, safe_text, show
 
 def eval_(
     target: Path = typer.Argument(..., help="A checkpoint, or a run folder (its best.safetensors)."),
-    data_root: Optional[str] = typer.Option(
+    data_root: str | None = typer.Option(
         None, "--data-root", help="Where the dataset lives, if not where it was trained."
     ),
     device: str = typer.Option("auto", "--device"),
     limit: int = typer.Option(0, "--limit", help="Evaluate on a stratified sample of N test images."),
-    batch_size: Optional[int] = typer.Option(
+    batch_size: int | None = typer.Option(
         None,
         "--batch-size",
         help="Images per forward pass (default: the checkpoint's train.eval_batch_size).",
     ),
-    ood: Optional[str] = typer.Option(
+    ood: str | None = typer.Option(
         None, "--ood", help="Open-set check against a dataset name or an image folder."
     ),
-    ood_limit: Optional[int] = typer.Option(
+    ood_limit: int | None = typer.Option(
         None, "--ood-limit", help="A seeded sample of N open-set images (default: --limit; 0 = all)."
     ),
-    ood_score: Optional[str] = typer.Option(
+    ood_score: str | None = typer.Option(
         None,
         "--ood-score",
         help="The open-set score to headline: dist, margin, cac, msp or maxlogit (default: msp, measured best on real pairs); every score's AUROC is reported.",
@@ -74,17 +73,17 @@ def eval_(
 
 
 def predict(
-    inputs: List[Path] = typer.Argument(..., help="Image files or folders."),
-    checkpoint: Optional[Path] = typer.Option(
+    inputs: list[Path] = typer.Argument(..., help="Image files or folders."),
+    checkpoint: Path | None = typer.Option(
         None, "--checkpoint", "-c", help="Default: $NCM_CHECKPOINT, else the newest runs/**/best.safetensors."
     ),
     top_k: int = typer.Option(3, "--top-k", "-k", help="How many classes to show per image."),
-    reject_above: Optional[float] = typer.Option(
+    reject_above: float | None = typer.Option(
         None,
         "--reject-above",
         help="Label an image 'unknown' when it is farther than this from every anchor.",
     ),
-    reject_below_margin: Optional[float] = typer.Option(
+    reject_below_margin: float | None = typer.Option(
         None,
         "--reject-below-margin",
         help="Label an image 'unknown' when the second-nearest anchor is less than this farther than the nearest (the margin score; see ncm eval --ood).",
@@ -93,7 +92,7 @@ def predict(
     batch_size: int = typer.Option(
         256, "--batch-size", help="Images decoded and classified at a time (bounds memory)."
     ),
-    resize: Optional[str] = typer.Option(
+    resize: str | None = typer.Option(
         None,
         "--resize",
         help="crop (keep the aspect ratio: shorter side, centre crop) or squash; default: the checkpoint's data.resize.",

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
-
 
 from ncmcli.cli.console import err, show
 
@@ -31,9 +29,9 @@ def plot_features(
     checkpoint: Path = typer.Argument(..., help="A checkpoint or run folder."),
     split: str = typer.Option("test", "--split", help="train or test."),
     max_points: int = typer.Option(5000, "--max-points", help="Draw at most this many features (0 = all)."),
-    data_root: Optional[str] = typer.Option(None, "--data-root"),
+    data_root: str | None = typer.Option(None, "--data-root"),
     device: str = typer.Option("auto", "--device"),
-    out: Optional[Path] = _OUT,
+    out: Path | None = _OUT,
     fmt: str = _FMT,
     which: str = _WHICH,
 ) -> None:
@@ -53,8 +51,8 @@ def plot_features(
 
 @plot_app.command("curves")
 def plot_curves(
-    runs: List[Path] = typer.Argument(..., help="Run folders (or folders that contain them)."),
-    out: Optional[Path] = _OUT,
+    runs: list[Path] = typer.Argument(..., help="Run folders (or folders that contain them)."),
+    out: Path | None = _OUT,
     fmt: str = _FMT,
 ) -> None:
     """The paper's Figure 3: training loss and test error per epoch, runs overlaid."""
@@ -64,9 +62,9 @@ def plot_curves(
 @plot_app.command("confusion")
 def plot_confusion(
     checkpoint: Path = typer.Argument(...),
-    data_root: Optional[str] = typer.Option(None, "--data-root"),
+    data_root: str | None = typer.Option(None, "--data-root"),
     device: str = typer.Option("auto", "--device"),
-    out: Optional[Path] = _OUT,
+    out: Path | None = _OUT,
     fmt: str = _FMT,
     which: str = _WHICH,
 ) -> None:
@@ -77,10 +75,10 @@ def plot_confusion(
 @plot_app.command("angles")
 def plot_angles(
     checkpoint: Path = typer.Argument(...),
-    data_root: Optional[str] = typer.Option(None, "--data-root"),
+    data_root: str | None = typer.Option(None, "--data-root"),
     max_points: int = typer.Option(0, "--max-points"),
     device: str = typer.Option("auto", "--device"),
-    out: Optional[Path] = _OUT,
+    out: Path | None = _OUT,
     fmt: str = _FMT,
     which: str = _WHICH,
 ) -> None:

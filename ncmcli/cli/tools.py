@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -34,7 +33,7 @@ def anchors(
     floor_target: float = typer.Option(
         0.1, "--floor-target", help="With --scale auto: the loss floor, in nats, to solve for."
     ),
-    out: Optional[Path] = typer.Option(
+    out: Path | None = typer.Option(
         None, "--out", "-o", help="Write the anchors to this .safetensors file (key 'anchors')."
     ),
     as_json: bool = typer.Option(
@@ -68,7 +67,7 @@ def presets() -> None:
 def export(
     target: Path = typer.Argument(..., help="A checkpoint, or a run folder (its best.safetensors)."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
-    out: Optional[Path] = typer.Option(
+    out: Path | None = typer.Option(
         None, "--out", "-o", help="Output file (default: beside the checkpoint)."
     ),
     which: str = typer.Option(
@@ -90,9 +89,9 @@ def export(
 
 
 def report(
-    paths: List[Path] = typer.Argument(..., help="Run folders, or folders that contain them."),
+    paths: list[Path] = typer.Argument(..., help="Run folders, or folders that contain them."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, md, csv or json."),
-    by: List[str] = typer.Option(
+    by: list[str] = typer.Option(
         [], "--by", help="Group runs by this config key (repeatable) instead of by everything but the seed."
     ),
     per_run: bool = typer.Option(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -13,16 +12,16 @@ from ncmcli.cli.console import RichReporter, StopOnSignal, err, out_json, safe_t
 
 
 def train(
-    preset: Optional[str] = typer.Option(
+    preset: str | None = typer.Option(
         None, "--preset", "-p", help="Preset name (see 'ncm presets') or a YAML file."
     ),
-    overrides: List[str] = typer.Option(
+    overrides: list[str] = typer.Option(
         [], "--set", "-s", help="Override a config key: --set optim.lr=0.05 (repeatable)."
     ),
     print_config: bool = typer.Option(
         False, "--print-config", help="Print the resolved config as YAML and exit.", metavar=""
     ),
-    out: Optional[Path] = typer.Option(
+    out: Path | None = typer.Option(
         None, "--out", "-o", help="Run folder (default: a new one under --runs)."
     ),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Parent of new run folders."),
@@ -32,15 +31,15 @@ def train(
     force: bool = typer.Option(
         False, "--force", help="Train into an --out folder that already holds a run.", metavar=""
     ),
-    resume: Optional[Path] = typer.Option(
+    resume: Path | None = typer.Option(
         None,
         "--resume",
         help="Continue an interrupted run folder exactly (only --set train.epochs=N may change).",
     ),
-    name: Optional[str] = typer.Option(
+    name: str | None = typer.Option(
         None, "--name", help="Prefix of the new run folder (default: the preset's name)."
     ),
-    extend: Optional[Path] = typer.Option(
+    extend: Path | None = typer.Option(
         None,
         "--extend",
         help="Add the classes in data.classes to a trained checkpoint (or run folder): its weights, anchor slots and classes stay.",

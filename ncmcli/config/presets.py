@@ -10,12 +10,10 @@ from typing import Any
 
 import yaml
 
-from ncmcli.config.overrides import _flatten, build, parse_override
-
 from ncmcli import registry
+from ncmcli.config.overrides import _flatten, build, parse_override
 from ncmcli.config.schema import Config, quote
-from ncmcli.errors import ConfigError
-from ncmcli.errors import special_file
+from ncmcli.errors import ConfigError, special_file
 
 MAX_PRESET_BYTES = 64 * 1024  # presets are a few hundred bytes; a bigger file is a mistake or an attack
 MAX_YAML_DEPTH = 16  # the schema is two levels deep

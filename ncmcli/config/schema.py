@@ -13,7 +13,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from ncmcli import registry  # torch-free: the names every check below reads
 from ncmcli.netspecs import ARCH_NAMES as _ARCH_NAMES
 
@@ -44,13 +43,11 @@ class DataConfig:
     hflip: bool = False  # random horizontal flips only (implied by augment): Liu et al.'s plain CIFAR-10
     normalization: str = "global"  # the paper's one mean and std over all pixels; channel = per RGB channel
     download: bool = True  # torchvision downloads into root; off = fail fast offline
-    channels: int = (
-        0  # folder only: 1 or 3; 0 = from the images (1 when every sampled one is grayscale, else 3)
-    )
+    # folder only: 1 or 3; 0 = from the images (1 when every sampled one is grayscale, else 3)
+    channels: int = 0
     resize: str = "crop"  # folder and predict: keep the aspect ratio (shorter side, centre crop) or squash
-    image_size: int = (
-        0  # folder only: square side in pixels; 0 = from the images (median shorter side, 8..64)
-    )
+    # folder only: square side in pixels; 0 = from the images (median shorter side, 8..64)
+    image_size: int = 0
     test_dir: str = ""  # folder only: the held-out subfolder; "" = test/, else val/ (what photo sets ship)
     extensions: str = ""  # folder only: comma-separated file endings to read; "" = torchvision ImageFolder's
     limit_train: int = 0  # a stratified sample of N training images (0 = all): quick checks

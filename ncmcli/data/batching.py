@@ -4,8 +4,8 @@ DataLoader for image folders too large for memory."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -21,16 +21,16 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def to(self, device) -> "Split":
+    def to(self, device) -> Split:
         return Split(self.images.to(device), self.labels.to(device))
 
-    def head(self, n: int) -> "Split":
+    def head(self, n: int) -> Split:
         return self if n <= 0 else Split(self.images[:n], self.labels[:n])
 
-    def subset(self, idx: torch.Tensor) -> "Split":
+    def subset(self, idx: torch.Tensor) -> Split:
         return Split(self.images[idx], self.labels[idx])
 
-    def shard(self, rank: int, world: int) -> "Split":
+    def shard(self, rank: int, world: int) -> Split:
         return Split(self.images[rank::world], self.labels[rank::world])
 
     @property
@@ -54,13 +54,13 @@ class FileSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def to(self, device) -> "FileSplit":
+    def to(self, device) -> FileSplit:
         return self  # stays on disk
 
-    def head(self, n: int) -> "FileSplit":
+    def head(self, n: int) -> FileSplit:
         return self if n <= 0 else self.subset(torch.arange(min(n, len(self))))
 
-    def subset(self, idx: torch.Tensor) -> "FileSplit":
+    def subset(self, idx: torch.Tensor) -> FileSplit:
         return FileSplit(
             [self.files[i] for i in idx.tolist()],
             self.labels[idx],
@@ -70,7 +70,7 @@ class FileSplit:
             self.resize,
         )
 
-    def shard(self, rank: int, world: int) -> "FileSplit":
+    def shard(self, rank: int, world: int) -> FileSplit:
         """This rank's rows, as one FileSplit kept for the split's life: every evaluation under
         DDP reuses its DataLoader (and workers) instead of forking new ones each epoch."""
         shards = self.__dict__.setdefault("_shards", {})
@@ -92,7 +92,7 @@ class FileSplit:
     def shape(self) -> tuple[int, int, int]:
         return (self.channels, self.size, self.size)
 
-    def loader(self, device) -> "_PlannedLoader":
+    def loader(self, device) -> _PlannedLoader:
         if getattr(self, "_loader", None) is None:
             self._loader = _PlannedLoader(self, device)
         return self._loader

@@ -16,9 +16,13 @@ import numpy as np
 import torch
 
 from ncmcli.data.batching import Split
+from ncmcli.data.subsets import (  # noqa: F401 (re-exported)
+    choose_classes,  # noqa: F401 (keep_classes re-exported)
+    imbalanced_indices,
+    parse_imbalance,
+    stratified_indices,
+)
 from ncmcli.errors import DataError
-from ncmcli.data.subsets import choose_classes  # noqa: F401 (keep_classes re-exported)
-from ncmcli.data.subsets import imbalanced_indices, parse_imbalance, stratified_indices  # noqa: F401 (re-exported)
 
 FASHION_CLASSES = [
     "T-shirt/top",

@@ -8,9 +8,8 @@ from pathlib import Path
 import torch
 
 from ncmcli.data.batching import FileSplit, Split
-from ncmcli.errors import DataError
 from ncmcli.data.images import load_image
-
+from ncmcli.errors import DataError
 
 # torchvision's ImageFolder extensions: what a folder of photos holds (GIF placeholders are not)
 FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

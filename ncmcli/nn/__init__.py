@@ -8,9 +8,8 @@ yaml, typer or rich (``tests/test_structure.py`` checks it in a fresh process).
 """
 
 from ncmcli.nn.anchors import make_anchors
-
-from ncmcli.nn.certificate import anchor_certificate
 from ncmcli.nn.baselines import CenterLoss, HingeLoss, LSoftmaxLoss
+from ncmcli.nn.certificate import anchor_certificate
 from ncmcli.nn.classifier import Classifier
 from ncmcli.nn.distances import cosine, euclidean, squared_euclidean
 from ncmcli.nn.floors import loss_floor, scale_for_floor

@@ -205,7 +205,7 @@ def _cached_optimized(c: int, d: int, seed: int) -> torch.Tensor:
     anchors; an unreadable or mismatched cache file is recomputed and replaced."""
     from safetensors.torch import load_file, save_file
 
-    from ncmcli.storage import cache_dir, atomic_write
+    from ncmcli.storage import atomic_write, cache_dir
 
     path = cache_dir() / "anchors" / f"optimized-v{OPTIMIZED_VERSION}-c{c}-d{d}-seed{seed}.safetensors"
     if path.is_file():

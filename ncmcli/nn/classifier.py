@@ -84,7 +84,7 @@ class Classifier(nn.Module):
         class_slots: torch.Tensor | None = None,
         scale: float | None = None,
         pretrained: bool | None = None,
-    ) -> "Classifier":
+    ) -> Classifier:
         """The one builder: the net of ``cfg.model``, anchors of ``cfg.anchors`` (made here unless
         given: a checkpoint passes its own; an int S gives S placeholder rows, a template whose sizes a
         checkpoint checks before reading its tensors), the criterion of ``cfg.loss``. ``classes`` is a list of
@@ -145,7 +145,7 @@ class Classifier(nn.Module):
             input_shape=input_shape,
         )
 
-    def extended(self, cfg, classes, *, keep_scale: bool, class_counts=None) -> "Classifier":
+    def extended(self, cfg, classes, *, keep_scale: bool, class_counts=None) -> Classifier:
         """This classifier with room for the classes of ``classes`` beyond its own (which come
         first, in order): the net's weights copied, NCM slots kept bit-identical with a free slot
         for each new class, learned heads grown by fresh rows; the same input format. Raises

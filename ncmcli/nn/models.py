@@ -15,7 +15,6 @@ from torch import nn
 from ncmcli.netspecs import ARCH_NAMES, ARCHS, MLPS, RESNETS, MLPSpec, NetSpec, ResNetSpec
 from ncmcli.registry import DROPOUT_RANGE, HEADS
 
-
 _POOL_AFTER = {1, 2, 3}
 _DROPOUT_AFTER = {1, 2}
 

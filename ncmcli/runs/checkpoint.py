@@ -17,10 +17,9 @@ import torch
 
 from ncmcli.config.schema import MAX_CLASSES, MAX_PARAMS  # the bounds training checks too
 from ncmcli.errors import CheckpointError, NcmError
-from ncmcli.storage import atomic_write
-
 from ncmcli.runs import validate
 from ncmcli.runs.ckfile import FORMAT, FORMAT_VERSION, CheckpointFile
+from ncmcli.storage import atomic_write
 
 _ANCHOR_KEY = "anchors"
 

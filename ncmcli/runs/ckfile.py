@@ -46,7 +46,7 @@ class CheckpointFile:
     _tensors: dict | None = field(default=None, repr=False)
 
     @classmethod
-    def read(cls, path) -> "CheckpointFile":
+    def read(cls, path) -> CheckpointFile:
         path = _existing_file(Path(path))
         with open(path, "rb") as fh:
             data = fh.read()

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from ncmcli.data import replay
-from ncmcli.runs import runfiles
 from ncmcli.errors import ConfigError, UsageError
+from ncmcli.runs import runfiles
 from ncmcli.storage import atomic_write_text, bounded_json
 
 # What must match the parent: the net, the anchors and the input format. The rest of the

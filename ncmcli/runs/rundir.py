@@ -4,8 +4,8 @@ the run id that ties a run's checkpoints to its folder."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ncmcli.runs.runfiles import (
     BEST,
@@ -22,7 +22,6 @@ from ncmcli.runs.runfiles import (
     resolve_checkpoint,
 )
 from ncmcli.storage import atomic_write_text
-
 
 RUN_ID_PREFIX = "# ncm run id: "  # config.yaml's first line ties a run's checkpoints to its folder
 
@@ -87,7 +86,7 @@ class RunDir:
     def append_metrics(self, metrics: dict) -> None:
         append_metrics(self.metrics_file, metrics)
 
-    def lock(self) -> "FolderLock":
+    def lock(self) -> FolderLock:
         return FolderLock(self.path)
 
     def remove_stale_temps(self) -> None:

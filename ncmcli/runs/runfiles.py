@@ -6,8 +6,8 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ncmcli.errors import CheckpointError, UsageError, special_file
 from ncmcli.storage import bounded_json
@@ -66,7 +66,7 @@ class FolderLock:
         self.path = Path(folder) / LOCK
         self.fh = None
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         import fcntl
         import os
 

@@ -13,7 +13,6 @@ from ncmcli.config.schema import MAX_CLASSES, MAX_FEATURE_DIM, MAX_SCALE
 from ncmcli.errors import CheckpointError
 from ncmcli.storage import bounded_json
 
-
 # Bounds checked before anything is built or read: a crafted 100 KB file must not make ncm
 # allocate gigabytes. The largest paper net (CIFAR-100, d=512) has about 10M parameters.
 MAX_SIDE = 1024  # above data.image_size's 512: a checkpoint may come from elsewhere

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from ncmcli.config.overrides import to_yaml
-
 from ncmcli.config.schema import Config
 from ncmcli.runs import checkpoint, runfiles, trainstate
 from ncmcli.runs.ckfile import CheckpointFile
@@ -67,8 +66,8 @@ def open_parent(run_dir: Path, resume: bool, extend: Path | None):
 def open_run(cfg: Config, run: Setup, run_dir: Path, device, *, resume: bool, parent, reporter) -> None:
     """Resume from last.safetensors, or start the run's files: config.yaml (its run id first),
     an --extend run's parent record, and train.replay's memory."""
-    from ncmcli.runs import incremental
     from ncmcli.data import replay
+    from ncmcli.runs import incremental
 
     rank = dist_info()[0]
     if resume:

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ncmcli.config.schema import Config
-from ncmcli.errors import ConfigError as NcmConfigError, NcmError, config_boundary
+from ncmcli.errors import ConfigError as NcmConfigError
+from ncmcli.errors import NcmError, config_boundary
 from ncmcli.nn.classifier import Classifier
 from ncmcli.runs import trainstate
 from ncmcli.runtime import dist_info, rank0_first
