@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from _common import parse, timed
 
+from ncmcli.commands.export import Exported, export
 from ncmcli.config.presets import resolve
-from ncmcli.export import Exported, export
 from ncmcli.nn.classifier import Classifier
 from ncmcli.runs import checkpoint
 

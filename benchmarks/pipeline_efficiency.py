@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from _common import model_only_rate, parse
 
+from ncmcli.commands.train import Reporter
 from ncmcli.config.presets import resolve
 from ncmcli.data.fakedata import make_folder, make_mnist
-from ncmcli.engine import Reporter
 from ncmcli.train.loop import train
 
 CASES = [

@@ -85,7 +85,7 @@ def _stat(values: list[float], digits: int) -> str:
 
 
 def table(paths: list[Path], columns: list[str], by: list[str] = ()) -> str:
-    from ncmcli.report import collect
+    from ncmcli.reports.collect import collect
 
     cells = collect(paths, by=list(by))
     keys = list(dict.fromkeys(k for c in cells for k in c.settings))

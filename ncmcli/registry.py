@@ -1,49 +1,44 @@
 """Every name a user can type, in one place: losses, anchor methods, nets, data sets.
 
-Each family is a table of name -> entry (its display label and, where there is code, the
-builder as a ``"module:function"`` string). Config validation, "did you mean" hints, report
-labels and the README's tables are all read from these tables (a test checks that they
-agree), and the builders are imported only when used, so this module imports no torch and
-``ncm --help`` stays instant.
+Each family is a table of name -> entry (its display label, and for losses the distance and
+the config keys its builder reads). Config validation, "did you mean" hints, report labels and
+the docs' tables are all read from these tables. The code lives where its layer is, each with
+a builder table keyed by the same names, imported normally so the import graph sees it:
+``nn.criteria.LOSS_BUILDERS``, ``nn.anchors.ANCHOR_BUILDERS``, ``data.datasets.DATASET_BUILDERS``
+(a test checks that every table holds exactly the registered names). This module imports no
+torch, so ``ncm --help`` stays instant.
 
 To add a loss: write its criterion and a ``build_*`` function taking
-``(loss_cfg, *, anchors, dim, num_classes)``, then add one line to ``LOSSES``.
+``(loss_cfg, *, anchors, dim, num_classes)``, add one line to ``LOSSES`` here and one to
+``LOSS_BUILDERS`` (CONTRIBUTING.md has the recipe).
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class Entry:
     label: str  # what reports and docs show
-    builder: str = ""  # "module:function", imported on first use
     metric: str = ""  # losses: the anchor distance for NCM losses ("" = no anchors)
     keys: tuple[str, ...] = ()  # losses: the loss.* fields its builder reads, besides name
-
-    def build(self, *args, **kwargs):
-        module, func = self.builder.split(":")
-        return getattr(importlib.import_module(module), func)(*args, **kwargs)
 
 
 _NCM_KEYS = ("scale", "floor_target", "logit_adjust", "free_slots")
 # -- Losses (criteria). Labels may use the loss config's fields, e.g. {margin}.
 LOSSES: dict[str, Entry] = {
-    "softmax": Entry("SoftMax", "ncmcli.nn.losses:build_softmax", keys=("label_smoothing", "logit_adjust")),
-    "encm": Entry("E-NCM", "ncmcli.nn.losses:build_ncm", metric="euclidean", keys=_NCM_KEYS),
-    "cncm": Entry("C-NCM", "ncmcli.nn.losses:build_ncm", metric="cosine", keys=_NCM_KEYS),
-    "sqncm": Entry("sq-NCM", "ncmcli.nn.losses:build_ncm", metric="sqeuclidean", keys=_NCM_KEYS),
-    "hinge": Entry("{hinge_label}", "ncmcli.nn.baselines:build_hinge", keys=("hinge_form",)),
+    "softmax": Entry("SoftMax", keys=("label_smoothing", "logit_adjust")),
+    "encm": Entry("E-NCM", metric="euclidean", keys=_NCM_KEYS),
+    "cncm": Entry("C-NCM", metric="cosine", keys=_NCM_KEYS),
+    "sqncm": Entry("sq-NCM", metric="sqeuclidean", keys=_NCM_KEYS),
+    "hinge": Entry("{hinge_label}", keys=("hinge_form",)),
     "lsoftmax": Entry(
         "L-Softmax m={margin}",
-        "ncmcli.nn.baselines:build_lsoftmax",
         keys=("margin", "lambda_base", "lambda_gamma", "lambda_power", "lambda_min", "label_smoothing"),
     ),
     "center": Entry(
         "Center",
-        "ncmcli.nn.baselines:build_center",
         keys=("center_weight", "center_alpha", "label_smoothing"),
     ),
 }
@@ -78,12 +73,12 @@ def loss_key_users(key: str) -> list[str]:
 
 # -- Anchor methods (ncmcli.nn.anchors implements each; files are accepted besides these).
 ANCHOR_METHODS: dict[str, Entry] = {  # builders: (num_classes, dim, seed) -> (C, d) float64 rows
-    "orthogonal": Entry("e_1..e_C, the paper's default", "ncmcli.nn.anchors:orthogonal"),
-    "polar": Entry("the paper's angle meshgrid", "ncmcli.nn.anchors:polar"),
-    "simplex": Entry("regular simplex", "ncmcli.nn.anchors:simplex"),
-    "orthoplex": Entry("±e_i", "ncmcli.nn.anchors:orthoplex"),
-    "optimized": Entry("numerically maximised minimum angle", "ncmcli.nn.anchors:optimized"),
-    "random": Entry("normalised Gaussian rows", "ncmcli.nn.anchors:random_rows"),
+    "orthogonal": Entry("e_1..e_C, the paper's default"),
+    "polar": Entry("the paper's angle meshgrid"),
+    "simplex": Entry("regular simplex"),
+    "orthoplex": Entry("±e_i"),
+    "optimized": Entry("numerically maximised minimum angle"),
+    "random": Entry("normalised Gaussian rows"),
     "auto": Entry("simplex, orthoplex or optimized, by C and d"),  # resolve_auto picks one of the above
 }
 ANCHOR_FILE_SUFFIXES = (".safetensors", ".csv")
@@ -91,12 +86,12 @@ ANCHOR_FILE_SUFFIXES = (".safetensors", ".csv")
 # -- Data sets: the report's label (CIFAR-10 with augment is the paper's "CIFAR-10+").
 # Builders: (data config, root, train, say) -> Dataset.
 DATASETS: dict[str, Entry] = {
-    "quickstart": Entry("quickstart", "ncmcli.data.datasets:quickstart"),
-    "mnist": Entry("MNIST", "ncmcli.data.datasets:mnist_like"),
-    "fashion-mnist": Entry("Fashion-MNIST", "ncmcli.data.datasets:mnist_like"),
-    "cifar10": Entry("CIFAR-10", "ncmcli.data.datasets:cifar"),
-    "cifar100": Entry("CIFAR-100", "ncmcli.data.datasets:cifar"),
-    "folder": Entry("folder", "ncmcli.data.datasets:folder"),
+    "quickstart": Entry("quickstart"),
+    "mnist": Entry("MNIST"),
+    "fashion-mnist": Entry("Fashion-MNIST"),
+    "cifar10": Entry("CIFAR-10"),
+    "cifar100": Entry("CIFAR-100"),
+    "folder": Entry("folder"),
 }
 
 # -- Feature heads and dropout: one definition for config and models alike.

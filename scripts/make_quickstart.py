@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from ncmcli.data.datasets import DATA_LICENSE_NOTE, QUICKSTART_FILE, read_idx
+from ncmcli.data.sources import DATA_LICENSE_NOTE, QUICKSTART_FILE, read_idx
 
 PER_CLASS = {"train": 500, "test": 100}
 FILES = {

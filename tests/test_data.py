@@ -7,7 +7,8 @@ from ncmcli.config.presets import resolve
 from ncmcli.config.schema import DataConfig
 from ncmcli.data.augment import augment, draw_augment
 from ncmcli.data.batching import batches, channel_stats, normalize
-from ncmcli.data.datasets import DEBIAN_FASHION_DIR, load_dataset
+from ncmcli.data.datasets import load_dataset
+from ncmcli.data.sources import DEBIAN_FASHION_DIR
 from ncmcli.data.subsets import imbalance_counts, imbalanced_indices
 from ncmcli.errors import ConfigError, DataError
 
@@ -60,7 +61,7 @@ def test_cifar_pickle_format(tmp_path, kind):
 )
 def test_missing_data_offline_names_folder_and_files(tmp_path, name, files, monkeypatch):
     if name == "fashion-mnist":
-        monkeypatch.setattr("ncmcli.data.datasets.DEBIAN_FASHION_DIR", tmp_path / "nowhere")
+        monkeypatch.setattr("ncmcli.data.sources.DEBIAN_FASHION_DIR", tmp_path / "nowhere")
     with pytest.raises(DataError) as exc:
         load_dataset(DataConfig(name=name, root=str(tmp_path), download=False))
     msg = str(exc.value)
@@ -106,7 +107,7 @@ def test_image_folder_errors(tmp_path):
 
 
 def test_quickstart_is_balanced_and_small():
-    from ncmcli.data.datasets import QUICKSTART_FILE
+    from ncmcli.data.sources import QUICKSTART_FILE
 
     ds = load_dataset(DataConfig(name="quickstart"))
     assert QUICKSTART_FILE.stat().st_size <= 3_000_000
@@ -177,9 +178,9 @@ def test_dataloader_path_trains_exactly_like_the_tensor_path(tmp_path, workers):
     and normalisation as the same folder held in memory: identical weights after training."""
     from safetensors.torch import load_file
 
+    from ncmcli.commands.train import Reporter
     from ncmcli.config.presets import resolve
     from ncmcli.data.batching import FileSplit
-    from ncmcli.engine import Reporter
     from ncmcli.train.loop import train
 
     make_folder(tmp_path / "imgs", per_class=12, size=(20, 20))
@@ -241,7 +242,7 @@ def test_a_sharded_file_split_keeps_one_loader_and_closes_its_workers(tmp_path):
 def test_data_workers_default_to_the_cores_shared_among_local_ranks(monkeypatch):
     import os
 
-    from ncmcli.data.datasets import worker_count
+    from ncmcli.data.sources import worker_count
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
     assert worker_count(-1, {}) == 12 and worker_count(-1, {"LOCAL_WORLD_SIZE": "4"}) == 3
@@ -388,9 +389,9 @@ def test_data_classes_filters_every_split_and_names_the_valid_ones(tmp_path, ncm
 def test_training_on_a_per_batch_folder_stops_its_workers(tmp_path, monkeypatch):
     """train() closes the splits it read per batch on its way out (a collected DataLoader
     waits out a join timeout per worker instead): every FileSplit it built is closed."""
+    from ncmcli.commands.train import Reporter
     from ncmcli.config.presets import resolve
     from ncmcli.data import batching
-    from ncmcli.engine import Reporter
     from ncmcli.train.loop import train
 
     closed, real = [], batching.FileSplit.close

@@ -18,12 +18,12 @@ PKG = REPO / "ncmcli"
 # torch-free leaves alone.
 LAYERS = {
     6: {"cli", "__main__"},
-    5: {"engine", "report", "tables"},
-    4: {"train", "evaluation", "plots", "export", "predict"},
-    3: {"runs", "forward", "scoring", "diagnostics"},
-    2: {"data", "runtime"},
+    5: {"commands"},
+    4: {"train", "reports"},
+    3: {"runs"},
+    2: {"data"},
     1: {"nn"},
-    0: {"config", "registry", "netspecs", "errors", "storage", "paper", "__init__"},
+    0: {"config", "registry", "netspecs", "errors", "storage", "__init__"},
 }
 LAYER_OF = {name: level for level, names in LAYERS.items() for name in names}
 
@@ -100,8 +100,8 @@ def test_the_import_graph_has_no_cycle():
 
 def test_the_graph_sees_imports_inside_functions():
     """The control: the graph holds imports made only inside a function."""
-    assert "ncmcli.nn.floors" in GRAPH["ncmcli.nn.losses"]
-    assert "ncmcli.runs.incremental" in GRAPH["ncmcli.train.setup"]
+    assert "ncmcli.commands.evaluate" in GRAPH["ncmcli.cli.evaluate"]
+    assert "ncmcli.commands.train" in GRAPH["ncmcli.cli.train"]
 
 
 def test_the_library_imports_no_app_module():
@@ -111,7 +111,7 @@ def test_the_library_imports_no_app_module():
         "import sys, ncmcli.nn\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('yaml', 'typer', 'rich') or\n"
         "       m.startswith(('ncmcli.config', 'ncmcli.data', 'ncmcli.runs', 'ncmcli.train', 'ncmcli.cli',\n"
-        "                     'ncmcli.engine', 'ncmcli.evaluation', 'ncmcli.forward'))]\n"
+        "                     'ncmcli.commands', 'ncmcli.reports'))]\n"
         "print(bad, 'torch' in sys.modules)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -159,7 +159,7 @@ def test_nets_and_criteria_are_built_only_inside_the_library():
 def test_config_registry_and_report_labels_agree():
     from ncmcli.config.schema import LossConfig
     from ncmcli.netspecs import ARCHS, MLPS, RESNETS
-    from ncmcli.paper import METHOD_ORDER, dataset_label, method_label
+    from ncmcli.reports.paper import METHOD_ORDER, dataset_label, method_label
 
     assert LOSSES == tuple(registry.LOSSES) and HINGE_FORMS == tuple(registry.HINGE_FORMS)
     assert ANCHOR_METHODS == tuple(registry.ANCHOR_METHODS) and DATASETS == tuple(registry.DATASETS)
@@ -181,7 +181,8 @@ def test_every_registered_loss_builds_through_the_registry():
     import torch
 
     from ncmcli.config.schema import LossConfig
-    from ncmcli.nn.losses import Criterion, build_criterion
+    from ncmcli.nn.criteria import build_criterion
+    from ncmcli.nn.criterion import Criterion
 
     anchors = torch.eye(3, 4)
     for name, entry in registry.LOSSES.items():
@@ -199,13 +200,13 @@ def test_every_registered_loss_builds_through_the_registry():
 def test_loss_keys_are_exactly_what_each_builder_reads():
     """registry.LOSSES[...].keys drives the 'has no effect' warning, report columns and plot
     legends: it must list every loss_cfg field the builder reads, and nothing else."""
-    import importlib
     import inspect
     import textwrap
 
+    from ncmcli.nn.criteria import LOSS_BUILDERS
+
     for name, entry in registry.LOSSES.items():
-        module, func = entry.builder.split(":")
-        tree = ast.parse(textwrap.dedent(inspect.getsource(getattr(importlib.import_module(module), func))))
+        tree = ast.parse(textwrap.dedent(inspect.getsource(LOSS_BUILDERS[name])))
         read = {
             node.attr
             for node in ast.walk(tree)
@@ -223,7 +224,7 @@ def test_loss_fields_a_loss_does_not_read_change_nothing():
     import torch
 
     from ncmcli.config.schema import LossConfig
-    from ncmcli.nn.losses import build_criterion
+    from ncmcli.nn.criteria import build_criterion
 
     other = {
         "scale": 3.0,
@@ -370,49 +371,103 @@ def test_run_folder_file_names_are_spelled_in_runfiles_only():
     assert spelled == {}, spelled
 
 
-def test_data_sets_and_anchor_methods_dispatch_through_registry_builders():
-    """Every registered data set and anchor method names a builder that exists, and the two
-    dispatchers compare against no registered name (no if-chains to keep in step)."""
-    import importlib
+def test_every_builder_table_holds_exactly_the_registered_names():
+    """The registry names things; each layer's builder table (imported normally, so the import
+    graph sees it) holds a callable for exactly those names. "auto" anchors are resolved to one
+    of the others by resolve_auto."""
+    from ncmcli.data.sources import DATASET_BUILDERS
+    from ncmcli.nn.anchors import ANCHOR_BUILDERS
+    from ncmcli.nn.criteria import LOSS_BUILDERS
+
+    assert set(LOSS_BUILDERS) == set(registry.LOSSES)
+    assert set(DATASET_BUILDERS) == set(registry.DATASETS)
+    assert set(ANCHOR_BUILDERS) == set(registry.ANCHOR_METHODS) - {"auto"}
+    for table in (LOSS_BUILDERS, DATASET_BUILDERS, ANCHOR_BUILDERS):
+        assert all(callable(b) for b in table.values())
+
+
+def test_the_registry_names_no_module():
+    """No "module:function" strings: the registry imports nothing of the layers above it."""
+    text = (PKG / "registry.py").read_text()
+    assert "importlib" not in text and not re.search(r'"ncmcli\.[\w.]+:\w+"', text)
+
+
+def test_data_sets_and_anchor_methods_dispatch_through_their_tables():
+    """The two dispatchers compare against no registered name (no if-chains to keep in step)."""
     import inspect
     import textwrap
 
     from ncmcli.data.datasets import load_dataset
     from ncmcli.nn.anchors import make_anchors
 
-    for family in (registry.DATASETS, registry.ANCHOR_METHODS):
-        for name, entry in family.items():
-            if name == "auto":  # resolved to one of the others by resolve_auto
-                continue
-            module, func = entry.builder.split(":")
-            assert callable(getattr(importlib.import_module(module), func)), name
     for fn, names in ((load_dataset, registry.DATASETS), (make_anchors, registry.ANCHOR_METHODS)):
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
         spelled = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in names}
         assert spelled <= {"auto"}, (fn.__name__, spelled)
 
 
-def _test_file_subjects():
-    """What a test file may be named after: a module or folder of the package, a folder of the
-    repository (benchmarks, docs, ...), or the two cross-cutting files."""
-    units = {p.stem for p in PKG.rglob("*.py") if p.stem != "__init__"}
-    units |= {p.name for p in PKG.rglob("*") if p.is_dir() and p.name != "__pycache__"}
-    units |= {p.name for p in REPO.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    return units | {"end_to_end", "structure"}
+def _tested_path(test_file: Path) -> Path | None:
+    """What a test file tests: tests/<folders>/test_<name>.py tests ncmcli/<folders>/<name>.py
+    or the folder ncmcli/<folders>/<name>/; at the top, also a repository folder (benchmarks,
+    docs) or one of the two cross-cutting files. None: it names nothing."""
+    rel = test_file.relative_to(REPO / "tests")
+    name = rel.stem[len("test_") :]
+    for cand in (PKG / rel.parent / f"{name}.py", PKG / rel.parent / name):
+        if cand.exists():
+            return cand
+    if rel.parent == Path(".") and ((REPO / name).is_dir() or name in ("end_to_end", "structure")):
+        return REPO / name
+    return None
 
 
-def test_test_files_are_named_after_what_they_test():
-    """tests/test_X.py tests ncmcli's module or folder X (or a repository folder), not a
-    feature or a session's history: a newcomer finds a unit's tests by its name."""
-    subjects = _test_file_subjects()
+def test_test_files_mirror_the_package():
+    """tests/ mirrors ncmcli/: a unit's tests are at the same path, so a newcomer finds them,
+    and a test file named after a feature or a session's history is refused."""
     stray = sorted(
-        p.name for p in (REPO / "tests").glob("test_*.py") if p.stem[len("test_") :] not in subjects
+        str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py") if _tested_path(p) is None
     )
     assert stray == [], stray
 
 
 def test_the_test_file_rule_refuses_a_feature_name():
-    """The control for the rule above: history-named files of the past would be refused."""
-    subjects = _test_file_subjects()
-    assert {"sweeps", "hardening", "longtail", "which"}.isdisjoint(subjects)
-    assert {"rundir", "nn", "loop", "benchmarks"} <= subjects
+    """The control for the rule above: history-named files, or a module's tests in the wrong
+    folder, are refused."""
+    tests = REPO / "tests"
+    for bad in ("test_sweeps.py", "test_hardening.py", "nn/test_loop.py", "test_losses.py"):
+        assert _tested_path(tests / bad) is None, bad
+    for good in ("nn/test_losses.py", "train/test_loop.py", "test_benchmarks.py", "test_cli.py"):
+        assert _tested_path(tests / good) is not None, good
+
+
+def _imports_inside_functions():
+    """(module path, line, source line) of every import of an ncmcli module inside a function."""
+    for path in PKG.rglob("*.py"):
+        text = path.read_text()
+        lines = text.splitlines()
+        for fn in ast.walk(ast.parse(text)):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                own = (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ncmcli")) or (
+                    isinstance(node, ast.Import) and any(a.name.startswith("ncmcli") for a in node.names)
+                )
+                if own:
+                    yield path.relative_to(PKG), node.lineno, lines[node.lineno - 1]
+
+
+def test_own_imports_inside_functions_only_defer_a_start_up_or_give_a_reason():
+    """An import of an ncm module inside a function hides the dependency graph; it is allowed
+    only where it keeps a fast path fast (the CLI's start-up: cli/ and the package __init__),
+    or with a comment on its line that says why."""
+    allowed = {Path("__init__.py")}
+    hidden = [
+        f"{p}:{n}"
+        for p, n, line in _imports_inside_functions()
+        if p.parts[0] != "cli" and p not in allowed and "#" not in line
+    ]
+    assert not hidden, hidden
+
+
+def test_the_deferred_import_rule_sees_the_cli():
+    """The control: the rule above finds the CLI's deferred imports."""
+    assert any(p.parts[0] == "cli" for p, _, _ in _imports_inside_functions())

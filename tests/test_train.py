@@ -13,8 +13,8 @@ import torch
 from conftest import StopAfter, assert_clean_error
 from safetensors.torch import load_file
 
+from ncmcli.commands.train import Reporter
 from ncmcli.config.presets import resolve
-from ncmcli.engine import Reporter
 from ncmcli.runs import checkpoint
 from ncmcli.runs.ckfile import read_metadata
 from ncmcli.train.loop import Interrupted, train
@@ -305,7 +305,7 @@ def test_a_resume_reads_last_once(tmp_path, monkeypatch):
     import safetensors
     import safetensors.torch
 
-    from ncmcli.engine import resume_command
+    from ncmcli.commands.train import resume_command
 
     with pytest.raises(Interrupted):
         _run(tmp_path, "cut", 2, stop=StopAfter(3))  # epoch 1, step 2
@@ -347,7 +347,7 @@ def test_a_resume_reads_last_once(tmp_path, monkeypatch):
 
 
 def _ema_run(tmp_path, name, epochs, resume=False, stop=None):
-    from ncmcli.engine import Reporter
+    from ncmcli.commands.train import Reporter
     from ncmcli.train.loop import train
 
     cfg = resolve(

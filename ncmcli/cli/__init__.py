@@ -1,5 +1,6 @@
 """The ``ncm`` command line. Thin: this module only creates the app, registers the commands
-(each in its own module: its options and one call into the engine) and turns every failure
+(each in its own module, named after it: its options and one call to the module of the same
+name in ``ncmcli.commands``) and turns every failure
 into one line on stderr and its exit code (2 usage/config, 1 runtime); ``--debug`` or
 ``NCM_DEBUG=1`` shows the traceback. This package is the only place that prints or exits.
 torch is imported inside command bodies only, so ``ncm --help`` and argument errors stay fast.
@@ -13,7 +14,7 @@ import sys
 import typer
 
 from ncmcli import __version__
-from ncmcli.cli import evaluate, tools, train
+from ncmcli.cli import anchors, evaluate, export, predict, presets, report, train
 from ncmcli.cli.console import err, show
 from ncmcli.cli.plot import plot_app
 from ncmcli.errors import NcmError
@@ -45,14 +46,14 @@ def _root(
 
 
 # The commands, in the order ``ncm --help`` lists them; each module holds one command's options
-# and the one engine call it makes.
-app.command()(tools.anchors)
-app.command()(tools.presets)
+# and its one call into ``ncmcli.commands``.
+app.command()(anchors.anchors)
+app.command()(presets.presets)
 app.command()(train.train)
 app.command("eval")(evaluate.eval_)
-app.command()(evaluate.predict)
-app.command()(tools.export)
-app.command()(tools.report)
+app.command()(predict.predict)
+app.command()(export.export)
+app.command()(report.report)
 app.add_typer(plot_app, name="plot")
 
 

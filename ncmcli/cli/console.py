@@ -9,6 +9,8 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
+from ncmcli.train.reporter import Reporter
+
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -68,7 +70,7 @@ def render_certificate(cert: dict, console: Console) -> None:
     console.print(t)
 
 
-class RichReporter:
+class RichReporter(Reporter):
     """Progress and messages on stderr; stdout stays free for data. On a terminal: a live bar
     with the epoch's ETA. Elsewhere (CI logs, ``2> file``): one plain line every
     ``log_every`` seconds with epoch, step, loss, images/s and the run's ETA, so a long CPU

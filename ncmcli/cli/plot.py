@@ -18,9 +18,9 @@ _WHICH = typer.Option("best", "--which", help="With a run folder: best or last (
 
 
 def _plot(kind: str, target, **kw) -> None:
-    from ncmcli import evaluation
+    from ncmcli.commands.plot import plot_command
 
-    path = evaluation.plot_command(kind, target, **kw)
+    path = plot_command(kind, target, **kw)
     err.print(f"wrote {show(str(path))}")
 
 

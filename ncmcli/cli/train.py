@@ -1,4 +1,4 @@
-"""``ncm train``: its options, and one call into the engine (a new run, or ``--resume``)."""
+"""``ncm train``: its options, and one call to ``commands.train`` (a new run, or ``--resume``)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def train(
     if print_config:
         sys.stdout.write(ov.to_yaml(cfg))
         return
-    from ncmcli import engine
+    from ncmcli.commands import train as commands_train
     from ncmcli.train.loop import Interrupted
 
     if not log_every > 0:
@@ -69,11 +69,11 @@ def train(
     try:
         with stop:
             if resume is not None:
-                result = engine.resume_command(
+                result = commands_train.resume_command(
                     resume, overrides=list(overrides), device=device, reporter=reporter, stop=stop
                 )
             else:
-                result = engine.train_command(
+                result = commands_train.train_command(
                     cfg,
                     preset=preset,
                     overrides=list(overrides),

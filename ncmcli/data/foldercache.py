@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ncmcli.data.images import load_image
-from ncmcli.storage import cache_dir
+from ncmcli.data.images import DECODER_VERSION, load_image
+from ncmcli.storage import atomic_write, cache_dir
 
 FORMAT = "ncm-folder-cache/2"
 
@@ -27,7 +27,6 @@ FORMAT = "ncm-folder-cache/2"
 def content_key(root: Path, files: list[Path], channels: int, size: int, resize: str = "crop") -> str:
     """What the decoded tensor depends on: every file's path (relative to ``root``), byte size
     and modification time, the decoding's channels and size, and the decoder's version."""
-    from ncmcli.data.images import DECODER_VERSION
 
     h = hashlib.sha256(f"{FORMAT}|{channels}|{size}|{resize}|{len(files)}|decoder{DECODER_VERSION}".encode())
     for f in files:
@@ -66,8 +65,6 @@ def load_cached(
     decoded now and cached. Cache problems never fail a run: they become ``notes``."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
-
-    from ncmcli.storage import atomic_write
 
     key = content_key(root, files, channels, size, resize)
     path = cache_path(root, split, channels, size, resize)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ncmcli.data.batching import FileSplit, Split
+from ncmcli.data.foldercache import load_cached
 from ncmcli.data.images import load_image
 from ncmcli.errors import DataError
 
@@ -60,7 +61,6 @@ def load_folder(
     picks a side that suits the images (``probe_size``). Only regular files with an image
     extension are read: others are skipped with a note (a FIFO would block). Returns (train,
     test, classes, notes)."""
-    from ncmcli.data.foldercache import load_cached
 
     notes: list[str] = []
     held_out = _held_out_dir(root, test_dir, notes)

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ncmcli.errors import ImageError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 # A 64-megapixel cap keeps a decompression bomb from exhausting memory: PIL refuses larger.
@@ -41,8 +43,6 @@ def load_image(path: Path, channels: int, size: int, resize: str = "squash") -> 
     import warnings
 
     from PIL import Image, ImageOps
-
-    from ncmcli.errors import ImageError
 
     # PIL warns above MAX_IMAGE_PIXELS (the warning is an error here) and refuses above twice it.
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS

@@ -7,6 +7,9 @@ import dataclasses
 
 import torch
 
+from ncmcli.errors import ConfigError
+from ncmcli.registry import suggest
+
 
 def stratified_indices(labels: torch.Tensor, n: int, *, seed: int = 0) -> torch.Tensor:
     """``n`` indices drawn without replacement that keep each class's share of ``labels``
@@ -62,8 +65,6 @@ def imbalanced_indices(
 def class_indices(ds, spec: str) -> list[int]:
     """The classes ``spec`` names (comma-separated names or indices), as indices of ``ds``, in
     the order given; an unknown one is a one-line error that lists the valid ones."""
-    from ncmcli.errors import ConfigError
-    from ncmcli.registry import suggest
 
     wanted: list[int] = []
     for part in (p.strip() for p in spec.split(",")):
@@ -87,7 +88,6 @@ def class_indices(ds, spec: str) -> list[int]:
 def keep_classes(ds, spec: str):
     """``ds`` with only the classes ``spec`` names (comma-separated names or indices), in
     their original label order, relabelled 0..k-1; every split is filtered alike."""
-    from ncmcli.errors import ConfigError
 
     keep = sorted(class_indices(ds, spec))
     if len(keep) < 2:
@@ -123,7 +123,6 @@ def choose_classes(ds, data_cfg, known: list[str] | None, order: list[str] | Non
     """The classes ``data.load_dataset`` keeps (a ``data.Dataset`` in, one out): ``data.classes``;
     or ``order``, these names in this order; or ``known`` first, then ``data.classes``, the
     training split holding only the new ones (an --extend run)."""
-    from ncmcli.errors import ConfigError
 
     if order is None and known is None:
         return keep_classes(ds, data_cfg.classes) if data_cfg.classes else ds

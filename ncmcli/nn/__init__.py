@@ -11,9 +11,10 @@ from ncmcli.nn.anchors import make_anchors
 from ncmcli.nn.baselines import CenterLoss, HingeLoss, LSoftmaxLoss
 from ncmcli.nn.certificate import anchor_certificate
 from ncmcli.nn.classifier import Classifier
+from ncmcli.nn.criterion import Criterion
 from ncmcli.nn.distances import cosine, euclidean, squared_euclidean
 from ncmcli.nn.floors import loss_floor, scale_for_floor
-from ncmcli.nn.losses import Criterion, NCMLoss, SoftmaxLoss
+from ncmcli.nn.losses import NCMLoss, SoftmaxLoss
 from ncmcli.nn.models import build_net
 
 __all__ = [

@@ -14,6 +14,7 @@ import torch
 from ncmcli.errors import special_file
 from ncmcli.nn.certificate import duplicate_pairs, pairwise_angles, unit_rows
 from ncmcli.registry import ANCHOR_FILE_SUFFIXES, ANCHOR_METHODS, suggest
+from ncmcli.storage import atomic_write, cache_dir
 
 METHODS = tuple(ANCHOR_METHODS)
 
@@ -30,13 +31,13 @@ def make_anchors(method: str, num_classes: int, dim: int, *, seed: int = 0) -> t
         return unit_rows(_from_file(Path(method), c, d)).float()
     if method == "auto":
         return make_anchors(resolve_auto(c, d), c, d, seed=seed)
-    entry = ANCHOR_METHODS.get(method)
-    if entry is None or not entry.builder:
+    build = ANCHOR_BUILDERS.get(method)
+    if build is None:
         raise ValueError(
             f"unknown anchor method {method!r}; choose one of: {', '.join(METHODS)}, "
             f"or a .safetensors/.csv file" + suggest(method, METHODS)
         )
-    return unit_rows(entry.build(c, d, seed)).float()
+    return unit_rows(build(c, d, seed)).float()
 
 
 # The registered methods (registry.ANCHOR_METHODS): (C, d, seed) -> (C, d) float64 rows.
@@ -205,8 +206,6 @@ def _cached_optimized(c: int, d: int, seed: int) -> torch.Tensor:
     anchors; an unreadable or mismatched cache file is recomputed and replaced."""
     from safetensors.torch import load_file, save_file
 
-    from ncmcli.storage import atomic_write, cache_dir
-
     path = cache_dir() / "anchors" / f"optimized-v{OPTIMIZED_VERSION}-c{c}-d{d}-seed{seed}.safetensors"
     if path.is_file():
         try:
@@ -262,3 +261,15 @@ def _from_file(path: Path, c: int, d: int) -> torch.Tensor:
 
 def _zero_rows(a: torch.Tensor) -> list[int]:
     return (a.norm(dim=1) == 0).nonzero().flatten().tolist()
+
+
+# The registered methods (registry.ANCHOR_METHODS, but "auto", which resolve_auto maps to one
+# of these): (C, d, seed) -> (C, d) float64 rows.
+ANCHOR_BUILDERS = {
+    "orthogonal": orthogonal,
+    "polar": polar,
+    "simplex": simplex,
+    "orthoplex": orthoplex,
+    "optimized": optimized,
+    "random": random_rows,
+}

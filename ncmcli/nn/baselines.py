@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ncmcli import registry
-from ncmcli.nn.losses import Criterion, fp32
+from ncmcli.nn.criterion import Criterion, fp32
 
 
 class HingeLoss(Criterion):

@@ -7,6 +7,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ncmcli.nn.anchors import make_anchors
+from ncmcli.nn.criteria import build_criterion
+from ncmcli.nn.models import build_net
+from ncmcli.nn.slots import assign_slots, grow_head
+from ncmcli.registry import NCM_LOSSES
+
 
 class Classifier(nn.Module):
     """Images in, class decisions out.
@@ -91,11 +97,6 @@ class Classifier(nn.Module):
         names or a count; ``class_counts`` (training images per class) is the prior of
         ``loss.logit_adjust``; ``scale`` fixes an NCM scale a checkpoint resolved already. ``cfg`` is
         read by attribute only (any object with ``model``, ``anchors`` and ``loss``)."""
-        from ncmcli.nn.anchors import make_anchors
-        from ncmcli.nn.losses import build_criterion
-        from ncmcli.nn.models import build_net
-        from ncmcli.nn.slots import assign_slots
-        from ncmcli.registry import NCM_LOSSES
 
         names = [str(c) for c in range(classes)] if isinstance(classes, int) else list(classes)
         c = len(names)
@@ -150,7 +151,6 @@ class Classifier(nn.Module):
         first, in order): the net's weights copied, NCM slots kept bit-identical with a free slot
         for each new class, learned heads grown by fresh rows; the same input format. Raises
         ValueError when no free slot is left."""
-        from ncmcli.nn.slots import assign_slots, grow_head
 
         names, n_old, old = list(classes), len(self.classes), self.criterion
         if names[:n_old] != self.classes:

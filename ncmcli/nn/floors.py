@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from ncmcli.nn.distances import get_distance
+
 _CACHE: dict[tuple, float] = {}  # (anchor digest, shape, metric, scale) -> floor; a run asks twice
 _CACHE_SIZE = 32
 
@@ -32,7 +34,6 @@ def loss_floor(anchors: torch.Tensor, metric: str, scale: float = 1.0) -> float:
 
     Results are cached per anchors, metric and scale (training asks once for the plateau
     rule and once for result.json)."""
-    from ncmcli.nn.distances import get_distance
 
     get_distance(metric)  # validates the name first
     a = anchors.detach().double().cpu().contiguous()
@@ -98,7 +99,6 @@ def _equiangular_gap(anchors: torch.Tensor, metric: str) -> float | None:
         return math.sqrt(max(c * (1.0 - rho) / (c - 1), 0.0))
     # d(a_c, a_j) - d(a_c, a_c) through the distance itself, so that the eps inside the
     # Euclidean sqrt is accounted for exactly: the pair's distance is sqrt(2 (1 - rho) + eps).
-    from ncmcli.nn.distances import get_distance
 
     a = anchors[:2].double()
     d = get_distance(metric)(a[:1], a)  # (1, 2)
@@ -124,7 +124,6 @@ def _equiangular_floor(anchors: torch.Tensor, scale: float, tol: float = 1e-6) -
 
 def _on_anchor_loss(anchors: torch.Tensor, metric: str, scale: float) -> float:
     """The mean loss with every feature on its own anchor (E-NCM's exact floor)."""
-    from ncmcli.nn.distances import get_distance
 
     a = anchors.detach().double().cpu()
     logits = -scale * get_distance(metric)(a, a)  # (C, C): feature c sits on anchor c
@@ -136,7 +135,6 @@ def slot_floor(slot_anchors: torch.Tensor, class_slots: torch.Tensor, metric: st
     the softmax's denominator (``loss.free_slots=softmax``). E-NCM: exact, each used class's
     feature on its anchor. C-NCM: the floor of the whole slot set, exact for equiangular slots
     (every class then has the same floor) and the all-slots mean otherwise."""
-    from ncmcli.nn.distances import get_distance
 
     if metric == "cosine":
         return loss_floor(slot_anchors, metric, scale)
@@ -159,7 +157,6 @@ def scale_for_floor(anchors: torch.Tensor, metric: str, target: float) -> float:
     log(1 + (C - 1) exp(-s g)) = target: s = log((C - 1) / (e^target - 1)) / g. Others are
     bisected on ``loss_floor`` to a relative 1e-12. sq-NCM's floor is 0 at every scale, so for
     it the target is the loss of features sitting on their anchors."""
-    from ncmcli.nn.distances import get_distance
 
     get_distance(metric)
     a = anchors.detach().double().cpu()

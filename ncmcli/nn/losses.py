@@ -1,5 +1,4 @@
-"""Criteria: every one maps features to logits, features + targets to a loss, and
-features to a prediction. Training, evaluation and checkpoints treat them all alike.
+"""The paper's loss and the SoftMax baseline, each a ``Criterion`` (``nn.criterion``):
 
 - ``NCMLoss``: the paper's loss, p(c|x) = softmax_c(-scale * M(f(x), a_c)) over fixed anchors.
 - ``SoftmaxLoss``: the SoftMax baseline, a Linear(d, C) head plus cross-entropy.
@@ -14,72 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ncmcli import registry
+from ncmcli.nn.criterion import Criterion, fp32, logit_bias
 from ncmcli.nn.distances import DISTANCES, get_distance
-
-
-class Criterion(nn.Module):
-    """The interface every criterion implements; training, evaluation, plots and checkpoints
-    use nothing else. Learnable parameters (if any) are ordinary module parameters.
-
-    - ``logits(f)``: (B, D) features -> (B, C) scores; ``forward(f, y)``: the mean loss;
-      ``predict(f)``: (B,) classes.
-    - ``uses_anchors``, ``anchors`` ((C, D) buffer or None), ``metric`` (the distance name or
-      None) and ``distances(f)`` ((B, C); only for anchor models).
-    - ``class_vectors()``: ((C, D) vectors, what they are) to draw and measure against: the
-      anchors of an NCM model, the class weight rows of a linear head; (None, "") if neither.
-    - ``loss_floor()``: the lowest mean loss reachable (the plateau rule's reference).
-    """
-
-    #: Whether ``logits`` is ``-scale * distance`` to fixed anchors (nearest-anchor models).
-    uses_anchors = False
-    metric: str | None = None
-
-    def __init__(self):
-        super().__init__()
-        # None for heads without anchors; NCMLoss registers the (C, D) anchors here.
-        self.register_buffer("anchors", None, persistent=False)
-        # Menon et al.'s logit adjustment, tau * log(prior) (C,), added in the loss only; None = off.
-        # Rebuilt from the class counts a checkpoint stores, never trained.
-        self.register_buffer("logit_bias", None, persistent=False)
-
-    def set_logit_bias(self, bias: torch.Tensor | None, num_classes: int) -> None:
-        if bias is not None and tuple(bias.shape) != (num_classes,):
-            raise ValueError(f"logit_bias must have shape ({num_classes},), got {tuple(bias.shape)}")
-        self.logit_bias = None if bias is None else bias.detach().float().clone()
-
-    def adjusted(self, logits: torch.Tensor) -> torch.Tensor:
-        """The logits the loss sees: with the logit adjustment when it is on."""
-        return logits if self.logit_bias is None else logits + self.logit_bias.to(logits.dtype)
-
-    def logits(self, features: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, C)
-        raise NotImplementedError
-
-    def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.adjusted(self.logits(features)), targets)
-
-    def predict(self, features: torch.Tensor) -> torch.Tensor:  # (B,)
-        return self.logits(features).argmax(1)
-
-    def distances(self, features: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} has no anchors to measure distances to")
-
-    def class_vectors(self) -> tuple[torch.Tensor | None, str]:
-        fc = getattr(self, "fc", None)  # the linear heads (SoftMax, Hinge, Center) name it fc
-        if isinstance(fc, nn.Linear):
-            return fc.weight.detach(), "class weight vectors"
-        return None, ""
-
-    def loss_floor(self) -> float:
-        """The lowest mean loss this criterion can reach: 0 for heads that can scale their
-        logits freely; above 0 for NCM losses with fixed unit anchors. The plateau rule
-        measures progress on the excess over it."""
-        return 0.0
-
-
-def fp32(x: torch.Tensor) -> torch.Tensor:
-    # Distances and losses run in at least float32 even under bf16/fp16 autocast; float64
-    # stays float64 so the reference tests see full precision.
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+from ncmcli.nn.floors import loss_floor, scale_for_floor, slot_floor
 
 
 class NCMLoss(Criterion):
@@ -199,7 +135,6 @@ class NCMLoss(Criterion):
     def loss_floor(self) -> float:
         """The floor at the current scale (a learned scale moves it); with free slots in the
         softmax, the floor of the classes in use with every slot in the denominator."""
-        from ncmcli.nn.floors import loss_floor, slot_floor
 
         if self.metric not in DISTANCES:  # an injected distance: every feature on its anchor
             a = self.anchors.detach().double()
@@ -247,25 +182,9 @@ NCM_METRICS = registry.NCM_LOSSES  # loss name -> distance, for the losses with 
 assert set(NCM_METRICS.values()) <= set(DISTANCES)
 
 
-def logit_bias(tau: float, prior: torch.Tensor | None, num_classes: int) -> torch.Tensor | None:
-    """tau * log(prior) as a (C,) float32 bias, or None when tau is 0 (the loss is then
-    exactly the unadjusted one). ``prior`` is the training class frequencies (or counts)."""
-    if tau == 0:
-        return None
-    if prior is None:
-        raise ValueError("loss.logit_adjust needs the training class counts (none are known for this model)")
-    if not isinstance(prior, torch.Tensor):
-        prior = torch.tensor(list(prior), dtype=torch.float64, device="cpu")
-    prior = prior.detach().to("cpu", torch.float64).flatten()  # .to, not a factory: safe on the meta device
-    if len(prior) != num_classes or not bool((prior > 0).all()):
-        raise ValueError(f"loss.logit_adjust needs a positive count for each of the {num_classes} classes")
-    return (tau * torch.log(prior / prior.sum())).float()
-
-
 def resolve_scale(scale: float | str, floor_target: float, anchors: torch.Tensor, metric: str) -> float:
     """The number a ``loss.scale`` stands for: itself, or for auto/learn the scale at which the
     loss floor of ``anchors`` equals ``floor_target`` nats."""
-    from ncmcli.nn.floors import scale_for_floor
 
     if not isinstance(scale, str):
         return float(scale)
@@ -319,31 +238,3 @@ def build_softmax(loss_cfg, *, anchors=None, dim: int, num_classes: int, prior=N
         label_smoothing=loss_cfg.label_smoothing,
         logit_bias=logit_bias(loss_cfg.logit_adjust, prior, num_classes),
     )
-
-
-def build_criterion(
-    loss_cfg,
-    *,
-    anchors: torch.Tensor | None,
-    dim: int,
-    num_classes: int,
-    prior: torch.Tensor | None = None,
-    scale: float | None = None,
-    class_slots: torch.Tensor | None = None,
-) -> Criterion:
-    """The criterion for a ``loss`` config section, through the registry (``ncmcli.registry``);
-    NCM losses need ``anchors`` of shape (C, dim). ``prior``: the training class counts, for
-    ``loss.logit_adjust``; ``scale``: an NCM loss's resolved scale, when already known;
-    ``class_slots``: an NCM loss's slot per class, when ``anchors`` are pre-allocated slots."""
-    entry = registry.LOSSES.get(loss_cfg.name)
-    if entry is None:
-        raise ValueError(
-            f"unknown loss {loss_cfg.name!r}; choose one of: {', '.join(registry.LOSSES)}"
-            + registry.suggest(loss_cfg.name, registry.LOSSES)
-        )
-    kw = {}
-    if "logit_adjust" in entry.keys:
-        kw["prior"] = prior
-    if entry.metric:
-        kw["scale"], kw["class_slots"] = scale, class_slots
-    return entry.build(loss_cfg, anchors=anchors, dim=dim, num_classes=num_classes, **kw)

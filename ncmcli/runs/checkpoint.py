@@ -15,8 +15,11 @@ from pathlib import Path
 
 import torch
 
+from ncmcli import __version__
+from ncmcli.config import overrides as ov
 from ncmcli.config.schema import MAX_CLASSES, MAX_PARAMS  # the bounds training checks too
 from ncmcli.errors import CheckpointError, NcmError
+from ncmcli.nn.classifier import Classifier
 from ncmcli.runs import validate
 from ncmcli.runs.ckfile import FORMAT, FORMAT_VERSION, CheckpointFile
 from ncmcli.storage import atomic_write
@@ -66,8 +69,6 @@ def save(
     ``class_counts``: the training images per class (the prior of logit adjustment and of
     head/medium/tail metrics). ``lineage``: an ``incremental.Lineage`` (the tasks, the parent)."""
     from safetensors.torch import save_file
-
-    from ncmcli import __version__
 
     model, criterion = classifier.net, classifier.criterion
     classes, mean, std, input_shape = (
@@ -160,7 +161,6 @@ class _Described:
 
 
 def _describe(file: CheckpointFile) -> _Described:
-    from ncmcli.config import overrides as ov
 
     path, meta = file.path, file.meta
     try:
@@ -179,7 +179,6 @@ def _describe(file: CheckpointFile) -> _Described:
 def _build(d: _Described, device, anchors=None, class_slots=None, scale=1.0, counts=None):
     """The classifier the config describes; without ``anchors``, placeholder ones of the file's
     shape (a template whose sizes are checked on the meta device)."""
-    from ncmcli.nn.classifier import Classifier
 
     if anchors is None:
         anchors = d.slot_shape[0] if d.slot_shape is not None else len(d.classes)

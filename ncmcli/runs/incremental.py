@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from ncmcli.config.overrides import dotted
 from ncmcli.data import replay
 from ncmcli.errors import ConfigError, UsageError
-from ncmcli.runs import runfiles
+from ncmcli.runs import checkpoint, runfiles
 from ncmcli.storage import atomic_write_text, bounded_json
 
 # What must match the parent: the net, the anchors and the input format. The rest of the
@@ -68,7 +69,6 @@ def sha256_of(path: Path) -> str:
 def open_parent(target: Path, *, expect_sha256: str | None = None) -> Parent:
     """The parent checkpoint (a file, or a run folder's best), its task history and, when its
     run kept one, its replay memory (replay.safetensors beside it)."""
-    from ncmcli.runs import checkpoint
 
     path = runfiles.resolve_checkpoint(Path(target), "best")
     digest = sha256_of(path)
@@ -104,7 +104,6 @@ def write_parent_record(run_dir: Path, parent: Parent) -> None:
 
 def check_compatible(cfg, parent: Parent) -> None:
     """Refuse, in one line, a run whose net, anchors or input format differ from the parent's."""
-    from ncmcli.config.overrides import dotted
 
     mine, theirs = dotted(cfg.to_dict()), dotted(parent.checkpoint.config.to_dict())
     for key in MATCHED_KEYS:

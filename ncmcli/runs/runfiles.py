@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ncmcli.errors import CheckpointError, UsageError, special_file
+from ncmcli.errors import CheckpointError, NcmError, UsageError, special_file
 from ncmcli.storage import bounded_json
 
 CONFIG = "config.yaml"
@@ -69,8 +69,6 @@ class FolderLock:
     def __enter__(self) -> FolderLock:
         import fcntl
         import os
-
-        from ncmcli.errors import NcmError
 
         fh = open(self.path, "a+", encoding="utf-8")
         try:

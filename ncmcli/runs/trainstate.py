@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ncmcli.errors import CheckpointError
+from ncmcli.runs.ckfile import CheckpointFile
 from ncmcli.storage import bounded_json
 
 PREFIX = "state."
@@ -85,7 +86,6 @@ def pack(state: TrainState) -> tuple[dict, str]:
 def unpack(path) -> TrainState:
     """The train state stored in a ``last.safetensors`` (a path, or a ``CheckpointFile``
     already read), or a clear error."""
-    from ncmcli.runs.ckfile import CheckpointFile
 
     file = path if isinstance(path, CheckpointFile) else CheckpointFile.read(path)
     path, meta = file.path, file.meta

@@ -11,6 +11,8 @@ import torch
 
 from ncmcli.config.schema import MAX_CLASSES, MAX_FEATURE_DIM, MAX_SCALE
 from ncmcli.errors import CheckpointError
+from ncmcli.nn.certificate import duplicate_pairs
+from ncmcli.nn.slots import slot_table_problem, tasks_problem
 from ncmcli.storage import bounded_json
 
 # Bounds checked before anything is built or read: a crafted 100 KB file must not make ncm
@@ -24,7 +26,6 @@ def finite(x: float) -> bool:
 
 def check_anchors(path: Path, anchors: torch.Tensor) -> None:
     """Anchors are unit-norm and distinct: refuse zero, scaled or duplicate rows."""
-    from ncmcli.nn.certificate import duplicate_pairs
 
     norms = anchors.double().norm(dim=1)
     if not bool(((norms - 1).abs() < 1e-3).all()):
@@ -84,7 +85,6 @@ def described_input(meta: dict, path: Path, cfg) -> tuple[list, list, list, list
 
 def tasks(meta: dict, path: Path, classes: list[str]) -> list[list[str]] | None:
     """The checkpoint's task history: lists of its class names that together are its classes."""
-    from ncmcli.nn.slots import tasks_problem
 
     tasks = meta_json(meta, "tasks", path) if "tasks" in meta else None
     if tasks is not None and tasks_problem(tasks, classes):
@@ -93,7 +93,6 @@ def tasks(meta: dict, path: Path, classes: list[str]) -> list[list[str]] | None:
 
 
 def check_slots(path: Path, slot_anchors: torch.Tensor, class_slots, anchors) -> None:
-    from ncmcli.nn.slots import slot_table_problem
 
     check_anchors(path, slot_anchors)  # every slot unit-norm and distinct
     problem = slot_table_problem(slot_anchors, class_slots, anchors)

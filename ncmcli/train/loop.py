@@ -12,25 +12,18 @@ from typing import Protocol
 import torch
 
 from ncmcli.config.schema import Config
+from ncmcli.data.batching import batches
 from ncmcli.errors import NcmError
-from ncmcli.forward import evaluate
 from ncmcli.runs import runfiles, trainstate
 from ncmcli.runs.rundir import RunDir
-from ncmcli.runtime import dist_info
+from ncmcli.runs.tblog import TensorBoard, feature_diagnostics
+from ncmcli.train.forward import evaluate
 from ncmcli.train.record import announce, epoch_metrics, result_record
+from ncmcli.train.reporter import Reporter
 from ncmcli.train.resume import Checkpoints, clear_stale_temps, open_parent, open_run
+from ncmcli.train.runtime import dist_info
 from ncmcli.train.schedules import PlateauOnExcess
 from ncmcli.train.setup import Setup, TrainingDiverged, build_run, evaluated, start_epoch, update_ema
-
-
-class ProgressReporter(Protocol):
-    """What training tells the outside world (the CLI draws it; ``engine.Reporter`` is silent)."""
-
-    def message(self, text: str) -> None: ...
-    def certificate(self, cert: dict) -> None: ...
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
-    def step(self, step: int, loss: float | None, acc: float | None, images_per_s: float) -> None: ...
-    def epoch_end(self, metrics: dict) -> None: ...
 
 
 class StopRequest(Protocol):
@@ -155,7 +148,6 @@ def _tensorboard(cfg: Config, run_dir: Path, rank: int, first_epoch: int):
     """The TensorBoard log of rank 0 when ``train.tensorboard`` is on, else None."""
     if not cfg.train.tensorboard or rank != 0:
         return None
-    from ncmcli.runs.tblog import TensorBoard
 
     return TensorBoard(run_dir, first_epoch=first_epoch)
 
@@ -170,8 +162,6 @@ def _evaluate_epoch(cfg: Config, run: Setup, device, *, keep_outputs: bool) -> t
     kw = dict(device=device, batch_size=cfg.train.eval_batch_size)
     ev = evaluate(clf, run.test_split, keep_outputs=keep_outputs, **kw)
     if keep_outputs:  # for TensorBoard: compactness and separation of the test features
-        from ncmcli.runs.tblog import feature_diagnostics
-
         ev["feature_diagnostics"] = feature_diagnostics(clf.criterion, ev.pop("features"), ev.pop("labels"))
     val = None if run.val_split is None else evaluate(clf, run.val_split, **kw)
     return ev, val
@@ -194,7 +184,7 @@ def train(
     *,
     run_dir: Path,
     device: torch.device,
-    reporter: ProgressReporter,
+    reporter: Reporter,
     preset: str | None = None,
     overrides: list[str] = (),
     resume=False,
@@ -208,7 +198,6 @@ def train(
     at the next step boundary, saves a resumable ``last`` checkpoint and raises ``Interrupted``.
     ``extend``: a checkpoint whose classes this run keeps and adds ``data.classes`` to
     (``ncmcli.runs.incremental``)."""
-    from ncmcli.data.batching import batches
 
     t_start, (rank, world) = time.time(), dist_info()
     clear_stale_temps(run_dir)

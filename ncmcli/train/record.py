@@ -10,8 +10,12 @@ from pathlib import Path
 import torch
 
 from ncmcli.config.schema import Config
+from ncmcli.nn.certificate import anchor_certificate
+from ncmcli.nn.floors import top_probability
+from ncmcli.nn.scores import imbalance_metrics
 from ncmcli.runs import runfiles
-from ncmcli.runtime import dist_info
+from ncmcli.runs.incremental import task_accuracies
+from ncmcli.train.runtime import dist_info
 from ncmcli.train.setup import Setup, evaluated
 
 
@@ -29,7 +33,6 @@ def epoch_metrics(
 ) -> dict:
     """One metrics.jsonl line: losses and accuracies, balanced test accuracy (and, on
     long-tailed data, head/medium/tail), and an NCM loss's scale (moved only by learn)."""
-    from ncmcli.scoring import imbalance_metrics
 
     metrics = {
         "epoch": epoch,
@@ -47,8 +50,6 @@ def epoch_metrics(
     if run.data.imbalance:
         metrics.update({f"test_{k}_acc": tail[f"{k}_accuracy"] for k in ("head", "medium", "tail")})
     if len(run.lineage.tasks) > 1:  # class-incremental: the accuracy on each run's classes
-        from ncmcli.runs.incremental import task_accuracies
-
         metrics["test_tasks"] = task_accuracies(ev["confusion"], run.data.classes, run.lineage.tasks)
     if val is not None:
         metrics.update(val_loss=val["loss"], val_acc=val["accuracy"], val_error_pct=val["error_pct"])
@@ -146,7 +147,6 @@ def resolved_settings(cfg: Config, run: Setup) -> dict:
 def scale_record(cfg: Config, crit) -> dict:
     """What result.json says of an NCM loss's scale: the setting, the number it resolved to at
     the start, the final one (moved only by learn) and the floor at it."""
-    from ncmcli.nn.floors import top_probability
 
     value = crit.scale_value()
     floor = crit.loss_floor()  # at the current scale; with free slots, every slot in the denominator
@@ -198,7 +198,6 @@ def selection(run: Setup) -> tuple[str, str]:
 
 
 def announce(cfg: Config, run: Setup, run_dir: Path, device, reporter) -> None:
-    from ncmcli.nn.certificate import anchor_certificate
 
     crit, data, world = run.criterion, run.data, dist_info()[1]
     if crit.uses_anchors:

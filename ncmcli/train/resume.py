@@ -11,11 +11,12 @@ import torch
 
 from ncmcli.config.overrides import to_yaml
 from ncmcli.config.schema import Config
-from ncmcli.runs import checkpoint, runfiles, trainstate
+from ncmcli.data import replay
+from ncmcli.runs import checkpoint, incremental, runfiles, trainstate
 from ncmcli.runs.ckfile import CheckpointFile
 from ncmcli.runs.rundir import RunDir
-from ncmcli.runtime import dist_info, gather_rng
 from ncmcli.train.record import scale_comment, selection
+from ncmcli.train.runtime import dist_info, gather_rng
 from ncmcli.train.setup import Setup, check_finite, evaluated
 
 
@@ -56,7 +57,6 @@ def restore(run: Setup, run_dir: Path, device: torch.device, file=None) -> None:
 
 def open_parent(run_dir: Path, resume: bool, extend: Path | None):
     """The checkpoint an --extend run starts from: on --resume, the one its folder recorded."""
-    from ncmcli.runs import incremental
 
     if resume:
         return incremental.parent_of_run(run_dir)
@@ -66,8 +66,6 @@ def open_parent(run_dir: Path, resume: bool, extend: Path | None):
 def open_run(cfg: Config, run: Setup, run_dir: Path, device, *, resume: bool, parent, reporter) -> None:
     """Resume from last.safetensors, or start the run's files: config.yaml (its run id first),
     an --extend run's parent record, and train.replay's memory."""
-    from ncmcli.data import replay
-    from ncmcli.runs import incremental
 
     rank = dist_info()[0]
     if resume:

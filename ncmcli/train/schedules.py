@@ -9,16 +9,16 @@ import math
 import torch
 
 from ncmcli.config.schema import Config
+from ncmcli.config.values import parse_betas
+from ncmcli.nn.models import backbone_parameters
 
 
 def make_optimizer(cfg: Config, model, criterion) -> torch.optim.Optimizer:
     """The paper's SGD (momentum, weight decay on every parameter), optionally with Nesterov
     momentum; or AdamW. Neither option is part of the paper."""
-    from ncmcli.config.values import parse_betas
 
     # A learned NCM scale (log s) takes no weight decay: decay would pull s towards 1, the
     # flat softmax the learned scale is there to leave.
-    from ncmcli.nn.models import backbone_parameters
 
     no_decay = {id(p) for n, p in criterion.named_parameters() if n == "log_scale"}
     o = cfg.optim

@@ -11,12 +11,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ncmcli.config.schema import Config
+from ncmcli.config.schema import MAX_CLASSES, MAX_PARAMS, Config
+from ncmcli.data import replay
+from ncmcli.data.batching import Split, split_stats
+from ncmcli.data.datasets import load_dataset
 from ncmcli.errors import ConfigError as NcmConfigError
 from ncmcli.errors import NcmError, config_boundary
 from ncmcli.nn.classifier import Classifier
+from ncmcli.nn.models import backbone_parameters
 from ncmcli.runs import trainstate
-from ncmcli.runtime import dist_info, rank0_first
+from ncmcli.runs.incremental import Lineage, check_compatible, check_input, extended_classifier, mixed_memory
+from ncmcli.train.runtime import dist_info, rank0_first
 from ncmcli.train.schedules import Warmup, make_optimizer, make_scheduler
 
 
@@ -113,11 +118,8 @@ class Setup:
 def _classifier(cfg: Config, data, parent) -> Classifier:
     """A new run's classifier with the training split's statistics (the paper's: global; ImageNet's
     for pretrained weights), or an --extend run's, grown from its parent with the parent's."""
-    from ncmcli.data.batching import split_stats
 
     if parent is not None:
-        from ncmcli.runs.incremental import extended_classifier
-
         return extended_classifier(cfg, parent, data.classes, data.train_counts)
     if cfg.model.pretrained:  # the statistics the pretrained weights were trained with
         mean, std = imagenet_stats(data.input_shape[0])
@@ -159,8 +161,6 @@ def _step(cfg: Config, model: nn.Module, criterion: nn.Module, device: torch.dev
 def build_run(cfg: Config, device: torch.device, say=None, parent=None) -> Setup:
     """Seeds, threads, data, model, anchors, criterion, the speed settings, optimiser, schedule.
     ``parent``: the ``incremental.Parent`` an --extend run starts from."""
-    from ncmcli.data.datasets import load_dataset
-    from ncmcli.runs.incremental import check_compatible
 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -210,9 +210,6 @@ def build_run(cfg: Config, device: torch.device, say=None, parent=None) -> Setup
 def _lineage(cfg: Config, data, parent):
     """The run's task history, with the parent's replay memory mixed into ``data.train`` (an
     --extend run with train.replay), and the memory this run keeps (train.replay > 0)."""
-    from ncmcli.data import replay
-    from ncmcli.data.batching import Split
-    from ncmcli.runs.incremental import Lineage, check_input, mixed_memory
 
     if cfg.train.replay and not isinstance(data.train, Split):
         raise NcmConfigError("train.replay needs the training split in memory (data.loader=tensor)")
@@ -244,7 +241,6 @@ def _lineage(cfg: Config, data, parent):
 
 def _check_size(model: nn.Module, criterion: nn.Module, num_classes: int) -> None:
     """Refuse, before training, a model that checkpoint loading would refuse afterwards."""
-    from ncmcli.config.schema import MAX_CLASSES, MAX_PARAMS
 
     n = sum(t.numel() for m in (model, criterion) for t in m.state_dict().values())
     if n > MAX_PARAMS:
@@ -284,7 +280,6 @@ def imagenet_stats(channels: int) -> tuple[list[float], list[float]]:
 def start_epoch(cfg: Config, run: Setup, epoch: int) -> None:
     """Train mode for the epoch; with ``model.freeze_backbone_epochs`` the backbone takes no
     gradients (so no updates, no weight decay) until that many epochs have passed."""
-    from ncmcli.nn.models import backbone_parameters
 
     run.model.train()
     run.criterion.train()
