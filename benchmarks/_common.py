@@ -11,7 +11,7 @@ import torch
 from ncmcli.config.presets import resolve
 from ncmcli.nn.classifier import Classifier
 from ncmcli.train.schedules import make_optimizer
-from ncmcli.train.setup import TrainStep
+from ncmcli.train.step import TrainStep
 
 
 def parse(description: str, **extra) -> argparse.Namespace:

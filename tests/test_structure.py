@@ -3,9 +3,12 @@ docs list what the registry holds."""
 
 import ast
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from ncmcli import registry
 from ncmcli.config.schema import ANCHOR_METHODS, ARCH_NAMES, DATASETS, HINGE_FORMS, LOSSES, SCHEMA
@@ -300,6 +303,16 @@ def test_cli_start_up_imports_no_torch():
 MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_TRAIN_LINES = 300, 60, 80
 
 
+def test_the_caps_count_formatted_code():
+    """The caps below hold on the layout ``ruff format`` gives, not on packed lines: the
+    package is formatted (``.ci/run`` checks the whole repository)."""
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install -e '.[test]' installs it)")
+    proc = subprocess.run([ruff, "format", "--check", str(PKG)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_modules_are_at_most_300_lines():
     long = {
         str(p.relative_to(PKG)): n
@@ -310,10 +323,13 @@ def test_modules_are_at_most_300_lines():
 
 
 def _function_lengths():
+    """(path, name, lines) of every function: its body, docstring included, as ``ruff format``
+    lays it out. The signature is left out: the formatter puts each parameter of a long one on
+    its own line, and a CLI command's typer options are declarations, not logic."""
     for path in PKG.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                yield path, node.name, node.end_lineno - node.lineno + 1
+                yield path, node.name, node.end_lineno - node.body[0].lineno + 1
 
 
 def test_functions_are_at_most_60_lines_and_train_80():

@@ -17,7 +17,8 @@ from ncmcli.commands.train import Reporter
 from ncmcli.config.presets import resolve
 from ncmcli.runs import checkpoint
 from ncmcli.runs.ckfile import read_metadata
-from ncmcli.train.loop import Interrupted, train
+from ncmcli.train.loop import train
+from ncmcli.train.stopping import Interrupted
 
 REPO = Path(__file__).resolve().parents[1]
 # Augmentation and dropout on, so the data and dropout RNG states both matter.
@@ -170,7 +171,7 @@ def test_signal_saves_a_resumable_checkpoint(tmp_path, sig, code):
 
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ncm, tmp_path, monkeypatch):
-    from ncmcli.train.setup import TrainingDiverged, TrainStep
+    from ncmcli.train.step import TrainingDiverged, TrainStep
 
     # Epoch 1 trains normally; in epoch 2 the loss turns NaN.
     real, calls = TrainStep.forward, []
@@ -400,7 +401,7 @@ def test_ema_resumes_exactly(tmp_path):
     from conftest import StopAfter
     from safetensors.torch import load_file
 
-    from ncmcli.train.loop import Interrupted
+    from ncmcli.train.stopping import Interrupted
 
     _ema_run(tmp_path, "straight", 3)
     with pytest.raises(Interrupted):
@@ -414,7 +415,7 @@ def test_ema_resumes_exactly(tmp_path):
 
 
 def test_weights_are_checked_for_nan_before_every_save():
-    from ncmcli.train.setup import TrainingDiverged, check_finite
+    from ncmcli.train.step import TrainingDiverged, check_finite
 
     net, crit = torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)
     check_finite(net, crit, "epoch 1")  # finite: no error

@@ -212,7 +212,6 @@ class StopOnSignal:
 
 def render_eval(res: dict, con: Console) -> None:
     """``ncm eval``'s human-readable report (``--json`` prints ``res`` itself)."""
-    from rich.table import Table
 
     con.print(
         f"{show(res['checkpoint'])}  ({show(res['dataset'])}, epoch {res['epoch']}, {res['n']} test images)"
@@ -239,23 +238,7 @@ def render_eval(res: dict, con: Console) -> None:
         + (f"   (long-tailed training data: {res['imbalance']})" if res.get("imbalance") else "")
     )
     diag = res["diagnostics"]
-    comp = diag.get("compactness", {}).get("per_class", {})
-    t = Table(
-        "class", "n", "accuracy", "precision", "recall", "F1", *(["mean dist. to own anchor"] if comp else [])
-    )
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
-    for name, acc in res["per_class_accuracy"].items():
-        sc = res["per_class"][name]
-        t.add_row(
-            show(name),
-            str(sc["n"]),
-            "n/a (no images)" if acc is None else f"{acc:.4f}",
-            fmt(sc["precision"]),
-            fmt(sc["recall"]),
-            fmt(sc["f1"]),
-            *([f"{comp[name]['mean']:.4f}"] if name in comp else []),
-        )
-    con.print(t)
+    con.print(_per_class_table(res, diag))
     con.print(f"calibration: ECE (15 bins) {diag['ece_15_bins']:.4f}")
     if "compactness" in diag:
         c, sep = diag["compactness"], diag["separation"]
@@ -275,3 +258,27 @@ def render_eval(res: dict, con: Console) -> None:
             f"AUROC {o['auroc']:.4f}, FPR at 95% TPR {o['fpr_at_95_tpr']:.4f}"
         )
         con.print("  AUROC by score: " + ", ".join(f"{n} {v['auroc']:.4f}" for n, v in o["by_score"].items()))
+
+
+def _per_class_table(res: dict, diag: dict):
+    """The per-class rows of ``ncm eval``: accuracy, precision, recall, F1 (and the mean
+    distance to the own anchor for anchor models)."""
+    from rich.table import Table
+
+    comp = diag.get("compactness", {}).get("per_class", {})
+    t = Table(
+        "class", "n", "accuracy", "precision", "recall", "F1", *(["mean dist. to own anchor"] if comp else [])
+    )
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+    for name, acc in res["per_class_accuracy"].items():
+        sc = res["per_class"][name]
+        t.add_row(
+            show(name),
+            str(sc["n"]),
+            "n/a (no images)" if acc is None else f"{acc:.4f}",
+            fmt(sc["precision"]),
+            fmt(sc["recall"]),
+            fmt(sc["f1"]),
+            *([f"{comp[name]['mean']:.4f}"] if name in comp else []),
+        )
+    return t

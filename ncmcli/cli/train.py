@@ -60,7 +60,7 @@ def train(
         sys.stdout.write(ov.to_yaml(cfg))
         return
     from ncmcli.commands import train as commands_train
-    from ncmcli.train.loop import Interrupted
+    from ncmcli.train.stopping import Interrupted
 
     if not log_every > 0:
         raise typer.BadParameter("must be > 0", param_hint="--log-every")

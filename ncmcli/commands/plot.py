@@ -3,7 +3,11 @@ histograms, drawn from a checkpoint or run folders."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from ncmcli.commands.evaluate import class_order, test_split
 from ncmcli.data.datasets import load_dataset
@@ -43,24 +47,9 @@ def plot_command(
     which: str = "best",
 ) -> Path:
     """Draw one plot and return the file written."""
-    import dataclasses
-
-    import torch
-
     figures._pyplot()  # fail early, with the install hint, before any work
     if kind == "curves":
-        runs = []
-        for t in target:
-            t = Path(t)
-            found = find_runs([t], METRICS)
-            if not found:
-                raise UsageError(f"no metrics.jsonl in {t}")
-            runs += found
-        # Beside the run folder (one run), or in the runs' common parent folder (several).
-        import os
-
-        beside = runs[0] if len(runs) == 1 else Path(os.path.commonpath([str(r.resolve()) for r in runs]))
-        return figures.curves(runs, _plot_out(out, beside, "curves", fmt))
+        return _curves(target, out, fmt)
     if split not in ("train", "test"):
         raise UsageError(f"--split must be train or test, got {split!r}")
     path = resolve_checkpoint(target, which)
@@ -68,9 +57,7 @@ def plot_command(
     ck = checkpoint.load(path, dev)
     name = f"{ck.config.loss.name} {ck.config.model.arch} on {ck.config.data.name}, epoch {ck.epoch}"
     if split == "train" and kind == "features":
-        data_cfg = (
-            ck.config.data if data_root is None else dataclasses.replace(ck.config.data, root=data_root)
-        )
+        data_cfg = ck.config.data if data_root is None else replace(ck.config.data, root=data_root)
         data = load_dataset(data_cfg, class_order=class_order(ck))
         s = data.train
     else:
@@ -111,3 +98,16 @@ def plot_command(
             feats, labels, directions, direction_kind, name, _plot_out(out, path.parent, "angles", fmt)
         )
     raise UsageError(f"unknown plot {kind!r}")
+
+
+def _curves(targets: list[Path], out: Path | None, fmt: str) -> Path:
+    """Training curves of the runs under ``targets``, written beside the run folder (one run)
+    or in the runs' common parent folder (several)."""
+    runs = []
+    for t in map(Path, targets):
+        found = find_runs([t], METRICS)
+        if not found:
+            raise UsageError(f"no metrics.jsonl in {t}")
+        runs += found
+    beside = runs[0] if len(runs) == 1 else Path(os.path.commonpath([str(r.resolve()) for r in runs]))
+    return figures.curves(runs, _plot_out(out, beside, "curves", fmt))

@@ -66,12 +66,7 @@ def load_folder(
     held_out = _held_out_dir(root, test_dir, notes)
     if want_train and not (root / "train").is_dir():
         raise DataError(f"image folder {root} has no train/ subfolder ({_subfolders(root)})")
-    suffixes = (
-        tuple(
-            e if e.startswith(".") else f".{e}" for e in extensions.lower().replace(" ", "").split(",") if e
-        )
-        or FOLDER_EXTENSIONS
-    )
+    suffixes = _suffixes(extensions)
     train_dir = root / "train" if want_train else root / held_out
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if len(classes) < 2:
@@ -179,3 +174,9 @@ def probe_size(files: list[Path], sample: int = 32, detail: bool = False):
     median = sorted(sides)[len(sides) // 2]
     side = median if median % 4 == 0 and 8 <= median <= 64 else int(min(64, max(8, 8 * round(median / 8))))
     return (side, median) if detail else side
+
+
+def _suffixes(extensions: str) -> tuple[str, ...]:
+    """``data.extensions`` ("png, .JPG") as lower-case suffixes; "" = ImageFolder's list."""
+    given = (e if e.startswith(".") else f".{e}" for e in extensions.lower().replace(" ", "").split(","))
+    return tuple(e for e in given if e != ".") or FOLDER_EXTENSIONS

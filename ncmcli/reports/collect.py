@@ -185,22 +185,7 @@ def collect(paths: list[Path], by: list[str] = (), metric: str = "test_error_pct
     for key in by:
         if key not in SCHEMA:
             raise UsageError(f"--by {key}: not a config key (see the README's config table)")
-    vary = varying_keys(runs)
-    if by:
-        group_keys = list(by)
-    else:
-        # Keys that split some (data set, net, method, p) group: these become columns.
-        group_keys = [
-            k
-            for k in vary
-            if k not in LABEL_KEYS
-            and any(
-                len({repr(r.flat.get(k)) for r in runs if r.labels == lab}) > 1
-                for lab in {r.labels for r in runs}
-            )
-        ]
-        if group_keys:  # a per-setting table: every key that differs between its rows gets a column
-            group_keys = [k for k in vary if k not in LABEL_KEYS]
+    group_keys = list(by) if by else _setting_keys(runs)
     paper = papers.load_paper()
     cells: dict[tuple, Cell] = {}
     for r in runs:
@@ -229,12 +214,7 @@ def collect(paths: list[Path], by: list[str] = (), metric: str = "test_error_pct
         cell.seeds.append(r.flat.get("seed"))
         _mark(cell, r.cfg)
     if by:  # what a --by grouping averages over besides the seed: say so
-        members = {}
-        for r in runs:
-            members.setdefault(tuple(repr(r.flat.get(k)) for k in by), []).append(r)
-        for key, cell in cells.items():
-            group = members.get(key, [])
-            cell.pooled = [k for k in varying_keys(group) if k not in by and k not in IGNORED_KEYS]
+        _pooled(cells, runs, by)
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     return sorted(
         cells.values(),
@@ -257,3 +237,29 @@ def _mark(cell: Cell, cfg) -> None:
             cell.marks.add("net")
     if cfg.data.limit_train or cfg.data.limit_test:
         cell.marks.add("subset")
+
+
+def _setting_keys(runs: list[Run]) -> list[str]:
+    """The keys that split some (data set, net, method, p) group, which become columns; when
+    there are any, every key that differs between rows gets a column (a per-setting table)."""
+    vary = varying_keys(runs)
+    splitting = [
+        k
+        for k in vary
+        if k not in LABEL_KEYS
+        and any(
+            len({repr(r.flat.get(k)) for r in runs if r.labels == lab}) > 1
+            for lab in {r.labels for r in runs}
+        )
+    ]
+    return [k for k in vary if k not in LABEL_KEYS] if splitting else []
+
+
+def _pooled(cells: dict, runs: list[Run], by: list[str]) -> None:
+    """Each --by cell's ``pooled``: the keys it averages over besides the seed."""
+    members = {}
+    for r in runs:
+        members.setdefault(tuple(repr(r.flat.get(k)) for k in by), []).append(r)
+    for key, cell in cells.items():
+        group = members.get(key, [])
+        cell.pooled = [k for k in varying_keys(group) if k not in by and k not in IGNORED_KEYS]

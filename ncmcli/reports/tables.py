@@ -144,6 +144,7 @@ def _settings_table(cells: list[Cell], what: str = "Test error %") -> tuple[str,
 
 
 def render(cells: list[Cell], fmt: str, metric: str = "test_error_pct") -> str:
+    """The cells as a table, Markdown, CSV or JSON, with notes on marks and pooled keys."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if fmt == "json":
@@ -155,42 +156,7 @@ def render(cells: list[Cell], fmt: str, metric: str = "test_error_pct") -> str:
             indent=2,
         )
     if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        keys = list(dict.fromkeys(k for c in cells for k in c.settings))
-        w.writerow(
-            [
-                "dataset",
-                "net",
-                "method",
-                "dropout",
-                *keys,
-                "n",
-                "mean_error_pct",
-                "std",
-                "paper_error_pct",
-                "diff",
-                "marks",
-            ]
-        )
-        for c in cells:
-            d = c.to_dict()
-            w.writerow(
-                [
-                    c.dataset,
-                    c.net,
-                    c.method,
-                    c.dropout,
-                    *(_show(c.settings.get(k, "")) for k in keys),
-                    c.n,
-                    f"{c.mean:.4f}",
-                    "" if d["std"] is None else f"{d['std']:.4f}",
-                    "" if c.paper is None else c.paper,
-                    "" if d["diff"] is None else f"{d['diff']:.4f}",
-                    ";".join(d["marks"]),
-                ]
-            )
-        return buf.getvalue().rstrip("\n")
+        return _csv(cells)
     parts = []
     for title, header, rows in tables(cells, metric):
         if fmt == "md":
@@ -205,6 +171,57 @@ def render(cells: list[Cell], fmt: str, metric: str = "test_error_pct") -> str:
         else:
             widths = [max(len(x) for x in col) for col in zip(header, *rows)]
             parts.append("\n".join([title, *(_padded(r, widths) for r in (header, *rows))]))
+    parts += _notes(cells)
+    return "\n\n".join(parts)
+
+
+def _padded(row, widths) -> str:
+    return "  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip()
+
+
+def _csv(cells: list[Cell]) -> str:
+    """One CSV row per cell, with a column per setting."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    keys = list(dict.fromkeys(k for c in cells for k in c.settings))
+    w.writerow(
+        [
+            "dataset",
+            "net",
+            "method",
+            "dropout",
+            *keys,
+            "n",
+            "mean_error_pct",
+            "std",
+            "paper_error_pct",
+            "diff",
+            "marks",
+        ]
+    )
+    for c in cells:
+        d = c.to_dict()
+        w.writerow(
+            [
+                c.dataset,
+                c.net,
+                c.method,
+                c.dropout,
+                *(_show(c.settings.get(k, "")) for k in keys),
+                c.n,
+                f"{c.mean:.4f}",
+                "" if d["std"] is None else f"{d['std']:.4f}",
+                "" if c.paper is None else c.paper,
+                "" if d["diff"] is None else f"{d['diff']:.4f}",
+                ";".join(d["marks"]),
+            ]
+        )
+    return buf.getvalue().rstrip("\n")
+
+
+def _notes(cells: list[Cell]) -> list[str]:
+    """What the table's marks, pooled keys, repeated seeds and paper column mean."""
+    parts = []
     marks = set().union(*(c.marks for c in cells))
     notes = {
         "epochs": "epochs = not the paper's budget (90 epochs; Liu et al.'s 30k iterations for Hinge/L-Softmax)",
@@ -223,8 +240,4 @@ def render(cells: list[Cell], fmt: str, metric: str = "test_error_pct") -> str:
         parts.append("Some cells repeat a seed: their ± is over runs, not independent seeds.")
     if any(c.paper is not None for c in cells):
         parts.append("Paper column: " + json.loads(papers.PAPER_FILE.read_text())["source"])
-    return "\n\n".join(parts)
-
-
-def _padded(row, widths) -> str:
-    return "  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip()
+    return parts

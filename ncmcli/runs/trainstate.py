@@ -31,6 +31,10 @@ class Progress:
     train_images: int = 0
     best: dict | None = None
 
+    def end_epoch(self, epoch: int) -> None:
+        """``epoch`` is complete: the counters of a part-trained epoch start again at zero."""
+        self.epoch, self.step, self.loss_sum, self.correct, self.seen = epoch, 0, 0.0, 0, 0
+
 
 @dataclass
 class TrainState:

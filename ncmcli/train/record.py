@@ -19,20 +19,13 @@ from ncmcli.train.runtime import dist_info
 from ncmcli.train.setup import Setup, evaluated
 
 
-def epoch_metrics(
-    run: Setup,
-    epoch: int,
-    train_loss: float,
-    train_acc: float,
-    ev: dict,
-    val: dict | None,
-    *,
-    lr: float,
-    images_per_s: float,
-    epoch_time: float,
-) -> dict:
+def epoch_metrics(run: Setup, epoch: int, trained: tuple, ev: dict, val: dict | None) -> dict:
     """One metrics.jsonl line: losses and accuracies, balanced test accuracy (and, on
-    long-tailed data, head/medium/tail), and an NCM loss's scale (moved only by learn)."""
+    long-tailed data, head/medium/tail), and an NCM loss's scale (moved only by learn).
+    ``trained``: the epoch's (train loss, train accuracy, seconds, images), as
+    ``EpochCursor.finish`` returns them; the learning rate is read before the epoch-counted
+    schedules step."""
+    train_loss, train_acc, epoch_time, seen = trained
 
     metrics = {
         "epoch": epoch,
@@ -41,9 +34,9 @@ def epoch_metrics(
         "test_loss": ev["loss"],
         "test_acc": ev["accuracy"],
         "test_error_pct": ev["error_pct"],
-        "lr": lr,
+        "lr": run.optimizer.param_groups[0]["lr"],
         "epoch_time_s": round(epoch_time, 3),
-        "images_per_s": images_per_s,
+        "images_per_s": round(seen / max(epoch_time, 1e-9), 1),
     }
     tail = imbalance_metrics(ev["confusion"], run.data.train_counts if run.data.imbalance else None)
     metrics["test_balanced_acc"] = tail["balanced_accuracy"]
@@ -57,6 +50,23 @@ def epoch_metrics(
     if crit.uses_anchors:
         metrics["scale"] = crit.scale_value()
     return metrics
+
+
+# What result.json keeps of the final epoch's metrics line, and of the best one's.
+FINAL_KEYS = (
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "test_error_pct",
+    "test_balanced_acc",
+    "test_head_acc",
+    "test_medium_acc",
+    "test_tail_acc",
+    "scale",
+)
+BEST_KEYS = ("epoch", "test_acc", "test_error_pct", "val_acc", "val_error_pct")
 
 
 def result_record(
@@ -75,28 +85,8 @@ def result_record(
         "seed": cfg.seed,
         "epochs": cfg.train.epochs,
         "device": str(device),
-        "final": {
-            k: final[k]
-            for k in (
-                "epoch",
-                "train_loss",
-                "train_acc",
-                "test_loss",
-                "test_acc",
-                "test_error_pct",
-                "test_balanced_acc",
-                "test_head_acc",
-                "test_medium_acc",
-                "test_tail_acc",
-                "scale",
-            )
-            if k in final
-        },
-        "best": {
-            k: best[k]
-            for k in ("epoch", "test_acc", "test_error_pct", "val_acc", "val_error_pct")
-            if k in best
-        },
+        "final": {k: final[k] for k in FINAL_KEYS if k in final},
+        "best": {k: best[k] for k in BEST_KEYS if k in best},
         "best_selected_on": {"val_acc": "validation", "test_acc": "test", "epoch": "last epoch"}[
             selection(run)[0]
         ],

@@ -17,7 +17,8 @@ from ncmcli.runs.ckfile import CheckpointFile
 from ncmcli.runs.rundir import RunDir
 from ncmcli.train.record import scale_comment, selection
 from ncmcli.train.runtime import dist_info, gather_rng
-from ncmcli.train.setup import Setup, check_finite, evaluated
+from ncmcli.train.setup import Setup, evaluated
+from ncmcli.train.step import check_finite
 
 
 def restore(run: Setup, run_dir: Path, device: torch.device, file=None) -> None:

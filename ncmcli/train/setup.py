@@ -1,10 +1,9 @@
-"""A run's set-up: seeds, data, the classifier, the speed settings, optimiser and schedule
-(``build_run`` returns them as one plain ``Setup``), the training step module, EMA, and the
-checks that keep bad weights out of checkpoints."""
+"""A run's set-up: seeds, data, the classifier, the training step, optimiser and schedule,
+built by ``build_run`` and returned as one plain ``Setup``; the step itself, EMA and the
+finiteness check are in ``step``."""
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -15,56 +14,16 @@ from ncmcli.config.schema import MAX_CLASSES, MAX_PARAMS, Config
 from ncmcli.data import replay
 from ncmcli.data.batching import Split, split_stats
 from ncmcli.data.datasets import load_dataset
+from ncmcli.data.loader import Loader
 from ncmcli.errors import ConfigError as NcmConfigError
-from ncmcli.errors import NcmError, config_boundary
+from ncmcli.errors import config_boundary
 from ncmcli.nn.classifier import Classifier
 from ncmcli.nn.models import backbone_parameters
 from ncmcli.runs import trainstate
 from ncmcli.runs.incremental import Lineage, check_compatible, check_input, extended_classifier, mixed_memory
 from ncmcli.train.runtime import dist_info, rank0_first
 from ncmcli.train.schedules import Warmup, make_optimizer, make_scheduler
-
-
-class TrainingDiverged(NcmError):
-    """The loss became NaN or Inf."""
-
-
-class TrainStep(nn.Module):
-    """One forward for training: the net under autocast, then the criterion in fp32. A single
-    module so that DDP synchronises the criterion's parameters (softmax/hinge heads) too."""
-
-    def __init__(self, net, criterion, amp_dtype, memory_format):
-        super().__init__()
-        self.net, self.criterion = net, criterion
-        self.amp_dtype, self.memory_format = amp_dtype, memory_format
-
-    def forward(self, x, y):
-        with torch.autocast(
-            x.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-        ):
-            feats = self.net(x.contiguous(memory_format=self.memory_format))
-        return self.criterion(feats, y), feats  # outside autocast: distances and the loss stay fp32
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def check_finite(model: nn.Module, criterion: nn.Module, where: str) -> None:
-    """Raise TrainingDiverged if any floating-point weight or buffer is NaN or infinite."""
-    flags = [
-        torch.isfinite(t).all()
-        for m in (model, criterion)
-        for t in m.state_dict().values()
-        if t.is_floating_point()
-    ]
-    if flags and not bool(torch.stack(flags).all()):
-        raise TrainingDiverged(f"the weights became NaN or infinite at {where}; try a lower optim.lr")
+from ncmcli.train.step import EMA, build_step
 
 
 @dataclass
@@ -85,6 +44,7 @@ class Setup:
     val_split: object | None
     steps_per_epoch: int
     warmup: Warmup
+    loader: Loader  # the training split's batches, one epoch per call
     ema: nn.Module | None = None  # EMA of the classifier when train.ema_decay > 0
     progress: trainstate.Progress = field(default_factory=trainstate.Progress)
     run_id: str | None = None
@@ -131,33 +91,6 @@ def _classifier(cfg: Config, data, parent) -> Classifier:
         )
 
 
-def _step(cfg: Config, model: nn.Module, criterion: nn.Module, device: torch.device):
-    """(the module a step calls, the autocast dtype): the speed settings, none of which changes
-    the maths beyond the autocast rounding, then the compiled and DDP wrappers, which only run
-    steps (checkpoints save the plain modules)."""
-    amp_dtype = resolve_precision(cfg.train.precision, device)
-    channels_last = cfg.train.channels_last == "true" or (
-        cfg.train.channels_last == "auto" and device.type == "cuda"
-    )
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format)
-    if device.type == "cuda" and not cfg.train.deterministic:
-        torch.backends.cudnn.benchmark = True
-    step = TrainStep(
-        torch.compile(model) if cfg.train.compile else model, criterion, amp_dtype, memory_format
-    )
-    if dist_info()[1] > 1:
-        if cfg.model.freeze_backbone_epochs:  # DDP expects a gradient for every parameter it wraps
-            raise NcmConfigError(
-                "model.freeze_backbone_epochs is not supported under torchrun (DDP); train the "
-                "frozen epochs in one process, then --resume under torchrun"
-            )
-        step = nn.parallel.DistributedDataParallel(
-            step, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    return step, amp_dtype
-
-
 def build_run(cfg: Config, device: torch.device, say=None, parent=None) -> Setup:
     """Seeds, threads, data, model, anchors, criterion, the speed settings, optimiser, schedule.
     ``parent``: the ``incremental.Parent`` an --extend run starts from."""
@@ -178,15 +111,27 @@ def build_run(cfg: Config, device: torch.device, say=None, parent=None) -> Setup
     model, criterion = classifier.parts()
     _check_size(model, criterion, len(data.classes))
     classifier.to(device)
-    step, amp_dtype = _step(cfg, model, criterion, device)
+    step, amp_dtype = build_step(cfg, model, criterion, device)
     train_split = data.train.to(device)
-    steps_per_epoch = math.ceil(len(train_split) / cfg.train.batch_size)
+    rank, world = dist_info()
+    gen = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation draws
+    loader = Loader(
+        train_split,
+        cfg.train.batch_size,
+        classifier.mean,
+        classifier.std,
+        device,
+        gen,
+        augment=cfg.data.augment,
+        hflip=cfg.data.hflip,
+        rank=rank,
+        world=world,
+    )
+    steps_per_epoch = len(loader)
     optimizer = make_optimizer(cfg, model, criterion)
     scheduler, per_step = make_scheduler(cfg, optimizer, steps_per_epoch, floor=criterion.loss_floor())
-    ema = None
-    if cfg.train.ema_decay > 0:
-        # Both halves: a SoftMax model's classifier lives in its criterion.
-        ema = EMA(classifier, cfg.train.ema_decay)
+    # The EMA averages both halves: a SoftMax model's classifier lives in its criterion.
+    ema = EMA(classifier, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     return Setup(
         ema=ema,
         lineage=lineage,
@@ -198,12 +143,13 @@ def build_run(cfg: Config, device: torch.device, say=None, parent=None) -> Setup
         scheduler=scheduler,
         per_step=per_step,
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-        gen=torch.Generator().manual_seed(cfg.seed),  # data order and augmentation draws
+        gen=gen,
         train_split=train_split,
         test_split=data.test.to(device),
         val_split=data.val.to(device) if data.val is not None else None,
         steps_per_epoch=steps_per_epoch,
         warmup=Warmup(optimizer, round(cfg.optim.warmup_epochs * steps_per_epoch)),
+        loader=loader,
     )
 
 
@@ -294,35 +240,6 @@ def update_ema(run: Setup) -> None:
     if run.ema is None:
         return
     run.ema.update(run.classifier)
-
-
-class EMA(nn.Module):
-    """An exponential moving average of a module's parameters, as torch.optim.swa_utils'
-    AveragedModel with get_ema_multi_avg_fn computes it (the first update copies, each later
-    one is one ``torch._foreach_lerp_`` by 1 - decay), with buffers copied from the live
-    module. Its counter is a Python int, so an update costs no host sync (AveragedModel
-    tests its tensor counter against 0 on every update)."""
-
-    def __init__(self, live: nn.Module, decay: float):
-        super().__init__()
-        import copy
-
-        self.module = copy.deepcopy(live)
-        self.decay = float(decay)
-        self.n_averaged = 0
-
-    @torch.no_grad()
-    def update(self, live: nn.Module) -> None:
-        mine = [p.detach() for p in self.module.parameters()]
-        theirs = [p.detach() for p in live.parameters()]
-        if self.n_averaged == 0:
-            torch._foreach_copy_(mine, theirs)
-        else:
-            torch._foreach_lerp_(mine, theirs, 1.0 - self.decay)
-        buffers = list(self.module.buffers())
-        if buffers:
-            torch._foreach_copy_(buffers, list(live.buffers()))
-        self.n_averaged += 1
 
 
 def evaluated(run: Setup) -> Classifier:

@@ -137,7 +137,7 @@ def _train(tmp_path, name, overrides, stop=None, resume=False):
 def test_learned_scale_resumes_bit_identically_and_is_logged(tmp_path):
     from conftest import StopAfter
 
-    from ncmcli.train.loop import Interrupted
+    from ncmcli.train.stopping import Interrupted
 
     over = ["loss.scale=learn", "train.epochs=3"]
     result = _train(tmp_path, "straight", over)

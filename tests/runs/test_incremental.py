@@ -17,7 +17,8 @@ from ncmcli.nn.anchors import make_anchors
 from ncmcli.nn.floors import slot_floor
 from ncmcli.nn.losses import NCMLoss
 from ncmcli.nn.slots import assign_slots, grow_head
-from ncmcli.train.loop import Interrupted, train
+from ncmcli.train.loop import train
+from ncmcli.train.stopping import Interrupted
 
 SMALL = [
     "data.limit_train=400",

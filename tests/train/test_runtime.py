@@ -266,7 +266,7 @@ def test_autocast_runs_the_net_in_bf16_and_the_loss_in_fp32():
 
     from ncmcli.config.presets import resolve
     from ncmcli.nn.classifier import Classifier
-    from ncmcli.train.setup import TrainStep, resolve_precision
+    from ncmcli.train.step import TrainStep, resolve_precision
 
     assert resolve_precision("auto", torch.device("cpu")) is None  # fp32 on the CPU
     assert resolve_precision("fp16", torch.device("cpu")) == torch.float16

@@ -31,7 +31,7 @@ def test_backbone_lr_factor_and_frozen_epochs(tmp_path):
 
     from conftest import StopAfter
 
-    from ncmcli.train.loop import Interrupted
+    from ncmcli.train.stopping import Interrupted
 
     c = resolve(
         "quickstart-softmax",
