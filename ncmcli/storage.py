@@ -34,6 +34,16 @@ def bounded_json(text: str, max_depth: int = MAX_JSON_DEPTH):
     return json.loads(text)
 
 
+# atomic_write's temp files: ".NAME.XXXXXXXX.tmp" beside their target.
+TEMP_GLOB = ".*.tmp"
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Remove the temp files a process killed mid-write (SIGKILL) left in ``folder``."""
+    for stale in Path(folder).glob(TEMP_GLOB):
+        stale.unlink(missing_ok=True)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write via ``write(tmp)`` to a temp file in the same folder, fsync, then rename, so a
     crash at any moment leaves either the old file or the new one, never half of one."""

@@ -175,9 +175,9 @@ def _diagnostics(ck, feats, logits, labels, dev):
     with torch.no_grad():
         dist = ck.criterion.distances(feats.to(dev)).cpu()  # (N, C)
     diag.update(metrics.anchor_report(dist, labels, ck.classes))
-    diag["reject_above_at_95_tpr"] = torch.quantile(dist.min(1).values.double(), 0.95).item()
-    two = dist.topk(2, dim=1, largest=False).values
-    diag["reject_below_margin_at_95_tpr"] = torch.quantile((two[:, 1] - two[:, 0]).double(), 0.05).item()
+    nearest, margin = metrics.nearest_two(dist)
+    diag["reject_above_at_95_tpr"] = torch.quantile(nearest.double(), 0.95).item()
+    diag["reject_below_margin_at_95_tpr"] = torch.quantile(margin.double(), 0.05).item()
     return diag, dist
 
 

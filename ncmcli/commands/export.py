@@ -35,7 +35,7 @@ class Exported(nn.Module):
         feats = self.classifier.features(images)  # (B, d): normalised inside, as ncm's batches
         if self.with_distances:
             dist = self.criterion.distances(feats)  # (B, C)
-            logits = -self.criterion.scale * dist
+            logits = self.criterion.logits_of(dist)
             return logits, dist.argmin(1), dist
         logits = self.criterion.logits(feats)  # (B, C)
         return logits, logits.argmax(1)

@@ -8,6 +8,7 @@ from pathlib import Path
 from ncmcli.data.batching import Split
 from ncmcli.data.images import IMAGE_SUFFIXES, load_image
 from ncmcli.errors import UsageError
+from ncmcli.nn.metrics import nearest_two
 from ncmcli.runs import checkpoint
 from ncmcli.train.forward import forward_split
 from ncmcli.train.runtime import pick_device
@@ -119,12 +120,10 @@ def _predict_batch(
     chunk = Split(torch.stack(tensors), torch.zeros(len(tensors), dtype=torch.int64))
     ((feats, logits, _),) = forward_split(ck.classifier, chunk.to(dev), device=dev, batch_size=len(tensors))
     probs = torch.softmax(logits, 1)
-    with torch.no_grad():
-        two = (
-            ck.criterion.distances(feats).topk(2, dim=1, largest=False).values
-            if ck.criterion.uses_anchors
-            else None
-        )
+    nearest = margin = None
+    if ck.criterion.uses_anchors:
+        with torch.no_grad():
+            nearest, margin = nearest_two(ck.criterion.distances(feats))
     top_p, top_i = probs.topk(min(top_k, len(ck.classes)), 1)
     for row in range(len(tensors)):
         rec = results[good[row]]
@@ -133,11 +132,9 @@ def _predict_batch(
             for p, i in zip(top_p[row].tolist(), top_i[row].tolist())
         ]
         rec["label"] = rec["top"][0]["class"]
-        rec["nearest_anchor_distance"] = None if two is None else round(two[row, 0].item(), 6)
-        # How much farther the second-nearest anchor is: the confidence that a flat scale-1
-        # probability hides.
-        rec["second_anchor_margin"] = None if two is None else round((two[row, 1] - two[row, 0]).item(), 6)
-        if reject_above is not None and two[row, 0].item() > reject_above:
+        rec["nearest_anchor_distance"] = None if nearest is None else round(nearest[row].item(), 6)
+        rec["second_anchor_margin"] = None if margin is None else round(margin[row].item(), 6)
+        if reject_above is not None and nearest[row].item() > reject_above:
             rec["label"] = "unknown"  # farther than the threshold from every anchor
         if reject_below_margin is not None and rec["second_anchor_margin"] < reject_below_margin:
             rec["label"] = "unknown"  # no anchor clearly nearer than the next one

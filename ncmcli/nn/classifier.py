@@ -9,7 +9,7 @@ from torch import nn
 
 from ncmcli.nn.anchors import make_anchors
 from ncmcli.nn.criteria import build_criterion
-from ncmcli.nn.models import build_net
+from ncmcli.nn.models import backbone_parameters, build_net
 from ncmcli.nn.slots import assign_slots, grow_head
 from ncmcli.registry import NCM_LOSSES
 
@@ -72,6 +72,11 @@ class Classifier(nn.Module):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.criterion(self.features(x), y)
+
+    def param_groups(self, lr: float, backbone_lr_factor: float = 1.0) -> list[dict]:
+        """The optimiser's parameter groups (nanoGPT's ``configure_optimizers``): see
+        ``param_groups``."""
+        return param_groups(self.net, self.criterion, lr, backbone_lr_factor)
 
     def parts(self) -> tuple[nn.Module, nn.Module]:
         return self.net, self.criterion
@@ -180,3 +185,25 @@ class Classifier(nn.Module):
         if not crit.uses_anchors:
             return None
         return crit.slot_anchors if crit.has_slots else crit.anchors
+
+
+def param_groups(
+    net: nn.Module, criterion: nn.Module, lr: float, backbone_lr_factor: float = 1.0
+) -> list[dict]:
+    """Every parameter in one group at ``lr``, but: the backbone at ``lr * backbone_lr_factor``
+    in its own group (only when the factor is not 1, so runs without it keep one group), and a
+    learned NCM scale (log s) without weight decay, as decay would pull s towards 1, the flat
+    softmax the learned scale is there to leave."""
+    no_decay = {id(p) for n, p in criterion.named_parameters() if n == "log_scale"}
+    slow = {id(p) for p in backbone_parameters(net)} if backbone_lr_factor != 1 else set()
+    everything = list(net.parameters()) + list(criterion.parameters())
+    groups = [{"params": [p for p in everything if id(p) not in no_decay | slow]}]
+    if slow:
+        groups.append(
+            {"params": [p for p in net.parameters() if id(p) in slow], "lr": lr * backbone_lr_factor}
+        )
+    if no_decay:
+        groups.append(
+            {"params": [p for p in criterion.parameters() if id(p) in no_decay], "weight_decay": 0.0}
+        )
+    return groups

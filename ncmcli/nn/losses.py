@@ -111,7 +111,11 @@ class NCMLoss(Criterion):
         return self.distance(features, self.anchors.to(features.dtype))  # (B, C)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return -self.scale * self.distances(features)  # (B, C)
+        return self.logits_of(self.distances(features))  # (B, C)
+
+    def logits_of(self, distances: torch.Tensor) -> torch.Tensor:
+        """The paper's logits -s * M(f, a_c) from (B, C) distances already computed."""
+        return -self.scale * distances
 
     def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if (

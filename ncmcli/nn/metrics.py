@@ -48,13 +48,26 @@ def fpr_at_tpr(scores_pos: torch.Tensor, scores_neg: torch.Tensor, tpr: float = 
     return (scores_neg.double() >= threshold).double().mean().item(), threshold
 
 
+def nearest_two(distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From (N, C) anchor distances: the (N,) nearest distance, and the (N,) margin by which
+    the second-nearest anchor is farther (the confidence a flat scale-1 probability hides)."""
+    two = distances.topk(2, dim=1, largest=False).values  # (N, 2) nearest and second-nearest
+    return two[:, 0], two[:, 1] - two[:, 0]
+
+
+def own_and_nearest_other(distances: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From (N, C) anchor distances: each feature's (N,) distance to its own class's anchor
+    (compactness) and to the nearest other anchor (separation)."""
+    rows = torch.arange(len(labels))
+    own = distances[rows, labels]  # (N,)
+    others = distances.clone()
+    others[rows, labels] = float("inf")
+    return own, others.min(1).values
+
+
 def anchor_report(distances: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
     """Compactness and separation from (N, C) feature-anchor distances."""
-    n = len(labels)
-    own = distances[torch.arange(n), labels]  # (N,)
-    others = distances.clone()
-    others[torch.arange(n), labels] = float("inf")
-    nearest_other = others.min(1).values  # (N,)
+    own, nearest_other = own_and_nearest_other(distances, labels)
     per_class = {}
     for c, name in enumerate(classes):
         m = labels == c

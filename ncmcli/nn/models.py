@@ -59,9 +59,7 @@ class FeatureNet(nn.Module):
         self.body = nn.Sequential(*layers)
         self.fc = nn.Linear(ch * size * size, d)
         # Liu et al.'s head; a ReLU head cannot reach anchors with negative coordinates.
-        self.head = (
-            nn.Sequential(nn.BatchNorm1d(d), nn.ReLU(inplace=True)) if head == "linear-bn-relu" else None
-        )
+        self.head = _head(head, d)
         self.feature_dim = d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,9 +93,7 @@ class MLPFeatures(nn.Module):
         d = feature_dim or spec.feature_dim
         self.body = nn.Sequential(*layers)
         self.fc = nn.Linear(width, d)
-        self.head = (
-            nn.Sequential(nn.BatchNorm1d(d), nn.ReLU(inplace=True)) if head == "linear-bn-relu" else None
-        )
+        self.head = _head(head, d)
         self.feature_dim = d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,9 +132,7 @@ class ResNetFeatures(nn.Module):
         self.body = net
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(width, d)
-        self.head = (
-            nn.Sequential(nn.BatchNorm1d(d), nn.ReLU(inplace=True)) if head == "linear-bn-relu" else None
-        )
+        self.head = _head(head, d)
         self.feature_dim = d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -230,3 +224,9 @@ def build_net(
         feature_dim=feature_dim,
         head=head,
     )
+
+
+def _head(head: str, d: int) -> nn.Module | None:
+    """What follows the feature Linear: nothing (``linear``, the paper's), or Liu et al.'s
+    BatchNorm + ReLU (``linear-bn-relu``, their released L-Softmax models' ip1 -> BN -> ReLU)."""
+    return nn.Sequential(nn.BatchNorm1d(d), nn.ReLU(inplace=True)) if head == "linear-bn-relu" else None

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from ncmcli.nn.metrics import nearest_two
+
 # The many/medium/few convention of long-tail papers (Liu et al. 2019, "OLTR"): more than
 # 100 training images, 20 to 100, fewer than 20.
 MANY_ABOVE, FEW_BELOW = 100, 20
@@ -69,8 +71,7 @@ def confusion_of(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> 
 
 # -- Open-set scores: higher = more likely known. Each takes (logits, distances or None).
 def _margin(logits, dist):
-    two = dist.topk(2, dim=1, largest=False).values  # (N, 2) nearest and second-nearest
-    return two[:, 1] - two[:, 0]
+    return nearest_two(dist)[1]
 
 
 def _cac(logits, dist):

@@ -89,10 +89,6 @@ class RunDir:
     def lock(self) -> FolderLock:
         return FolderLock(self.path)
 
-    def remove_stale_temps(self) -> None:
-        for stale in self.path.glob(".*.tmp"):  # left by a process killed mid-write (SIGKILL)
-            stale.unlink(missing_ok=True)
-
 
 def find_runs(paths, marker: str = RESULT) -> list[Path]:
     """Run folders at or under ``paths``: those holding ``marker`` (result.json: finished runs;

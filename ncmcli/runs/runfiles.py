@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ncmcli.errors import CheckpointError, NcmError, UsageError, special_file
-from ncmcli.storage import bounded_json
+from ncmcli.storage import bounded_json, remove_stale_temps
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -49,8 +49,7 @@ def clear_run(folder: Path) -> None:
     for name in RUN_FILES:
         (folder / name).unlink(missing_ok=True)
     shutil.rmtree(folder / TENSORBOARD, ignore_errors=True)
-    for stale in folder.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
+    remove_stale_temps(folder)
 
 
 class RunLocked(Exception):

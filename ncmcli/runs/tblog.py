@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ncmcli.errors import ConfigError
+from ncmcli.nn.metrics import own_and_nearest_other
 from ncmcli.runs.runfiles import TENSORBOARD
 
 
@@ -63,9 +64,8 @@ def feature_diagnostics(criterion, features: torch.Tensor, labels: torch.Tensor)
         return {}
     with torch.no_grad():
         dist = criterion.distances(features.to(criterion.anchors.device)).cpu().double()  # (N, C)
-    own = dist[torch.arange(len(labels)), labels]
-    dist[torch.arange(len(labels)), labels] = float("inf")
+    own, nearest_other = own_and_nearest_other(dist, labels)
     return {
         "compactness_mean_own_distance": own.mean().item(),
-        "separation_mean_nearest_other": dist.min(1).values.mean().item(),
+        "separation_mean_nearest_other": nearest_other.mean().item(),
     }

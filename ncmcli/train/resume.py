@@ -15,6 +15,7 @@ from ncmcli.data import replay
 from ncmcli.runs import checkpoint, incremental, runfiles, trainstate
 from ncmcli.runs.ckfile import CheckpointFile
 from ncmcli.runs.rundir import RunDir
+from ncmcli.storage import remove_stale_temps
 from ncmcli.train.record import scale_comment, selection
 from ncmcli.train.runtime import dist_info, gather_rng
 from ncmcli.train.setup import Setup, evaluated
@@ -95,8 +96,7 @@ def clear_stale_temps(run_dir: Path) -> None:
     """Remove the temp files a process killed mid-write (SIGKILL) left; rank 0 only, as only the
     writing rank may touch the folder."""
     if dist_info()[0] == 0:
-        for stale in run_dir.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+        remove_stale_temps(run_dir)
 
 
 class Checkpoints:

@@ -10,32 +10,15 @@ import torch
 
 from ncmcli.config.schema import Config
 from ncmcli.config.values import parse_betas
-from ncmcli.nn.models import backbone_parameters
+from ncmcli.nn.classifier import param_groups
 
 
 def make_optimizer(cfg: Config, model, criterion) -> torch.optim.Optimizer:
     """The paper's SGD (momentum, weight decay on every parameter), optionally with Nesterov
     momentum; or AdamW. Neither option is part of the paper."""
 
-    # A learned NCM scale (log s) takes no weight decay: decay would pull s towards 1, the
-    # flat softmax the learned scale is there to leave.
-
-    no_decay = {id(p) for n, p in criterion.named_parameters() if n == "log_scale"}
     o = cfg.optim
-    # A separate backbone group only when it differs, so that runs without it keep one group.
-    slow = {id(p) for p in backbone_parameters(model)} if o.backbone_lr_factor != 1 else set()
-    params = [
-        p for p in list(model.parameters()) + list(criterion.parameters()) if id(p) not in no_decay | slow
-    ]
-    groups = [{"params": params}]
-    if slow:
-        groups.append(
-            {"params": [p for p in model.parameters() if id(p) in slow], "lr": o.lr * o.backbone_lr_factor}
-        )
-    if no_decay:
-        groups.append(
-            {"params": [p for p in criterion.parameters() if id(p) in no_decay], "weight_decay": 0.0}
-        )
+    groups = param_groups(model, criterion, o.lr, o.backbone_lr_factor)  # the model's own groups
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, betas=parse_betas(o.betas), weight_decay=o.weight_decay)
     return torch.optim.SGD(
