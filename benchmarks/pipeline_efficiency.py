@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from _common import model_only_rate, parse
 
-from ncmcli.commands.train import Reporter
 from ncmcli.config.presets import resolve
 from ncmcli.data.fakedata import make_folder, make_mnist
 from ncmcli.train.loop import train
+from ncmcli.train.reporter import Reporter
 
 CASES = [
     # name, preset, overrides, input shape, classes, images per epoch

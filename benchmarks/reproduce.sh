@@ -19,7 +19,7 @@
 #           incremental: class-incremental Split Fashion-MNIST (5 tasks of 2 classes), E-NCM
 #                   with 10 and 100 pre-allocated anchor slots vs a growing SoftMax head, replay
 #                   0/1100/4400, and joint training; runs benchmarks/incremental.sh (about 40 min)
-#           openset: the two known/unknown pairs of the README's open-set table; needs CIFAR10_DIR
+#           openset: the two known/unknown pairs of docs/guides/open-set.md's table; needs CIFAR10_DIR
 #           cpu:    the short Fashion-MNIST comparison;  smoke: tiny, for tests
 #   OUT     where the runs go (default: sweeps/TARGET)
 #

@@ -1,11 +1,11 @@
-"""The README's config-key table, generated from the schema: each key's default from the
+"""docs/config.md's config-key table, generated from the schema: each key's default from the
 dataclasses in ncmcli/config/schema.py, its meaning from the comment beside or above its field, and,
 for keys with a fixed set of values, the names from the registry.
 
     python scripts/config_table.py           # print the table
-    python scripts/config_table.py --write   # replace the table between the README's markers
+    python scripts/config_table.py --write   # replace the table between docs/config.md's markers
 
-tests/test_docs.py checks that the README holds exactly what this prints.
+tests/test_docs.py checks that docs/config.md holds exactly what this prints.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "ncmcli" / "config" / "schema.py"
-README = REPO / "README.md"
+README = REPO / "docs" / "config.md"
 START, END = "<!-- config-table:start (scripts/config_table.py writes it) -->", "<!-- config-table:end -->"
 
 

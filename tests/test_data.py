@@ -178,10 +178,10 @@ def test_dataloader_path_trains_exactly_like_the_tensor_path(tmp_path, workers):
     and normalisation as the same folder held in memory: identical weights after training."""
     from safetensors.torch import load_file
 
-    from ncmcli.commands.train import Reporter
     from ncmcli.config.presets import resolve
     from ncmcli.data.batching import FileSplit
     from ncmcli.train.loop import train
+    from ncmcli.train.reporter import Reporter
 
     make_folder(tmp_path / "imgs", per_class=12, size=(20, 20))
     results = {}
@@ -389,10 +389,10 @@ def test_data_classes_filters_every_split_and_names_the_valid_ones(tmp_path, ncm
 def test_training_on_a_per_batch_folder_stops_its_workers(tmp_path, monkeypatch):
     """train() closes the splits it read per batch on its way out (a collected DataLoader
     waits out a join timeout per worker instead): every FileSplit it built is closed."""
-    from ncmcli.commands.train import Reporter
     from ncmcli.config.presets import resolve
     from ncmcli.data import batching
     from ncmcli.train.loop import train
+    from ncmcli.train.reporter import Reporter
 
     closed, real = [], batching.FileSplit.close
     monkeypatch.setattr(batching.FileSplit, "close", lambda self: (closed.append(id(self)), real(self))[1])

@@ -274,21 +274,23 @@ def test_loss_fields_a_loss_does_not_read_change_nothing():
     assert checked > 40
 
 
-def test_readme_tables_list_every_registered_name():
-    text = (REPO / "README.md").read_text()
-    baselines = text[text.index("## Baselines") : text.index("## Speed")]
+def test_the_docs_tables_list_every_registered_name():
+    docs = REPO / "docs"
+    baselines = (docs / "guides" / "reproducing.md").read_text()
     for name in registry.LOSSES:
         assert f"`{name}`" in baselines, name
-    anchors = text[text.index("### `ncm anchors`") : text.index("## Presets")]
+    cli = (docs / "cli.md").read_text()
+    anchors = cli[cli.index("## `ncm anchors`") : cli.index("## `ncm presets`")]
     for name in registry.ANCHOR_METHODS:
         assert f"| `{name}` |" in anchors, name
-    nets = text[text.index("## The nets") : text.index("## Development")]
+    nets = (docs / "models.md").read_text()
     for name in ARCH_NAMES:
         assert re.search(rf"\| `{re.escape(name)}`", nets), name
+    config = (docs / "config.md").read_text()
     for name in registry.DATASETS:
-        assert f"`{name}`" in text[text.index("| `data.name`") :], name
+        assert f"`{name}`" in config[config.index("| `data.name`") :], name
     for key in SCHEMA:
-        assert f"`{key}`" in text, key
+        assert f"`{key}`" in config, key
 
 
 def test_cli_start_up_imports_no_torch():
@@ -487,3 +489,19 @@ def test_own_imports_inside_functions_only_defer_a_start_up_or_give_a_reason():
 def test_the_deferred_import_rule_sees_the_cli():
     """The control: the rule above finds the CLI's deferred imports."""
     assert any(p.parts[0] == "cli" for p, _, _ in _imports_inside_functions())
+
+
+def test_the_package_top_level_holds_only_the_torch_free_leaves():
+    """Everything else lives in the folder of its layer."""
+    top = {p.stem for p in PKG.glob("*.py")}
+    assert top == {"__init__", "__main__", "errors", "storage", "registry", "netspecs"}
+
+
+def test_each_command_has_one_cli_module_and_one_commands_module_of_the_same_name():
+    """cli/X.py holds command X's options and rendering, commands/X.py its work; console is the
+    CLI's shared renderer and __init__ registers the commands."""
+    cli = {p.stem for p in (PKG / "cli").glob("*.py")} - {"__init__", "console"}
+    commands = {p.stem for p in (PKG / "commands").glob("*.py")} - {"__init__"}
+    assert cli == commands and len(cli) == 8
+    for name in cli:
+        assert f"ncmcli.commands.{name}" in GRAPH[f"ncmcli.cli.{name}"], name

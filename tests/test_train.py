@@ -13,11 +13,11 @@ import torch
 from conftest import StopAfter, assert_clean_error
 from safetensors.torch import load_file
 
-from ncmcli.commands.train import Reporter
 from ncmcli.config.presets import resolve
 from ncmcli.runs import checkpoint
 from ncmcli.runs.ckfile import read_metadata
 from ncmcli.train.loop import train
+from ncmcli.train.reporter import Reporter
 from ncmcli.train.stopping import Interrupted
 
 REPO = Path(__file__).resolve().parents[1]
@@ -348,8 +348,8 @@ def test_a_resume_reads_last_once(tmp_path, monkeypatch):
 
 
 def _ema_run(tmp_path, name, epochs, resume=False, stop=None):
-    from ncmcli.commands.train import Reporter
     from ncmcli.train.loop import train
+    from ncmcli.train.reporter import Reporter
 
     cfg = resolve(
         "quickstart-softmax",

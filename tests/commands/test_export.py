@@ -9,8 +9,8 @@ from ncmcli.config.presets import resolve
 @pytest.fixture(scope="module")
 def trained_ckpts(tmp_path_factory):
     """A briefly trained E-NCM and SoftMax checkpoint (BatchNorm statistics no longer trivial)."""
-    from ncmcli.commands.train import Reporter
     from ncmcli.train.loop import train
+    from ncmcli.train.reporter import Reporter
 
     out = {}
     for preset in ("quickstart", "quickstart-softmax"):
@@ -31,8 +31,7 @@ def test_onnx_and_torchscript_exports_match_pytorch(trained_ckpts, tmp_path, pre
     import numpy as np
     import onnxruntime as ort
 
-    from ncmcli.commands.export import Exported
-    from ncmcli.commands.train import export_command
+    from ncmcli.commands.export import Exported, export_command
     from ncmcli.runs import checkpoint
 
     ck_path = trained_ckpts[preset]
@@ -65,7 +64,7 @@ def test_an_exported_onnx_file_runs_without_ncm(trained_ckpts, tmp_path):
     import subprocess
     import sys
 
-    from ncmcli.commands.train import export_command
+    from ncmcli.commands.export import export_command
 
     f, _ = export_command(trained_ckpts["quickstart"], fmt="onnx", out=tmp_path / "m.onnx")
     code = (

@@ -131,7 +131,7 @@ def test_the_pixel_cap_is_the_documented_64_megapixels(tmp_path):
 
     assert (
         MAX_IMAGE_PIXELS == 64_000_000
-        and "64 megapixels" in (Path(__file__).parents[2] / "README.md").read_text()
+        and "64 megapixels" in (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
     )
     Image.new("L", (8000, 5000)).save(tmp_path / "40mp.png")
     assert load_image(tmp_path / "40mp.png", 1, 8)[0].shape == (1, 8, 8)

@@ -161,10 +161,10 @@ def test_hinge_gradcheck():
 
 @pytest.mark.parametrize("loss", ["softmax", "hinge", "lsoftmax", "center", "cncm", "encm"])
 def test_every_loss_trains_end_to_end_on_quickstart_and_reloads(tmp_path, loss):
-    from ncmcli.commands.train import Reporter
     from ncmcli.config.presets import resolve
     from ncmcli.runs import checkpoint
     from ncmcli.train.loop import train
+    from ncmcli.train.reporter import Reporter
 
     cfg = resolve(
         "quickstart",

@@ -115,8 +115,8 @@ def test_fixed_scale_is_a_plain_float_and_scale_one_is_the_paper():
 
 
 def _train(tmp_path, name, overrides, stop=None, resume=False):
-    from ncmcli.commands.train import Reporter
     from ncmcli.train.loop import train
+    from ncmcli.train.reporter import Reporter
 
     cfg = resolve(
         "quickstart",

@@ -9,7 +9,6 @@ from conftest import StopAfter, assert_clean_error
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ncmcli.commands.train import Reporter
 from ncmcli.config.presets import resolve
 from ncmcli.data import replay
 from ncmcli.data.batching import Split
@@ -18,6 +17,7 @@ from ncmcli.nn.floors import slot_floor
 from ncmcli.nn.losses import NCMLoss
 from ncmcli.nn.slots import assign_slots, grow_head
 from ncmcli.train.loop import train
+from ncmcli.train.reporter import Reporter
 from ncmcli.train.stopping import Interrupted
 
 SMALL = [
@@ -273,12 +273,11 @@ def test_replay_without_a_parent_memory_is_a_config_error(tmp_path):
 
 
 @pytest.mark.slow  # over 7 s: subprocess runs of the CLI (the full suite runs it)
-def test_the_readme_two_step_example_runs(tmp_path, ncm):
+def test_the_guides_two_step_example_runs(tmp_path, ncm):
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = text[text.index("## Adding classes later") : text.index("## Checkpoints")]
-    block = section[section.index("```") + 3 :]
+    section = (Path(__file__).resolve().parents[2] / "docs" / "guides" / "adding-classes.md").read_text()
+    block = section[section.index("```sh") + 5 :]
     commands = [line.split() for line in block[: block.index("```")].strip().splitlines()]
     assert [c[:2] for c in commands] == [["ncm", "train"], ["ncm", "train"], ["ncm", "eval"]]
     for argv in commands:

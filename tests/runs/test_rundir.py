@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import assert_clean_error, capped
 
-from ncmcli.commands.train import Reporter
 from ncmcli.config.presets import resolve
 from ncmcli.runs import runfiles
 from ncmcli.runs.rundir import RunDir, find_runs, run_id_of_config
 from ncmcli.train.loop import train
+from ncmcli.train.reporter import Reporter
 
 
 def test_rundir_names_every_file_and_round_trips_its_text_files(tmp_path):

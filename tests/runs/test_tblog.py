@@ -11,8 +11,8 @@ def test_tensorboard_scalars_mirror_metrics_jsonl(tmp_path):
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from ncmcli.commands.train import Reporter
     from ncmcli.train.loop import train
+    from ncmcli.train.reporter import Reporter
 
     cfg = resolve(
         "quickstart",

@@ -23,9 +23,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ncmcli.commands.train import Reporter
 from ncmcli.config.presets import resolve
 from ncmcli.train.loop import train
+from ncmcli.train.reporter import Reporter
 
 SYNCS = {
     torch.Tensor.item,

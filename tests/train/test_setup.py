@@ -12,10 +12,10 @@ from ncmcli.errors import ConfigError
 def test_backbone_lr_factor_and_frozen_epochs(tmp_path):
     from safetensors.torch import load_file
 
-    from ncmcli.commands.train import Reporter
     from ncmcli.nn.classifier import Classifier
     from ncmcli.nn.models import backbone_parameters
     from ncmcli.train.loop import train
+    from ncmcli.train.reporter import Reporter
     from ncmcli.train.schedules import make_optimizer
 
     cfg = resolve("quickstart-softmax", ["optim.backbone_lr_factor=0.1"])
