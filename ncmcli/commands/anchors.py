@@ -10,7 +10,7 @@ from ncmcli.nn.anchors import make_anchors, resolve_auto
 from ncmcli.nn.certificate import anchor_certificate
 from ncmcli.nn.distances import get_distance
 from ncmcli.nn.floors import scale_for_floor
-from ncmcli.storage import atomic_write
+from ncmcli.storage import save_tensors
 
 MAX_ANCHOR_CLASSES = 10_000  # the certificate compares all pairs: (C, C) float64 is 800 MB at the bound
 
@@ -68,13 +68,9 @@ def anchors_command(
     if scale == "auto":
         cert["scale_setting"], cert["floor_target"] = "auto", floor_target
     if out is not None:
-        from safetensors.torch import save_file
-
         meta = {"method": method, "seed": str(seed), "classes": str(classes), "dim": str(dim)}
         try:
-            atomic_write(
-                Path(out), lambda tmp: save_file({"anchors": a.contiguous()}, str(tmp), metadata=meta)
-            )
+            save_tensors(Path(out), {"anchors": a.contiguous()}, meta)
         except OSError as exc:
             raise UsageError(f"cannot write --out {out} ({exc.strerror or exc})") from None
     return cert

@@ -17,7 +17,7 @@ from torch import nn
 from ncmcli.errors import UsageError
 from ncmcli.runs import checkpoint
 from ncmcli.runs.runfiles import resolve_checkpoint
-from ncmcli.storage import atomic_write
+from ncmcli.storage import atomic_write, remove_stale_temps
 
 FORMATS = ("onnx", "torchscript")
 
@@ -144,4 +144,5 @@ def export_command(target: Path, *, fmt: str, out: Path | None, which: str = "be
     elif Path(out).is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name")
     ck = checkpoint.load(path, "cpu")
+    remove_stale_temps(Path(out).parent, target=Path(out).name)  # of exports killed mid-write
     return export(ck, fmt, Path(out)), input_description(ck)

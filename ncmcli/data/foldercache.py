@@ -19,7 +19,13 @@ from pathlib import Path
 import torch
 
 from ncmcli.data.images import DECODER_VERSION, load_image
-from ncmcli.storage import atomic_write, cache_dir
+from ncmcli.storage import (
+    CorruptFile,
+    cache_dir,
+    read_tensor_file,
+    remove_stale_temps,
+    save_tensors,
+)
 
 FORMAT = "ncm-folder-cache/2"
 
@@ -63,27 +69,31 @@ def load_cached(
 ) -> torch.Tensor:
     """The decoded images of ``files``, from the cache when it matches the folder, else
     decoded now and cached. Cache problems never fail a run: they become ``notes``."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import save_file
-
     key = content_key(root, files, channels, size, resize)
     path = cache_path(root, split, channels, size, resize)
     if path.exists():
+        remove_stale_temps(path.parent)  # of cache writers killed mid-write
         try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                if meta.get("format") == FORMAT and meta.get("key") == key:
-                    images, cached_labels = fh.get_tensor("images"), fh.get_tensor("labels")
-                    if (
-                        images.dtype == torch.uint8
-                        and tuple(images.shape) == (len(files), channels, size, size)
-                        and torch.equal(cached_labels, labels)
-                    ):
-                        return images
-                    notes.append(f"folder cache {path} does not match its key; rebuilding it")
-                else:
-                    notes.append(f"{root / split} changed since it was cached; decoding it again")
-        except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
+            f = read_tensor_file(path, note_undigested=False)
+            if f.meta.get("format") == FORMAT and f.meta.get("key") == key and f.digest is not None:
+                tensors = f.tensors()
+                images, cached_labels = tensors["images"], tensors["labels"]
+                if (
+                    images.dtype == torch.uint8
+                    and tuple(images.shape) == (len(files), channels, size, size)
+                    and torch.equal(cached_labels, labels)
+                ):
+                    return images
+                notes.append(f"folder cache {path} does not match its key; rebuilding it")
+            elif f.digest is None:
+                notes.append(f"folder cache {path} carries no digest (an older ncm wrote it); rebuilding it")
+            else:
+                notes.append(f"{root / split} changed since it was cached; decoding it again")
+        except CorruptFile:
+            notes.append(
+                f"folder cache {path} is corrupt (its data does not match its digest); rebuilding it"
+            )
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             notes.append(f"folder cache {path} is unreadable ({reason[:80]}); rebuilding it")
     if say is not None:  # before the wait, not after it
@@ -103,13 +113,10 @@ def load_cached(
         "labels_sha256": hashlib.sha256(labels.numpy().tobytes()).hexdigest(),
     }
     try:
-        atomic_write(
+        save_tensors(
             path,
-            lambda tmp: save_file(
-                {"images": images.contiguous(), "labels": labels.contiguous()},
-                str(tmp),
-                metadata={k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()},
-            ),
+            {"images": images.contiguous(), "labels": labels.contiguous()},
+            {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()},
         )
     except OSError as exc:
         notes.append(f"cannot write the folder cache {path} ({exc.strerror}); the next run decodes again")

@@ -15,7 +15,7 @@ import torch
 
 from ncmcli.data.batching import Split
 from ncmcli.errors import DataError
-from ncmcli.storage import atomic_write, bounded_json
+from ncmcli.storage import CorruptFile, bounded_json, read_tensor_file, save_tensors
 
 FORMAT = "ncm-replay"
 MAX_IMAGES = 10_000_000
@@ -68,8 +68,6 @@ def select(
 
 
 def save(path: Path, memory: Memory) -> None:
-    from safetensors.torch import save_file
-
     meta = {
         "format": FORMAT,
         "format_version": "1",
@@ -77,37 +75,38 @@ def save(path: Path, memory: Memory) -> None:
         "selection": json.dumps(memory.selection),
     }
     tensors = {"images": memory.images.contiguous(), "labels": memory.labels.contiguous()}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    save_tensors(Path(path), tensors, meta)
 
 
 def load(path: Path, input_shape: tuple[int, int, int]) -> Memory:
     """A memory file, checked: ncm's format, uint8 images of ``input_shape``, labels that
     index its classes. Anything else is a one-line DataError."""
-    from safetensors import safe_open
-
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise DataError(f"{path}: not an ncm replay memory (no format={FORMAT})")
-            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-            if (
-                set(shapes) != {"images", "labels"}
-                or len(shapes["images"]) != 4
-                or shapes["images"][1:] != tuple(input_shape)
-                or shapes["labels"] != shapes["images"][:1]
-                or shapes["images"][0] > MAX_IMAGES
-            ):
-                raise DataError(
-                    f"{path}: a replay memory of {shapes.get('images')} images, the model takes "
-                    f"{tuple(input_shape)}"
-                )
-            images, labels = fh.get_tensor("images"), fh.get_tensor("labels")
+        f = read_tensor_file(path)
+        meta = f.meta
+        if meta.get("format") != FORMAT:
+            raise DataError(f"{path}: not an ncm replay memory (no format={FORMAT})")
+        shapes = {k: tuple(v.get("shape", ())) for k, v in f.header.items() if isinstance(v, dict)}
+        if (
+            set(shapes) != {"images", "labels"}
+            or len(shapes["images"]) != 4
+            or shapes["images"][1:] != tuple(input_shape)
+            or shapes["labels"] != shapes["images"][:1]
+            or shapes["images"][0] > MAX_IMAGES
+        ):
+            raise DataError(
+                f"{path}: a replay memory of {shapes.get('images')} images, the model takes "
+                f"{tuple(input_shape)}"
+            )
+        tensors = f.tensors()
+        images, labels = tensors["images"], tensors["labels"]
         classes = bounded_json(meta.get("classes", "null"))
         selection = bounded_json(meta.get("selection", "{}"))
     except DataError:
         raise
+    except CorruptFile as exc:
+        raise DataError(str(exc)) from None
     except Exception as exc:  # SafetensorError, JSON errors, a truncated file
         raise DataError(
             f"{path}: unreadable replay memory ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__})"

@@ -7,6 +7,7 @@ floor they impose. Every method is deterministic for a given seed.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,7 +15,14 @@ import torch
 from ncmcli.errors import special_file
 from ncmcli.nn.certificate import duplicate_pairs, pairwise_angles, unit_rows
 from ncmcli.registry import ANCHOR_FILE_SUFFIXES, ANCHOR_METHODS, suggest
-from ncmcli.storage import atomic_write, cache_dir
+from ncmcli.storage import (
+    CorruptFile,
+    FileNote,
+    cache_dir,
+    read_tensor_file,
+    remove_stale_temps,
+    save_tensors,
+)
 
 METHODS = tuple(ANCHOR_METHODS)
 
@@ -204,24 +212,25 @@ def _cached_optimized(c: int, d: int, seed: int) -> torch.Tensor:
     ($NCM_CACHE/anchors): 1,000 classes at d = 128 take minutes on a CPU, and every later run
     (and every DDP rank) reads them back. Float64 on the CPU, so that every machine gets the same
     anchors; an unreadable or mismatched cache file is recomputed and replaced."""
-    from safetensors.torch import load_file, save_file
-
     path = cache_dir() / "anchors" / f"optimized-v{OPTIMIZED_VERSION}-c{c}-d{d}-seed{seed}.safetensors"
     if path.is_file():
+        remove_stale_temps(path.parent)
         try:
-            a = load_file(str(path))["anchors"]
+            a = read_tensor_file(path, note_undigested=False).tensors()["anchors"]
             if (
                 tuple(a.shape) == (c, d)
                 and a.dtype == torch.float64
                 and bool(((a.norm(dim=1) - 1).abs() < 1e-6).all())
             ):
                 return a
+        except CorruptFile as exc:  # recomputed below, with a note
+            warnings.warn(FileNote(f"note: {exc}; recomputing the anchors"), stacklevel=2)
         except Exception:  # a torn or foreign file: recompute below
             pass
     a = _optimized(c, d, seed)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: save_file({"anchors": a.contiguous()}, str(tmp)))
+        save_tensors(path, {"anchors": a.contiguous()})
     except OSError:  # a read-only cache: the anchors are still right, only not kept
         pass
     return a
@@ -240,9 +249,7 @@ def _from_file(path: Path, c: int, d: int) -> torch.Tensor:
             ]
             a = torch.tensor(rows, dtype=torch.float64)
         else:
-            from safetensors.torch import load_file
-
-            a = load_file(str(path))["anchors"].double()
+            a = read_tensor_file(path, note_undigested=False).tensors()["anchors"].double()
     except KeyError:
         raise ValueError(f"{path}: no tensor named 'anchors'") from None
     except Exception as exc:  # malformed CSV numbers, ragged rows, corrupt safetensors

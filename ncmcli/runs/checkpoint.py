@@ -22,7 +22,7 @@ from ncmcli.errors import CheckpointError, NcmError
 from ncmcli.nn.classifier import Classifier
 from ncmcli.runs import validate
 from ncmcli.runs.ckfile import FORMAT, FORMAT_VERSION, CheckpointFile
-from ncmcli.storage import atomic_write
+from ncmcli.storage import save_tensors
 
 _ANCHOR_KEY = "anchors"
 
@@ -68,8 +68,6 @@ def save(
     atomically. ``extra``: (tensors, train_state JSON) from ``trainstate.pack``, for resumable files.
     ``class_counts``: the training images per class (the prior of logit adjustment and of
     head/medium/tail metrics). ``lineage``: an ``incremental.Lineage`` (the tasks, the parent)."""
-    from safetensors.torch import save_file
-
     model, criterion = classifier.net, classifier.criterion
     classes, mean, std, input_shape = (
         classifier.classes,
@@ -106,7 +104,7 @@ def save(
     if extra is not None:
         tensors.update({k: v.detach().to("cpu").contiguous() for k, v in extra[0].items()})
         meta["train_state"] = extra[1]
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    save_tensors(Path(path), tensors, meta)  # with the digest of its data, checked on every read
 
 
 def load(path, device: str | torch.device = "cpu") -> Checkpoint:

@@ -8,29 +8,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ncmcli.errors import CheckpointError, special_file
-from ncmcli.storage import bounded_json
+from ncmcli.storage import MAX_HEADER_BYTES, CorruptFile, check_digest, parse_header
 
 FORMAT = "ncm-checkpoint"
 FORMAT_VERSION = 1
 
 
 def read_metadata(path: Path) -> dict:
-    """The metadata of a safetensors file (its header alone), refusing anything that is not an
-    ncm checkpoint."""
-    from safetensors import safe_open
-
+    """The metadata of a checkpoint (its header alone, read through one open file), refusing
+    anything that is not an ncm checkpoint."""
     path = _existing_file(Path(path))
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception as exc:  # SafetensorError: truncated, empty, random bytes
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable safetensors file ({first})") from None
+    with open(path, "rb") as fh:
+        data = fh.read(8)
+        n = int.from_bytes(data, "little") if len(data) == 8 else 0
+        data += fh.read(min(n, MAX_HEADER_BYTES))
+    meta, _ = _parse_header(path, data)
     _check_format(path, meta)
     return meta
-
-
-MAX_HEADER_BYTES = 100 * 2**20  # the safetensors format's own limit on its JSON header
 
 
 @dataclass
@@ -47,11 +41,18 @@ class CheckpointFile:
 
     @classmethod
     def read(cls, path) -> CheckpointFile:
+        """One read of ``path``; its data checked against its digest before any tensor is
+        decoded (a mismatch is a ``CheckpointError`` that says "corrupt", exit 1)."""
         path = _existing_file(Path(path))
         with open(path, "rb") as fh:
             data = fh.read()
         meta, shapes = _parse_header(path, data)
         _check_format(path, meta)
+        n = int.from_bytes(data[:8], "little")
+        try:
+            check_digest(path, meta, data[8 + n :])
+        except CorruptFile as exc:
+            raise CheckpointError(str(exc)) from None
         return cls(path, meta, shapes, data)
 
     def tensors(self) -> dict:
@@ -90,23 +91,10 @@ def _parse_header(path: Path, data: bytes) -> tuple[dict, dict]:
     """(metadata, tensor shapes) from a safetensors file's bytes: an 8-byte little-endian length,
     then that many bytes of JSON."""
 
-    def bad(why: str):
-        return CheckpointError(f"{path}: not a readable safetensors file ({why})")
-
-    if len(data) < 8:
-        raise bad("shorter than its 8-byte header length")
-    n = int.from_bytes(data[:8], "little")
-    if n > min(len(data) - 8, MAX_HEADER_BYTES):
-        raise bad(f"its header claims {n} bytes, more than the file holds")
     try:
-        header = bounded_json(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise bad("the header is not JSON") from None
-    if not isinstance(header, dict):
-        raise bad("the header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
-    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-        raise bad("its metadata is not a map of strings")
+        header, meta, _ = parse_header(data)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     shapes = {}
     for key, entry in header.items():
         shape = entry.get("shape") if isinstance(entry, dict) else None

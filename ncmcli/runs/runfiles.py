@@ -49,7 +49,7 @@ def clear_run(folder: Path) -> None:
     for name in RUN_FILES:
         (folder / name).unlink(missing_ok=True)
     shutil.rmtree(folder / TENSORBOARD, ignore_errors=True)
-    remove_stale_temps(folder)
+    remove_stale_temps(folder, locked=True)
 
 
 class RunLocked(Exception):

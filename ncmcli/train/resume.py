@@ -96,7 +96,7 @@ def clear_stale_temps(run_dir: Path) -> None:
     """Remove the temp files a process killed mid-write (SIGKILL) left; rank 0 only, as only the
     writing rank may touch the folder."""
     if dist_info()[0] == 0:
-        remove_stale_temps(run_dir)
+        remove_stale_temps(run_dir, locked=True)  # the caller holds the folder's lock
 
 
 class Checkpoints:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from ncmcli.config.presets import resolve
 from ncmcli.errors import CheckpointError
 from ncmcli.runs import checkpoint
-from ncmcli.storage import atomic_write, atomic_write_text
+from ncmcli.storage import atomic_write, atomic_write_text, save_tensors
 
 
 def _save(tmp_path, preset="quickstart", name="ck.safetensors"):
@@ -54,7 +54,7 @@ def test_truncated_empty_random_and_foreign_files_are_refused(tmp_path):
     for name, data in cases.items():
         p = tmp_path / f"{name}.safetensors"
         p.write_bytes(data)
-        with pytest.raises(CheckpointError, match="not a readable safetensors|cannot read tensors"):
+        with pytest.raises(CheckpointError, match="not a readable safetensors|cannot read tensors|corrupt"):
             checkpoint.load(p)
     foreign = tmp_path / "foreign.safetensors"
     save_file({"weight": torch.zeros(2)}, str(foreign))
@@ -73,7 +73,7 @@ def _rewrite(path, out, *, drop=None, reshape=None, meta_update=None):
     if reshape:
         tensors[reshape] = torch.zeros(3, 3)
     meta.update(meta_update or {})
-    save_file(tensors, str(out), metadata=meta)
+    save_tensors(out, tensors, meta)  # a fresh digest: the rewrite is what the reader must find
     return out
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from ncmcli.config import schema as config
 from ncmcli.nn import floors
 from ncmcli.runs import checkpoint
-from ncmcli.storage import bounded_json
+from ncmcli.storage import bounded_json, save_tensors
 
 
 def _tamper(path, out, *, tensors=None, meta=None):
@@ -25,7 +25,7 @@ def _tamper(path, out, *, tensors=None, meta=None):
         m = dict(fh.metadata())
     t.update(tensors or {})
     m.update(meta or {})
-    save_file(t, str(out), metadata=m)
+    save_tensors(out, t, m)  # a fresh digest: the tampering is what the reader must find
     return out
 
 
