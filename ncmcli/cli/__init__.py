@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import typer
 
 from ncmcli import __version__
-from ncmcli.cli import anchors, evaluate, export, predict, presets, report, train
+from ncmcli.cli import anchors, evaluate, export, predict, presets, report, train, verify
 from ncmcli.cli.console import err, show
 from ncmcli.cli.plot import plot_app
 from ncmcli.errors import NcmError
+from ncmcli.storage import FileNote
 
 app = typer.Typer(
     help="Train and evaluate classifiers with anchor-based Nearest Class Mean losses.",
@@ -54,6 +56,7 @@ app.command("eval")(evaluate.eval_)
 app.command()(predict.predict)
 app.command()(export.export)
 app.command()(report.report)
+app.command()(verify.verify)
 app.add_typer(plot_app, name="plot")
 
 
@@ -69,6 +72,20 @@ def run(args: list[str] | None = None) -> int:
     _state["debug"] = os.environ.get("NCM_DEBUG", "") not in ("", "0")
     if sys.stdout is None:  # started with stdout closed (>&-): the work still runs, its data goes nowhere
         sys.stdout = open(os.devnull, "w")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", FileNote)
+        warnings.showwarning = _note  # a FileNote is one line on stderr
+        return _run(args)
+
+
+def _note(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, FileNote):
+        err.print(f"[yellow]{show(str(message))}[/yellow]")
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _run(args: list[str] | None) -> int:
     try:
         rv = app(args=args, prog_name="ncm", standalone_mode=False)
     except SystemExit as exc:
@@ -84,6 +101,9 @@ def run(args: list[str] | None = None) -> int:
         return 130
     except typer.Exit as exc:
         return exc.exit_code
+    except PermissionError as exc:  # a folder or file turned read-only under a running command
+        where = exc.filename or "a file"
+        return _fail(f"cannot write {where}: permission denied ({exc.strerror or exc})", 1, exc)
     except Exception as exc:
         if _is_click_error(exc):  # bad flags or arguments, from click or typer's copy of it
             ctx = getattr(exc, "ctx", None)

@@ -176,8 +176,13 @@ def _clock(seconds: float) -> str:
 
 
 class StopOnSignal:
-    """SIGINT, SIGTERM and SIGHUP (a closed terminal) ask training to stop at the next step boundary (it then saves a
-    resumable checkpoint); a second signal aborts at once, leaving the files as they are."""
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal) ask training to stop at the next step
+    boundary (it then saves a resumable checkpoint); a second signal aborts at once, leaving the
+    files as they are. Once a stop is under way, further signals are ignored for the rest of the
+    process: the way out (the save, the message, interpreter shutdown) is never cut by a third
+    one into a traceback, so any storm of signals prints at most three lines."""
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 
     def __init__(self):
         self._set = False
@@ -191,21 +196,32 @@ class StopOnSignal:
         import signal
 
         if self._set:
+            self._ignore_all()
             raise KeyboardInterrupt  # the second signal: abort now
         self._set = True
         self.signal_name = signal.Signals(signum).name
         err.print(f"[yellow]{self.signal_name}: stopping after this step (again to abort)[/yellow]")
 
+    def _ignore_all(self) -> None:
+        import signal
+
+        for name in self.SIGNALS:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
     def __enter__(self):
         import signal
 
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
         import signal
 
+        if self._set:  # a stop is under way: the process is on its way out, in peace
+            self._ignore_all()
+            return
         for sig, old in self._old.items():
             signal.signal(sig, old)
 

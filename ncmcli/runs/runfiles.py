@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ncmcli.errors import CheckpointError, NcmError, UsageError, special_file
-from ncmcli.storage import bounded_json, remove_stale_temps
+from ncmcli.storage import append_line, bounded_json, remove_stale_temps
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -94,9 +94,9 @@ class FolderLock:
 
 
 def append_metrics(path: Path, metrics: dict) -> None:
-    """One line per epoch; a crash mid-line leaves a partial line that ``read_metrics`` skips."""
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(metrics) + "\n")
+    """One line per epoch, made durable; a crash mid-line leaves a torn last line that a resume
+    drops before appending (``train.resume.repair_metrics``) and readers skip."""
+    append_line(path, json.dumps(metrics))
 
 
 def read_metrics(path: Path, note: Callable[[str], None] | None = None) -> list[dict]:
@@ -104,8 +104,16 @@ def read_metrics(path: Path, note: Callable[[str], None] | None = None) -> list[
     is skipped, with a note, rather than failing the run or the plot."""
     if not Path(path).exists():
         return []
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    return read_metrics_lines(lines, path, note)
+
+
+def read_metrics_lines(lines: list[str], path: Path, note: Callable[[str], None] | None = None) -> list[dict]:
+    """The epochs among ``lines`` of ``path``'s metrics, skipping (with a note) unreadable ones."""
     out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             row = bounded_json(line)
             if not isinstance(row, dict) or "epoch" not in row:

@@ -4,6 +4,7 @@ restore that puts a resumed run back exactly where ``last.safetensors`` stopped.
 
 from __future__ import annotations
 
+import json
 import secrets
 from pathlib import Path
 
@@ -15,22 +16,24 @@ from ncmcli.data import replay
 from ncmcli.runs import checkpoint, incremental, runfiles, trainstate
 from ncmcli.runs.ckfile import CheckpointFile
 from ncmcli.runs.rundir import RunDir
-from ncmcli.storage import remove_stale_temps
+from ncmcli.storage import atomic_write_text, bounded_json, remove_stale_temps
 from ncmcli.train.record import scale_comment, selection
 from ncmcli.train.runtime import dist_info, gather_rng
 from ncmcli.train.setup import Setup, evaluated
 from ncmcli.train.step import check_finite
 
 
-def restore(run: Setup, run_dir: Path, device: torch.device, file=None) -> None:
+def restore(run: Setup, run_dir: Path, device: torch.device, file=None) -> dict:
     """Put ``run`` back exactly where ``run_dir/last.safetensors`` stopped: weights, anchors,
     optimiser, schedule, the data generator, the RNGs, the position in the epoch (and, with
     EMA, the average and the live weights). ``file``: that file's ``CheckpointFile``, when the
-    caller has read it already (it is read once, then released)."""
+    caller has read it already (it is read once, then released). Returns the metrics line of
+    the epoch the file was written at (empty for a mid-epoch stop's file)."""
     checked = isinstance(file, CheckpointFile)  # `ncm train --resume` matched its run id to config.yaml's
     file = file if checked else CheckpointFile.read(run_dir / runfiles.LAST)
     last = checkpoint.load(file, device)
     state = trainstate.unpack(file)
+    saved_metrics = bounded_json(file.meta.get("metrics") or "{}")
     file.release()
     if run.ema is not None:
         ema_net, ema_crit = evaluated(run).parts()
@@ -55,6 +58,30 @@ def restore(run: Setup, run_dir: Path, device: torch.device, file=None) -> None:
         run.scaler.load_state_dict(state.scaler)  # the fp16 loss scale carries on, not from 65536
     run.progress = state.progress
     run.run_id = file.meta.get("run_id") if checked else RunDir(run_dir).run_id()
+    return saved_metrics if isinstance(saved_metrics, dict) else {}
+
+
+def repair_metrics(run_dir: Path, epoch: int, saved: dict, note) -> None:
+    """Make metrics.jsonl agree with last.safetensors after a kill between the epoch's writes
+    (checkpoints, then the metrics line; RELIABILITY.md's crash table): a torn last line (no
+    newline: killed mid-append) is dropped; lines past ``epoch`` are dropped; a missing line
+    for ``epoch`` is rebuilt from the checkpoint's own copy (``saved``), so the next append
+    starts on a line of its own and no epoch is lost or counted twice."""
+    path = RunDir(run_dir).metrics_file
+    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+    lines = text.split("\n")
+    tail = lines.pop()  # "" when the file ends with a newline; else a torn line
+    if tail:
+        note(f"note: dropped the torn last line of {path} (a crash mid-append)")
+    rows = runfiles.read_metrics_lines(lines, path, note)
+    kept = [r for r in rows if r["epoch"] <= epoch]
+    if len(kept) < len(rows):
+        note(f"note: dropped {len(rows) - len(kept)} lines of {path} past epoch {epoch}, the checkpoint's")
+    if epoch > 0 and (not kept or kept[-1]["epoch"] < epoch) and saved.get("epoch") == epoch:
+        kept.append(saved)
+        note(f"note: rebuilt epoch {epoch}'s line of {path} from last.safetensors")
+    if tail or len(kept) != len(rows) or kept != rows:
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def open_parent(run_dir: Path, resume: bool, extend: Path | None):
@@ -71,7 +98,11 @@ def open_run(cfg: Config, run: Setup, run_dir: Path, device, *, resume: bool, pa
 
     rank = dist_info()[0]
     if resume:
-        restore(run, run_dir, device, resume)
+        saved = restore(run, run_dir, device, resume)
+        if rank == 0 and run.progress.step == 0:  # at an epoch's end: its line must be there
+            repair_metrics(run_dir, run.progress.epoch, saved, reporter.message)
+        elif rank == 0:  # a mid-epoch stop: lines up to the epoch before it
+            repair_metrics(run_dir, run.progress.epoch, {}, reporter.message)
         reporter.message(f"resuming {run_dir} after epoch {run.progress.epoch}, step {run.progress.step}")
     else:
         run.run_id = secrets.token_hex(
