@@ -1,6 +1,7 @@
 """Resume, interruption, crash safety, determinism, NaN guard, and pickle-free loading."""
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -427,3 +428,78 @@ def test_weights_are_checked_for_nan_before_every_save():
         net.weight[0, 0] = float("inf")
     with pytest.raises(TrainingDiverged):
         check_finite(net, crit, "epoch 2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "storm", [("SIGTERM", "SIGTERM", "SIGINT"), ("SIGHUP", "SIGINT", "SIGTERM", "SIGINT")]
+)
+def test_a_storm_of_signals_prints_at_most_three_lines_and_no_traceback(tmp_path, storm):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ncmcli", "train", "--preset", "quickstart", "--out", str(out)]
+        + ["--set", "train.epochs=50", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (out / "last.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    for name in storm:
+        proc.send_signal(getattr(signal, name))
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) <= 3 and "Traceback" not in err and "Exception ignored" not in err, err
+    assert proc.returncode in (130, 128 + int(getattr(signal, storm[0]))), (proc.returncode, err)
+    checkpoint.load(out / "last.safetensors")
+
+
+def test_an_unwritable_run_folder_is_a_usage_error_that_names_it(tmp_path, cli, monkeypatch):
+    from ncmcli.runs import runfiles
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", str(self.path))
+
+    monkeypatch.setattr(runfiles.FolderLock, "__enter__", refuse)
+    out = tmp_path / "ro"
+    out.mkdir()
+    proc = cli("train", "--preset", "quickstart", "--out", out)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"cannot write the run folder {out}" in proc.stderr
+
+
+def test_a_folder_that_turns_unwritable_mid_run_is_one_line_exit_1(tmp_path, cli, monkeypatch):
+    from ncmcli.runs import runfiles
+
+    def refuse(path, line):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(runfiles, "append_line", refuse)
+    out = tmp_path / "run"
+    proc = cli(
+        "train",
+        "--preset",
+        "quickstart",
+        "--out",
+        out,
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "data.limit_train=200",
+    )
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: cannot write")
+    assert str(out / "metrics.jsonl") in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through any permission bits")
+def test_a_read_only_out_folder_is_refused_with_exit_2(tmp_path, ncm):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        proc = ncm("train", "--preset", "quickstart", "--out", out)
+    finally:
+        out.chmod(0o755)
+    assert proc.returncode == 2 and "permission denied" in proc.stderr and str(out) in proc.stderr
