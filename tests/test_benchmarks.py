@@ -15,6 +15,7 @@ def test_every_benchmark_is_listed():
         "convergence.py",
         "cpu_net.py",
         "decode.py",
+        "digest_cost.py",
         "export_speed.py",
         "gpu.py",
         "incremental_table.py",

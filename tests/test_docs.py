@@ -53,7 +53,7 @@ def test_the_command_list_is_read_from_the_app():
     """The control for the rule above: the app's list has every command the README names."""
     readme = (REPO / "README.md").read_text()
     commands = _registered_commands()
-    assert len(commands) == 8 and all(f"`ncm {c}" in readme for c in commands)
+    assert len(commands) == 9 and all(f"`ncm {c}" in readme for c in commands)
 
 
 def test_docs_config_table_is_the_generated_one():

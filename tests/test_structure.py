@@ -502,6 +502,6 @@ def test_each_command_has_one_cli_module_and_one_commands_module_of_the_same_nam
     CLI's shared renderer and __init__ registers the commands."""
     cli = {p.stem for p in (PKG / "cli").glob("*.py")} - {"__init__", "console"}
     commands = {p.stem for p in (PKG / "commands").glob("*.py")} - {"__init__"}
-    assert cli == commands and len(cli) == 8
+    assert cli == commands and len(cli) == 9
     for name in cli:
         assert f"ncmcli.commands.{name}" in GRAPH[f"ncmcli.cli.{name}"], name

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ncmcli.errors import UsageError, special_file
 from ncmcli.runs.rundir import RunDir
-from ncmcli.runs.runfiles import BEST, LAST, REPLAY
+from ncmcli.runs.runfiles import BEST, LAST, REPLAY, RESULT
 from ncmcli.storage import CorruptFile, read_tensor_file
 
 
@@ -63,9 +63,9 @@ def _run_folder(path: Path) -> dict:
     if run.has_result():
         try:
             run.result()
-            checked.append(path.joinpath("result.json").name)
+            checked.append(RESULT)
         except Exception as exc:
-            problems.append(("unreadable", f"result.json: {exc}"))
+            problems.append(("unreadable", f"{RESULT}: {exc}"))
     if problems:
         status = "corrupt" if any(s == "corrupt" for s, _ in problems) else "unreadable"
         return _record(path, status, "; ".join(d for _, d in problems))
