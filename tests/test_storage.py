@@ -235,3 +235,17 @@ def test_verify_checks_a_run_folder_whole(tmp_path, cli, quickstart_run):
     _flip_one_bit(run / "last.safetensors")
     proc = cli("verify", run)
     assert proc.returncode == 1 and ": corrupt (last.safetensors" in proc.stdout
+
+
+def test_a_checkpoint_without_a_digest_loads_with_a_one_line_note(tmp_path, cli):
+    from ncmcli.data.sources import FASHION_CLASSES
+
+    new = untrained_file(tmp_path, classes=list(FASHION_CLASSES))
+    f = read_tensor_file(new)
+    old = tmp_path / "old.safetensors"
+    meta = {k: v for k, v in f.meta.items() if k != storage.DIGEST_KEY}
+    save_file(f.tensors(), str(old), metadata=meta)  # as ncm 0.3 wrote it
+    proc = cli("eval", old, "--limit", "50", "--json")
+    assert proc.returncode == 0, proc.stderr
+    notes = [line for line in proc.stderr.splitlines() if "carries no digest" in line]
+    assert len(notes) == 1 and str(old) in notes[0] and json.loads(proc.stdout)["n"] == 50

@@ -459,10 +459,12 @@ def test_a_storm_of_signals_prints_at_most_three_lines_and_no_traceback(tmp_path
 def test_an_unwritable_run_folder_is_a_usage_error_that_names_it(tmp_path, cli, monkeypatch):
     from ncmcli.runs import runfiles
 
-    def refuse(self):
-        raise PermissionError(13, "Permission denied", str(self.path))
+    def refuse(path, *args, **kwargs):  # the folder's first write, its lock file, is refused
+        if str(path).endswith(runfiles.LOCK):
+            raise PermissionError(13, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(runfiles.FolderLock, "__enter__", refuse)
+    monkeypatch.setattr(runfiles, "open", refuse, raising=False)
     out = tmp_path / "ro"
     out.mkdir()
     proc = cli("train", "--preset", "quickstart", "--out", out)

@@ -122,32 +122,8 @@ def _locked(run_dir: Path, rank: int, fn):
 
     if rank != 0:
         return fn()
-    with _lock(run_dir):
+    with FolderLock(run_dir):
         return fn()
-
-
-def _lock(run_dir: Path) -> FolderLock:
-    """The run folder's lock, taken before anything is written: an unwritable folder is a
-    usage error (exit 2) that names it, before the run starts."""
-    lock = FolderLock(run_dir)
-    try:
-        lock.__enter__()
-    except PermissionError:
-        raise UsageError(f"cannot write the run folder {run_dir}: permission denied") from None
-    return _Held(lock)
-
-
-class _Held:
-    """A lock already taken, as a context manager that releases it."""
-
-    def __init__(self, lock: FolderLock):
-        self.lock = lock
-
-    def __enter__(self) -> FolderLock:
-        return self.lock
-
-    def __exit__(self, *exc) -> None:
-        self.lock.__exit__(*exc)
 
 
 def train_command(
@@ -175,7 +151,7 @@ def train_command(
         if rank == 0:
             locked = out is not None and Path(out).is_dir()
             if locked:  # an existing folder is locked before --force clears anything in it
-                held.enter_context(_lock(Path(out)))
+                held.enter_context(FolderLock(Path(out)))
             prefix = name or (preset and Path(preset).stem) or "custom"
             if not name and cfg.data.name == "folder" and cfg.data.root:
                 prefix = f"{prefix}-{Path(cfg.data.root).expanduser().resolve().name}"  # named after the data
@@ -184,7 +160,7 @@ def train_command(
             except PermissionError as exc:
                 raise UsageError(f"cannot write --out {exc.filename or out}: permission denied") from None
             if not locked:
-                held.enter_context(_lock(run_dir))
+                held.enter_context(FolderLock(run_dir))
         else:  # other ranks write nothing
             run_dir, created, reporter = Path(out), False, Reporter()
         try:

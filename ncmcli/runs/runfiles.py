@@ -69,7 +69,10 @@ class FolderLock:
         import fcntl
         import os
 
-        fh = open(self.path, "a+", encoding="utf-8")
+        try:  # the first write to the folder: an unwritable one is refused before the run starts
+            fh = open(self.path, "a+", encoding="utf-8")
+        except PermissionError:
+            raise UsageError(f"cannot write the run folder {self.path.parent}: permission denied") from None
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
