@@ -9,6 +9,7 @@ batch size is dynamic. Nothing of ncm is needed to run it: onnxruntime or torch.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -143,6 +144,8 @@ def export_command(target: Path, *, fmt: str, out: Path | None, which: str = "be
         out = path.with_suffix(".onnx" if fmt == "onnx" else ".torchscript.pt")
     elif Path(out).is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name")
+    if Path(out).parent.is_dir() and not os.access(Path(out).parent, os.W_OK):
+        raise UsageError(f"cannot write --out {out}: permission denied on {Path(out).parent}")
     ck = checkpoint.load(path, "cpu")
     remove_stale_temps(Path(out).parent, target=Path(out).name)  # of exports killed mid-write
     return export(ck, fmt, Path(out)), input_description(ck)

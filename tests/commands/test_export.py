@@ -129,3 +129,13 @@ def test_onnx_metadata_lets_a_client_classify_alone(trained_ckpts, tmp_path, ncm
     assert "centre crop" in client["meta"]["ncm.resize"] and client["meta"]["ncm.input_dtype"] == "uint8"
     pred = json.loads(ncm("predict", img, "--checkpoint", ck_path, "--json").stdout)["predictions"][0]
     assert client["label"] == pred["label"]
+
+
+def test_an_unwritable_export_target_is_a_usage_error(tmp_path, cli, tiny_checkpoint, monkeypatch):
+    import os
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if mode == os.W_OK else real(p, mode))
+    proc = cli("export", tiny_checkpoint, "--format", "torchscript", "--out", tmp_path / "m.pt")
+    assert proc.returncode == 2 and "permission denied" in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "m.pt").exists()
