@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ncmcli.config.schema import DataConfig
 from ncmcli.data.batching import Split
 from ncmcli.data.datasets import load_dataset
@@ -48,8 +50,6 @@ def class_order(ck):
 def _ood_images(source: str, ck, data_root: str | None, limit: int):
     """Out-of-distribution test images: a dataset name's test split or an image folder,
     converted to the checkpoint's channels and size."""
-    import torch
-
     c, h, _ = ck.input_shape
     if source in DATASETS and source != "folder" and not Path(source).exists():
         ds = load_dataset(DataConfig(name=source, root=data_root or "", limit_test=limit), train=False)
@@ -90,8 +90,6 @@ def eval_command(
 ) -> dict:
     """Accuracy, loss, per-class accuracy, confusion, long-tail metrics and feature diagnostics
     on the test split; ``logit_adjust`` tau > 0 predicts with post-hoc adjusted logits."""
-    import torch
-
     _check_eval_options(logit_adjust, ood_score, batch_size, limit, ood_limit)
     path = resolve_checkpoint(target, which)
     dev = pick_device(device)
@@ -133,15 +131,20 @@ def eval_command(
         result["tasks"] = task_accuracies(ev["confusion"], ck.classes, ck.tasks)
         result["parent"] = ck.parent
     if ood is not None:
-        images = _ood_images(ood, ck, data_root, limit if ood_limit is None else ood_limit)
-        ood_split = Split(images, torch.zeros(len(images), dtype=torch.int64)).to(dev)
-        f_ood, l_ood, _ = extract(ck.classifier, ood_split, device=dev, batch_size=batch_size)
-        d_ood = None
-        if dist is not None:
-            with torch.no_grad():
-                d_ood = ck.criterion.distances(f_ood.to(dev)).cpu()
-        result["ood"] = _open_set(ood, raw_logits, dist, l_ood, d_ood, ood_score)
+        outside = _ood_outputs(ck, ood, data_root, limit if ood_limit is None else ood_limit, dev, batch_size)
+        result["ood"] = _open_set(ood, raw_logits, dist, *outside, ood_score)
     return result
+
+
+def _ood_outputs(ck, source: str, data_root, limit: int, dev, batch_size: int):
+    """(logits, anchor distances or None) of the open-set images, on the CPU."""
+    images = _ood_images(source, ck, data_root, limit)
+    split = Split(images, torch.zeros(len(images), dtype=torch.int64)).to(dev)
+    feats, logits, _ = extract(ck.classifier, split, device=dev, batch_size=batch_size)
+    if not ck.criterion.uses_anchors:
+        return logits, None
+    with torch.no_grad():
+        return logits, ck.criterion.distances(feats.to(dev)).cpu()
 
 
 def _check_eval_options(logit_adjust, ood_score, batch_size, limit, ood_limit) -> None:
@@ -164,8 +167,6 @@ def _check_eval_options(logit_adjust, ood_score, batch_size, limit, ood_limit) -
 
 def _diagnostics(ck, feats, logits, labels, dev):
     """(calibration and feature diagnostics, the (N, C) distances to the anchors or None)."""
-    import torch
-
     diag = {
         "ece_15_bins": metrics.expected_calibration_error(torch.softmax(logits, 1), labels),
         "feature_norm_median": feats.double().norm(dim=1).median().item(),

@@ -56,12 +56,7 @@ def plot_command(
     dev = pick_device(device)
     ck = checkpoint.load(path, dev)
     name = f"{ck.config.loss.name} {ck.config.model.arch} on {ck.config.data.name}, epoch {ck.epoch}"
-    if split == "train" and kind == "features":
-        data_cfg = ck.config.data if data_root is None else replace(ck.config.data, root=data_root)
-        data = load_dataset(data_cfg, class_order=class_order(ck))
-        s = data.train
-    else:
-        s = test_split(ck, data_root).test
+    s = _split(ck, "train" if split == "train" and kind == "features" else "test", data_root)
     if kind == "confusion":
         ev = evaluate(ck.classifier, s.to(dev), device=dev, batch_size=ck.config.train.eval_batch_size)
         return figures.confusion(
@@ -98,6 +93,14 @@ def plot_command(
             feats, labels, directions, direction_kind, name, _plot_out(out, path.parent, "angles", fmt)
         )
     raise UsageError(f"unknown plot {kind!r}")
+
+
+def _split(ck, which: str, data_root: str | None):
+    """The checkpoint's own training or test split (the training split for features only)."""
+    if which == "test":
+        return test_split(ck, data_root).test
+    data_cfg = ck.config.data if data_root is None else replace(ck.config.data, root=data_root)
+    return load_dataset(data_cfg, class_order=class_order(ck)).train
 
 
 def _curves(targets: list[Path], out: Path | None, fmt: str) -> Path:

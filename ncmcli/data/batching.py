@@ -240,23 +240,8 @@ def batches(
     (DDP) every rank draws the same global batch and keeps its share ``[rank::world]``; a
     final batch smaller than ``world`` is dropped on every rank alike. A ``FileSplit`` gets
     the same plan, decoded by its DataLoader."""
-    n = len(split)
-    order = torch.randperm(n, generator=generator) if generator is not None else None
-    plan = []  # (indices, augmentation draws) per batch this rank will see
-    for i, start in enumerate(range(0, n, batch_size)):
-        size = min(batch_size, n - start)
-        pad = 4 if augment_batches else 0
-        if augment_batches == "randomresizedcrop":
-            draws = draw_resized_crop(size, *split.shape[1:], generator)
-        else:
-            draws = draw_augment(size, generator, pad) if augment_batches or flip_batches else None
-        if i < skip or size < world:
-            continue
-        idx = order[start : start + size] if order is not None else torch.arange(start, start + size)
-        if world > 1:
-            idx = idx[rank::world]
-            draws = tuple(d[rank::world] for d in draws) if draws is not None else None
-        plan.append((idx, draws))
+    pad = 4 if augment_batches else 0
+    plan = _plan(split, batch_size, generator, augment_batches, flip_batches, skip, rank, world)
     if not plan:
         return
     # The epoch's order and draws go to the device in one copy each; every batch then slices them
@@ -284,3 +269,27 @@ def batches(
             draws = [d[a:b] for d in all_draws]
             x = resized_crop(x, *draws) if len(draws) == 2 else augment(x, *draws, pad=pad)
         yield normalize(x, mean_t, std_t), labels[all_idx[a:b]]
+
+
+def _plan(
+    split, batch_size: int, generator, augment_batches, flip_batches: bool, skip: int, rank: int, world: int
+):
+    """(indices, augmentation draws) of each batch this rank will see, drawing the random
+    numbers of every batch, skipped ones too, so that a resumed epoch sees the same batches."""
+    n, pad = len(split), 4 if augment_batches else 0
+    order = torch.randperm(n, generator=generator) if generator is not None else None
+    plan = []  # (indices, augmentation draws) per batch this rank will see
+    for i, start in enumerate(range(0, n, batch_size)):
+        size = min(batch_size, n - start)
+        if augment_batches == "randomresizedcrop":
+            draws = draw_resized_crop(size, *split.shape[1:], generator)
+        else:
+            draws = draw_augment(size, generator, pad) if augment_batches or flip_batches else None
+        if i < skip or size < world:
+            continue
+        idx = order[start : start + size] if order is not None else torch.arange(start, start + size)
+        if world > 1:
+            idx = idx[rank::world]
+            draws = tuple(d[rank::world] for d in draws) if draws is not None else None
+        plan.append((idx, draws))
+    return plan

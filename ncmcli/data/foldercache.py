@@ -72,30 +72,9 @@ def load_cached(
     key = content_key(root, files, channels, size, resize)
     path = cache_path(root, split, channels, size, resize)
     if path.exists():
-        remove_stale_temps(path.parent)  # of cache writers killed mid-write
-        try:
-            f = read_tensor_file(path, note_undigested=False)
-            if f.meta.get("format") == FORMAT and f.meta.get("key") == key and f.digest is not None:
-                tensors = f.tensors()
-                images, cached_labels = tensors["images"], tensors["labels"]
-                if (
-                    images.dtype == torch.uint8
-                    and tuple(images.shape) == (len(files), channels, size, size)
-                    and torch.equal(cached_labels, labels)
-                ):
-                    return images
-                notes.append(f"folder cache {path} does not match its key; rebuilding it")
-            elif f.digest is None:
-                notes.append(f"folder cache {path} carries no digest (an older ncm wrote it); rebuilding it")
-            else:
-                notes.append(f"{root / split} changed since it was cached; decoding it again")
-        except CorruptFile:
-            notes.append(
-                f"folder cache {path} is corrupt (its data does not match its digest); rebuilding it"
-            )
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            notes.append(f"folder cache {path} is unreadable ({reason[:80]}); rebuilding it")
+        cached = _from_cache(path, key, root / split, files, labels, channels, size, notes)
+        if cached is not None:
+            return cached
     if say is not None:  # before the wait, not after it
         say(
             f"decoding {len(files):,} images of {root / split} into the cache (once; later runs load it in seconds)"
@@ -121,3 +100,31 @@ def load_cached(
     except OSError as exc:
         notes.append(f"cannot write the folder cache {path} ({exc.strerror}); the next run decodes again")
     return images
+
+
+def _from_cache(path: Path, key: str, folder: Path, files, labels, channels: int, size: int, notes: list):
+    """The cached images when the cache is whole (its digest) and matches the folder (its key,
+    shapes and labels); else None, with a note saying why it is rebuilt."""
+    remove_stale_temps(path.parent)  # of cache writers killed mid-write
+    try:
+        f = read_tensor_file(path, note_undigested=False)
+        if f.meta.get("format") == FORMAT and f.meta.get("key") == key and f.digest is not None:
+            tensors = f.tensors()
+            images, cached_labels = tensors["images"], tensors["labels"]
+            if (
+                images.dtype == torch.uint8
+                and tuple(images.shape) == (len(files), channels, size, size)
+                and torch.equal(cached_labels, labels)
+            ):
+                return images
+            notes.append(f"folder cache {path} does not match its key; rebuilding it")
+        elif f.digest is None:
+            notes.append(f"folder cache {path} carries no digest (an older ncm wrote it); rebuilding it")
+        else:
+            notes.append(f"{folder} changed since it was cached; decoding it again")
+    except CorruptFile:
+        notes.append(f"folder cache {path} is corrupt (its data does not match its digest); rebuilding it")
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        notes.append(f"folder cache {path} is unreadable ({reason[:80]}); rebuilding it")
+    return None
